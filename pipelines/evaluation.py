@@ -1,0 +1,95 @@
+"""Segmentation quality: confusion matrix over valid ground-truth pixels, per-class IoU, mIoU.
+
+IoU_c = TP / (TP + FP + FN) over pixels whose ground truth is not 255; mIoU is the nan-mean over
+classes that occur in the ground truth or the prediction (SPEC.md §8). Pure numpy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipelines.schema import IGNORE_INDEX
+
+
+def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts (gt class, predicted class) pairs over the pixels where gt is valid.
+
+    Args:
+        pred: H x W integer class ids; 255 (or any id outside the class space) counts as a
+            miss for that pixel's gt class and as nobody's false positive.
+        gt: H x W integer class ids, 255 = ignore.
+        num_classes: K, the size of the class space (21 VOC, 81 or 91 COCO).
+
+    Returns:
+        K x (K + 1) int64 matrix: rows = ground truth, columns = prediction, the last column
+        counting valid gt pixels predicted as ignore.
+
+    Raises:
+        ValueError: shapes differ, or a valid gt id is outside [0, K).
+    """
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction shape {pred.shape} != ground-truth shape {gt.shape}")
+    gt = gt.astype(np.int64, copy=False).ravel()
+    pred = pred.astype(np.int64, copy=False).ravel()
+    valid = gt != IGNORE_INDEX
+    gt, pred = gt[valid], pred[valid]
+    if gt.size and (gt.min() < 0 or gt.max() >= num_classes):
+        raise ValueError(f"ground truth holds class ids outside [0, {num_classes}) besides 255")
+    pred = np.where((pred >= 0) & (pred < num_classes), pred, num_classes)
+    counts = np.bincount(gt * (num_classes + 1) + pred, minlength=num_classes * (num_classes + 1))
+    return counts.reshape(num_classes, num_classes + 1).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class SegmentationScore:
+    """mIoU and per-class IoU (nan where a class is absent from both gt and prediction)."""
+
+    miou: float
+    per_class_iou: tuple[float, ...]
+    num_pixels: int
+
+    def as_dict(self, class_names: list[str] | None = None) -> dict:
+        names = class_names or [str(i) for i in range(len(self.per_class_iou))]
+        return {
+            "miou": self.miou,
+            "per_class_iou": {
+                n: (None if np.isnan(v) else v) for n, v in zip(names, self.per_class_iou)
+            },
+            "num_pixels": self.num_pixels,
+        }
+
+
+def score_from_confusion(conf: np.ndarray) -> SegmentationScore:
+    """Per-class IoU and nan-mean mIoU from a confusion matrix.
+
+    Args:
+        conf: K x (K + 1) from `confusion_matrix` (a plain K x K matrix works too).
+    """
+    k = conf.shape[0]
+    tp = np.diag(conf[:, :k]).astype(np.float64)
+    gt_total = conf.sum(axis=1).astype(np.float64)  # TP + FN (ignore predictions included)
+    pred_total = conf[:, :k].sum(axis=0).astype(np.float64)  # TP + FP
+    union = gt_total + pred_total - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, tp / union, np.nan)
+    miou = float(np.nanmean(iou)) if np.any(~np.isnan(iou)) else float("nan")
+    return SegmentationScore(miou, tuple(float(v) for v in iou), int(conf.sum()))
+
+
+class ConfusionAccumulator:
+    """Sums confusion matrices over many images (and across workers: add the `.matrix`es)."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.matrix = np.zeros((num_classes, num_classes + 1), np.int64)
+
+    def add(self, pred: np.ndarray, gt: np.ndarray) -> None:
+        self.matrix += confusion_matrix(pred, gt, self.num_classes)
+
+    def merge(self, other: np.ndarray) -> None:
+        self.matrix += other
+
+    def score(self) -> SegmentationScore:
+        return score_from_confusion(self.matrix)
