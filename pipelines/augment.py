@@ -144,13 +144,13 @@ def photometric_distortion(
         factor = rng.uniform(*config.saturation_range)
         hsv = np.array(Image.fromarray(out).convert("HSV"))
         hsv[..., 1] = _saturate(hsv[..., 1].astype(np.float32) * factor)
-        out = np.array(Image.fromarray(hsv, mode="HSV").convert("RGB"))
+        out = _hsv_to_rgb(hsv)
     if rng.integers(2):
         shift_cv2 = int(rng.integers(-config.hue_delta, config.hue_delta + 1))
         shift = round(shift_cv2 * _PIL_HUE_PER_CV2_HUE)
         hsv = np.array(Image.fromarray(out).convert("HSV"))
         hsv[..., 0] = ((hsv[..., 0].astype(np.int32) + shift) % 256).astype(np.uint8)
-        out = np.array(Image.fromarray(hsv, mode="HSV").convert("RGB"))
+        out = _hsv_to_rgb(hsv)
     if contrast_last:
         out = _random_contrast(out, rng=rng, config=config)
     return out
@@ -302,6 +302,12 @@ def _choose_crop(
 def _saturate(values: np.ndarray) -> np.ndarray:
     # mmseg clips then casts with astype, which truncates toward zero.
     return np.clip(values, 0, 255).astype(np.uint8)
+
+
+def _hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
+    height, width = hsv.shape[:2]
+    image = Image.frombytes("HSV", (width, height), np.ascontiguousarray(hsv).tobytes())
+    return np.array(image.convert("RGB"))
 
 
 def _random_contrast(

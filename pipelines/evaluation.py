@@ -52,10 +52,13 @@ class SegmentationScore:
 
     def as_dict(self, class_names: list[str] | None = None) -> dict:
         names = class_names or [str(i) for i in range(len(self.per_class_iou))]
+        if len(names) != len(self.per_class_iou):
+            raise ValueError(f"{len(names)} class names for {len(self.per_class_iou)} classes")
         return {
             "miou": self.miou,
             "per_class_iou": {
-                n: (None if np.isnan(v) else v) for n, v in zip(names, self.per_class_iou)
+                n: (None if np.isnan(v) else v)
+                for n, v in zip(names, self.per_class_iou, strict=True)
             },
             "num_pixels": self.num_pixels,
         }
@@ -89,6 +92,10 @@ class ConfusionAccumulator:
         self.matrix += confusion_matrix(pred, gt, self.num_classes)
 
     def merge(self, other: np.ndarray) -> None:
+        if other.shape != self.matrix.shape:
+            raise ValueError(
+                f"confusion matrix of shape {other.shape}, expected {self.matrix.shape}"
+            )
         self.matrix += other
 
     def score(self) -> SegmentationScore:
