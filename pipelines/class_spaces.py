@@ -1,0 +1,237 @@
+"""Class spaces: VOC (21), COCO-2014 in category-id space (91) or contiguous (81), or custom.
+
+Every label map, seed and pseudo mask holds class ids of one space (index = class id,
+0 = background, 255 = ignore; CONTRACTS.md "Label maps"). COCO WSSS work uses two conventions
+(SPEC.md §2): the 91-id space keeps the original COCO category ids 1..90, ten of which never
+occur; the 81-id space renumbers the 80 used categories contiguously. Converting between them
+goes through the explicit tables below and fails loudly on ids that have no counterpart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+IGNORE = 255  # label maps: pixels that carry no label
+
+VOC_CLASSES = (
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
+
+# COCO 2014/2017 category id -> name for the 80 categories that have annotations.
+_COCO_CATEGORIES = {
+    1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 5: "airplane", 6: "bus", 7: "train",
+    8: "truck", 9: "boat", 10: "traffic light", 11: "fire hydrant", 13: "stop sign",
+    14: "parking meter", 15: "bench", 16: "bird", 17: "cat", 18: "dog", 19: "horse",
+    20: "sheep", 21: "cow", 22: "elephant", 23: "bear", 24: "zebra", 25: "giraffe",
+    27: "backpack", 28: "umbrella", 31: "handbag", 32: "tie", 33: "suitcase", 34: "frisbee",
+    35: "skis", 36: "snowboard", 37: "sports ball", 38: "kite", 39: "baseball bat",
+    40: "baseball glove", 41: "skateboard", 42: "surfboard", 43: "tennis racket", 44: "bottle",
+    46: "wine glass", 47: "cup", 48: "fork", 49: "knife", 50: "spoon", 51: "bowl",
+    52: "banana", 53: "apple", 54: "sandwich", 55: "orange", 56: "broccoli", 57: "carrot",
+    58: "hot dog", 59: "pizza", 60: "donut", 61: "cake", 62: "chair", 63: "couch",
+    64: "potted plant", 65: "bed", 67: "dining table", 70: "toilet", 72: "tv", 73: "laptop",
+    74: "mouse", 75: "remote", 76: "keyboard", 77: "cell phone", 78: "microwave", 79: "oven",
+    80: "toaster", 81: "sink", 82: "refrigerator", 84: "book", 85: "clock", 86: "vase",
+    87: "scissors", 88: "teddy bear", 89: "hair drier", 90: "toothbrush",
+}  # fmt: skip
+
+# Category ids reserved by COCO but never annotated (street sign, hat, shoe, eye glasses, plate,
+# mirror, window, desk, door, blender).
+COCO_UNUSED_IDS = (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)
+
+COCO91_CLASSES = ("background",) + tuple(
+    _COCO_CATEGORIES.get(i, f"unused_{i}") for i in range(1, 91)
+)
+COCO81_CLASSES = ("background",) + tuple(_COCO_CATEGORIES[i] for i in sorted(_COCO_CATEGORIES))
+
+
+def _coco_tables() -> tuple[np.ndarray, np.ndarray]:
+    to81 = np.full(91, IGNORE, np.uint8)
+    to91 = np.zeros(81, np.uint8)
+    for contiguous, category in enumerate([0, *sorted(_COCO_CATEGORIES)]):
+        to81[category] = contiguous
+        to91[contiguous] = category
+    to81.setflags(write=False)
+    to91.setflags(write=False)
+    return to81, to91
+
+
+# COCO91_TO_COCO81[id91] = id81 (IGNORE for the unused ids); COCO81_TO_COCO91[id81] = id91.
+COCO91_TO_COCO81, COCO81_TO_COCO91 = _coco_tables()
+
+_MAX_NAME_LENGTH = 64
+
+
+@dataclass(frozen=True)
+class ClassSpace:
+    """Names of the classes of one dataset; the index of a name is its class id.
+
+    Attributes:
+        name: "voc", "coco91", "coco81" or "custom".
+        class_names: index = class id, 0 = "background". Ids named `unused_<n>` (coco91)
+            exist only to keep COCO's numbering and are never produced.
+    """
+
+    name: str
+    class_names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.name not in ("voc", "coco91", "coco81", "custom"):
+            raise ValueError(f"name: unknown class space {self.name!r}")
+        if len(self.class_names) < 2 or self.class_names[0] != "background":
+            raise ValueError("class_names: need 'background' first and at least one more class")
+        if len(self.class_names) > IGNORE:
+            raise ValueError(f"class_names: at most {IGNORE} classes fit a uint8 label map")
+        if len(set(self.class_names)) != len(self.class_names):
+            raise ValueError("class_names: duplicate names")
+
+    @property
+    def num_classes(self) -> int:
+        """Number of class ids, background included (21 VOC, 91 / 81 COCO)."""
+        return len(self.class_names)
+
+    @property
+    def unused_ids(self) -> frozenset[int]:
+        """Ids that exist in the numbering but never occur (coco91 only)."""
+        return frozenset(COCO_UNUSED_IDS) if self.name == "coco91" else frozenset()
+
+    @property
+    def foreground_ids(self) -> tuple[int, ...]:
+        """Every id an image label may hold: 1..K-1 minus the unused ones."""
+        unused = self.unused_ids
+        return tuple(i for i in range(1, self.num_classes) if i not in unused)
+
+    @property
+    def multihot_lengths(self) -> tuple[int, ...]:
+        """Accepted lengths of a `cls_labels` multi-hot vector for this space."""
+        if self.name == "coco81":
+            return (90, 80)  # COCO category-id space (mapped), or already contiguous
+        return (self.num_classes - 1,)
+
+    def check_class_id(self, class_id: int) -> int:
+        """Returns `class_id` if an image may hold it, else raises ValueError."""
+        if not 1 <= class_id < self.num_classes or class_id in self.unused_ids:
+            raise ValueError(f"class id {class_id} is not a foreground class of {self.name}")
+        return class_id
+
+
+VOC = ClassSpace("voc", VOC_CLASSES)
+COCO91 = ClassSpace("coco91", COCO91_CLASSES)
+COCO81 = ClassSpace("coco81", COCO81_CLASSES)
+_BUILTIN = {"voc": VOC, "coco91": COCO91, "coco81": COCO81}
+
+
+def parse_class_names(text: str | Sequence[str]) -> ClassSpace:
+    """A custom space from classes.txt text (one name per line, background first) or a list.
+
+    Blank lines and surrounding whitespace are ignored; names must be unique printable text.
+    """
+    lines = text.splitlines() if isinstance(text, str) else list(text)
+    names = tuple(line.strip() for line in lines if line.strip())
+    for name in names:
+        if len(name) > _MAX_NAME_LENGTH or not name.isprintable():
+            raise ValueError(f"class name {name[:_MAX_NAME_LENGTH]!r} is not a printable name")
+    return ClassSpace("custom", names)
+
+
+def class_space_from_arg(arg: str | Sequence[str]) -> ClassSpace:
+    """Resolves `--classes`: "voc", "coco91", "coco81", or classes.txt content / a name list.
+
+    Raises:
+        ValueError: an unknown single word, or a malformed class list.
+    """
+    if isinstance(arg, str):
+        key = arg.strip().lower()
+        if key in _BUILTIN:
+            return _BUILTIN[key]
+        if "\n" not in arg.strip():
+            raise ValueError(
+                f"unknown class space {arg.strip()[:64]!r}: expected voc, coco91, coco81 or "
+                "the text of a classes.txt (one name per line, background first)"
+            )
+    return parse_class_names(arg)
+
+
+def labels_from_multihot(vector: np.ndarray | Sequence[float], space: ClassSpace) -> list[int]:
+    """Class ids (ascending) of a `cls_labels` multi-hot vector.
+
+    VOC and custom: index i -> id i + 1. COCO vectors have 90 entries in category-id space
+    without background (index i -> category id i + 1), mapped to 81 ids for coco81; coco81 also
+    takes 80-entry contiguous vectors. A set entry means value > 0.5.
+
+    Raises:
+        ValueError: wrong length for the space, non-finite values, or a set entry at an id that
+            never occurs (an unused COCO category id).
+    """
+    values = np.asarray(vector, dtype=np.float64)
+    if values.ndim != 1 or values.shape[0] not in space.multihot_lengths:
+        raise ValueError(
+            f"label vector of shape {values.shape} for {space.name}: expected length "
+            f"{' or '.join(str(n) for n in space.multihot_lengths)}"
+        )
+    if not np.all(np.isfinite(values)):
+        raise ValueError("label vector holds non-finite values")
+    ids = [int(i) + 1 for i in np.flatnonzero(values > 0.5)]
+    if space.name in ("coco91", "coco81") and values.shape[0] == 90:
+        unused = sorted(set(ids) & set(COCO_UNUSED_IDS))
+        if unused:
+            raise ValueError(f"label vector sets unused COCO category ids {unused}")
+        if space.name == "coco81":
+            ids = [int(COCO91_TO_COCO81[i]) for i in ids]
+    return ids
+
+
+def coco91_to_coco81(ids: np.ndarray) -> np.ndarray:
+    """Maps coco91 ids (a label map or id list) to coco81; IGNORE stays IGNORE.
+
+    Raises:
+        ValueError: an id outside 0..90 (other than IGNORE) or an unused category id.
+    """
+    ids = np.asarray(ids)
+    valid = ids != IGNORE
+    if np.any(valid & ((ids < 0) | (ids > 90))):
+        raise ValueError("ids outside the coco91 space (0..90, 255)")
+    bad = valid & np.isin(ids, COCO_UNUSED_IDS)
+    if np.any(bad):
+        raise ValueError(f"unused COCO category ids {sorted(set(ids[bad].tolist()))}")
+    out = np.full(ids.shape, IGNORE, np.uint8)
+    out[valid] = COCO91_TO_COCO81[ids[valid].astype(np.intp)]
+    return out
+
+
+def coco81_to_coco91(ids: np.ndarray) -> np.ndarray:
+    """Maps coco81 ids (a label map or id list) to coco91 category ids; IGNORE stays IGNORE.
+
+    Raises:
+        ValueError: an id outside 0..80 other than IGNORE.
+    """
+    ids = np.asarray(ids)
+    valid = ids != IGNORE
+    if np.any(valid & ((ids < 0) | (ids > 80))):
+        raise ValueError("ids outside the coco81 space (0..80, 255)")
+    out = np.full(ids.shape, IGNORE, np.uint8)
+    out[valid] = COCO81_TO_COCO91[ids[valid].astype(np.intp)]
+    return out

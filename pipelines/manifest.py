@@ -1,0 +1,488 @@
+"""A stage's output directory: run record, resumable data files, manifest, `_SUCCESS` last.
+
+The layout and rules are CONTRACTS.md "A stage's output directory" and "Re-running". A stage:
+
+    out = StageOutput.open(loc, stage="refine", config=cfg, inputs=[input_ref(in_loc)],
+                           overwrite=args.overwrite)
+    if out.state is StageState.DONE:
+        print(out.done_message()); return out.manifest
+    done = out.existing(expected_files)        # RESUME: skip what an earlier attempt finished
+    ... write the missing data files (deterministic names, each written atomically) ...
+    manifest = out.commit(files=entries, counts={...}, class_names=..., class_space="voc")
+
+`open` records the run's fingerprint (stage + config + inputs) in `_RUN.json` before any data
+is written. Same fingerprint and `_SUCCESS` present: DONE. Same fingerprint, no `_SUCCESS`:
+RESUME. Empty directory: FRESH. A different fingerprint raises `StageConflictError` unless
+`overwrite`, which deletes the whole directory first. Every manifest carries its run's unique
+`run_id`, so a re-run stage has a new manifest digest and the stages after it (whose inputs
+name that digest) see a different fingerprint and refuse to reuse stale outputs.
+
+Readers (`read_manifest`, `wait_for_success`, re-exported here from `manifest_format`) trust
+a directory only once `_SUCCESS` exists and read only the files its manifest lists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import functools
+import hashlib
+import importlib.metadata
+import io
+import json
+import os
+import subprocess
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from enum import Enum
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines import schema
+from pipelines.manifest_format import (
+    CLASS_SPACES,
+    MANIFEST,
+    MAX_MANIFEST_BYTES,
+    REQUIRED_COUNTS,
+    RUN_RECORD,
+    STAGES,
+    STANDARD_KEYS,
+    SUCCESS,
+    FileEntry,
+    IncompleteOutputError,
+    InputRef,
+    Manifest,
+    ManifestError,
+    input_ref,
+    manifest_sha256,
+    parse_manifest,
+    read_manifest,
+    wait_for_success,
+)
+from pipelines.storage import (
+    Location,
+    exists,
+    read_bytes,
+    redact,
+    remove_tree,
+    safe_relpath,
+    write_bytes_atomic,
+)
+
+QUARANTINE_DIR = "quarantine"
+MAX_REASON_CHARS = 500
+_PACKAGE = "weakclip-pipeline"
+
+
+class StageState(Enum):
+    """What `StageOutput.open` found in the output directory."""
+
+    FRESH = "fresh"  # nothing there (or just deleted by overwrite): do all the work
+    RESUME = "resume"  # same config and inputs, interrupted: finish the missing files
+    DONE = "done"  # same config and inputs, `_SUCCESS` present: nothing to do
+
+
+class StageConflictError(RuntimeError):
+    """The output directory holds another run's outputs (or foreign files)."""
+
+
+class StageOutput:
+    """The output directory of one run of a stage. Create with `StageOutput.open`."""
+
+    def __init__(
+        self,
+        location: Location,
+        *,
+        stage: str,
+        config: dict[str, Any],
+        inputs: tuple[InputRef, ...],
+        fingerprint: str,
+        state: StageState,
+        manifest: Manifest | None,
+    ) -> None:
+        self.location = location
+        self.stage = stage
+        self.config = config
+        self.inputs = inputs
+        self.fingerprint = fingerprint
+        self.state = state
+        self.manifest = manifest
+
+    @classmethod
+    def open(
+        cls,
+        location: Location,
+        *,
+        stage: str,
+        config: Mapping[str, Any] | Any,
+        inputs: Sequence[InputRef],
+        overwrite: bool = False,
+    ) -> StageOutput:
+        """Inspect (and if needed prepare) the output directory of a run.
+
+        Args:
+            location: the stage's `--output`.
+            stage: one of `STAGES`.
+            config: the stage config (a dict or a dataclass); JSON-serialisable values only.
+            inputs: what the stage reads, with manifest digests where inputs are stage outputs.
+            overwrite: delete whatever this directory holds from an earlier stage run and start
+                fresh (even if that run was complete with the same config).
+
+        Raises:
+            StageConflictError: the directory holds a run with another stage, config or inputs
+                (and `overwrite` is false), or files that no stage run wrote (always: those
+                are never deleted).
+        """
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        config_dict = _jsonable_config(config)
+        input_refs = tuple(inputs)
+        fp = fingerprint(stage, config_dict, input_refs)
+        run = _read_run_record(location)
+        occupied = _has_content(location)
+        if occupied and run is None and not exists(location, MANIFEST):
+            raise StageConflictError(
+                f"{location.uri} is not empty and holds no stage run ({RUN_RECORD} missing): "
+                "choose an empty --output; this directory is never written into or deleted"
+            )
+        if occupied and overwrite:
+            clear_output(location)
+            occupied = False
+        elif occupied and (run is None or run.get("fingerprint") != fp):
+            why = _describe_difference(run, stage, config_dict, input_refs)
+            raise StageConflictError(
+                f"{location.uri} holds outputs of a different run ({why}); "
+                "use another --output, or --overwrite to replace them (later stages must "
+                "then be re-run too)"
+            )
+        common = dict(stage=stage, config=config_dict, inputs=input_refs, fingerprint=fp)
+        if occupied:
+            if exists(location, SUCCESS):
+                return cls(
+                    location, **common, state=StageState.DONE, manifest=read_manifest(location)
+                )
+            return cls(location, **common, state=StageState.RESUME, manifest=None)
+        record = {
+            "stage": stage,
+            "fingerprint": fp,
+            # Unique per run, copied into the manifest: a re-run never reproduces the digest
+            # of an earlier manifest, even within the same second.
+            "run_id": uuid.uuid4().hex,
+            "config": config_dict,
+            "inputs": [dataclasses.asdict(i) for i in input_refs],
+            "code_version": code_version(),
+            "started": _utc_now(),
+        }
+        write_bytes_atomic(location, RUN_RECORD, _dumps(record))
+        return cls(location, **common, state=StageState.FRESH, manifest=None)
+
+    def done_message(self) -> str:
+        """One line for the user when there is nothing to do."""
+        return (
+            f"{self.stage}: {self.location.uri} is already complete with the same config and "
+            "inputs; nothing to do (--overwrite recomputes it)"
+        )
+
+    def existing(self, rel_paths: Iterable[str], *, check_parquet: bool = True) -> dict[str, int]:
+        """Which of the expected files an earlier attempt already finished, with their sizes.
+
+        One listing of the directory. With `check_parquet`, a `.parquet` file counts only if
+        it ends with the Parquet footer magic, so a file cut off mid-write is redone.
+        """
+        wanted = {safe_relpath(r) for r in rel_paths}
+        found = {rel: size for rel, size in _list_sizes(self.location).items() if rel in wanted}
+        if check_parquet:
+            fs = self.location.fs
+            for rel, size in list(found.items()):
+                if rel.endswith(".parquet"):
+                    path = self.location.join(rel)
+                    if size < 12 or fs.cat_file(path, start=size - 4, end=size) != b"PAR1":
+                        del found[rel]
+        return found
+
+    def commit(
+        self,
+        *,
+        files: Sequence[FileEntry],
+        counts: Mapping[str, int],
+        class_names: Sequence[str],
+        class_space: str,
+        metrics: Mapping[str, Any] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> Manifest:
+        """Check the listed files, write `manifest.json`, then `_SUCCESS` last.
+
+        Args:
+            files: every data file of the stage (quarantine files included), nothing else.
+            counts: at least `input`, `output`, `quarantined`.
+            class_names: index = class id, 0 = background.
+            class_space: one of `CLASS_SPACES`.
+            metrics: e.g. `{"miou": ..., "per_class_iou": [...]}` where ground truth exists.
+            extra: further top-level manifest keys (must not shadow the standard ones).
+
+        Raises:
+            ManifestError: a file is missing, has another size than stated, is listed twice or
+                has a reserved/unsafe path; a field is malformed.
+            StageConflictError: another run took over the directory meanwhile.
+        """
+        if self.state is StageState.DONE:
+            raise RuntimeError(f"{self.location.uri} is already complete; nothing to commit")
+        run = _read_run_record(self.location)
+        if run is None or run.get("fingerprint") != self.fingerprint:
+            raise StageConflictError(f"{self.location.uri} was taken over by another run")
+        doc: dict[str, Any] = {
+            "stage": self.stage,
+            "files": [dataclasses.asdict(f) for f in files],
+            "counts": dict(counts),
+            "class_names": list(class_names),
+            "class_space": class_space,
+            "config": self.config,
+            "inputs": [dataclasses.asdict(i) for i in self.inputs],
+            "code_version": code_version(),
+            "created": _utc_now(),
+            "metrics": dict(metrics) if metrics is not None else None,
+            "run_id": run.get("run_id"),
+        }
+        for key, value in (extra or {}).items():
+            if key in STANDARD_KEYS:
+                raise ManifestError(f"extra key {key!r} shadows a standard manifest key")
+            doc[key] = value
+        data = _dumps(doc)
+        manifest = parse_manifest(self.location, data)  # same checks as every reader
+        sizes = _list_sizes(self.location)
+        problems = []
+        for entry in manifest.files:
+            actual = sizes.get(entry.path)
+            if actual is None:
+                problems.append(f"{entry.path}: missing")
+            elif actual != entry.bytes:
+                problems.append(f"{entry.path}: {actual} bytes on storage, {entry.bytes} listed")
+        if problems:
+            shown = "; ".join(problems[:5]) + (
+                f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+            )
+            raise ManifestError(f"cannot commit {self.location.uri}: {shown}")
+        write_bytes_atomic(self.location, MANIFEST, data)
+        write_bytes_atomic(self.location, SUCCESS, b"")
+        self.state = StageState.DONE
+        self.manifest = manifest
+        return manifest
+
+
+class Quarantine:
+    """Collects rejected rows and writes them as `quarantine/<name>.parquet`.
+
+    Columns `image_id`, `source`, `reason` (schema.QUARANTINE_COLUMNS). Usable on the driver
+    or inside a Ray task (a `Location` pickles); pass `files` to `commit` and `count` as
+    `counts["quarantined"]`.
+    """
+
+    SCHEMA = pa.schema(
+        [(schema.IMAGE_ID, pa.string()), (schema.SOURCE, pa.string()), (schema.REASON, pa.string())]
+    )
+
+    def __init__(self, location: Location) -> None:
+        self.location = location
+        self.files: list[FileEntry] = []
+        self.count = 0
+        self._pending: list[dict[str, str]] = []
+
+    def add(self, image_id: str, source: str, reason: str) -> None:
+        """Queue one rejected row; `reason` is cut to one redacted line."""
+        self._pending.append(
+            {
+                schema.IMAGE_ID: str(image_id),
+                schema.SOURCE: str(source),
+                schema.REASON: reason_line(reason),
+            }
+        )
+
+    def flush(self, name: str) -> FileEntry | None:
+        """Write the queued rows as `quarantine/<name>.parquet` (nothing if none are queued)."""
+        if not self._pending:
+            return None
+        table = pa.Table.from_pylist(self._pending, schema=self.SCHEMA)
+        entry = write_parquet(self.location, f"{QUARANTINE_DIR}/{name}.parquet", table)
+        self.files.append(entry)
+        self.count += len(self._pending)
+        self._pending = []
+        return entry
+
+
+def reason_line(text: str) -> str:
+    """A quarantine reason: one line, credentials redacted, at most `MAX_REASON_CHARS`."""
+    line = " ".join(redact(str(text)).split())
+    return line if len(line) <= MAX_REASON_CHARS else line[: MAX_REASON_CHARS - 3] + "..."
+
+
+def write_parquet(
+    location: Location, rel: str, table: pa.Table, *, compression: str = "zstd"
+) -> FileEntry:
+    """Write `table` to `rel` below `location` atomically and return its `FileEntry`.
+
+    The file is encoded in memory and stored in one atomic put, so a reader (or a resumed run)
+    never sees half a file.
+    """
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression=compression)
+    data = buffer.getvalue()
+    write_bytes_atomic(location, rel, data)
+    return FileEntry(path=safe_relpath(rel), rows=table.num_rows, bytes=len(data))
+
+
+def clear_output(location: Location) -> None:
+    """Delete a stage output: `_SUCCESS` first, so no reader trusts a half-deleted directory."""
+    for name in (SUCCESS, MANIFEST):
+        if exists(location, name):
+            location.fs.rm(location.join(name))
+    remove_tree(location)
+
+
+def fingerprint(stage: str, config: Mapping[str, Any], inputs: Sequence[InputRef]) -> str:
+    """SHA-256 of what determines a stage's outputs: stage, config and inputs.
+
+    The code version is deliberately left out: upgrading the package does not invalidate
+    finished outputs (use --overwrite to recompute them).
+    """
+    doc = {"stage": stage, "config": config, "inputs": [dataclasses.asdict(i) for i in inputs]}
+    return hashlib.sha256(_canonical(doc)).hexdigest()
+
+
+@functools.cache
+def code_version() -> str:
+    """Package version, plus `git describe` when running from this package's own checkout."""
+    try:
+        version = importlib.metadata.version(_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.exists(os.path.join(root, ".git")):
+        try:
+            described = subprocess.run(
+                ["git", "-C", root, "describe", "--always", "--dirty", "--tags"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=True,
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            described = ""
+        if described:
+            return f"{version}+git.{described}"
+    return version
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_run_record(location: Location) -> dict[str, Any] | None:
+    try:
+        data = read_bytes(location, RUN_RECORD, max_bytes=MAX_MANIFEST_BYTES)
+    except FileNotFoundError:
+        return None
+    try:
+        record = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _has_content(location: Location) -> bool:
+    try:
+        return bool(location.fs.ls(location.path, detail=False))
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
+def _list_sizes(location: Location) -> dict[str, int]:
+    """Relative path → size of every file under `location`, in one listing."""
+    fs = location.fs
+    try:
+        found = fs.find(location.path, detail=True)
+    except FileNotFoundError:
+        return {}
+    root = location.path.rstrip("/") + "/"
+    return {
+        path[len(root) :]: int(info["size"])
+        for path, info in found.items()
+        if info.get("type") == "file" and path.startswith(root)
+    }
+
+
+def _describe_difference(
+    run: Mapping[str, Any] | None, stage: str, config: Mapping[str, Any], inputs: Sequence[InputRef]
+) -> str:
+    if not run:
+        return f"no readable {RUN_RECORD}"
+    if run.get("stage") != stage:
+        return f"stage {run.get('stage')!r}, not {stage!r}"
+    old_config = run.get("config") or {}
+    changed = sorted(
+        k
+        for k in set(old_config) | set(config)
+        if _canonical(old_config.get(k)) != _canonical(config.get(k))
+    )
+    parts = []
+    if changed:
+        parts.append(
+            "config differs in " + ", ".join(changed[:8]) + ("…" if len(changed) > 8 else "")
+        )
+    if run.get("inputs") != [dataclasses.asdict(i) for i in inputs]:
+        parts.append("inputs differ")
+    return "; ".join(parts) or "fingerprint differs"
+
+
+def _jsonable_config(config: Mapping[str, Any] | Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a dict or dataclass, got {type(config).__name__}")
+    try:
+        # Round trip: tuples become lists, so a reloaded run record compares equal.
+        return json.loads(json.dumps(dict(config), allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"config is not JSON-serialisable: {e}") from None
+
+
+def _canonical(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _dumps(doc: Mapping[str, Any]) -> bytes:
+    return (json.dumps(doc, indent=1, allow_nan=False) + "\n").encode()
+
+
+def _utc_now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+__all__ = [
+    "CLASS_SPACES",
+    "MANIFEST",
+    "MAX_REASON_CHARS",
+    "QUARANTINE_DIR",
+    "REQUIRED_COUNTS",
+    "RUN_RECORD",
+    "STAGES",
+    "SUCCESS",
+    "FileEntry",
+    "IncompleteOutputError",
+    "InputRef",
+    "Manifest",
+    "ManifestError",
+    "Quarantine",
+    "StageConflictError",
+    "StageOutput",
+    "StageState",
+    "clear_output",
+    "code_version",
+    "fingerprint",
+    "input_ref",
+    "manifest_sha256",
+    "read_manifest",
+    "reason_line",
+    "wait_for_success",
+    "write_parquet",
+]

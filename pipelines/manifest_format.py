@@ -1,0 +1,249 @@
+"""What `manifest.json` holds, and how readers trust a stage output (CONTRACTS.md).
+
+A directory is a result only once `_SUCCESS` exists; `read_manifest` then validates the JSON
+(types, known stage and class space, required counts) and refuses listed paths that could
+leave the directory or name bookkeeping files. Downstream stages read only the listed files,
+and name their input by the manifest's SHA-256 (`input_ref`), so a re-run upstream changes
+their fingerprint. Writing a stage output is `pipelines.manifest.StageOutput`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipelines.storage import Location, exists, read_bytes, resolve, safe_relpath
+
+MANIFEST = "manifest.json"
+SUCCESS = "_SUCCESS"
+RUN_RECORD = "_RUN.json"
+STAGES = ("ingest", "refine", "train", "pseudo_masks", "retrain", "evaluate", "pipeline")
+CLASS_SPACES = ("voc", "coco91", "coco81", "custom")
+REQUIRED_COUNTS = ("input", "output", "quarantined")
+MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+STANDARD_KEYS = (
+    "stage",
+    "files",
+    "counts",
+    "class_names",
+    "class_space",
+    "config",
+    "inputs",
+    "code_version",
+    "created",
+    "metrics",
+    "run_id",
+)
+
+
+class IncompleteOutputError(RuntimeError):
+    """A directory without `_SUCCESS` was asked for as a result."""
+
+
+class ManifestError(ValueError):
+    """A manifest is malformed, or a commit does not match the files on storage."""
+
+
+@dataclass(frozen=True)
+class InputRef:
+    """One input of a stage: where it is and the digest of its manifest (None for raw data)."""
+
+    uri: str
+    manifest_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One data file of a stage, relative to the output directory."""
+
+    path: str
+    rows: int | None
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A parsed, validated `manifest.json` of a completed stage.
+
+    `extra` holds the manifest's top-level keys beyond the standard ones.
+    """
+
+    location: Location
+    stage: str
+    files: tuple[FileEntry, ...]
+    counts: Mapping[str, int]
+    class_names: tuple[str, ...]
+    class_space: str
+    config: Mapping[str, Any]
+    inputs: tuple[InputRef, ...]
+    code_version: str
+    created: str
+    metrics: Mapping[str, Any] | None = None
+    run_id: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    sha256: str = ""
+
+    def entries(self, prefix: str | None = None) -> list[FileEntry]:
+        """Listed files, optionally only those under `prefix` (e.g. `"shards/"`)."""
+        return [f for f in self.files if prefix is None or f.path.startswith(prefix)]
+
+    def file_paths(self, prefix: str | None = None) -> list[str]:
+        """Filesystem paths (for `location.fs` / `location.pyarrow_fs()`) of listed files."""
+        return [self.location.join(f.path) for f in self.entries(prefix)]
+
+    def file_uris(self, prefix: str | None = None) -> list[str]:
+        """URIs of listed files."""
+        return [self.location.child(f.path).uri for f in self.entries(prefix)]
+
+    def input_ref(self) -> InputRef:
+        """How a downstream stage names this output among its inputs."""
+        return InputRef(uri=self.location.uri, manifest_sha256=self.sha256)
+
+
+def read_manifest(location: Location | str) -> Manifest:
+    """Read and validate the manifest of a completed stage output.
+
+    Raises:
+        IncompleteOutputError: no `_SUCCESS` (the run is unfinished or failed).
+        ManifestError: malformed JSON or fields, or listed paths escaping the directory.
+    """
+    loc = resolve(location) if isinstance(location, str) else location
+    if not exists(loc, SUCCESS):
+        raise IncompleteOutputError(
+            f"{loc.uri} is incomplete: no {SUCCESS} (the stage has not finished, or failed)"
+        )
+    try:
+        data = read_bytes(loc, MANIFEST, max_bytes=MAX_MANIFEST_BYTES)
+    except FileNotFoundError:
+        raise ManifestError(f"{loc.uri} has {SUCCESS} but no {MANIFEST}") from None
+    return parse_manifest(loc, data)
+
+
+def manifest_sha256(location: Location | str) -> str:
+    """Hex SHA-256 of a completed output's `manifest.json` (what downstream inputs record)."""
+    return read_manifest(location).sha256
+
+
+def input_ref(location: Location | str) -> InputRef:
+    """An `InputRef` for a completed stage output (refuses one without `_SUCCESS`)."""
+    return read_manifest(location).input_ref()
+
+
+def wait_for_success(
+    location: Location | str, *, timeout_s: float, poll_s: float = 5.0
+) -> Manifest:
+    """Block until `_SUCCESS` appears (for downstream jobs), then return the manifest.
+
+    Raises:
+        TimeoutError: still incomplete after `timeout_s` seconds.
+    """
+    loc = resolve(location) if isinstance(location, str) else location
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if exists(loc, SUCCESS):
+            return read_manifest(loc)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"{loc.uri}: no {SUCCESS} after {timeout_s:g} s")
+        time.sleep(min(poll_s, remaining))
+
+
+def parse_manifest(loc: Location, data: bytes) -> Manifest:
+    where = f"{loc.uri}/{MANIFEST}"
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{where} is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise ManifestError(f"{where} must hold a JSON object")
+
+    def need(key: str, kind: type | tuple[type, ...]) -> Any:
+        if key not in doc:
+            raise ManifestError(f"{where}: missing {key!r}")
+        value = doc[key]
+        if not isinstance(value, kind):
+            raise ManifestError(f"{where}: {key!r} has the wrong type")
+        return value
+
+    stage = need("stage", str)
+    if stage not in STAGES:
+        raise ManifestError(f"{where}: unknown stage {stage!r}")
+    files = []
+    seen = set()
+    for raw in need("files", list):
+        if not isinstance(raw, dict) or set(raw) != {"path", "rows", "bytes"}:
+            raise ManifestError(f"{where}: each file needs exactly path, rows, bytes")
+        path, rows, size = raw["path"], raw["rows"], raw["bytes"]
+        if not isinstance(path, str):
+            raise ManifestError(f"{where}: file path must be a string")
+        try:
+            clean = safe_relpath(path)
+        except ValueError as e:
+            raise ManifestError(f"{where}: file path escapes the directory: {e}") from None
+        if _reserved(clean):
+            raise ManifestError(f"{where}: {clean!r} is a reserved name, not a data file")
+        if clean in seen:
+            raise ManifestError(f"{where}: {clean!r} listed twice")
+        seen.add(clean)
+        if rows is not None and not _is_count(rows):
+            raise ManifestError(f"{where}: rows of {clean!r} must be a count or null")
+        if not _is_count(size):
+            raise ManifestError(f"{where}: bytes of {clean!r} must be a count")
+        files.append(FileEntry(path=clean, rows=rows, bytes=size))
+    counts = need("counts", dict)
+    for key in REQUIRED_COUNTS:
+        if key not in counts:
+            raise ManifestError(f"{where}: counts lacks {key!r}")
+    if not all(isinstance(k, str) and _is_count(v) for k, v in counts.items()):
+        raise ManifestError(f"{where}: counts must map names to non-negative integers")
+    class_names = need("class_names", list)
+    if not all(isinstance(n, str) for n in class_names):
+        raise ManifestError(f"{where}: class_names must be strings")
+    class_space = need("class_space", str)
+    if class_space not in CLASS_SPACES:
+        raise ManifestError(f"{where}: class_space must be one of {CLASS_SPACES}")
+    inputs = []
+    for raw in need("inputs", list):
+        if (
+            not isinstance(raw, dict)
+            or not isinstance(raw.get("uri"), str)
+            or not isinstance(raw.get("manifest_sha256"), (str, type(None)))
+        ):
+            raise ManifestError(f"{where}: each input needs uri and manifest_sha256")
+        inputs.append(InputRef(uri=raw["uri"], manifest_sha256=raw["manifest_sha256"]))
+    metrics = doc.get("metrics")
+    if metrics is not None and not isinstance(metrics, dict):
+        raise ManifestError(f"{where}: metrics must be an object or null")
+    run_id = doc.get("run_id")
+    if run_id is not None and not isinstance(run_id, str):
+        raise ManifestError(f"{where}: run_id must be a string or null")
+    return Manifest(
+        location=loc,
+        stage=stage,
+        files=tuple(files),
+        counts=dict(counts),
+        class_names=tuple(class_names),
+        class_space=class_space,
+        config=need("config", dict),
+        inputs=tuple(inputs),
+        code_version=need("code_version", str),
+        created=need("created", str),
+        metrics=metrics,
+        run_id=run_id,
+        extra={k: v for k, v in doc.items() if k not in STANDARD_KEYS},
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+
+
+def _reserved(rel: str) -> bool:
+    """Bookkeeping names: manifest, markers, run record and anything top-level starting `_`."""
+    top = rel.split("/", 1)[0]
+    return rel == MANIFEST or top.startswith("_") or top.startswith(".")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

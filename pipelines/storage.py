@@ -1,0 +1,443 @@
+"""Where stages read and write: one resolved `Location` per `--input` / `--output` URI.
+
+A location is `s3://bucket/prefix`, `file:///abs/dir` or a plain path (made absolute). It carries
+the non-secret storage settings (`StorageOptions`: endpoint, region) explicitly, so a location
+pickled to a Ray worker reaches the same server as the driver. Credentials are never stored here:
+s3fs/botocore take them from the standard AWS chain (environment, profile, instance role) in
+whichever process opens the filesystem, and `redact` scrubs them from any text we print.
+
+Both views of a location use one s3fs instance: `Location.fs` (fsspec, for small files and
+listings) and `Location.pyarrow_fs()` (the same s3fs wrapped for pyarrow and Ray Data). Wrapping
+s3fs rather than using pyarrow's own `S3FileSystem` keeps one configuration everywhere: pyarrow's
+client ignores `AWS_ENDPOINT_URL` and has no switch for the SDK's default upload checksums, which
+S3-compatible servers such as `rclone serve s3` reject (HTTP 411 on UploadPart).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import posixpath
+import re
+import tempfile
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import fsspec
+import pyarrow.fs as pafs
+from fsspec.implementations.local import LocalFileSystem
+
+_T = TypeVar("_T")
+
+# botocore retries a request this many times (connection refused, 5xx, throttling) with
+# exponential back-off, which rides out an object-store restart of several seconds.
+S3_MAX_ATTEMPTS = 10
+S3_CONNECT_TIMEOUT_S = 10
+S3_READ_TIMEOUT_S = 60
+# Whole-operation retries on top of botocore's: an interrupted multipart upload cannot be
+# resumed (the server may have forgotten it), so the whole put is sent again.
+WRITE_ATTEMPTS = 3
+
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,253}[a-z0-9]$")
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """Non-secret settings of the object store. Credentials are never fields.
+
+    Attributes:
+        endpoint_url: S3-compatible server, e.g. `http://127.0.0.1:9000` (`--storage-endpoint`);
+            None means `AWS_ENDPOINT_URL` if set, else AWS itself.
+        region: signing region; None means `AWS_REGION` / `AWS_DEFAULT_REGION`.
+    """
+
+    endpoint_url: str | None = None
+    region: str | None = None
+
+    def with_env_defaults(self) -> StorageOptions:
+        """The same options with unset fields taken from the environment of this process."""
+        endpoint = self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+        region = (
+            self.region
+            or os.environ.get("AWS_REGION")
+            or os.environ.get("AWS_DEFAULT_REGION")
+            or None
+        )
+        if endpoint is not None:
+            _check_endpoint(endpoint)
+        return StorageOptions(endpoint_url=endpoint, region=region)
+
+
+@dataclass(frozen=True)
+class Location:
+    """A resolved storage directory (or file) and how to reach it.
+
+    Attributes:
+        uri: normalised URI, `s3://bucket/prefix` or `file:///abs/dir` (no trailing slash).
+        path: the same place as a filesystem path: `bucket/prefix` or `/abs/dir`.
+        options: storage settings with environment defaults already applied.
+    """
+
+    uri: str
+    path: str
+    options: StorageOptions = field(default_factory=StorageOptions)
+
+    @property
+    def is_local(self) -> bool:
+        """True for `file://` and plain paths (visible only on this node)."""
+        return self.uri.startswith("file://")
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        """The fsspec filesystem for this location (cached per process and options)."""
+        if self.is_local:
+            return _local_fs()
+        return _s3_fs(self.options)
+
+    def pyarrow_fs(self) -> pafs.FileSystem:
+        """A pyarrow filesystem for Ray Data readers/writers; picklable to workers.
+
+        Paths passed with it are `Location.path`-style (`bucket/prefix/...` or `/abs/...`).
+        """
+        if self.is_local:
+            return pafs.LocalFileSystem()
+        return pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
+
+    def child(self, *parts: str) -> Location:
+        """The location of a relative path below this one.
+
+        Each part may hold `/`-separated segments (`child("shards", "part-0.parquet")` equals
+        `child("shards/part-0.parquet")`). Raises ValueError on `..`, `.`, empty segments,
+        absolute parts or backslashes, so untrusted names cannot leave the directory.
+        """
+        rel = safe_relpath(*parts)
+        if self.is_local:
+            path = posixpath.join(self.path, rel)
+            return Location(uri=Path(path).as_uri(), path=path, options=self.options)
+        return Location(uri=f"{self.uri}/{rel}", path=f"{self.path}/{rel}", options=self.options)
+
+    def join(self, *parts: str) -> str:
+        """Filesystem path (for `self.fs`) of a relative path below this location."""
+        return self.child(*parts).path
+
+    def __repr__(self) -> str:
+        endpoint = f", endpoint={self.options.endpoint_url}" if self.options.endpoint_url else ""
+        return f"Location({self.uri}{endpoint})"
+
+
+def resolve(uri: str, options: StorageOptions | None = None) -> Location:
+    """Parse a `--input`/`--output` value into a `Location`.
+
+    Args:
+        uri: `s3://bucket[/prefix]`, `file:///abs/dir` or a plain (relative or absolute) path.
+        options: endpoint/region; unset fields fall back to the environment.
+
+    Raises:
+        ValueError: empty URI, unsupported scheme, credentials in the URI, bad bucket name,
+            `..` or empty segments in an S3 key, or a `file://` URI naming a remote host.
+    """
+    if not isinstance(uri, str) or not uri.strip():
+        raise ValueError("storage location is empty")
+    opts = (options or StorageOptions()).with_env_defaults()
+    parsed = urllib.parse.urlsplit(uri)
+    scheme = parsed.scheme.lower()
+    if scheme == "s3":
+        return _resolve_s3(uri, parsed, opts)
+    if scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise ValueError(f"file:// URI names a remote host: {redact(uri)}")
+        if parsed.query or parsed.fragment:
+            raise ValueError(f"file:// URI must not have a query or fragment: {redact(uri)}")
+        return _local_location(urllib.parse.unquote(parsed.path), opts)
+    if scheme and "://" in uri:
+        raise ValueError(
+            f"unsupported storage scheme {scheme!r} in {redact(uri)}: "
+            "use s3://bucket/prefix, file:///abs/dir or a plain path"
+        )
+    return _local_location(uri, opts)
+
+
+def safe_relpath(*parts: str) -> str:
+    """Join relative path parts with `/`, refusing anything that could leave the directory.
+
+    Raises:
+        ValueError: no parts, an absolute part, `.`/`..`/empty segments, backslashes or NUL.
+    """
+    if not parts:
+        raise ValueError("empty relative path")
+    segments: list[str] = []
+    for part in parts:
+        if not isinstance(part, str):
+            raise ValueError(f"path part must be a string, got {type(part).__name__}")
+        if part.startswith("/"):
+            raise ValueError(f"absolute path where a relative one is required: {part!r}")
+        if "\\" in part or "\x00" in part:
+            raise ValueError(f"backslash or NUL in path: {part!r}")
+        for segment in part.split("/"):
+            if segment in ("", ".", ".."):
+                raise ValueError(f"unsafe relative path {'/'.join(parts)!r}")
+            segments.append(segment)
+    return "/".join(segments)
+
+
+# ---------------------------------------------------------------------------------------------
+# Small-file helpers (manifests, markers, run records). Data shards go through Ray Data or
+# `manifest.write_parquet`.
+
+
+def read_bytes(loc: Location, rel: str | None = None, *, max_bytes: int | None = None) -> bytes:
+    """Read a whole file: `loc` itself, or `rel` below it.
+
+    Raises:
+        FileNotFoundError: the file does not exist (message has the URI, never credentials).
+        ValueError: the file is larger than `max_bytes`.
+    """
+    target = loc.child(rel) if rel else loc
+    try:
+        if max_bytes is not None:
+            size = target.fs.size(target.path)
+            if size is not None and size > max_bytes:
+                raise ValueError(f"{target.uri} is {size} bytes, more than {max_bytes} allowed")
+        return target.fs.cat_file(target.path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"not found: {target.uri}") from None
+
+
+def write_bytes_atomic(loc: Location, rel: str, data: bytes) -> None:
+    """Write a file so readers see either nothing or the whole of it.
+
+    Local: a hidden temporary file in the same directory, then `os.replace`. S3: one PUT (a
+    multipart upload also appears only when completed); the whole put is retried if the store
+    drops the connection mid-upload.
+    """
+    target = loc.child(rel)
+    if target.is_local:
+        directory = posixpath.dirname(target.path)
+        os.makedirs(directory, exist_ok=True)
+        tmp = posixpath.join(
+            directory, f".{posixpath.basename(target.path)}.tmp-{uuid.uuid4().hex}"
+        )
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target.path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return
+    retry_io(lambda: target.fs.pipe_file(target.path, data), what=f"write {target.uri}")
+
+
+@contextlib.contextmanager
+def open_atomic(loc: Location, rel: str) -> Iterator[Any]:
+    """A binary file to stream a large object into; readers see all of it or nothing.
+
+    Local: a hidden temporary file renamed into place on success, removed on failure. S3: a
+    local spool file uploaded on success (retried as a whole), dropped on failure, so no
+    partial object is ever listed and memory stays flat.
+    """
+    target = loc.child(rel)
+    if target.is_local:
+        directory = posixpath.dirname(target.path)
+        os.makedirs(directory, exist_ok=True)
+        tmp = posixpath.join(
+            directory, f".{posixpath.basename(target.path)}.tmp-{uuid.uuid4().hex}"
+        )
+        try:
+            with open(tmp, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target.path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return
+    # Spool to local disk, then upload with whole-put retries: a multipart upload streamed
+    # straight to the store is lost if the server restarts mid-way; a re-sent put is not.
+    with tempfile.NamedTemporaryFile(prefix="weakclip-upload-") as spool:
+        yield spool
+        spool.flush()
+        upload_file(loc, rel, spool.name)
+
+
+def upload_file(loc: Location, rel: str, local_path: str) -> int:
+    """Copy a local file to `rel` below `loc` atomically (as `write_bytes_atomic`); returns bytes.
+
+    For files too large to hold in memory (model exports).
+    """
+    target = loc.child(rel)
+    size = os.path.getsize(local_path)
+    if target.is_local:
+        directory = posixpath.dirname(target.path)
+        os.makedirs(directory, exist_ok=True)
+        tmp = posixpath.join(
+            directory, f".{posixpath.basename(target.path)}.tmp-{uuid.uuid4().hex}"
+        )
+        try:
+            _local_fs().copy(local_path, tmp)
+            os.replace(tmp, target.path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    else:
+        retry_io(lambda: target.fs.put_file(local_path, target.path), what=f"upload {target.uri}")
+    return size
+
+
+def exists(loc: Location, rel: str | None = None) -> bool:
+    """Whether `loc` (or `rel` below it) exists as a file or non-empty directory."""
+    target = loc.child(rel) if rel else loc
+    return bool(target.fs.exists(target.path))
+
+
+def file_size(loc: Location, rel: str | None = None) -> int | None:
+    """Size in bytes of a file, or None when it does not exist (or is a directory)."""
+    target = loc.child(rel) if rel else loc
+    try:
+        info = target.fs.info(target.path)
+    except FileNotFoundError:
+        return None
+    if info.get("type") != "file":
+        return None
+    return int(info["size"])
+
+
+def remove_tree(loc: Location) -> None:
+    """Delete everything under `loc` (the directory itself too, where that means anything)."""
+    fs = loc.fs
+    if fs.exists(loc.path):
+        retry_io(lambda: fs.rm(loc.path, recursive=True), what=f"delete {loc.uri}")
+
+
+def retry_io(fn: Callable[[], _T], *, what: str, attempts: int = WRITE_ATTEMPTS) -> _T:
+    """Run `fn`, retrying transient storage errors (lost connections, forgotten uploads).
+
+    Missing files and permission errors are not transient and are raised at once.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+            # s3fs maps an upload the server forgot (NoSuchUpload) to FileNotFoundError.
+            if "NoSuchUpload" not in str(e) or attempt == attempts:
+                raise
+        except OSError:
+            if attempt == attempts:
+                raise
+        time.sleep(min(2.0**attempt, 10.0))
+    raise AssertionError(f"unreachable: {what}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Credentials never leave the process: scrub them from any text we print or store.
+
+_SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+_SECRET_PATTERNS = (
+    # key=value / key: value pairs whose name says secret, token, password, signature, credential
+    re.compile(
+        r"(?i)\b([\w.\-]*(?:secret|token|passw(?:or)?d|signature|credential|"
+        r"access[_-]?key|auth[_-]?key|api[_-]?key)[\w.\-]*)(\s*[=:]\s*)(\"[^\"]*\"|'[^']*'|[^\s,;&\"']+)"
+    ),
+    # x-amz-* headers / query parameters carrying signatures or tokens
+    re.compile(r"(?i)(x-amz-(?:signature|credential|security-token))(=|:\s*)([^\s&,;]+)"),
+    # user:password@host in URLs
+    re.compile(r"(?i)(\w+://)([^/\s:@]+):([^/\s@]+)@"),
+)
+
+
+def redact(text: str) -> str:
+    """Scrub credential values from `text` (error messages, logs, command lines).
+
+    Removes the current values of `AWS_SECRET_ACCESS_KEY` and session tokens wherever they
+    appear, `name=value` pairs whose name mentions a secret/token/password/key/signature, and
+    passwords in `scheme://user:password@host` URLs.
+    """
+    out = str(text)
+    for name in _SECRET_ENV_VARS:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            out = out.replace(value, "***")
+    out = _SECRET_PATTERNS[0].sub(lambda m: f"{m.group(1)}{m.group(2)}***", out)
+    out = _SECRET_PATTERNS[1].sub(lambda m: f"{m.group(1)}{m.group(2)}***", out)
+    out = _SECRET_PATTERNS[2].sub(lambda m: f"{m.group(1)}{m.group(2)}:***@", out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _local_location(raw: str, opts: StorageOptions) -> Location:
+    if "\x00" in raw:
+        raise ValueError("NUL in path")
+    path = os.path.abspath(os.path.expanduser(raw))
+    if path != "/":
+        path = path.rstrip("/")
+    return Location(uri=Path(path).as_uri(), path=path, options=opts)
+
+
+def _resolve_s3(uri: str, parsed: urllib.parse.SplitResult, opts: StorageOptions) -> Location:
+    if "@" in parsed.netloc:
+        raise ValueError(
+            "credentials in storage URIs are not supported; use the AWS credential chain "
+            "(environment, profile or instance role)"
+        )
+    if parsed.query or parsed.fragment:
+        raise ValueError(f"s3:// URI must not have a query or fragment: {redact(uri)}")
+    bucket = parsed.netloc
+    if not _BUCKET_RE.match(bucket):
+        raise ValueError(f"invalid S3 bucket name {bucket!r} in {redact(uri)}")
+    key = parsed.path.strip("/")
+    if key:
+        try:
+            key = safe_relpath(key)
+        except ValueError as e:
+            raise ValueError(f"invalid S3 key in {redact(uri)}: {e}") from None
+    path = f"{bucket}/{key}" if key else bucket
+    return Location(uri=f"s3://{path}", path=path, options=opts)
+
+
+def _check_endpoint(endpoint: str) -> None:
+    parsed = urllib.parse.urlsplit(endpoint)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ValueError(f"storage endpoint must be an http(s) URL, got {redact(endpoint)!r}")
+    if parsed.username or parsed.password:
+        raise ValueError("storage endpoint must not contain credentials")
+
+
+@functools.cache
+def _local_fs() -> fsspec.AbstractFileSystem:
+    return LocalFileSystem(auto_mkdir=True)
+
+
+@functools.lru_cache(maxsize=16)
+def _s3_fs(options: StorageOptions) -> fsspec.AbstractFileSystem:
+    import s3fs
+
+    client_kwargs: dict[str, Any] = {}
+    if options.region:
+        client_kwargs["region_name"] = options.region
+    config_kwargs: dict[str, Any] = {
+        "retries": {"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
+        "connect_timeout": S3_CONNECT_TIMEOUT_S,
+        "read_timeout": S3_READ_TIMEOUT_S,
+        # Checksums only where S3 requires them: S3-compatible servers reject the SDK's newer
+        # default (aws-chunked uploads, full-object checksums on ranged reads).
+        "request_checksum_calculation": "when_required",
+        "response_checksum_validation": "when_required",
+    }
+    return s3fs.S3FileSystem(
+        endpoint_url=options.endpoint_url,
+        client_kwargs=client_kwargs,
+        config_kwargs=config_kwargs,
+        # Other processes (Ray workers) write here; a cached listing would hide their files.
+        use_listings_cache=False,
+    )

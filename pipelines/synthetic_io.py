@@ -1,0 +1,327 @@
+"""Writes the synthetic dataset in a real layout, and plants bad inputs for ingest tests.
+
+Layout (MCTformer/WeakTr, SPEC.md §2), under `root` of an fsspec filesystem (local or s3):
+```
+JPEGImages/<id>.jpg             RGB, JPEG quality 90
+cams/<id>.npy                   np.save of {fg index: H x W float32}  (layout "mctformer")
+                                or {"keys": fg indices, "attn_highres": float16 K x H x W}
+                                (layout "clip-es")
+SegmentationClassAug/<id>.png   palette PNG (VOC palette), class ids, 255 = ignore
+cls_labels.npy                  np.save of {id: float32 multi-hot over the foreground classes}
+classes.txt                     one name per line, background first
+train.txt, val.txt              one image id per line
+```
+Split lists are written last: a directory without them is an interrupted write.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import multiprocessing
+import os
+import posixpath
+import shlex
+import tempfile
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+
+from pipelines.palette import encode_label_png
+from pipelines.safe_pickle import load_cls_labels
+from pipelines.synthetic import SYNTHETIC_CLASSES, Sample, generate_sample
+
+Layout = Literal["mctformer", "clip-es"]
+IMAGE_DIR = "JPEGImages"
+CAM_DIR = "cams"
+GT_DIR = "SegmentationClassAug"
+CLS_LABELS = "cls_labels.npy"
+CLASSES_TXT = "classes.txt"
+JPEG_QUALITY = 90
+
+# kind -> (image id, keyword that ingest's quarantine reason for that row must contain,
+# case-insensitively). Ingest checks the image before its CAM and its label vector.
+BAD_INPUTS: dict[str, tuple[str, str]] = {
+    "truncated_cam": ("bad_truncated_cam", "truncated"),
+    "not_npy_cam": ("bad_not_npy_cam", "npy"),
+    "malicious_cam": ("bad_malicious_cam", "unsafe"),
+    "nonfinite_cam": ("bad_nonfinite_cam", "finite"),
+    "cam_shape": ("bad_cam_shape", "shape"),
+    "cam_class": ("bad_cam_class", "cam class"),
+    "empty_labels": ("bad_empty_labels", "empty"),
+    "missing_image": ("bad_missing_image", "missing"),
+    "undecodable_image": ("bad_undecodable_image", "decode"),
+    "label_length": ("bad_label_length", "length"),
+    "duplicate_id": ("bad_duplicate_id", "duplicate"),
+    "path_traversal": ("../../etc/passwd", "image id"),
+    "pixel_limit": ("bad_pixel_limit", "pixel"),
+}
+_WRITE_BATCH = 48  # files handed to fs.pipe at once (~16 samples, ~25 MB at the default size)
+_BOMB_SIDE = 16384  # 268M pixels: past PIL's own bomb error (2 x 89M), ~35 kB as a 1-bit PNG
+
+
+@dataclass(frozen=True)
+class WrittenDataset:
+    """What `write_dataset` wrote: ids per split and the class names."""
+
+    root: str
+    train_ids: tuple[str, ...]
+    val_ids: tuple[str, ...]
+    class_names: tuple[str, ...]
+
+
+def _npy_bytes(value: Any) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, value, allow_pickle=True)  # writing side: these files are ours
+    return buffer.getvalue()
+
+
+def _jpeg_bytes(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+def _png_bytes(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def cam_file_bytes(cams: dict[int, np.ndarray], layout: Layout) -> bytes:
+    """The `.npy` bytes of one image's CAMs in the given layout.
+
+    Args:
+        cams: {foreground index: H x W float32 in [0, 1]}.
+        layout: "mctformer" (the dict itself) or "clip-es" (keys + float16 K x H x W stack).
+    """
+    if layout == "mctformer":
+        return _npy_bytes({int(k): v.astype(np.float32) for k, v in cams.items()})
+    if layout == "clip-es":
+        keys = np.array(sorted(cams), dtype=np.int64)
+        planes = [cams[int(k)] for k in keys]
+        stack = np.stack(planes) if planes else np.zeros((0, 1, 1), np.float32)
+        return _npy_bytes({"keys": keys, "attn_highres": stack.astype(np.float16)})
+    raise ValueError(f"layout: expected 'mctformer' or 'clip-es', got {layout!r}")
+
+
+def multihot(labels: Iterable[int], num_foreground: int) -> np.ndarray:
+    """float32 multi-hot vector (num_foreground,) with entry class id - 1 set per label."""
+    vector = np.zeros(num_foreground, np.float32)
+    for class_id in labels:
+        vector[class_id - 1] = 1.0
+    return vector
+
+
+def _sample_files(sample: Sample, layout: Layout) -> dict[str, bytes]:
+    return {
+        f"{IMAGE_DIR}/{sample.image_id}.jpg": _jpeg_bytes(sample.image),
+        f"{CAM_DIR}/{sample.image_id}.npy": cam_file_bytes(sample.cams, layout),
+        f"{GT_DIR}/{sample.image_id}.png": encode_label_png(sample.gt),
+    }
+
+
+def _encode_one(
+    task: tuple[int, int, int, int, Layout],
+) -> tuple[str, dict[str, bytes], tuple[int, ...]]:
+    index, seed, height, width, layout = task
+    sample = generate_sample(index, seed=seed, height=height, width=width)
+    return sample.image_id, _sample_files(sample, layout), sample.labels
+
+
+def _encoded(tasks: list[tuple[int, int, int, int, Layout]], workers: int) -> Iterator[Any]:
+    if workers <= 1 or len(tasks) < 8:
+        yield from map(_encode_one, tasks)
+        return
+    # spawn: the caller may hold threads (Ray, s3fs) that fork would copy mid-flight
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        yield from pool.map(_encode_one, tasks, chunksize=4)
+
+
+def _put(fs: Any, root: str, relative: str, data: bytes) -> None:
+    fs.pipe_file(posixpath.join(root, relative), data)
+
+
+def write_dataset(
+    fs: Any,
+    root: str,
+    *,
+    num_images: int,
+    seed: int,
+    height: int = 320,
+    width: int = 448,
+    val_fraction: float = 0.25,
+    layout: Layout = "mctformer",
+    workers: int = 2,
+) -> WrittenDataset:
+    """Generates `num_images` samples and writes them in the MCTformer/WeakTr layout.
+
+    The bytes written depend only on the arguments other than `fs`, `root` and `workers`.
+
+    Args:
+        fs: an fsspec filesystem (local, s3, memory).
+        root: the dataset directory in `fs`.
+        num_images: N >= 1.
+        seed: dataset seed.
+        height: H of every image.
+        width: W of every image.
+        val_fraction: share of the images listed in val.txt (chosen by the seed), in [0, 1).
+        layout: CAM file format, "mctformer" or "clip-es".
+        workers: processes generating samples (1 = in this process).
+    """
+    if num_images < 1:
+        raise ValueError("num_images must be >= 1")
+    if not 0 <= val_fraction < 1:
+        raise ValueError("val_fraction must be in [0, 1)")
+    if layout not in ("mctformer", "clip-es"):
+        raise ValueError(f"layout: expected 'mctformer' or 'clip-es', got {layout!r}")
+    for directory in (IMAGE_DIR, CAM_DIR, GT_DIR):
+        fs.makedirs(posixpath.join(root, directory), exist_ok=True)
+    num_foreground = SYNTHETIC_CLASSES.num_classes - 1
+    tasks = [(index, seed, height, width, layout) for index in range(num_images)]
+    labels: dict[str, np.ndarray] = {}
+    pending: dict[str, bytes] = {}
+    for image_id, files, sample_labels in _encoded(tasks, workers):
+        pending.update({posixpath.join(root, rel): data for rel, data in files.items()})
+        labels[image_id] = multihot(sample_labels, num_foreground)
+        if len(pending) >= _WRITE_BATCH:
+            fs.pipe(pending)  # concurrent puts on async filesystems (s3fs)
+            pending = {}
+    if pending:
+        fs.pipe(pending)
+    ids = list(labels)
+    num_val = math.floor(num_images * val_fraction)
+    order = np.random.default_rng([seed, 2**31]).permutation(num_images)
+    val_ids = tuple(sorted(ids[i] for i in order[:num_val]))
+    train_ids = tuple(i for i in ids if i not in set(val_ids))
+    _put(fs, root, CLS_LABELS, _npy_bytes(labels))
+    _put(fs, root, CLASSES_TXT, ("\n".join(SYNTHETIC_CLASSES.class_names) + "\n").encode())
+    _put(fs, root, "val.txt", "".join(f"{i}\n" for i in val_ids).encode())
+    _put(fs, root, "train.txt", "".join(f"{i}\n" for i in train_ids).encode())
+    return WrittenDataset(root, train_ids, val_ids, SYNTHETIC_CLASSES.class_names)
+
+
+class _RunsCommand:
+    """Pickles as a call of os.system: what a malicious CAM file carries."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return os.system, (self.command,)
+
+
+def pixel_bomb_png(side: int = _BOMB_SIDE) -> bytes:
+    """A valid 1-bit greyscale PNG of side x side pixels that is only kilobytes on disk."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return len(body).to_bytes(4, "big") + kind + body + crc.to_bytes(4, "big")
+
+    header = side.to_bytes(4, "big") * 2 + bytes([1, 0, 0, 0, 0])  # 1 bit, grey, no interlace
+    compressor = zlib.compressobj(9)
+    row = bytes(1 + (side + 7) // 8)  # filter byte + packed zero pixels
+    body = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+    )
+
+
+def _cam_variant(kind: str, sample: Sample, layout: Layout, sentinel: str) -> bytes:
+    """CAM file bytes for a bad row (valid ones for kinds whose defect lies elsewhere)."""
+    good = cam_file_bytes(sample.cams, layout)
+    if kind == "truncated_cam":
+        return good[: len(good) // 2]
+    if kind == "not_npy_cam":
+        return _jpeg_bytes(sample.image)
+    if kind == "malicious_cam":
+        return _npy_bytes({0: _RunsCommand(f"touch {shlex.quote(sentinel)}")})
+    cams = dict(sample.cams)
+    first = min(cams)
+    if kind == "nonfinite_cam":
+        cams[first] = cams[first].copy()
+        cams[first][0, :4] = [np.nan, np.inf, -np.inf, np.nan]
+    elif kind == "cam_shape":
+        cams = {k: v[:-8] for k, v in cams.items()}
+    elif kind == "cam_class":
+        unlabelled = next(k for k in range(len(SYNTHETIC_CLASSES.class_names) - 1) if k not in cams)
+        cams[unlabelled] = cams[first]
+    elif kind == "pixel_limit":
+        cams = {k: v[:8, :8] for k, v in cams.items()}
+    elif kind == "empty_labels":  # no label, so no CAM plane: the empty vector is the defect
+        cams = {}
+    return cam_file_bytes(cams, layout)
+
+
+def plant_bad_inputs(
+    fs: Any,
+    root: str,
+    *,
+    kinds: Sequence[str] | None = None,
+    sentinel_path: str | None = None,
+    layout: Layout = "mctformer",
+    seed: int = 0,
+    height: int = 96,
+    width: int = 128,
+) -> dict[str, str]:
+    """Adds one defective row per kind to a dataset written by `write_dataset` (train split).
+
+    Each bad row is a complete, valid sample except for its one defect; it is appended to
+    train.txt and cls_labels.npy. Nothing is written outside `root` (the path-traversal row
+    exists only as a name in train.txt and cls_labels.npy).
+
+    Args:
+        fs: the dataset's fsspec filesystem.
+        root: the dataset directory.
+        kinds: keys of BAD_INPUTS (default: all).
+        sentinel_path: local file the malicious CAM would create if its pickle ever ran
+            (default: a fixed name in the temp directory).
+        layout: the dataset's CAM layout.
+        seed, height, width: generation of the bad rows' otherwise-valid content.
+
+    Returns:
+        {image id: keyword its quarantine reason must contain (case-insensitive)}.
+    """
+    kinds = list(BAD_INPUTS) if kinds is None else list(kinds)
+    unknown = sorted(set(kinds) - set(BAD_INPUTS))
+    if unknown:
+        raise ValueError(f"kinds: unknown {unknown}; expected some of {list(BAD_INPUTS)}")
+    sentinel = sentinel_path or os.path.join(tempfile.gettempdir(), "weakclip-malicious-cam-ran")
+    labels = load_cls_labels(fs.cat_file(posixpath.join(root, CLS_LABELS)))
+    num_foreground = SYNTHETIC_CLASSES.num_classes - 1
+    split = fs.cat_file(posixpath.join(root, "train.txt")).decode().splitlines()
+    expected: dict[str, str] = {}
+    for offset, kind in enumerate(kinds):
+        image_id, keyword = BAD_INPUTS[kind]
+        expected[image_id] = keyword
+        split.append(image_id)
+        sample = generate_sample(10**6 + offset, seed=seed, height=height, width=width)
+        vector = multihot(sample.labels, num_foreground)
+        if kind == "empty_labels":
+            vector[:] = 0
+        elif kind == "label_length":
+            vector = np.concatenate([vector, [0.0]]).astype(np.float32)
+        labels[image_id] = vector
+        if kind == "path_traversal":
+            continue
+        image_path = f"{IMAGE_DIR}/{image_id}.jpg"
+        if kind == "undecodable_image":
+            _put(fs, root, image_path, b"\xff\xd8\xff\xe0 this is not a JPEG " + bytes(64))
+        elif kind == "pixel_limit":
+            _put(fs, root, f"{IMAGE_DIR}/{image_id}.png", pixel_bomb_png())
+        elif kind != "missing_image":
+            _put(fs, root, image_path, _jpeg_bytes(sample.image))
+        if kind == "duplicate_id":
+            _put(fs, root, f"{IMAGE_DIR}/{image_id}.png", _png_bytes(sample.image))
+            split.append(image_id)
+        _put(fs, root, f"{CAM_DIR}/{image_id}.npy", _cam_variant(kind, sample, layout, sentinel))
+        _put(fs, root, f"{GT_DIR}/{image_id}.png", encode_label_png(sample.gt))
+    _put(fs, root, CLS_LABELS, _npy_bytes(labels))
+    _put(fs, root, "train.txt", "".join(f"{i}\n" for i in split).encode())
+    return expected
