@@ -30,6 +30,7 @@ def _dataset(
     bad: bool = True,
     sentinel: str | None = None,
     layout: str = "mctformer",
+    size: tuple[int, int] = (96, 128),
 ) -> tuple[set[str], dict[str, str]]:
     loc = resolve(uri)
     written = write_dataset(
@@ -37,8 +38,8 @@ def _dataset(
         loc.path,
         num_images=num_images,
         seed=3,
-        height=96,
-        width=128,
+        height=size[0],
+        width=size[1],
         workers=1,
         layout=layout,  # type: ignore[arg-type]
     )
@@ -191,7 +192,8 @@ def test_ingest_s3_to_s3(s3_bucket: str, tmp_path) -> None:
 
 def test_cam_argmax_miou_in_band(tmp_path) -> None:
     """The synthetic CAMs are realistic: their argmax at threshold 0.4 scores 40–60% mIoU."""
-    good, _ = _dataset(str(tmp_path / "data"), num_images=24, bad=False)
+    # VOC-like size: at 1/16 resolution a tiny image would leave the CAM a few pixels wide
+    good, _ = _dataset(str(tmp_path / "data"), num_images=24, bad=False, size=(320, 448))
     out = str(tmp_path / "ingest")
     run_ingest(str(tmp_path / "data"), out, IngestConfig(), report=lambda _: None)
     rows = _rows(out)
