@@ -1,0 +1,433 @@
+"""Refine stage: pure row/unit functions without Ray, then the Ray Data stage on synthetic data.
+
+The input is a fixed synthetic set (`pipelines.synthetic`, seed 0) written as an ingest output
+(ingest columns, row groups of 4 rows, a committed `ingest` manifest), so these tests do not
+depend on the ingest stage's own code path.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipelines import schema
+from pipelines.manifest import (
+    FileEntry,
+    InputRef,
+    Manifest,
+    StageConflictError,
+    StageOutput,
+    read_manifest,
+)
+from pipelines.palette import decode_label_png, encode_label_png
+from pipelines.refine import (
+    REFINE_SCHEMA,
+    RefineConfig,
+    RowRejected,
+    WorkUnit,
+    enumerate_units,
+    process_unit,
+    record_rel,
+    refine_row,
+    run_refine,
+    shard_rel,
+    stage_config,
+)
+from pipelines.seeds import SeedConfig, cam_argmax, refine_seed
+from pipelines.storage import Location, resolve, write_bytes_atomic
+from pipelines.synthetic import SYNTHETIC_CLASSES, generate_sample
+
+NUM_IMAGES = 16
+HEIGHT, WIDTH = 128, 160
+NUM_CLASSES = SYNTHETIC_CLASSES.num_classes
+
+INGEST_SCHEMA = pa.schema(
+    [
+        (schema.IMAGE_ID, pa.string()),
+        (schema.IMAGE, pa.binary()),
+        (schema.HEIGHT, pa.int32()),
+        (schema.WIDTH, pa.int32()),
+        (schema.LABELS, pa.list_(pa.int16())),
+        (schema.CAM, pa.large_binary()),
+        (schema.CAM_CLASSES, pa.list_(pa.int16())),
+        (schema.GT, pa.binary()),
+        (schema.SOURCE, pa.string()),
+        (schema.SPLIT, pa.string()),
+    ]
+)
+
+
+def synthetic_row(index: int, *, seed: int = 0, height: int = HEIGHT, width: int = WIDTH) -> dict:
+    """One ingest row of synthetic sample `index` (JPEG image, float16 CAM, PNG GT)."""
+    sample = generate_sample(index, seed=seed, height=height, width=width)
+    classes = sorted(c + 1 for c in sample.cams)
+    planes = np.stack([sample.cams[c - 1] for c in classes]).astype(np.float16)
+    buffer = io.BytesIO()
+    Image.fromarray(sample.image).save(buffer, format="JPEG", quality=90)
+    return {
+        schema.IMAGE_ID: sample.image_id,
+        schema.IMAGE: buffer.getvalue(),
+        schema.HEIGHT: height,
+        schema.WIDTH: width,
+        schema.LABELS: list(sample.labels),
+        schema.CAM: np.ascontiguousarray(planes).tobytes(),
+        schema.CAM_CLASSES: classes,
+        schema.GT: encode_label_png(sample.gt),
+        schema.SOURCE: f"cams/{sample.image_id}.npy",
+        schema.SPLIT: "val" if index % 4 == 3 else "train",
+    }
+
+
+def write_ingest_output(
+    loc: Location,
+    rows: Sequence[dict],
+    *,
+    rows_per_shard: int = 8,
+    rows_per_group: int = 4,
+) -> Manifest:
+    """Writes `rows` as a committed ingest output: shards/part-XXXXX.parquet + manifest."""
+    out = StageOutput.open(
+        loc, stage="ingest", config={"test": len(rows)}, inputs=[InputRef("synthetic://0")]
+    )
+    files = []
+    for number, start in enumerate(range(0, len(rows), rows_per_shard)):
+        table = pa.Table.from_pylist(list(rows[start : start + rows_per_shard]), INGEST_SCHEMA)
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, row_group_size=rows_per_group)
+        rel = f"shards/part-{number:05d}.parquet"
+        write_bytes_atomic(loc, rel, buffer.getvalue())
+        files.append(FileEntry(rel, table.num_rows, len(buffer.getvalue())))
+    out.commit(
+        files=files,
+        counts={"input": len(rows), "output": len(rows), "quarantined": 0},
+        class_names=SYNTHETIC_CLASSES.class_names,
+        class_space="custom",
+    )
+    return read_manifest(loc)
+
+
+def read_refine_rows(loc: Location) -> list[dict[str, Any]]:
+    """Every row of the shards a committed refine manifest lists."""
+    manifest = read_manifest(loc)
+    assert manifest.stage == "refine"
+    rows: list[dict[str, Any]] = []
+    for path in manifest.file_paths("shards/"):
+        with loc.fs.open(path, "rb") as f:
+            table = pq.read_table(f)
+        assert table.schema.names == list(schema.REFINE_COLUMNS)
+        rows.extend(table.to_pylist())
+    return rows
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[dict]:
+    return [synthetic_row(i) for i in range(NUM_IMAGES)]
+
+
+@pytest.fixture(scope="module")
+def ingest_dir(tmp_path_factory: pytest.TempPathFactory, rows: list[dict]) -> Location:
+    loc = resolve(str(tmp_path_factory.mktemp("refine_input") / "ingest"))
+    write_ingest_output(loc, rows)
+    return loc
+
+
+def _planes(row: dict) -> np.ndarray:
+    n = len(row[schema.CAM_CLASSES])
+    return (
+        np.frombuffer(row[schema.CAM], np.float16)
+        .reshape(n, row[schema.HEIGHT], row[schema.WIDTH])
+        .astype(np.float32)
+    )
+
+
+def _rgb(row: dict) -> np.ndarray:
+    return np.array(Image.open(io.BytesIO(row[schema.IMAGE])).convert("RGB"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure parts (no Ray)
+
+
+def test_config_takes_method_defaults_and_overrides() -> None:
+    weaktr = RefineConfig().seed_config()
+    assert (weaktr.method, weaktr.bilateral_sxy, weaktr.gt_prob) == ("weaktr", 83, 0.7)
+    clip_es = RefineConfig(method="clip-es", iterations=5).seed_config()
+    assert (clip_es.gaussian_sxy, clip_es.bilateral_sxy, clip_es.iterations) == (1, 67, 5)
+    assert stage_config(RefineConfig(bg_threshold=0.43)) == stage_config(RefineConfig())
+    assert stage_config(RefineConfig(max_error_fraction=0.5)) == stage_config(RefineConfig())
+    with pytest.raises(ValueError, match="bg_threshold"):
+        RefineConfig(bg_threshold=1.5)
+    with pytest.raises(ValueError, match="method"):
+        RefineConfig(method="psa")
+
+
+def test_refine_row_matches_the_pure_seed_function(rows: list[dict]) -> None:
+    row = rows[0]
+    config = SeedConfig.for_method("weaktr")
+    refined = refine_row(row, config=config, num_classes=NUM_CLASSES)
+    expected = refine_seed(_rgb(row), _planes(row), row[schema.CAM_CLASSES], config=config)
+    np.testing.assert_array_equal(refined.seed, expected)
+    np.testing.assert_array_equal(decode_label_png(refined.columns[schema.SEED]), expected)
+    np.testing.assert_array_equal(
+        refined.argmax, cam_argmax(_planes(row), row[schema.CAM_CLASSES], bg_threshold=0.43)
+    )
+    assert set(refined.columns) == set(schema.REFINE_COLUMNS)
+    assert refined.columns[schema.IMAGE] == row[schema.IMAGE]  # bytes as given
+    assert refined.gt is not None and refined.gt.shape == (HEIGHT, WIDTH)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({schema.CAM: b"\x00" * 10}, "undecodable CAM"),
+        ({schema.IMAGE: b"not an image"}, "undecodable image"),
+        ({schema.HEIGHT: HEIGHT + 1}, "CAM"),  # CAM byte count no longer matches
+        ({schema.GT: b"\x89PNG broken"}, "ground truth"),
+        ({schema.CAM_CLASSES: None}, "undecodable CAM"),
+    ],
+)
+def test_refine_row_rejects_bad_rows(rows: list[dict], change: dict, reason: str) -> None:
+    with pytest.raises(RowRejected, match=reason):
+        refine_row({**rows[1], **change}, config=SeedConfig(), num_classes=NUM_CLASSES)
+
+
+def test_refine_row_rejects_class_ids_outside_the_space(rows: list[dict]) -> None:
+    classes = [c + NUM_CLASSES for c in rows[1][schema.CAM_CLASSES]]
+    with pytest.raises(RowRejected, match="cannot refine"):
+        refine_row(
+            {**rows[1], schema.CAM_CLASSES: classes}, config=SeedConfig(), num_classes=NUM_CLASSES
+        )
+
+
+def test_refine_row_rejects_an_image_of_another_size(rows: list[dict]) -> None:
+    other = synthetic_row(1, height=HEIGHT, width=WIDTH + 16)
+    with pytest.raises(RowRejected, match="image is"):
+        refine_row(
+            {**rows[1], schema.IMAGE: other[schema.IMAGE]},
+            config=SeedConfig(),
+            num_classes=NUM_CLASSES,
+        )
+
+
+def test_process_unit_quarantines_bad_rows_and_records_last(
+    tmp_path: Any, rows: list[dict]
+) -> None:
+    input_loc = resolve(str(tmp_path / "in"))
+    bad = {**rows[2], schema.CAM: b"\x01\x02\x03"}
+    write_ingest_output(input_loc, [rows[0], rows[1], bad, rows[3]])
+    units = enumerate_units(input_loc, read_manifest(input_loc))
+    assert [(u.name, u.row_group, u.rows) for u in units] == [("part-00000-rg0000", 0, 4)]
+    output_loc = resolve(str(tmp_path / "out"))
+    record = process_unit(
+        units[0],
+        input_loc=input_loc,
+        output_loc=output_loc,
+        config=SeedConfig(),
+        num_classes=NUM_CLASSES,
+    )
+    assert (record["input_rows"], record["output"], record["quarantined"]) == (4, 3, 1)
+    assert [f["path"] for f in record["files"]] == [
+        "shards/part-00000-rg0000.parquet",
+        "quarantine/part-00000-rg0000.parquet",
+    ]
+    quarantined = pq.read_table(tmp_path / "out/quarantine/part-00000-rg0000.parquet").to_pylist()
+    assert quarantined[0][schema.IMAGE_ID] == rows[2][schema.IMAGE_ID]
+    assert "undecodable CAM" in quarantined[0][schema.REASON]
+    table = pq.read_table(tmp_path / "out" / shard_rel(units[0].name))
+    assert table.schema.equals(REFINE_SCHEMA)
+    assert table.column(schema.IMAGE_ID).to_pylist() == [
+        r[schema.IMAGE_ID] for r in (rows[0], rows[1], rows[3])
+    ]
+    on_disk = json.loads((tmp_path / "out" / record_rel(units[0].name)).read_text())
+    assert on_disk["confusion"]["train"]["images"] == 2  # rows 0 and 1; row 3 is val
+    assert on_disk["confusion"]["val"]["images"] == 1
+    assert np.asarray(on_disk["confusion"]["train"]["seeds"]).shape == (
+        NUM_CLASSES,
+        NUM_CLASSES + 1,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The Ray Data stage
+
+
+def test_stage_seeds_beat_cam_argmax(
+    ray_session: None, ingest_dir: Location, tmp_path: Any
+) -> None:
+    output = resolve(str(tmp_path / "refine"))
+    lines: list[str] = []
+    result = run_refine(ingest_dir.uri, output.uri, RefineConfig(), report=lines.append)
+    assert result.ok and not result.skipped
+    assert result.counts == {"input": NUM_IMAGES, "output": NUM_IMAGES, "quarantined": 0}
+    manifest = read_manifest(output)
+    metrics = manifest.metrics
+    assert metrics is not None
+    argmax_miou, seeds_miou = metrics["cam_argmax"]["miou"], metrics["seeds"]["miou"]
+    print(
+        f"\n[refine weaktr, {NUM_IMAGES} synthetic {HEIGHT}x{WIDTH} images] "
+        f"CAM argmax mIoU {argmax_miou:.4f} -> CRF seeds mIoU {seeds_miou:.4f}"
+    )
+    assert seeds_miou > argmax_miou + 0.03
+    assert metrics["miou"] == seeds_miou
+    assert metrics["class_space"] == "custom" and metrics["gt_images"] == NUM_IMAGES
+    assert set(metrics["by_split"]) == {"train", "val"}
+    assert set(metrics["per_class_iou"]) == set(SYNTHETIC_CLASSES.class_names)
+    assert manifest.class_names == SYNTHETIC_CLASSES.class_names
+    assert manifest.inputs[0].manifest_sha256 == read_manifest(ingest_dir).sha256
+    assert [f.path for f in manifest.files] == [
+        f"shards/part-0000{s}-rg000{g}.parquet" for s in (0, 1) for g in (0, 1)
+    ]
+    out_rows = read_refine_rows(output)
+    assert sorted(r[schema.IMAGE_ID] for r in out_rows) == [f"syn_{i:06d}" for i in range(16)]
+    for row in out_rows:
+        seed = decode_label_png(row[schema.SEED])
+        assert seed.shape == (row[schema.HEIGHT], row[schema.WIDTH])
+        # weaktr labels every pixel: no 255, only background and the image's own classes
+        assert set(np.unique(seed).tolist()) <= {0, *row[schema.LABELS]}
+    assert any("images/s" in line for line in lines)
+
+    again: list[str] = []
+    assert run_refine(ingest_dir.uri, output.uri, RefineConfig(), report=again.append).skipped
+    assert "nothing to do" in again[0]
+    with pytest.raises(StageConflictError, match="bilateral_sxy|config differs"):
+        run_refine(ingest_dir.uri, output.uri, RefineConfig(bilateral_sxy=50), report=print)
+
+
+def test_stage_clip_es_puts_255_only_on_low_confidence_pixels(
+    ray_session: None, ingest_dir: Location, rows: list[dict], tmp_path: Any
+) -> None:
+    output = resolve(str(tmp_path / "refine"))
+    config = RefineConfig(method="clip-es")
+    result = run_refine(ingest_dir.uri, output.uri, config, report=lambda _: None)
+    assert result.ok
+    by_id = {r[schema.IMAGE_ID]: r for r in rows}
+    ignored = 0
+    for row in read_refine_rows(output):
+        seed = decode_label_png(row[schema.SEED])
+        source = by_id[row[schema.IMAGE_ID]]
+        # exactly the pure recipe: 255 where its CRF confidence < 0.95 and nowhere else
+        expected = refine_seed(
+            _rgb(source),
+            _planes(source),
+            source[schema.CAM_CLASSES],
+            config=config.seed_config(),
+        )
+        np.testing.assert_array_equal(seed, expected)
+        assert set(np.unique(seed).tolist()) <= {0, 255, *row[schema.LABELS]}
+        ignored += int(np.count_nonzero(seed == 255))
+    assert ignored > 0
+
+
+def test_stage_quarantines_and_enforces_the_error_limit(
+    ray_session: None, rows: list[dict], tmp_path: Any
+) -> None:
+    input_loc = resolve(str(tmp_path / "in"))
+    bad = {**rows[5], schema.CAM: rows[5][schema.CAM][:-2]}
+    write_ingest_output(input_loc, [*rows[:5], bad], rows_per_group=3)
+    output = resolve(str(tmp_path / "out"))
+    failed = run_refine(input_loc.uri, output.uri, RefineConfig(), report=lambda _: None)
+    assert not failed.ok and "1 of 6 rows quarantined" in failed.message
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+    # a higher tolerance resumes the same output (the tolerance is not part of the run)
+    lines: list[str] = []
+    result = run_refine(
+        input_loc.uri, output.uri, RefineConfig(max_error_fraction=0.5), report=lines.append
+    )
+    assert result.ok and result.units_run == 0 and "resuming: 2 of 2" in lines[0]
+    manifest = read_manifest(output)
+    assert manifest.counts == {"input": 6, "output": 5, "quarantined": 1}
+    assert "quarantine/part-00000-rg0001.parquet" in [f.path for f in manifest.files]
+    assert manifest.extra["quarantine_reasons"] == {"undecodable CAM": 1}
+
+
+def test_stage_resumes_partial_outputs_without_duplicates(
+    ray_session: None, ingest_dir: Location, tmp_path: Any
+) -> None:
+    output = resolve(str(tmp_path / "refine"))
+    config = RefineConfig()
+    source = read_manifest(ingest_dir)
+    # An interrupted earlier attempt: its run record, one finished unit (shard + record), a
+    # torn shard without a record, and a stray file nobody would list.
+    StageOutput.open(
+        output, stage="refine", config=stage_config(config), inputs=[source.input_ref()]
+    )
+    units = enumerate_units(ingest_dir, source)
+    finished = process_unit(
+        units[0],
+        input_loc=ingest_dir,
+        output_loc=output,
+        config=config.seed_config(),
+        num_classes=NUM_CLASSES,
+    )
+    finished_shard = tmp_path / "refine" / shard_rel(units[0].name)
+    before = finished_shard.stat().st_mtime_ns
+    torn = tmp_path / "refine" / shard_rel(units[1].name)
+    torn.write_bytes(b"PAR1 half a file")
+    stray = tmp_path / "refine" / "shards" / "part-99999-rg0000.parquet"
+    stray.write_bytes(b"stray")
+
+    lines: list[str] = []
+    result = run_refine(ingest_dir.uri, output.uri, config, report=lines.append)
+    assert result.ok and result.units_run == len(units) - 1
+    assert "resuming: 1 of 4 units" in lines[0]
+    assert finished_shard.stat().st_mtime_ns == before  # not redone
+    manifest = read_manifest(output)
+    paths = [f.path for f in manifest.files]
+    assert "shards/part-99999-rg0000.parquet" not in paths
+    assert shard_rel(units[1].name) in paths
+    ids = [r[schema.IMAGE_ID] for r in read_refine_rows(output)]
+    assert len(ids) == NUM_IMAGES and len(set(ids)) == NUM_IMAGES  # one row per image
+    assert manifest.counts["output"] == NUM_IMAGES
+    assert finished["output"] == units[0].rows
+    # the metrics count every unit once, the finished one included
+    assert manifest.metrics is not None and manifest.metrics["gt_images"] == NUM_IMAGES
+
+
+@pytest.mark.slow
+def test_stage_round_trips_through_s3(
+    ray_session: None, s3_bucket: str, rows: list[dict], tmp_path: Any
+) -> None:
+    input_loc = resolve(f"{s3_bucket}/run/ingest")
+    write_ingest_output(input_loc, rows[:8], rows_per_group=4)
+    output = resolve(f"{s3_bucket}/run/refine")
+    result = run_refine(input_loc.uri, output.uri, RefineConfig(), report=lambda _: None)
+    assert result.ok and result.counts["output"] == 8
+    assert output.fs.exists(output.join("_SUCCESS"))
+    out_rows = read_refine_rows(output)
+    assert sorted(r[schema.IMAGE_ID] for r in out_rows) == [r[schema.IMAGE_ID] for r in rows[:8]]
+    local_in = resolve(str(tmp_path / "in"))
+    write_ingest_output(local_in, rows[:8], rows_per_group=4)
+    local_out = resolve(str(tmp_path / "out"))
+    run_refine(local_in.uri, local_out.uri, RefineConfig(), report=lambda _: None)
+    local = {r[schema.IMAGE_ID]: r[schema.SEED] for r in read_refine_rows(local_out)}
+    assert {r[schema.IMAGE_ID]: r[schema.SEED] for r in out_rows} == local
+    assert read_manifest(output).metrics == read_manifest(local_out).metrics
+
+
+def test_refuses_an_input_that_is_not_an_ingest_output(tmp_path: Any) -> None:
+    other = resolve(str(tmp_path / "train"))
+    StageOutput.open(other, stage="train", config={}, inputs=[]).commit(
+        files=[],
+        counts={"input": 0, "output": 0, "quarantined": 0},
+        class_names=SYNTHETIC_CLASSES.class_names,
+        class_space="custom",
+    )
+    with pytest.raises(ValueError, match="not an ingest output"):
+        run_refine(other.uri, str(tmp_path / "out"), RefineConfig(), report=lambda _: None)
+
+
+def test_work_units_are_named_from_their_input(ingest_dir: Location) -> None:
+    units = enumerate_units(ingest_dir, read_manifest(ingest_dir))
+    assert units == [
+        WorkUnit(f"part-0000{s}-rg000{g}", f"shards/part-0000{s}.parquet", g, 4)
+        for s in (0, 1)
+        for g in (0, 1)
+    ]
