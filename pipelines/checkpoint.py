@@ -1,0 +1,249 @@
+"""What a training checkpoint holds, and the self-contained `model.pt` export.
+
+A checkpoint directory (one per `ray.train.report`) holds:
+- `train_state.pt`: the trainable state (every state-dict entry except the frozen CLIP
+  parameters: prompt context, adapter, co-attention, decoder, BatchNorm statistics), the
+  optimizer and LR-scheduler states and the iteration, written with `torch.save` and read
+  with `weights_only=True`;
+- `clip_state.pt`: only when CLIP was randomly initialised (no weights file to rebuild it
+  from): its frozen parameters, so a resumed run and the export see the same backbone;
+- `meta.json`: iteration, model config, class names, the CLIP weights source (URI or null)
+  and SHA-256, and the run signature a resume is checked against;
+- `metrics.jsonl`: every logged iteration so far, so the final `metrics.jsonl` is complete
+  and consistent whatever failures and resumes happened.
+
+`model.pt` (CONTRACTS.md, train) is one `torch.save` of plain containers and tensors: every
+weight (frozen CLIP included), the config dict and the class names; it loads with
+`torch.load(path, weights_only=True)` and `load_exported_model` rebuilds the `WeakCLIP`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from weakclip.build import build_weakclip
+from weakclip.config import WeakCLIPConfig, from_dict, to_dict
+from weakclip.model import WeakCLIP
+
+TRAIN_STATE = "train_state.pt"
+CLIP_STATE = "clip_state.pt"
+META = "meta.json"
+METRICS = "metrics.jsonl"
+EXPORT_FORMAT = "weakclip-export-v1"
+
+
+def frozen_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the frozen CLIP parameters; call on a freshly built model.
+
+    Layers frozen later for other reasons (the dead co-attention layers of
+    `chain_layers=False`) are not CLIP weights and stay in the trainable state.
+    """
+    return {name for name, p in model.named_parameters() if not p.requires_grad}
+
+
+def trainable_state_dict(model: nn.Module, frozen: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The model's state dict without the frozen CLIP parameters, detached on the CPU."""
+    skip = set(frozen)
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k not in skip}
+
+
+def frozen_state_dict(model: nn.Module, frozen: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Only the frozen CLIP parameters, detached on the CPU."""
+    keep = set(frozen)
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in keep}
+
+
+def state_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of a state dict (key order free)."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def save_checkpoint(
+    directory: str,
+    *,
+    model: nn.Module,
+    frozen: Iterable[str],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    iteration: int,
+    meta: Mapping[str, Any],
+    metrics: Sequence[Mapping[str, Any]],
+    include_clip: bool,
+) -> None:
+    """Writes a checkpoint directory (see the module docstring).
+
+    Args:
+        directory: an existing local directory.
+        model: the (unwrapped) model.
+        frozen: `frozen_parameter_names` of the model.
+        optimizer, scheduler: their states are saved.
+        iteration: optimizer steps done.
+        meta: config, class names, CLIP source/digest, run signature.
+        metrics: every logged iteration so far.
+        include_clip: also save the frozen CLIP weights (random initialisation).
+    """
+    frozen = set(frozen)
+    state = {
+        "model": trainable_state_dict(model, frozen),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "iteration": int(iteration),
+    }
+    torch.save(state, os.path.join(directory, TRAIN_STATE))
+    if include_clip:
+        torch.save(frozen_state_dict(model, frozen), os.path.join(directory, CLIP_STATE))
+    with open(os.path.join(directory, METRICS), "w", encoding="utf-8") as handle:
+        for row in metrics:
+            handle.write(json.dumps(row, sort_keys=True) + "\n")
+    # Written last: a directory with meta.json has every other file.
+    with open(os.path.join(directory, META), "w", encoding="utf-8") as handle:
+        json.dump({**meta, "iteration": int(iteration)}, handle, indent=1, sort_keys=True)
+
+
+def read_meta(directory: str) -> dict[str, Any]:
+    """The checkpoint's `meta.json`."""
+    with open(os.path.join(directory, META), encoding="utf-8") as handle:
+        meta = json.load(handle)
+    if not isinstance(meta, dict) or not isinstance(meta.get("iteration"), int):
+        raise ValueError(f"checkpoint {directory!r} has no valid {META}")
+    return meta
+
+
+def read_metrics(directory: str) -> list[dict[str, Any]]:
+    """The logged iterations stored in a checkpoint."""
+    path = os.path.join(directory, METRICS)
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def read_train_state(directory: str) -> dict[str, Any]:
+    """`train_state.pt` (model, optimizer, scheduler, iteration), read with weights_only."""
+    state = torch.load(os.path.join(directory, TRAIN_STATE), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "iteration"} <= set(
+        state
+    ):
+        raise ValueError(f"checkpoint {directory!r}: {TRAIN_STATE} is incomplete")
+    return state
+
+
+def read_clip_state(directory: str) -> dict[str, torch.Tensor] | None:
+    """The stored random-init CLIP weights, or None when CLIP came from a weights file."""
+    path = os.path.join(directory, CLIP_STATE)
+    if not os.path.exists(path):
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_model_weights(
+    model: nn.Module,
+    *,
+    trainable: Mapping[str, torch.Tensor],
+    clip: Mapping[str, torch.Tensor] | None,
+    frozen: Iterable[str],
+) -> None:
+    """Loads a checkpoint's trainable state (and stored CLIP weights) into a built model.
+
+    Every key of the model must be covered: trainable keys by `trainable`, frozen CLIP keys
+    by `clip` or by the weights the model was built with (clip=None).
+    """
+    frozen = set(frozen)
+    expected = set(model.state_dict())
+    missing = sorted(expected - frozen - set(trainable))
+    unexpected = sorted(set(trainable) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    merged = dict(trainable)
+    if clip is not None:
+        if set(clip) != frozen:
+            raise ValueError("stored CLIP weights do not match the model's frozen parameters")
+        merged.update(clip)
+    result = model.load_state_dict(merged, strict=False)
+    if result.unexpected_keys or (set(result.missing_keys) - (frozen if clip is None else set())):
+        raise ValueError(f"checkpoint does not fit the model: {result}")
+
+
+def load_checkpoint_model(directory: str, *, clip_weights: str | None) -> WeakCLIP:
+    """Rebuilds the trained model from a local checkpoint directory.
+
+    Args:
+        directory: a checkpoint directory (local).
+        clip_weights: local CLIP weights file the run used; None when the checkpoint stores
+            the random-init CLIP.
+
+    Returns:
+        The model in eval mode.
+    """
+    meta = read_meta(directory)
+    config = from_dict(meta["config"], WeakCLIPConfig)
+    clip_state = read_clip_state(directory)
+    if clip_state is None and clip_weights is None:
+        raise ValueError("the checkpoint stores no CLIP weights: pass the CLIP weights file")
+    model = build_weakclip(
+        config, meta["class_names"], clip_weights=None if clip_state is not None else clip_weights
+    )
+    frozen = frozen_parameter_names(model)
+    state = read_train_state(directory)
+    load_model_weights(model, trainable=state["model"], clip=clip_state, frozen=frozen)
+    return model.eval()
+
+
+def export_model(
+    path: str,
+    *,
+    model: nn.Module,
+    config: WeakCLIPConfig,
+    class_names: Sequence[str],
+    clip_source: str | None,
+    clip_sha256: str,
+    iteration: int,
+) -> None:
+    """Writes the self-contained `model.pt` (every weight, config dict, class names)."""
+    payload = {
+        "format": EXPORT_FORMAT,
+        "config": to_dict(config),
+        "class_names": list(class_names),
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        "clip_weights": {"source": clip_source, "sha256": clip_sha256},
+        "iteration": int(iteration),
+    }
+    torch.save(payload, path)
+
+
+def read_export(path: str) -> dict[str, Any]:
+    """The `model.pt` payload, read with `weights_only=True` and checked."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{path!r} is not a WeakCLIP export ({EXPORT_FORMAT})")
+    names = payload.get("class_names")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{path!r}: class_names must be a list of strings")
+    return payload
+
+
+def load_exported_model(path: str) -> WeakCLIP:
+    """Rebuilds the `WeakCLIP` of a `model.pt` export, in eval mode.
+
+    The model is built with random CLIP weights and then every weight is loaded strictly, so
+    no CLIP weights file is needed.
+    """
+    payload = read_export(path)
+    config = from_dict(payload["config"], WeakCLIPConfig)
+    model = build_weakclip(config, payload["class_names"], clip_weights=None)
+    model.load_state_dict(payload["state_dict"], strict=True)
+    return model.eval()

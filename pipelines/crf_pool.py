@@ -1,0 +1,148 @@
+"""A process pool per training worker that computes the boundary-loss CRF targets Q.
+
+The boundary loss needs Q = CRF(P) of the *current* step's predictions P (SPEC.md §5), so the
+CRF of step t cannot start before step t's forward pass, and step t's backward pass cannot
+finish before Q arrives. What can overlap with it, and does in `pipelines.train_loop`:
+- the CRF itself runs in parallel: the batch is cut into chunks, one per pool process
+  (pydensecrf holds the GIL, so threads would not help);
+- while the pool works, the training process computes the seeding and auxiliary losses and
+  their gradients with respect to the model outputs, and fetches the next batch from Ray Data;
+- the single backward pass through the model starts once Q is back.
+The time the training process spends blocked on the pool is measured (`CRFPool.wait_seconds`)
+and logged, so the remaining serial share is visible rather than assumed away.
+
+Processes are forked once, at pool creation, before the training loop starts its collective
+communication; children only run numpy and pydensecrf (`weakclip.crf.boundary_crf_targets`).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from weakclip.config import CRFConfig
+from weakclip.crf import boundary_crf_targets
+
+
+def crf_params(crf: CRFConfig, *, prob_floor: float) -> dict[str, float]:
+    """Keyword arguments of `boundary_crf_targets` for a CRF config."""
+    return {
+        "iterations": crf.iterations,
+        "gaussian_sxy": crf.gaussian_sxy,
+        "gaussian_compat": crf.gaussian_compat,
+        "bilateral_sxy": crf.bilateral_sxy,
+        "bilateral_srgb": crf.bilateral_srgb,
+        "bilateral_compat": crf.bilateral_compat,
+        "prob_floor": prob_floor,
+    }
+
+
+def _noop() -> int:
+    return 0
+
+
+@dataclass
+class PendingTargets:
+    """CRF targets of one batch being computed: one future per chunk of images."""
+
+    futures: list[Future[np.ndarray]]
+    submitted: float  # time.perf_counter() at submission
+
+
+class CRFPool:
+    """Computes `boundary_crf_targets` over a batch in `processes` worker processes.
+
+    `processes=0` computes in the calling process (no pool): the reference for tests and the
+    fallback where forking is unwanted.
+    """
+
+    def __init__(
+        self,
+        *,
+        processes: int,
+        params: dict[str, float],
+        absent_tolerance: float | None = None,
+        start_method: str = "fork",
+    ) -> None:
+        """
+        Args:
+            processes: pool size (0 = compute inline).
+            params: CRF keyword arguments (`crf_params`).
+            absent_tolerance: see `weakclip.crf.boundary_crf_target`; None keeps the class
+                restriction exact up to the unary floor.
+            start_method: multiprocessing start method of the pool processes.
+        """
+        if processes < 0:
+            raise ValueError(f"processes must be >= 0, got {processes}")
+        self.processes = processes
+        self.params: dict[str, Any] = dict(params)
+        if absent_tolerance is not None:
+            self.params["absent_tolerance"] = absent_tolerance
+        self.wait_seconds = 0.0  # time the caller spent blocked in `result`
+        self.compute_seconds = 0.0  # submission-to-completion time of finished batches
+        self._executor: ProcessPoolExecutor | None = None
+        if processes > 0:
+            context = multiprocessing.get_context(start_method)
+            self._executor = ProcessPoolExecutor(max_workers=processes, mp_context=context)
+            # Start every process now, not inside the first training step.
+            for future in [self._executor.submit(_noop) for _ in range(processes)]:
+                future.result()
+
+    def submit(
+        self, images: np.ndarray, probs: np.ndarray, class_masks: np.ndarray | None
+    ) -> PendingTargets:
+        """Starts the CRF of a batch.
+
+        Args:
+            images: B x h x w x 3 uint8 RGB at the loss resolution.
+            probs: B x K x h x w float32 softmax probabilities (detached, on the CPU).
+            class_masks: B x K bool (background + image labels) or None.
+
+        Returns:
+            A handle for `result`.
+        """
+        batch = images.shape[0]
+        start = time.perf_counter()
+        if self._executor is None:
+            future: Future[np.ndarray] = Future()
+            future.set_result(boundary_crf_targets(images, probs, class_masks, **self.params))
+            return PendingTargets([future], start)
+        chunks = np.array_split(np.arange(batch), min(self.processes, batch))
+        futures = [
+            self._executor.submit(
+                boundary_crf_targets,
+                images[index],
+                probs[index],
+                None if class_masks is None else class_masks[index],
+                **self.params,
+            )
+            for index in chunks
+            if len(index)
+        ]
+        return PendingTargets(futures, start)
+
+    def result(self, pending: PendingTargets) -> np.ndarray:
+        """Waits for a batch's targets; B x K x h x w float32 Q in submission order."""
+        start = time.perf_counter()
+        parts = [future.result() for future in pending.futures]
+        end = time.perf_counter()
+        self.wait_seconds += end - start
+        self.compute_seconds += end - pending.submitted
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def close(self) -> None:
+        """Stops the pool processes."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+    def __enter__(self) -> CRFPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

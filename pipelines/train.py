@@ -1,0 +1,398 @@
+"""The train stage driver: refine shards → WeakCLIP on Ray Train → `model.pt` + metrics.
+
+Reads the input (a refine output) through its manifest, starts a `TorchTrainer` whose workers
+run `pipelines.train_loop.train_loop_per_worker` on Ray Data shards (`pipelines.train_data`),
+checkpoints through `ray.train.report` to `<output>/checkpoints/` (s3:// included: the output
+location's pyarrow filesystem is Ray Train's storage filesystem), and at the end writes
+`<output>/model.pt` (`pipelines.checkpoint.export_model`), `<output>/metrics.jsonl`, the
+manifest and `_SUCCESS` (`pipelines.manifest`).
+
+Re-running (CONTRACTS.md): the run's fingerprint is the model config without
+`train.iterations`, the class names, the CLIP weights (source and SHA-256) and the input
+manifest digest. Same fingerprint and finished with the same iterations: nothing to do. A
+different fingerprint: refused unless `overwrite`. An interrupted run, or a finished one asked
+for more iterations, continues only with `resume` (Ray Train V2 restores the latest checkpoint
+when a trainer is re-created with the same storage path and name); without it the job refuses
+rather than silently continuing or starting over.
+
+Resources: one GPU per worker when the cluster has GPUs (NCCL), else gloo on fractional CPUs
+(`cpus_per_worker`, 0.5 by default) so that Ray Data keeps CPUs for decoding and augmentation
+(ENVIRONMENT.md). The global batch is split evenly over the workers; a worker whose share is
+larger than `micro_batch_size` accumulates gradients.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pipelines import manifest as mf
+from pipelines.storage import Location, StorageOptions, redact, resolve, upload_file
+from pipelines.storage import write_bytes_atomic as _write_atomic
+from weakclip.config import WeakCLIPConfig, to_dict
+
+RUN_NAME = "run"  # Ray Train experiment name under <output>/checkpoints/
+CHECKPOINTS = "checkpoints"
+MODEL_FILE = "model.pt"
+METRICS_FILE = "metrics.jsonl"
+FAIL_ENV = "WEAKCLIP_TEST_FAIL_AT_ITERATION"  # test-only failure injection
+FAIL_MARKER_ENV = "WEAKCLIP_TEST_FAIL_MARKER"
+
+
+class TrainRefused(RuntimeError):
+    """The output directory's state and the options disagree (message says what to do)."""
+
+
+@dataclass(frozen=True)
+class TrainJobConfig:
+    """What a training run needs besides the model config."""
+
+    input: str  # refine output URI
+    output: str  # this stage's output URI
+    model: WeakCLIPConfig  # model + loss + train settings (iterations, batch size, lr, ...)
+    num_workers: int = 2  # Ray Train workers
+    micro_batch_size: int | None = None  # per-worker micro-batch; None = the worker's share
+    clip_weights: str | None = None  # CLIP weights URI; None = random init (tests, demos)
+    resume: bool = False  # continue from the last checkpoint
+    overwrite: bool = False  # replace another run's outputs
+    checkpoint_every: int = 1000  # iterations between checkpoints (and the last one)
+    log_every: int = 50  # iterations between metrics rows (and the last one)
+    max_failures: int = 3  # worker-group restarts from the last checkpoint
+    use_gpu: bool | None = None  # None = when the cluster has GPUs
+    cpus_per_worker: float = 0.5  # CPU workers (and the CPU share of GPU workers)
+    num_cpus_per_task: float = 0.5  # Ray Data read/augment tasks
+    crf_processes: int | None = None  # boundary-CRF pool size per worker; None = auto
+    absent_tolerance: float | None = None  # see weakclip.crf.boundary_crf_target
+    storage: StorageOptions = StorageOptions()
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+        batch = self.model.train.batch_size
+        if batch % self.num_workers:
+            raise ValueError(
+                f"batch_size={batch} (global) must be a multiple of num_workers={self.num_workers}"
+            )
+        share = batch // self.num_workers
+        if self.micro_batch_size is not None and (
+            self.micro_batch_size < 1 or share % self.micro_batch_size
+        ):
+            raise ValueError(
+                f"micro_batch_size={self.micro_batch_size} must divide the per-worker batch "
+                f"{share} (batch_size / num_workers)"
+            )
+        for name in ("checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_failures < -1:
+            raise ValueError(
+                f"max_failures must be >= -1 (-1 = unlimited), got {self.max_failures}"
+            )
+        if self.cpus_per_worker <= 0 or self.num_cpus_per_task <= 0:
+            raise ValueError("cpus_per_worker and num_cpus_per_task must be positive")
+        if self.crf_processes is not None and self.crf_processes < 0:
+            raise ValueError(f"crf_processes must be >= 0, got {self.crf_processes}")
+
+    @property
+    def per_worker_batch(self) -> int:
+        return self.model.train.batch_size // self.num_workers
+
+    @property
+    def micro_batch(self) -> int:
+        return self.micro_batch_size or self.per_worker_batch
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a run did."""
+
+    manifest: mf.Manifest
+    start_iteration: int  # 0 for a fresh run, the restored iteration on resume
+    iterations: int
+    skipped: bool = False  # nothing to do (already complete)
+
+
+def run_signature(
+    model: WeakCLIPConfig, class_names: list[str], clip_uri: str | None, clip_sha256: str | None
+) -> dict[str, Any]:
+    """What a resume must not change: everything but `train.iterations` (JSON-normalised)."""
+    model_dict = to_dict(model)
+    del model_dict["train"]["iterations"]
+    signature = {
+        "model": model_dict,
+        "class_names": list(class_names),
+        "clip_weights": {"source": clip_uri, "sha256": clip_sha256},
+    }
+    return json.loads(json.dumps(signature))
+
+
+def _sha256_of(location: Location) -> str:
+    digest = hashlib.sha256()
+    with location.fs.open(location.path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def latest_checkpoint_iteration(output: Location) -> int | None:
+    """Iteration of the latest checkpoint Ray Train would restore, or None."""
+    from ray.train import Result
+
+    run = output.child(CHECKPOINTS, RUN_NAME)
+    if not run.fs.exists(run.join("checkpoint_manager_snapshot.json")):
+        return None
+    try:
+        result = Result.from_path(run.path, storage_filesystem=output.pyarrow_fs())
+    except RuntimeError:
+        return None
+    if result.checkpoint is None:
+        return None
+    metrics = result.metrics or {}
+    iteration = metrics.get("iteration")
+    return int(iteration) if isinstance(iteration, int) else None
+
+
+def _use_gpu(config: TrainJobConfig) -> bool:
+    import ray
+
+    if config.use_gpu is not None:
+        return config.use_gpu
+    return float(ray.cluster_resources().get("GPU", 0)) > 0
+
+
+def run_train(config: TrainJobConfig, *, log: Any = print) -> TrainResult:
+    """Runs (or resumes, or skips) the train stage. See the module docstring.
+
+    Raises:
+        TrainRefused: an interrupted or finished run and options that do not say what to do.
+        manifest.StageConflictError: the output holds a different run (and not `overwrite`).
+        ValueError: bad input (not a refine output, no training rows).
+    """
+    import ray.train
+    import ray.train.torch
+
+    from pipelines import train_data
+    from pipelines.train_loop import train_loop_per_worker
+
+    source = resolve(config.input, config.storage)
+    output = resolve(config.output, config.storage)
+    input_manifest = mf.read_manifest(source)
+    if input_manifest.stage != "refine":
+        raise ValueError(f"--input must be a refine output, {source.uri} is {input_manifest.stage}")
+    class_names = list(input_manifest.class_names)
+    files = [source.child(entry.path) for entry in input_manifest.entries("shards/")]
+    if not files:
+        raise ValueError(f"{source.uri}: the manifest lists no shards/")
+
+    clip_location = resolve(config.clip_weights, config.storage) if config.clip_weights else None
+    clip_sha256 = _sha256_of(clip_location) if clip_location else None
+    clip_uri = clip_location.uri if clip_location else None
+    signature = run_signature(config.model, class_names, clip_uri, clip_sha256)
+    iterations = config.model.train.iterations
+
+    stage = mf.StageOutput.open(
+        output,
+        stage="train",
+        config=signature,
+        inputs=[input_manifest.input_ref()],
+        overwrite=config.overwrite,
+    )
+    if stage.state is mf.StageState.DONE:
+        assert stage.manifest is not None
+        done = int(stage.manifest.extra.get("iterations", -1))
+        if done == iterations:
+            log(stage.done_message())
+            return TrainResult(stage.manifest, done, done, skipped=True)
+        if not config.resume or iterations < done:
+            raise TrainRefused(
+                f"{output.uri} holds a finished run of {done} iterations, not {iterations}: "
+                "pass --resume to extend it to more iterations, or --overwrite to start over"
+            )
+        # Extending a finished run: it is no longer a result until the new commit.
+        for name in (mf.SUCCESS, mf.MANIFEST):
+            output.fs.rm(output.join(name))
+        stage = mf.StageOutput.open(
+            output, stage="train", config=signature, inputs=[input_manifest.input_ref()]
+        )
+    start_iteration = latest_checkpoint_iteration(output) or 0
+    if start_iteration and not config.resume:
+        raise TrainRefused(
+            f"{output.uri} holds an interrupted run with a checkpoint at iteration "
+            f"{start_iteration}: pass --resume to continue it, or --overwrite to start over"
+        )
+    if start_iteration > iterations:
+        raise TrainRefused(
+            f"the last checkpoint is at iteration {start_iteration}, beyond --iterations "
+            f"{iterations}"
+        )
+    if start_iteration:
+        log(f"resumed from iteration {start_iteration}")
+    elif config.resume:
+        log("no checkpoint to resume from: starting at iteration 0")
+
+    rows, train_only = train_data.count_training_rows(files)
+    epochs = train_data.epochs_needed(
+        rows=rows,
+        batch_size=config.model.train.batch_size,
+        start_iteration=start_iteration,
+        iterations=iterations,
+    )
+    start_epoch = (start_iteration * config.model.train.batch_size) // rows
+    dataset = train_data.build_train_dataset(
+        files,
+        model_config=config.model,
+        num_classes=len(class_names),
+        train_only=train_only,
+        start_epoch=start_epoch,
+        epochs=epochs,
+        num_cpus_per_task=config.num_cpus_per_task,
+    )
+    use_gpu = _use_gpu(config)
+    crf_processes = config.crf_processes
+    if crf_processes is None:
+        crf_processes = min(config.micro_batch, 4) if use_gpu else 1
+    fail_at = os.environ.get(FAIL_ENV)
+    loop_config = {
+        "model_config": to_dict(config.model),
+        "class_names": class_names,
+        "clip_weights": clip_location,
+        "clip_uri": clip_uri,
+        "clip_sha256": clip_sha256,
+        "signature": signature,
+        "micro_batch_size": config.micro_batch,
+        "accumulation_steps": config.per_worker_batch // config.micro_batch,
+        "checkpoint_every": config.checkpoint_every,
+        "log_every": config.log_every,
+        "crf_processes": crf_processes,
+        "absent_tolerance": config.absent_tolerance,
+        "torch_threads": None if use_gpu else max(1, int(config.cpus_per_worker)),
+        "fail_at_iteration": int(fail_at) if fail_at else None,
+        "fail_marker": os.environ.get(FAIL_MARKER_ENV)
+        or os.path.join(
+            tempfile.gettempdir(),
+            "weakclip-fail-" + hashlib.sha256(output.uri.encode()).hexdigest()[:16],
+        ),
+    }
+    resources = {"CPU": config.cpus_per_worker}
+    trainer = ray.train.torch.TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        torch_config=ray.train.torch.TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=RUN_NAME,
+            storage_path=output.join(CHECKPOINTS),
+            storage_filesystem=output.pyarrow_fs(),
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": dataset},
+    )
+    started = time.perf_counter()
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    manifest = _finish(
+        config,
+        stage=stage,
+        output=output,
+        checkpoint=result.checkpoint,
+        clip_location=clip_location,
+        clip_sha256=clip_sha256,
+        class_names=class_names,
+        class_space=input_manifest.class_space,
+        rows=rows,
+        seconds=time.perf_counter() - started,
+    )
+    return TrainResult(manifest, start_iteration, iterations)
+
+
+def _finish(
+    config: TrainJobConfig,
+    *,
+    stage: mf.StageOutput,
+    output: Location,
+    checkpoint: Any,
+    clip_location: Location | None,
+    clip_sha256: str | None,
+    class_names: list[str],
+    class_space: str,
+    rows: int,
+    seconds: float,
+) -> mf.Manifest:
+    """Exports `model.pt` and `metrics.jsonl` from the last checkpoint, then commits."""
+    from pipelines import checkpoint as ckpt
+    from pipelines.train_loop import fetch_clip_weights
+
+    iterations = config.model.train.iterations
+    with checkpoint.as_directory() as directory:
+        meta = ckpt.read_meta(directory)
+        if meta["iteration"] != iterations:
+            raise RuntimeError(
+                f"the last checkpoint is at iteration {meta['iteration']}, not {iterations}"
+            )
+        history = ckpt.read_metrics(directory)
+        clip_path = None
+        if ckpt.read_clip_state(directory) is None:
+            clip_path = fetch_clip_weights(clip_location, clip_sha256)
+        model = ckpt.load_checkpoint_model(directory, clip_weights=clip_path)
+    with tempfile.TemporaryDirectory(prefix="weakclip-export-") as tmp:
+        local = os.path.join(tmp, MODEL_FILE)
+        ckpt.export_model(
+            local,
+            model=model,
+            config=config.model,
+            class_names=class_names,
+            clip_source=meta["clip_weights"]["source"],
+            clip_sha256=meta["clip_weights"]["sha256"],
+            iteration=iterations,
+        )
+        model_bytes = upload_file(output, MODEL_FILE, local)
+    metrics_data = "".join(json.dumps(row, sort_keys=True) + "\n" for row in history).encode()
+    _write_atomic(output, METRICS_FILE, metrics_data)
+    last = history[-1] if history else {}
+    return stage.commit(
+        files=[
+            mf.FileEntry(path=MODEL_FILE, rows=None, bytes=model_bytes),
+            mf.FileEntry(path=METRICS_FILE, rows=len(history), bytes=len(metrics_data)),
+        ],
+        counts={
+            "input": rows,
+            "output": 1,
+            "quarantined": 0,
+            "iterations": iterations,
+            "images_seen": iterations * config.model.train.batch_size,
+        },
+        class_names=class_names,
+        class_space=class_space,
+        metrics={k: v for k, v in last.items() if k.startswith("loss")},
+        extra={
+            "iterations": iterations,
+            "num_workers": config.num_workers,
+            "clip_weights": meta["clip_weights"],
+            "wall_seconds_last_attempt": round(seconds, 3),
+        },
+    )
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for stderr, credentials scrubbed."""
+    return redact(" ".join(str(error).split()) or type(error).__name__)
+
+
+__all__ = [
+    "TrainJobConfig",
+    "TrainRefused",
+    "TrainResult",
+    "describe_error",
+    "latest_checkpoint_iteration",
+    "run_signature",
+    "run_train",
+]

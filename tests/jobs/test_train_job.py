@@ -1,0 +1,47 @@
+"""`python -m jobs.train`: exit statuses, and a smoke run through `main([...])`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from jobs.train import main
+from pipelines import manifest as mf
+from pipelines.checkpoint import load_exported_model
+from pipelines.storage import resolve
+from tests.pipelines.train_inputs import make_refine_input
+
+
+def test_usage_errors_exit_2(tmp_path, capsys) -> None:
+    base = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--model", "tiny"]
+    assert main([*base, "--batch-size", "3", "--num-workers", "2"]) == 2
+    assert "multiple of num_workers" in capsys.readouterr().err
+    assert main([*base, "--iterations", "0"]) == 2
+    assert main([*base, "--model", "huge"]) == 2
+
+
+def test_missing_input_exits_1_with_one_line(tmp_path, capsys, ray_session) -> None:
+    code = main(["--input", str(tmp_path / "none"), "--output", str(tmp_path / "out")])
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "incomplete" in err[0]
+
+
+@pytest.mark.slow
+def test_train_job_smoke_and_rerun(tmp_path, capsys, ray_session) -> None:
+    make_refine_input(str(tmp_path / "refine"), count=8, val=0)
+    config = tmp_path / "fast.json"
+    config.write_text('{"clip": {"input_size": 64}, "loss": {"resolution": 16}}')
+    argv = [
+        "--input", str(tmp_path / "refine"), "--output", str(tmp_path / "train"),
+        "--model", "tiny", "--config", str(config), "--iterations", "2", "--batch-size", "2",
+        "--num-workers", "2", "--log-every", "1", "--checkpoint-every", "2",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    manifest = mf.read_manifest(resolve(str(tmp_path / "train")))
+    assert manifest.stage == "train" and manifest.counts["iterations"] == 2
+    model = load_exported_model(str(tmp_path / "train" / "model.pt"))
+    assert model(torch.randn(1, 3, 64, 64)).logits.shape == (1, 7, 16, 16)
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "nothing to do" in capsys.readouterr().out
