@@ -42,52 +42,23 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
 from pipelines import schema
+from pipelines.ingest import SHARD_SCHEMA
 from pipelines.ingest_rows import decode_cam_column
 from pipelines.manifest import FileEntry, InputRef, StageOutput, read_manifest
-from pipelines.palette import encode_label_png
 from pipelines.refine import RefineConfig, decode_rgb, run_refine
 from pipelines.seeds import refine_seed
 from pipelines.storage import Location, resolve, write_bytes_atomic
 from pipelines.synthetic import SYNTHETIC_CLASSES, generate_sample
+from pipelines.synthetic_io import ingest_row
 
 VOC_NUM_CLASSES = 21
-_INGEST_SCHEMA = pa.schema(
-    [
-        (schema.IMAGE_ID, pa.string()),
-        (schema.IMAGE, pa.binary()),
-        (schema.HEIGHT, pa.int32()),
-        (schema.WIDTH, pa.int32()),
-        (schema.LABELS, pa.list_(pa.int16())),
-        (schema.CAM, pa.large_binary()),
-        (schema.CAM_CLASSES, pa.list_(pa.int16())),
-        (schema.GT, pa.binary()),
-        (schema.SOURCE, pa.string()),
-        (schema.SPLIT, pa.string()),
-    ]
-)
 
 
 def _row(index: int, height: int, width: int) -> dict[str, Any]:
     sample = generate_sample(index, seed=0, height=height, width=width)
-    classes = sorted(c + 1 for c in sample.cams)
-    planes = np.stack([sample.cams[c - 1] for c in classes]).astype(np.float16)
-    jpeg = io.BytesIO()
-    Image.fromarray(sample.image).save(jpeg, format="JPEG", quality=90)
-    return {
-        schema.IMAGE_ID: sample.image_id,
-        schema.IMAGE: jpeg.getvalue(),
-        schema.HEIGHT: height,
-        schema.WIDTH: width,
-        schema.LABELS: list(sample.labels),
-        schema.CAM: np.ascontiguousarray(planes).tobytes(),
-        schema.CAM_CLASSES: classes,
-        schema.GT: encode_label_png(sample.gt),
-        schema.SOURCE: sample.image_id,
-        schema.SPLIT: "train",
-    }
+    return ingest_row(sample, split="train", source=sample.image_id)
 
 
 def write_input(
@@ -108,7 +79,7 @@ def write_input(
         rows = [
             _row(i, height, width) for i in range(start, min(start + rows_per_shard, num_images))
         ]
-        table = pa.Table.from_pylist(rows, schema=_INGEST_SCHEMA)
+        table = pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
         buffer = io.BytesIO()
         pq.write_table(table, buffer, row_group_size=rows_per_group)
         rel = f"shards/part-{number:05d}.parquet"

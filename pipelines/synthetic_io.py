@@ -32,6 +32,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
+from pipelines import schema
 from pipelines.palette import encode_label_png
 from pipelines.safe_pickle import load_cls_labels
 from pipelines.synthetic import SYNTHETIC_CLASSES, Sample, generate_sample
@@ -325,3 +326,25 @@ def plant_bad_inputs(
     _put(fs, root, CLS_LABELS, _npy_bytes(labels))
     _put(fs, root, "train.txt", "".join(f"{i}\n" for i in split).encode())
     return expected
+
+
+def ingest_row(sample: Sample, *, split: str | None, source: str | None = None) -> dict[str, Any]:
+    """The ingest-shard row (schema.INGEST_COLUMNS) of a synthetic sample, without the files.
+
+    For tests and benchmarks of later stages that need ingest output without running ingest.
+    """
+    classes = sorted(c + 1 for c in sample.cams)
+    planes = np.stack([sample.cams[c - 1] for c in classes]).astype(np.float16)
+    height, width = sample.gt.shape
+    return {
+        schema.IMAGE_ID: sample.image_id,
+        schema.IMAGE: _jpeg_bytes(sample.image),
+        schema.HEIGHT: height,
+        schema.WIDTH: width,
+        schema.LABELS: list(sample.labels),
+        schema.CAM: np.ascontiguousarray(planes).tobytes(),
+        schema.CAM_CLASSES: classes,
+        schema.GT: encode_label_png(sample.gt),
+        schema.SOURCE: source or f"{CAM_DIR}/{sample.image_id}.npy",
+        schema.SPLIT: split,
+    }

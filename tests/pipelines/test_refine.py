@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from pipelines import schema
+from pipelines.ingest import SHARD_SCHEMA
 from pipelines.manifest import (
     FileEntry,
     InputRef,
@@ -27,7 +28,7 @@ from pipelines.manifest import (
     StageOutput,
     read_manifest,
 )
-from pipelines.palette import decode_label_png, encode_label_png
+from pipelines.palette import decode_label_png
 from pipelines.refine import (
     REFINE_SCHEMA,
     RefineConfig,
@@ -44,46 +45,17 @@ from pipelines.refine import (
 from pipelines.seeds import SeedConfig, cam_argmax, refine_seed
 from pipelines.storage import Location, resolve, write_bytes_atomic
 from pipelines.synthetic import SYNTHETIC_CLASSES, generate_sample
+from pipelines.synthetic_io import ingest_row
 
 NUM_IMAGES = 16
 HEIGHT, WIDTH = 128, 160
 NUM_CLASSES = SYNTHETIC_CLASSES.num_classes
 
-INGEST_SCHEMA = pa.schema(
-    [
-        (schema.IMAGE_ID, pa.string()),
-        (schema.IMAGE, pa.binary()),
-        (schema.HEIGHT, pa.int32()),
-        (schema.WIDTH, pa.int32()),
-        (schema.LABELS, pa.list_(pa.int16())),
-        (schema.CAM, pa.large_binary()),
-        (schema.CAM_CLASSES, pa.list_(pa.int16())),
-        (schema.GT, pa.binary()),
-        (schema.SOURCE, pa.string()),
-        (schema.SPLIT, pa.string()),
-    ]
-)
-
 
 def synthetic_row(index: int, *, seed: int = 0, height: int = HEIGHT, width: int = WIDTH) -> dict:
     """One ingest row of synthetic sample `index` (JPEG image, float16 CAM, PNG GT)."""
     sample = generate_sample(index, seed=seed, height=height, width=width)
-    classes = sorted(c + 1 for c in sample.cams)
-    planes = np.stack([sample.cams[c - 1] for c in classes]).astype(np.float16)
-    buffer = io.BytesIO()
-    Image.fromarray(sample.image).save(buffer, format="JPEG", quality=90)
-    return {
-        schema.IMAGE_ID: sample.image_id,
-        schema.IMAGE: buffer.getvalue(),
-        schema.HEIGHT: height,
-        schema.WIDTH: width,
-        schema.LABELS: list(sample.labels),
-        schema.CAM: np.ascontiguousarray(planes).tobytes(),
-        schema.CAM_CLASSES: classes,
-        schema.GT: encode_label_png(sample.gt),
-        schema.SOURCE: f"cams/{sample.image_id}.npy",
-        schema.SPLIT: "val" if index % 4 == 3 else "train",
-    }
+    return ingest_row(sample, split="val" if index % 4 == 3 else "train")
 
 
 def write_ingest_output(
@@ -99,7 +71,7 @@ def write_ingest_output(
     )
     files = []
     for number, start in enumerate(range(0, len(rows), rows_per_shard)):
-        table = pa.Table.from_pylist(list(rows[start : start + rows_per_shard]), INGEST_SCHEMA)
+        table = pa.Table.from_pylist(list(rows[start : start + rows_per_shard]), SHARD_SCHEMA)
         buffer = io.BytesIO()
         pq.write_table(table, buffer, row_group_size=rows_per_group)
         rel = f"shards/part-{number:05d}.parquet"

@@ -10,22 +10,10 @@ from PIL import Image
 
 from pipelines import manifest as mf
 from pipelines import schema
+from pipelines.refine import REFINE_SCHEMA
 from pipelines.seeds import SeedConfig, refine_seed
 from pipelines.storage import resolve
 from pipelines.synthetic import SYNTHETIC_CLASSES, generate_sample
-
-REFINE_SCHEMA = pa.schema(
-    [
-        (schema.IMAGE_ID, pa.string()),
-        (schema.IMAGE, pa.binary()),
-        (schema.HEIGHT, pa.int32()),
-        (schema.WIDTH, pa.int32()),
-        (schema.LABELS, pa.list_(pa.int16())),
-        (schema.SEED, pa.binary()),
-        (schema.GT, pa.binary()),
-        (schema.SPLIT, pa.string()),
-    ]
-)
 
 
 def _png(array: np.ndarray) -> bytes:
