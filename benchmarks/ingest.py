@@ -4,7 +4,8 @@ For each dataset size N: a synthetic dataset is written to a local `rclone serve
 (a) a plain single-process s3fs loop reads the same objects the ingest job reads (image, CAM,
 GT of every id, one GET at a time) and (b) the ingest job (`pipelines.ingest.run_ingest`, a new
 local Ray instance with `--cpus` CPUs) reads, validates and writes Parquet shards back to S3.
-Each size runs in its own subprocess so that the driver's peak RSS belongs to that size alone;
+Each size runs in its own subprocess, and the job runs as its own driver process in it, so the
+driver's peak RSS is the job's alone (data generation and the plain loop excluded);
 worker peak RSS is the largest VmHWM of any `ray::` process seen while the job ran (Linux).
 Memory must stay flat as N grows (streaming): compare the rows of the two sizes.
 
@@ -17,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -69,11 +69,34 @@ class WorkerMemory:
                         self.peak_mib = max(self.peak_mib, peak)
 
 
-def run_one(num_images: int, height: int, width: int, cpus: int) -> dict:
-    """One size, in this process: generate, plain loop, ingest job. Returns the figures."""
+def run_job(data_uri: str, cpus: int) -> dict:
+    """The ingest job alone, in this (fresh) process: wall time and this driver's peak RSS."""
     import ray
 
     from pipelines.ingest import IngestConfig, run_ingest
+
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        t0 = time.perf_counter()
+        result = run_ingest(
+            data_uri,
+            "s3://bench/ingest",
+            IngestConfig(splits=("train.txt", "val.txt")),
+            report=lambda _: None,
+        )
+        seconds = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+    assert result.ok, result
+    return {
+        "seconds": seconds,
+        "output": result.counts["output"],
+        "driver_peak_rss_mib": round(_peak_rss_mib(os.getpid()) or 0.0, 1),
+    }
+
+
+def run_one(num_images: int, height: int, width: int, cpus: int) -> dict:
+    """One size, in this process: generate, plain loop, ingest job. Returns the figures."""
     from pipelines.storage import resolve
     from pipelines.synthetic_io import write_dataset
     from tests.s3server import S3Server
@@ -116,24 +139,31 @@ def run_one(num_images: int, height: int, width: int, cpus: int) -> dict:
                     loop_bytes += len(fs.cat_file(data.join(rel)))
             loop_s = time.perf_counter() - t0
 
-            # (b) the ingest job on a fresh local Ray instance
-            ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-            try:
-                with WorkerMemory() as workers:
-                    t0 = time.perf_counter()
-                    result = run_ingest(
+            # (b) the ingest job, as its own driver process on a fresh local Ray instance
+            with WorkerMemory() as workers:
+                job = subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "benchmarks.ingest",
+                        "--job",
                         data.uri,
-                        "s3://bench/ingest",
-                        IngestConfig(splits=("train.txt", "val.txt")),
-                        report=lambda _: None,
-                    )
-                    job_s = time.perf_counter() - t0
-            finally:
-                ray.shutdown()
-            assert result.ok and result.counts["output"] == num_images, result
+                        "--cpus",
+                        str(cpus),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                    env=os.environ.copy(),
+                )
+            lines = [x for x in job.stdout.splitlines() if x.startswith(RESULT_PREFIX)]
+            if job.returncode or not lines:
+                raise RuntimeError(f"ingest job failed: {job.stderr[-2000:]}")
+            job_result = json.loads(lines[-1][len(RESULT_PREFIX) :])
+            assert job_result["output"] == num_images, job_result
+            job_s = job_result["seconds"]
         finally:
             server.stop()
-    driver_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
         "num_images": num_images,
         "image_size": [height, width],
@@ -146,7 +176,7 @@ def run_one(num_images: int, height: int, width: int, cpus: int) -> dict:
         "job_images_per_s": round(num_images / job_s, 2),
         "job_mb_per_s": round(loop_bytes / 1e6 / job_s, 2),
         "job_vs_loop": round(loop_s / job_s, 2),
-        "driver_peak_rss_mib": round(driver_peak, 1),
+        "driver_peak_rss_mib": job_result["driver_peak_rss_mib"],
         "worker_peak_rss_mib": round(workers.peak_mib, 1),
     }
 
@@ -158,8 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=224)
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray instance")
     parser.add_argument("--json", metavar="FILE", help="write the figures as JSON")
-    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # child mode
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # child mode: one size
+    parser.add_argument("--job", help=argparse.SUPPRESS)  # grandchild mode: the job alone
     args = parser.parse_args(argv)
+    if args.job is not None:
+        print(RESULT_PREFIX + json.dumps(run_job(args.job, args.cpus)))
+        return 0
     if args.one is not None:
         print(RESULT_PREFIX + json.dumps(run_one(args.one, args.height, args.width, args.cpus)))
         return 0

@@ -20,6 +20,7 @@ import functools
 import os
 import posixpath
 import re
+import shutil
 import tempfile
 import time
 import urllib.parse
@@ -218,20 +219,8 @@ def write_bytes_atomic(loc: Location, rel: str, data: bytes) -> None:
     """
     target = loc.child(rel)
     if target.is_local:
-        directory = posixpath.dirname(target.path)
-        os.makedirs(directory, exist_ok=True)
-        tmp = posixpath.join(
-            directory, f".{posixpath.basename(target.path)}.tmp-{uuid.uuid4().hex}"
-        )
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target.path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with _local_atomic(target.path) as f:
+            f.write(data)
         return
     retry_io(lambda: target.fs.pipe_file(target.path, data), what=f"write {target.uri}")
 
@@ -246,20 +235,8 @@ def open_atomic(loc: Location, rel: str) -> Iterator[Any]:
     """
     target = loc.child(rel)
     if target.is_local:
-        directory = posixpath.dirname(target.path)
-        os.makedirs(directory, exist_ok=True)
-        tmp = posixpath.join(
-            directory, f".{posixpath.basename(target.path)}.tmp-{uuid.uuid4().hex}"
-        )
-        try:
-            with open(tmp, "wb") as f:
-                yield f
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target.path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with _local_atomic(target.path) as f:
+            yield f
         return
     # Spool to local disk, then upload with whole-put retries: a multipart upload streamed
     # straight to the store is lost if the server restarts mid-way; a re-sent put is not.
@@ -277,20 +254,28 @@ def upload_file(loc: Location, rel: str, local_path: str) -> int:
     target = loc.child(rel)
     size = os.path.getsize(local_path)
     if target.is_local:
-        directory = posixpath.dirname(target.path)
-        os.makedirs(directory, exist_ok=True)
-        tmp = posixpath.join(
-            directory, f".{posixpath.basename(target.path)}.tmp-{uuid.uuid4().hex}"
-        )
-        try:
-            _local_fs().copy(local_path, tmp)
-            os.replace(tmp, target.path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with _local_atomic(target.path) as f, open(local_path, "rb") as source:
+            shutil.copyfileobj(source, f, length=16 * 1024 * 1024)
     else:
         retry_io(lambda: target.fs.put_file(local_path, target.path), what=f"upload {target.uri}")
     return size
+
+
+@contextlib.contextmanager
+def _local_atomic(path: str) -> Iterator[Any]:
+    """A temporary file beside `path`, fsynced and renamed onto it on success, else removed."""
+    directory = posixpath.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    tmp = posixpath.join(directory, f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def exists(loc: Location, rel: str | None = None) -> bool:
