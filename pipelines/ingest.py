@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import posixpath
 import time
 from collections import Counter
@@ -44,8 +43,6 @@ from pipelines.manifest import (
 )
 from pipelines.safe_pickle import CamDecodeError, load_cls_labels
 from pipelines.storage import Location, StorageOptions, open_atomic, resolve, write_bytes_atomic
-
-log = logging.getLogger(__name__)
 
 SHARD_SCHEMA = pa.schema(
     [

@@ -44,7 +44,7 @@ from PIL import Image
 
 from pipelines import schema
 from pipelines.evaluation import ConfusionAccumulator
-from pipelines.ingest_rows import decode_cam_column
+from pipelines.ingest_rows import RowRejected, decode_cam_column
 from pipelines.manifest import (
     FileEntry,
     Manifest,
@@ -147,14 +147,6 @@ class WorkUnit:
     path: str  # input shard, relative to the input directory
     row_group: int
     rows: int
-
-
-class RowRejected(ValueError):
-    """A row that cannot be refined; `reason` goes to the quarantine table."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 # ---------------------------------------------------------------------------------------------
