@@ -40,7 +40,8 @@ def run_case(name: str) -> dict:
     import torch
 
     from pipelines.crf_pool import CRFPool, crf_params
-    from pipelines.train_loop import _micro_step, _NoSync
+    from pipelines.train_loop import _micro_step
+    from pipelines.train_worker import NoSync
     from weakclip.build import build_weakclip
     from weakclip.config import preset
 
@@ -56,7 +57,7 @@ def run_case(name: str) -> dict:
     torch.manual_seed(0)
     model = build_weakclip(config, VOC_NAMES).to(device)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
-    wrapped = _NoSync(model)
+    wrapped = NoSync(model)
     size, res = config.clip.input_size, config.loss.resolution
     rng = np.random.default_rng(0)
     classes = len(VOC_NAMES)

@@ -1,4 +1,4 @@
-"""Ingest raw WSSS inputs (images, CAMs, image-level labels) into canonical Parquet shards.
+r"""Ingest raw WSSS inputs (images, CAMs, image-level labels) into canonical Parquet shards.
 
     python -m jobs.ingest --input s3://bucket/voc --output s3://bucket/run/ingest \
         --classes voc --split train=train_aug.txt --split val=val.txt
@@ -12,7 +12,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipelines.cli import add_common_args, build_config, init_ray, job_options, run_job
+from pipelines.cli import (
+    add_common_args,
+    build_config,
+    init_ray,
+    job_options,
+    reject_unused,
+    run_job,
+)
 from pipelines.ingest import IngestConfig, run_ingest
 
 
@@ -47,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    reject_unused(args, "ingest", "actor_pool_size", "batch_size")
     config = build_config(
         IngestConfig,
         args,

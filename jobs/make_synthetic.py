@@ -37,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The job's parser (the name `jobs.options_doc` looks for)."""
+    return _parser()
+
+
 def _main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.num_images < 1 or args.seed < 0 or min(args.height, args.width) < 32:

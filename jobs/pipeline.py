@@ -1,9 +1,16 @@
-"""Run the chained pipeline: ingest → refine → train (`--demo`: on generated synthetic data).
+r"""Run the chained pipeline: ingest → refine → train → pseudo masks → retrain → evaluate.
 
     python -m jobs.pipeline --demo                       # local Ray, writes outputs/demo
-    python -m jobs.pipeline --input s3://bucket/voc --output s3://bucket/run --classes voc
+    python -m jobs.pipeline --input s3://bucket/voc --output s3://bucket/run --classes voc \
+        --clip-weights s3://bucket/weights/ViT-B-16.pt --config pipeline.yaml
 
-Prints the mIoU table (CAM argmax, CRF seeds) and writes `<output>/summary.json`.
+Each stage writes `<output>/<stage>/`; a complete stage with the same config and inputs is
+skipped, a changed one re-runs with everything after it. Prints the mIoU table (CAM argmax, CRF
+seeds, pseudo masks, retrained model) and writes `<output>/summary.json`. `--config FILE` holds
+fields of `pipelines.pipeline.PipelineConfig`, with one section per stage (`ingest`, `refine`,
+`pseudo_masks`, `retrain`, `evaluate`) holding that stage's config fields. `--demo` generates a
+small synthetic dataset and uses demo-sized settings (`pipelines.pipeline.DEMO_CONFIG`) under
+the file and flags.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from pipelines.cli import (
     job_options,
     run_job,
 )
-from pipelines.pipeline import DemoData, PipelineConfig, run_pipeline
+from pipelines.pipeline import DEMO_CONFIG, DEVICES, DemoData, PipelineConfig, run_pipeline
 
 DEFAULT_DEMO_OUTPUT = "outputs/demo"
 
@@ -42,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--iterations", type=int, metavar="N", help="training iterations")
     stage.add_argument("--num-workers", type=int, metavar="W", help="Ray Train workers")
     stage.add_argument("--clip-weights", metavar="URI", help="CLIP weights (default random)")
+    stage.add_argument(
+        "--device",
+        choices=sorted(DEVICES),
+        help="training, pseudo masks and retraining on GPU or CPU (default auto: GPU when the "
+        "cluster has one)",
+    )
     stage.add_argument("--num-images", type=int, metavar="N", help="--demo dataset size (40)")
     return parser
 
@@ -64,10 +77,15 @@ def _main(argv: list[str]) -> int:
             "batch_size": args.batch_size,
             "num_workers": args.num_workers,
             "num_cpus_per_task": args.num_cpus_per_task,
+            "actor_pool_size": args.actor_pool_size,
             "clip_weights": args.clip_weights,
+            "device": args.device,
         },
+        base=DEMO_CONFIG if args.demo else None,
     )
     options = job_options(args)
+    if args.num_images is not None and not args.demo:
+        raise UsageError("--num-images: only with --demo")
     demo = DemoData(num_images=args.num_images or DemoData.num_images) if args.demo else None
     init_ray(args)
     run_pipeline(args.input, options.output.uri, config, demo=demo, storage=options.storage)

@@ -1,4 +1,4 @@
-"""Refine ingested CAMs into seed labels with a dense CRF on Ray Data CPU workers.
+r"""Refine ingested CAMs into seed labels with a dense CRF on Ray Data CPU workers.
 
     python -m jobs.refine --input s3://bucket/run/ingest --output s3://bucket/run/refine \
         [--method weaktr|clip-es] [--bg-threshold 0.43] [--config crf.yaml] \
@@ -23,6 +23,7 @@ from pipelines.cli import (
     build_config,
     init_ray,
     job_options,
+    reject_unused,
     run_job,
 )
 from pipelines.manifest import read_manifest
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    reject_unused(args, "refine", "actor_pool_size", "batch_size")
     if args.progress_every is not None and args.progress_every < 1:
         raise UsageError("--progress-every: must be at least 1")
     config = build_config(

@@ -1,4 +1,4 @@
-"""Trains WeakCLIP on a refine output with Ray Train; writes model.pt, metrics and a manifest.
+r"""Trains WeakCLIP on a refine output with Ray Train; writes model.pt, metrics and a manifest.
 
     python -m jobs.train --input s3://bucket/refine --output s3://bucket/train --model tiny \
         --iterations 200 --batch-size 4 --num-workers 2 [--clip-weights URI] [--resume]
@@ -19,6 +19,7 @@ from pipelines.cli import (
     init_ray,
     job_options,
     load_config_file,
+    reject_unused,
     run_job,
     storage_options,
 )
@@ -60,6 +61,7 @@ def _main(argv: list[str]) -> int:
     from weakclip.config import WeakCLIPConfig, from_dict, preset
 
     args = build_parser().parse_args(argv)
+    reject_unused(args, "train", "actor_pool_size")
     options = job_options(args)
     assert options.input is not None
     overrides: dict = {}

@@ -39,6 +39,33 @@ METRICS = "metrics.jsonl"
 EXPORT_FORMAT = "weakclip-export-v1"
 
 
+def load_weights_only(path: str, *, what: str) -> Any:
+    """`torch.load(path, weights_only=True)` on the CPU; a refusal becomes one clear line.
+
+    Untrusted files (a `model.pt` from storage, a tampered checkpoint) never run code: torch's
+    restricted unpickler refuses every global it does not know.
+
+    Raises:
+        ValueError: not a `torch.save` file, truncated, or refused as unsafe (the message names
+            the file and the refused global).
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for foreign, torn or unsafe files
+        text = str(exc)
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        refused = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+        if text.startswith("Weights only load failed"):
+            detail = "refused by the restricted unpickler: " + (
+                refused[0] if refused else "not plain tensor data"
+            )
+        else:
+            detail = f"{type(exc).__name__}: {lines[0] if lines else 'unreadable'}"
+        raise ValueError(
+            f"{what} {path!r} cannot be loaded with weights_only=True: {detail}"
+        ) from None
+
+
 def frozen_parameter_names(model: nn.Module) -> set[str]:
     """Names of the frozen CLIP parameters; call on a freshly built model.
 
@@ -132,7 +159,7 @@ def read_metrics(directory: str) -> list[dict[str, Any]]:
 
 def read_train_state(directory: str) -> dict[str, Any]:
     """`train_state.pt` (model, optimizer, scheduler, iteration), read with weights_only."""
-    state = torch.load(os.path.join(directory, TRAIN_STATE), map_location="cpu", weights_only=True)
+    state = load_weights_only(os.path.join(directory, TRAIN_STATE), what="checkpoint state")
     if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "iteration"} <= set(
         state
     ):
@@ -145,7 +172,12 @@ def read_clip_state(directory: str) -> dict[str, torch.Tensor] | None:
     path = os.path.join(directory, CLIP_STATE)
     if not os.path.exists(path):
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    state = load_weights_only(path, what="checkpoint CLIP weights")
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise ValueError(f"checkpoint CLIP weights {path!r} are not a state dict of tensors")
+    return state
 
 
 def load_model_weights(
@@ -227,7 +259,7 @@ def export_model(
 
 def read_export(path: str) -> dict[str, Any]:
     """The `model.pt` payload, read with `weights_only=True` and checked."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = load_weights_only(path, what="model export")
     if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{path!r} is not a WeakCLIP export ({EXPORT_FORMAT})")
     names = payload.get("class_names")

@@ -117,8 +117,18 @@ def add_common_args(
     group.add_argument(
         "--storage-endpoint", metavar="URL", help="S3-compatible endpoint ($AWS_ENDPOINT_URL)"
     )
-    group.add_argument("--num-cpus-per-task", type=_positive_float, metavar="N")
-    group.add_argument("--actor-pool-size", type=_positive_int, metavar="N")
+    group.add_argument(
+        "--num-cpus-per-task",
+        type=_positive_float,
+        metavar="N",
+        help="CPUs reserved per Ray Data task, fractional allowed (default: the stage's)",
+    )
+    group.add_argument(
+        "--actor-pool-size",
+        type=_positive_int,
+        metavar="N",
+        help="model replicas per actor pool, in stages that have one",
+    )
     group.add_argument(
         "--batch-size", type=_positive_int, metavar="N", help="global, across all workers"
     )
@@ -138,6 +148,23 @@ def add_common_args(
     group.add_argument(
         "--debug", action="store_true", help=f"full tracebacks on failure (or {DEBUG_ENV}=1)"
     )
+
+
+def reject_unused(args: argparse.Namespace, stage: str, *names: str) -> None:
+    """Refuse shared options this stage has no use for, rather than silently ignoring them.
+
+    Args:
+        args: parsed arguments.
+        stage: the stage's name, for the message.
+        names: argparse destinations (`"actor_pool_size"`, `"batch_size"`).
+
+    Raises:
+        UsageError: one of them was given.
+    """
+    for name in names:
+        if getattr(args, name, None) is not None:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"{flag}: has no effect on the {stage} stage; leave it out")
 
 
 def storage_options(args: argparse.Namespace) -> StorageOptions:
@@ -168,7 +195,8 @@ def job_options(args: argparse.Namespace, defaults: Resources | None = None) -> 
     try:
         storage = storage.with_env_defaults()
     except ValueError as e:
-        raise UsageError(f"AWS_ENDPOINT_URL: {e}") from None
+        source = "--storage-endpoint" if storage.endpoint_url else "AWS_ENDPOINT_URL"
+        raise UsageError(f"{source}: {e}") from None
     raw_input = getattr(args, "input", None)
     return JobOptions(
         input=_resolve_arg("--input", raw_input, storage) if raw_input is not None else None,
@@ -188,7 +216,11 @@ def job_options(args: argparse.Namespace, defaults: Resources | None = None) -> 
 
 
 def build_config(
-    config_type: type[_C], args: argparse.Namespace, overrides: Mapping[str, Any] | None = None
+    config_type: type[_C],
+    args: argparse.Namespace,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    base: Mapping[str, Any] | None = None,
 ) -> _C:
     """Build a config dataclass from `--config FILE` and the flags actually given.
 
@@ -198,16 +230,18 @@ def build_config(
         args: parsed arguments (`args.config` may be None).
         overrides: field → flag value; None values mean "flag not given" and are skipped.
             A dotted key (`"crf.iterations"`) sets a field of a nested config.
+        base: field values under the file's (e.g. a demo's smaller settings); nested mappings
+            merge field by field.
 
     Raises:
         UsageError: unreadable file, unknown keys, wrong value types, or a value the config
             dataclass refuses (its ValueError).
         TypeError: an override names a field the dataclass does not have (a bug in the job).
     """
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = _merged({}, base or {})
     config_path = getattr(args, "config", None)
     if config_path:
-        values = load_config_file(config_path, storage_options(args))
+        values = _merged(values, load_config_file(config_path, storage_options(args)))
     for key, value in (overrides or {}).items():
         if value is None:
             continue
@@ -220,6 +254,17 @@ def build_config(
         raise
     except (TypeError, ValueError) as e:
         raise UsageError(f"config: {e}") from None
+
+
+def _merged(values: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """`values` with `over` on top; mappings under the same key merge recursively."""
+    out = dict(values)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merged(dict(out[key]), value)
+        else:
+            out[key] = dict(value) if isinstance(value, Mapping) else value
+    return out
 
 
 def load_config_file(path: str, storage: StorageOptions | None = None) -> dict[str, Any]:
@@ -453,7 +498,15 @@ def one_line(text: str) -> str:
 
 def describe_error(error: BaseException) -> str:
     """`Type: first line of the message`, looking through Ray's task-error wrappers."""
-    error = _unwrap_ray(error)
+    chain = _ray_chain(error)
+    error = chain[-1]
+    if type(error).__name__ == "UserCodeException" and error.__cause__ is None:
+        # Ray Data wraps a UDF's exception; the wrapper reaches the driver without its cause,
+        # whose type and message survive only in the remote traceback text.
+        for wrapper in reversed(chain):
+            root = _root_exception_line(str(wrapper))
+            if root is not None:
+                return one_line(root)
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     if isinstance(error, UsageError):
         return one_line(lines[0] if lines else "usage error")
@@ -470,16 +523,49 @@ def _report(error: BaseException, debug: bool) -> None:
     print(f"error: {describe_error(error)}{hint}", file=sys.stderr)
 
 
+_CHAIN_MARKERS = (
+    "The above exception was the direct cause of the following exception",
+    "During handling of the above exception, another exception occurred",
+)
+_EXCEPTION_LINE = re.compile(r"^(?:[a-z_]\w*\.)*([A-Z]\w*): (\S.*)$")  # [module.]Type: msg
+
+
+def _root_exception_line(traceback_text: str) -> str | None:
+    """`Type: message` of the first exception of a printed chain (the root cause), if any."""
+    cuts = [traceback_text.find(m) for m in _CHAIN_MARKERS if m in traceback_text]
+    if not cuts:
+        return None
+    for line in reversed(traceback_text[: min(cuts)].splitlines()):
+        match = _EXCEPTION_LINE.match(line.strip())
+        if match:
+            return f"{match.group(1)}: {match.group(2)}"
+    return None
+
+
 def _unwrap_ray(error: BaseException) -> BaseException:
     """Ray wraps task failures (RayTaskError, UserCodeException); report the cause."""
-    seen = 0
-    while type(error).__module__.startswith("ray.") and seen < 10:
-        cause = getattr(error, "cause", None) or error.__cause__
+    return _ray_chain(error)[-1]
+
+
+def _ray_chain(error: BaseException) -> list[BaseException]:
+    """`error` and the causes inside Ray's wrappers, outermost first: task errors (`cause`),
+    Ray Train's worker-group errors (the lowest rank's failure) and controller errors."""
+    chain = [error]
+    while type(error).__module__.startswith("ray.") and len(chain) <= 10:
+        failures = getattr(error, "worker_failures", None)
+        if isinstance(failures, dict) and failures:
+            cause = failures[min(failures)]
+        else:
+            cause = (
+                getattr(error, "cause", None)
+                or getattr(error, "controller_failure", None)
+                or error.__cause__
+            )
         if not isinstance(cause, BaseException):
             break
         error = cause
-        seen += 1
-    return error
+        chain.append(error)
+    return chain
 
 
 def _resolve_arg(flag: str, value: str, storage: StorageOptions) -> Location:

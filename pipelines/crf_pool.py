@@ -17,7 +17,11 @@ communication; children only run numpy and pydensecrf (`weakclip.crf.boundary_cr
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import os
+import signal
+import sys
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
@@ -44,6 +48,26 @@ def crf_params(crf: CRFConfig, *, prob_floor: float) -> dict[str, float]:
 
 def _noop() -> int:
     return 0
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent: int) -> None:
+    """Pool-process initializer: the kernel kills this process when its parent dies.
+
+    A forked child holds copies of every socket of the Ray worker that forked it (raylet,
+    gRPC, gloo). Were the worker killed (OOM killer, SIGKILL) with its children alive, nobody
+    would see those sockets close: measured, Ray then took 7.5 minutes to notice the dead
+    training worker and restart the group from the last checkpoint, instead of seconds.
+    Linux only (elsewhere a no-op). The signal follows the forking thread: the pool must be
+    created, and closed, by the thread that runs the training loop.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 @dataclass
@@ -88,7 +112,12 @@ class CRFPool:
         self._executor: ProcessPoolExecutor | None = None
         if processes > 0:
             context = multiprocessing.get_context(start_method)
-            self._executor = ProcessPoolExecutor(max_workers=processes, mp_context=context)
+            self._executor = ProcessPoolExecutor(
+                max_workers=processes,
+                mp_context=context,
+                initializer=_die_with_parent,
+                initargs=(os.getpid(),),
+            )
             # Start every process now, not inside the first training step.
             for future in [self._executor.submit(_noop) for _ in range(processes)]:
                 future.result()

@@ -554,6 +554,16 @@ def run_ingest(
 
     chunks = chunk_entries(found.entries, config.rows_per_shard)
     records = read_records(output_loc, range(len(chunks))) if out.state is StageState.RESUME else {}
+    records = {c: r for c, r in records.items() if isinstance(r, dict)}
+    if records:  # a record whose files vanished, changed or were cut short is redone
+        listed = [f["path"] for r in records.values() for f in r["files"]]
+        sizes = out.existing(listed, check_parquet=False)
+        records = {
+            c: r
+            for c, r in records.items()
+            if r.get("input_rows") == len(chunks[c])
+            and all(sizes.get(f["path"]) == f["bytes"] for f in r["files"])
+        }
     todo = [i for i in range(len(chunks)) if i not in records]
     if records:
         report(f"ingest: resuming: {len(records)} of {len(chunks)} chunks already written")

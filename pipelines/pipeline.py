@@ -1,13 +1,13 @@
-"""The chained pipeline: (synthetic data) → ingest → refine → train, in one driver.
+"""The chained pipeline, in one driver: (synthetic data) → ingest → refine → train → pseudo
+masks → retrain → evaluate.
 
 Each stage writes `<output>/<stage>/` with its own manifest and `_SUCCESS`. A stage that is
 already complete for the same config and inputs is skipped (the stage itself says so); a stage
 whose config or inputs changed is re-run with `overwrite`, which changes its manifest digest,
-so every later stage sees new inputs and re-runs too. `<output>/summary.json` holds the mIoU
-rows of CONTRACTS.md for the stages this version runs.
-
-Stages not built yet (pseudo masks, retraining) are listed in the summary's `not_run` and shown
-as such in the table; their rows stay null.
+so every later stage sees new inputs and re-runs too. Training and retraining resume from their
+last checkpoint after an interruption. `<output>/summary.json` holds the mIoU rows of
+CONTRACTS.md: CAM argmax and CRF seeds (refine), pseudo masks (evaluate, on the images the masks
+were made for) and the retrained model (retrain, on the val split's ground truth).
 """
 
 from __future__ import annotations
@@ -15,17 +15,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from pipelines.evaluate import EvaluateConfig, run_evaluate
 from pipelines.ingest import IngestConfig, run_ingest
 from pipelines.manifest import StageConflictError, read_manifest
+from pipelines.pseudo_masks import PseudoMaskConfig, run_pseudo_masks
 from pipelines.refine import RefineConfig, run_refine
+from pipelines.retrain import RetrainConfig, RetrainOptions, run_retrain
 from pipelines.storage import Location, StorageOptions, exists, resolve, write_bytes_atomic
 from pipelines.synthetic_io import write_dataset
 
-NOT_BUILT = ("pseudo_masks", "retrained")  # summary rows of stages this version lacks
+STAGES = ("ingest", "refine", "train", "pseudo_masks", "retrain", "evaluate")
+DEVICES = {"auto": None, "cpu": False, "gpu": True}
 _T = TypeVar("_T")
 
 
@@ -40,20 +44,64 @@ class DemoData:
     val_fraction: float = 0.25  # share of the images in val.txt
 
 
+# `--demo` settings under the config file and flags: sized for a 2-core laptop in minutes.
+DEMO_CONFIG: Mapping[str, Any] = {
+    "model": "tiny",
+    "iterations": 60,
+    "batch_size": 4,
+    "checkpoint_every": 30,
+    "log_every": 10,
+    "pseudo_masks": {"report_images": 8},
+    "retrain": {
+        "architecture": "small",
+        "iterations": 60,
+        "batch_size": 4,
+        "crop_size": 224,
+        "short_side": 240,
+        "lr": 2e-3,
+    },
+}
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
-    """Options of the chained run."""
+    """Options of the chained run (`--config` fields; per-stage sections nest).
+
+    Defaults are those of a real run (the `vit-b-16` preset's training schedule); `--demo`
+    puts `DEMO_CONFIG` under the file and flags.
+    """
 
     ingest: IngestConfig = field(default_factory=IngestConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
-    model: str = "tiny"  # model preset trained on the seeds
-    iterations: int = 60  # training iterations
-    batch_size: int = 4  # global training batch
-    num_workers: int = 2  # Ray Train workers
-    checkpoint_every: int = 30  # training checkpoints
-    log_every: int = 10  # training metrics rows
+    pseudo_masks: PseudoMaskConfig = field(default_factory=PseudoMaskConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    model: str = "vit-b-16"  # WeakCLIP preset trained on the seeds
+    iterations: int | None = None  # WeakCLIP training iterations; None = the preset's
+    batch_size: int | None = None  # global WeakCLIP batch; None = the preset's
+    lr: float | None = None  # WeakCLIP peak learning rate; None = the preset's (1e-4)
+    num_workers: int = 2  # Ray Train workers (training and retraining)
+    checkpoint_every: int = 1000  # training/retraining iterations between checkpoints
+    log_every: int = 50  # training/retraining iterations between metrics rows
     num_cpus_per_task: float = 0.5  # Ray Data tasks (fractional on 2 cores)
-    clip_weights: str | None = None  # CLIP weights URI; None = random init
+    actor_pool_size: int = 1  # pseudo-mask model replicas
+    device: str = "auto"  # auto (GPU when the cluster has one) | cpu | gpu
+    clip_weights: str | None = None  # CLIP weights URI; None = random init (demo, tests)
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {sorted(DEVICES)}, got {self.device!r}")
+        for name in ("num_workers", "checkpoint_every", "log_every", "actor_pool_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("iterations", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.num_cpus_per_task <= 0:
+            raise ValueError(f"num_cpus_per_task must be > 0, got {self.num_cpus_per_task}")
 
 
 def run_pipeline(
@@ -71,17 +119,21 @@ def run_pipeline(
         input_uri: dataset root (ingest's input); None with `demo`.
         output_uri: the pipeline's output directory (one sub-directory per stage).
         config: options of every stage.
-        demo: generate the synthetic dataset under `<output>/data/` and use it as input.
+        demo: generate the synthetic dataset under `<output>/data-*/` and use it as input.
         storage: object-store endpoint/region.
         report: progress sink.
 
     Returns:
         The summary dict (also written to `summary.json`).
+
+    Raises:
+        RuntimeError: a stage failed (its message says which and why).
     """
     from pipelines.train import TrainJobConfig, run_train
     from weakclip.config import preset
 
     started = time.monotonic()
+    storage = storage or StorageOptions()
     out = resolve(output_uri, storage)
     ingest_config = config.ingest
     if demo is not None:
@@ -91,77 +143,139 @@ def run_pipeline(
         ingest_config = dataclasses.replace(ingest_config, splits=("train.txt", "val.txt"))
     if input_uri is None:
         raise ValueError("give --input, or --demo to generate the synthetic dataset")
-    stage_uri = {s: out.child(s).uri for s in ("ingest", "refine", "train")}
+    uri = {s: out.child(s).uri for s in STAGES}
+    use_gpu = DEVICES[config.device]
+    seconds: dict[str, float] = {}
 
-    ingest = _rerun_on_change(
+    def stage(name: str, run: Callable[[bool], _T]) -> _T:
+        report(f"== {name} ==")
+        t0 = time.monotonic()
+        result = _rerun_on_change(name, run, report)
+        seconds[name] = round(time.monotonic() - t0, 1)
+        if getattr(result, "ok", True) is False:
+            raise RuntimeError(f"{name} failed: {result.message}")  # type: ignore[attr-defined]
+        return result
+
+    stage(
         "ingest",
         lambda overwrite: run_ingest(
             input_uri,
-            stage_uri["ingest"],
+            uri["ingest"],
             ingest_config,
             storage=storage,
             num_cpus_per_task=config.num_cpus_per_task,
             overwrite=overwrite,
             report=report,
         ),
-        report,
     )
-    if not ingest.ok:
-        raise RuntimeError(f"ingest failed: {ingest.message}")
-    refine = _rerun_on_change(
+    stage(
         "refine",
         lambda overwrite: run_refine(
-            stage_uri["ingest"],
-            stage_uri["refine"],
+            uri["ingest"],
+            uri["refine"],
             config.refine,
             storage=storage,
-            num_cpus_per_task=max(config.num_cpus_per_task, 0.5),
+            num_cpus_per_task=config.num_cpus_per_task,
             overwrite=overwrite,
             report=report,
         ),
-        report,
     )
-    if not refine.ok:
-        raise RuntimeError(f"refine failed: {refine.message}")
     base = preset(config.model)
     model = dataclasses.replace(
         base,
         train=dataclasses.replace(
-            base.train, iterations=config.iterations, batch_size=config.batch_size
+            base.train,
+            iterations=config.iterations or base.train.iterations,
+            batch_size=config.batch_size or base.train.batch_size,
+            lr=config.lr or base.train.lr,
         ),
     )
-    _rerun_on_change(
+    stage(
         "train",
         lambda overwrite: run_train(
             TrainJobConfig(
-                input=stage_uri["refine"],
-                output=stage_uri["train"],
+                input=uri["refine"],
+                output=uri["train"],
                 model=model,
                 num_workers=config.num_workers,
                 clip_weights=config.clip_weights,
+                resume=True,  # an interrupted run continues from its last checkpoint
                 overwrite=overwrite,
                 checkpoint_every=config.checkpoint_every,
                 log_every=config.log_every,
+                use_gpu=use_gpu,
                 num_cpus_per_task=config.num_cpus_per_task,
-                storage=storage or StorageOptions(),
+                storage=storage,
             ),
             log=report,
         ),
-        report,
     )
-    metrics = read_manifest(stage_uri["refine"]).metrics or {}
+    stage(
+        "pseudo_masks",
+        lambda overwrite: run_pseudo_masks(
+            uri["refine"],
+            uri["pseudo_masks"],
+            out.child("train").child("model.pt").uri,
+            config.pseudo_masks,
+            storage=storage,
+            actor_pool_size=config.actor_pool_size,
+            num_cpus_per_task=config.num_cpus_per_task,
+            use_gpu=use_gpu,
+            overwrite=overwrite,
+            report=report,
+        ),
+    )
+    retrained = stage(
+        "retrain",
+        lambda overwrite: run_retrain(
+            uri["pseudo_masks"],
+            uri["retrain"],
+            config.retrain,
+            options=RetrainOptions(
+                num_workers=config.num_workers,
+                resume=True,
+                overwrite=overwrite,
+                checkpoint_every=config.checkpoint_every,
+                log_every=config.log_every,
+                use_gpu=use_gpu,
+                num_cpus_per_task=config.num_cpus_per_task,
+            ),
+            storage=storage,
+            log=report,
+        ),
+    )
+    evaluated = stage(
+        "evaluate",
+        lambda overwrite: run_evaluate(
+            uri["pseudo_masks"],
+            uri["refine"],
+            uri["evaluate"],
+            config.evaluate,
+            storage=storage,
+            num_cpus_per_task=config.num_cpus_per_task,
+            overwrite=overwrite,
+            report=report,
+        ),
+    )
+    refine_manifest = read_manifest(uri["refine"])
     summary: dict[str, Any] = {
-        "cam_argmax": _miou(metrics.get("cam_argmax")),
-        "crf_seeds": _miou(metrics.get("seeds")),
-        "pseudo_masks": None,
-        "retrained": None,
-        "not_run": list(NOT_BUILT),
-        "class_space": read_manifest(stage_uri["refine"]).class_space,
-        "stages": stage_uri,
-        "seconds": round(time.monotonic() - started, 1),
+        **_seed_rows(refine_manifest.metrics, config.pseudo_masks.splits),
+        "pseudo_masks": _miou(evaluated),
+        "retrained": _miou(retrained.metrics),
+        "class_space": refine_manifest.class_space,
+        "measured_on": {
+            "cam_argmax": _where(refine_manifest.metrics, config.pseudo_masks.splits),
+            "crf_seeds": _where(refine_manifest.metrics, config.pseudo_masks.splits),
+            "pseudo_masks": _images(evaluated, "images"),
+            "retrained": _images(retrained.metrics, "num_val_images", "val split (not trained on)"),
+        },
+        "stages": uri,
+        "report": out.child("pseudo_masks").child("report").child("index.html").uri,
+        "seconds": {**seconds, "total": round(time.monotonic() - started, 1)},
     }
     write_bytes_atomic(out, "summary.json", json.dumps(summary, indent=2).encode())
     report(format_summary(summary))
+    report(f"visual report: {summary['report']}")
     report(f"summary: {out.child('summary.json').uri}")
     return summary
 
@@ -192,6 +306,33 @@ def _ensure_demo_data(data: Location, demo: DemoData, report: Callable[[str], An
     )
 
 
+def _seed_rows(metrics: Mapping[str, Any] | None, splits: tuple[str, ...] | None) -> dict:
+    """CAM-argmax and seed mIoU on the split the pseudo masks were made for (when it is one
+    split with ground truth), else over every image with ground truth."""
+    metrics = metrics or {}
+    by_split = metrics.get("by_split") or {}
+    if splits is not None and len(splits) == 1 and isinstance(by_split.get(splits[0]), dict):
+        block = by_split[splits[0]]
+        rows = {"cam_argmax": block.get("cam_argmax"), "crf_seeds": block.get("seeds")}
+        return {k: float(v) if isinstance(v, (int, float)) else None for k, v in rows.items()}
+    return {
+        "cam_argmax": _miou(metrics.get("cam_argmax")),
+        "crf_seeds": _miou(metrics.get("seeds")),
+    }
+
+
+def _where(metrics: Mapping[str, Any] | None, splits: tuple[str, ...] | None) -> str:
+    by_split = (metrics or {}).get("by_split") or {}
+    if splits is not None and len(splits) == 1 and isinstance(by_split.get(splits[0]), dict):
+        return f"{splits[0]} split, {by_split[splits[0]].get('images')} images"
+    return f"all splits, {(metrics or {}).get('gt_images')} images"
+
+
+def _images(metrics: Mapping[str, Any] | None, key: str, what: str = "the masks' images") -> str:
+    count = (metrics or {}).get(key)
+    return f"{what}, {count} images" if isinstance(count, int) else what
+
+
 def _miou(block: Any) -> float | None:
     if isinstance(block, dict) and isinstance(block.get("miou"), (int, float)):
         return float(block["miou"])
@@ -206,14 +347,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("pseudo masks", "pseudo_masks"),
         ("retrained model", "retrained"),
     ]
-    lines = [f"{'':<18}{'mIoU':>8}", "-" * 26]
+    on = summary.get("measured_on") or {}
+    lines = [f"{'':<18}{'mIoU':>8}   measured on ({summary.get('class_space')} classes)"]
+    lines.append("-" * 64)
     for label, key in rows:
         value = summary.get(key)
-        if key in summary.get("not_run", ()):
-            shown = "not run"
-        elif value is None:
-            shown = "no GT"
-        else:
-            shown = f"{100 * value:.1f}%"
-        lines.append(f"{label:<18}{shown:>8}")
+        shown = "no GT" if value is None else f"{100 * value:.1f}%"
+        lines.append(f"{label:<18}{shown:>8}   {on.get(key, '')}".rstrip())
     return "\n".join(lines)

@@ -44,7 +44,7 @@ from PIL import Image
 
 from pipelines import schema
 from pipelines.evaluation import ConfusionAccumulator
-from pipelines.ingest_rows import RowRejected, decode_cam_column
+from pipelines.ingest_rows import RowLimits, RowRejected, check_image_id, decode_cam_column
 from pipelines.manifest import (
     FileEntry,
     Manifest,
@@ -94,6 +94,7 @@ _REQUIRED_COLUMNS = (
     schema.GT,
 )
 _FOOTER_THREADS = 16
+MAX_PIXELS = RowLimits().max_pixels  # rows claiming larger images are refused (ingest's bound)
 
 
 @dataclass(frozen=True)
@@ -200,9 +201,15 @@ def refine_row(row: Mapping[str, Any], *, config: SeedConfig, num_classes: int) 
     image_id = row.get(schema.IMAGE_ID)
     if not isinstance(image_id, str) or not image_id:
         raise RowRejected("missing image id")
+    check_image_id(image_id)  # later stages name files after it
     height, width = row.get(schema.HEIGHT), row.get(schema.WIDTH)
     if not isinstance(height, int) or not isinstance(width, int) or height < 1 or width < 1:
         raise RowRejected(f"bad image size {height}x{width}")
+    if height * width > MAX_PIXELS:
+        raise RowRejected(f"image over pixel limit: {height}x{width} > {MAX_PIXELS} pixels")
+    labels = list(row.get(schema.LABELS) or [])
+    if any(not isinstance(c, int) or not 1 <= c < num_classes for c in labels):
+        raise RowRejected(f"label class ids {labels} outside [1, {num_classes})")
     if not isinstance(row.get(schema.IMAGE), bytes):
         raise RowRejected("missing image bytes")
     if not isinstance(row.get(schema.CAM), bytes):
@@ -237,7 +244,7 @@ def refine_row(row: Mapping[str, Any], *, config: SeedConfig, num_classes: int) 
         schema.IMAGE: row[schema.IMAGE],
         schema.HEIGHT: height,
         schema.WIDTH: width,
-        schema.LABELS: list(row.get(schema.LABELS) or []),
+        schema.LABELS: labels,
         schema.SEED: encode_label_png(seed),
         schema.GT: row.get(schema.GT),
         schema.SPLIT: row.get(schema.SPLIT),
@@ -265,11 +272,14 @@ def record_rel(unit: str) -> str:
 
 def _read_row_group(input_loc: Location, unit: WorkUnit) -> pa.Table:
     path = input_loc.join(unit.path)
-    with input_loc.fs.open(path, "rb") as f:
-        parquet = pq.ParquetFile(f)
-        names = set(parquet.schema_arrow.names)
-        columns = [c for c in schema.INGEST_COLUMNS if c in names]
-        return parquet.read_row_group(unit.row_group, columns=columns)
+    try:
+        with input_loc.fs.open(path, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            names = set(parquet.schema_arrow.names)
+            columns = [c for c in schema.INGEST_COLUMNS if c in names]
+            return parquet.read_row_group(unit.row_group, columns=columns)
+    except (OSError, pa.ArrowException) as exc:
+        raise _unreadable(input_loc, unit.path, exc, f" (row group {unit.row_group})") from None
 
 
 def process_unit(
@@ -389,9 +399,12 @@ def enumerate_units(input_loc: Location, manifest: Manifest) -> list[WorkUnit]:
     shards = [f.path for f in manifest.entries(f"{SHARD_DIR}/") if f.path.endswith(".parquet")]
 
     def footer(path: str) -> list[WorkUnit]:
-        with input_loc.fs.open(input_loc.join(path), "rb") as f:
-            meta = pq.ParquetFile(f).metadata
-            names = set(meta.schema.to_arrow_schema().names)
+        try:
+            with input_loc.fs.open(input_loc.join(path), "rb") as f:
+                meta = pq.ParquetFile(f).metadata
+                names = set(meta.schema.to_arrow_schema().names)
+        except (OSError, pa.ArrowException) as exc:
+            raise _unreadable(input_loc, path, exc) from None
         missing = [c for c in _REQUIRED_COLUMNS if c not in names]
         if missing:
             raise ValueError(f"{path} is not an ingest shard: no column(s) {', '.join(missing)}")
@@ -411,6 +424,17 @@ def enumerate_units(input_loc: Location, manifest: Manifest) -> list[WorkUnit]:
     for u in units:
         safe_relpath(shard_rel(u.name))
     return units
+
+
+def _unreadable(input_loc: Location, path: str, exc: BaseException, where: str = "") -> Exception:
+    """A one-line error naming the input shard that cannot be read (missing or corrupt)."""
+    uri = input_loc.child(path).uri
+    if isinstance(exc, FileNotFoundError):
+        return FileNotFoundError(f"input shard {uri} is listed in the input manifest but missing")
+    detail = " ".join(str(exc).split())
+    message = f"input shard {uri}{where} is unreadable: {type(exc).__name__}: {detail}"
+    # An OSError stays one (it may be a storage failure that retries should see as such).
+    return OSError(message) if isinstance(exc, OSError) else ValueError(message)
 
 
 def read_records(output_loc: Location, units: Iterable[WorkUnit]) -> dict[str, dict[str, Any]]:

@@ -7,7 +7,7 @@ location's pyarrow filesystem is Ray Train's storage filesystem), and at the end
 `<output>/model.pt` (`pipelines.checkpoint.export_model`), `<output>/metrics.jsonl`, the
 manifest and `_SUCCESS` (`pipelines.manifest`).
 
-Re-running (CONTRACTS.md): the run's fingerprint is the model config without
+Re-running (CONTRACTS.md, shared with retrain in `pipelines.train_run`): the run's fingerprint is the model config without
 `train.iterations`, the class names, the CLIP weights (source and SHA-256) and the input
 manifest digest. Same fingerprint and finished with the same iterations: nothing to do. A
 different fingerprint: refused unless `overwrite`. An interrupted run, or a finished one asked
@@ -23,7 +23,6 @@ larger than `micro_batch_size` accumulates gradients.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -34,18 +33,23 @@ from typing import Any
 from pipelines import manifest as mf
 from pipelines.storage import Location, StorageOptions, redact, resolve, upload_file
 from pipelines.storage import write_bytes_atomic as _write_atomic
+from pipelines.train_run import (
+    CHECKPOINTS,
+    FAIL_ENV,
+    FAIL_MARKER_ENV,
+    RUN_NAME,
+    TrainRefused,
+    failure_injection,
+    fit,
+    latest_checkpoint_iteration,
+    open_run,
+    sha256_of,
+    use_gpu,
+)
 from weakclip.config import WeakCLIPConfig, to_dict
 
-RUN_NAME = "run"  # Ray Train experiment name under <output>/checkpoints/
-CHECKPOINTS = "checkpoints"
 MODEL_FILE = "model.pt"
 METRICS_FILE = "metrics.jsonl"
-FAIL_ENV = "WEAKCLIP_TEST_FAIL_AT_ITERATION"  # test-only failure injection
-FAIL_MARKER_ENV = "WEAKCLIP_TEST_FAIL_MARKER"
-
-
-class TrainRefused(RuntimeError):
-    """The output directory's state and the options disagree (message says what to do)."""
 
 
 @dataclass(frozen=True)
@@ -131,40 +135,6 @@ def run_signature(
     return json.loads(json.dumps(signature))
 
 
-def _sha256_of(location: Location) -> str:
-    digest = hashlib.sha256()
-    with location.fs.open(location.path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def latest_checkpoint_iteration(output: Location) -> int | None:
-    """Iteration of the latest checkpoint Ray Train would restore, or None."""
-    from ray.train import Result
-
-    run = output.child(CHECKPOINTS, RUN_NAME)
-    if not run.fs.exists(run.join("checkpoint_manager_snapshot.json")):
-        return None
-    try:
-        result = Result.from_path(run.path, storage_filesystem=output.pyarrow_fs())
-    except RuntimeError:
-        return None
-    if result.checkpoint is None:
-        return None
-    metrics = result.metrics or {}
-    iteration = metrics.get("iteration")
-    return int(iteration) if isinstance(iteration, int) else None
-
-
-def _use_gpu(config: TrainJobConfig) -> bool:
-    import ray
-
-    if config.use_gpu is not None:
-        return config.use_gpu
-    return float(ray.cluster_resources().get("GPU", 0)) > 0
-
-
 def run_train(config: TrainJobConfig, *, log: Any = print) -> TrainResult:
     """Runs (or resumes, or skips) the train stage. See the module docstring.
 
@@ -173,9 +143,6 @@ def run_train(config: TrainJobConfig, *, log: Any = print) -> TrainResult:
         manifest.StageConflictError: the output holds a different run (and not `overwrite`).
         ValueError: bad input (not a refine output, no training rows).
     """
-    import ray.train
-    import ray.train.torch
-
     from pipelines import train_data
     from pipelines.train_loop import train_loop_per_worker
 
@@ -190,50 +157,24 @@ def run_train(config: TrainJobConfig, *, log: Any = print) -> TrainResult:
         raise ValueError(f"{source.uri}: the manifest lists no shards/")
 
     clip_location = resolve(config.clip_weights, config.storage) if config.clip_weights else None
-    clip_sha256 = _sha256_of(clip_location) if clip_location else None
+    clip_sha256 = sha256_of(clip_location) if clip_location else None
     clip_uri = clip_location.uri if clip_location else None
     signature = run_signature(config.model, class_names, clip_uri, clip_sha256)
     iterations = config.model.train.iterations
-
-    stage = mf.StageOutput.open(
+    run = open_run(
         output,
         stage="train",
-        config=signature,
+        signature=signature,
         inputs=[input_manifest.input_ref()],
+        iterations=iterations,
+        resume=config.resume,
         overwrite=config.overwrite,
+        log=log,
     )
-    if stage.state is mf.StageState.DONE:
+    stage, start_iteration = run.stage, run.start_iteration
+    if run.skipped:
         assert stage.manifest is not None
-        done = int(stage.manifest.extra.get("iterations", -1))
-        if done == iterations:
-            log(stage.done_message())
-            return TrainResult(stage.manifest, done, done, skipped=True)
-        if not config.resume or iterations < done:
-            raise TrainRefused(
-                f"{output.uri} holds a finished run of {done} iterations, not {iterations}: "
-                "pass --resume to extend it to more iterations, or --overwrite to start over"
-            )
-        # Extending a finished run: it is no longer a result until the new commit.
-        for name in (mf.SUCCESS, mf.MANIFEST):
-            output.fs.rm(output.join(name))
-        stage = mf.StageOutput.open(
-            output, stage="train", config=signature, inputs=[input_manifest.input_ref()]
-        )
-    start_iteration = latest_checkpoint_iteration(output) or 0
-    if start_iteration and not config.resume:
-        raise TrainRefused(
-            f"{output.uri} holds an interrupted run with a checkpoint at iteration "
-            f"{start_iteration}: pass --resume to continue it, or --overwrite to start over"
-        )
-    if start_iteration > iterations:
-        raise TrainRefused(
-            f"the last checkpoint is at iteration {start_iteration}, beyond --iterations "
-            f"{iterations}"
-        )
-    if start_iteration:
-        log(f"resumed from iteration {start_iteration}")
-    elif config.resume:
-        log("no checkpoint to resume from: starting at iteration 0")
+        return TrainResult(stage.manifest, start_iteration, iterations, skipped=True)
 
     rows, train_only = train_data.count_training_rows(files)
     epochs = train_data.epochs_needed(
@@ -252,11 +193,10 @@ def run_train(config: TrainJobConfig, *, log: Any = print) -> TrainResult:
         epochs=epochs,
         num_cpus_per_task=config.num_cpus_per_task,
     )
-    use_gpu = _use_gpu(config)
+    gpu = use_gpu(config.use_gpu)
     crf_processes = config.crf_processes
     if crf_processes is None:
-        crf_processes = min(config.micro_batch, 4) if use_gpu else 1
-    fail_at = os.environ.get(FAIL_ENV)
+        crf_processes = min(config.micro_batch, 4) if gpu else 1
     loop_config = {
         "model_config": to_dict(config.model),
         "class_names": class_names,
@@ -270,40 +210,25 @@ def run_train(config: TrainJobConfig, *, log: Any = print) -> TrainResult:
         "log_every": config.log_every,
         "crf_processes": crf_processes,
         "absent_tolerance": config.absent_tolerance,
-        "torch_threads": None if use_gpu else max(1, int(config.cpus_per_worker)),
-        "fail_at_iteration": int(fail_at) if fail_at else None,
-        "fail_marker": os.environ.get(FAIL_MARKER_ENV)
-        or os.path.join(
-            tempfile.gettempdir(),
-            "weakclip-fail-" + hashlib.sha256(output.uri.encode()).hexdigest()[:16],
-        ),
+        "torch_threads": None if gpu else max(1, int(config.cpus_per_worker)),
+        **failure_injection(output),
     }
-    resources = {"CPU": config.cpus_per_worker}
-    trainer = ray.train.torch.TorchTrainer(
+    started = time.perf_counter()
+    checkpoint = fit(
         train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=config.num_workers, use_gpu=use_gpu, resources_per_worker=resources
-        ),
-        torch_config=ray.train.torch.TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=ray.train.RunConfig(
-            name=RUN_NAME,
-            storage_path=output.join(CHECKPOINTS),
-            storage_filesystem=output.pyarrow_fs(),
-            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
+        loop_config,
+        output=output,
+        num_workers=config.num_workers,
+        gpu=gpu,
+        cpus_per_worker=config.cpus_per_worker,
+        max_failures=config.max_failures,
         datasets={"train": dataset},
     )
-    started = time.perf_counter()
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError("training finished without a checkpoint")
     manifest = _finish(
         config,
         stage=stage,
         output=output,
-        checkpoint=result.checkpoint,
+        checkpoint=checkpoint,
         clip_location=clip_location,
         clip_sha256=clip_sha256,
         class_names=class_names,
@@ -388,6 +313,10 @@ def describe_error(error: BaseException) -> str:
 
 
 __all__ = [
+    "CHECKPOINTS",
+    "FAIL_ENV",
+    "FAIL_MARKER_ENV",
+    "RUN_NAME",
     "TrainJobConfig",
     "TrainRefused",
     "TrainResult",

@@ -24,7 +24,7 @@ import functools
 import hashlib
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -55,7 +55,8 @@ def row_seed(seed: int, epoch: int, image_id: str) -> list[int]:
     return [int(seed), int(epoch), int.from_bytes(digest[:8], "little")]
 
 
-def _decode_rgb(data: bytes, height: int, width: int) -> np.ndarray:
+def decode_image(data: bytes, height: int, width: int) -> np.ndarray:
+    """H x W x 3 uint8 RGB of encoded image bytes whose size must match the row (ValueError)."""
     with Image.open(io.BytesIO(data)) as image:
         if image.width * image.height > MAX_PIXELS:
             raise ValueError(f"image of {image.width} x {image.height} pixels is too large")
@@ -65,16 +66,17 @@ def _decode_rgb(data: bytes, height: int, width: int) -> np.ndarray:
     return rgb
 
 
-def _decode_seed(data: bytes, height: int, width: int) -> np.ndarray:
+def decode_label_map(data: bytes, height: int, width: int) -> np.ndarray:
+    """H x W uint8 class ids of an L or P PNG whose size must match the row (ValueError)."""
     with Image.open(io.BytesIO(data)) as image:
         if image.mode not in ("L", "P"):
-            raise ValueError(f"seed PNG must be single-channel (L or P), got mode {image.mode}")
+            raise ValueError(f"label PNG must be single-channel (L or P), got mode {image.mode}")
         if image.width * image.height > MAX_PIXELS:
-            raise ValueError("seed map is too large")
+            raise ValueError("label map is too large")
         # P-mode PNGs hold class ids as palette indices: read the indices, not the colours.
         seed = np.array(image, dtype=np.uint8)
     if seed.shape != (height, width):
-        raise ValueError(f"seed is {seed.shape}, the row says {(height, width)}")
+        raise ValueError(f"label map is {seed.shape}, the row says {(height, width)}")
     return seed
 
 
@@ -106,8 +108,8 @@ def prepare_row(
     class_ids = np.asarray(list(labels), dtype=np.int64)
     if class_ids.size and (class_ids.min() < 1 or class_ids.max() >= num_classes):
         raise ValueError(f"{image_id}: labels {class_ids.tolist()} outside 1..{num_classes - 1}")
-    rgb = _decode_rgb(image_bytes, height, width)
-    seed = _decode_seed(seed_bytes, height, width)
+    rgb = decode_image(image_bytes, height, width)
+    seed = decode_label_map(seed_bytes, height, width)
     allowed = np.zeros(256, dtype=bool)
     allowed[0] = allowed[schema.IGNORE_INDEX] = True
     allowed[class_ids] = True
@@ -249,21 +251,50 @@ def build_train_dataset(
         num_cpus=num_cpus_per_task,
     )
     augment = augment_config_for(model_config)
-    seed = model_config.train.seed
-    parts = []
-    for epoch in range(start_epoch, start_epoch + epochs):
-        fn = functools.partial(
+
+    def epoch_fn(epoch: int) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+        return functools.partial(
             augment_batch,
             epoch=epoch,
-            seed=seed,
+            seed=model_config.train.seed,
             num_classes=num_classes,
             augment=augment,
             loss_resolution=model_config.loss.resolution,
             train_only=train_only,
         )
+
+    return epoch_stream(
+        base,
+        epoch_fn,
+        seed=model_config.train.seed,
+        start_epoch=start_epoch,
+        epochs=epochs,
+        num_cpus_per_task=num_cpus_per_task,
+        rows_per_task=rows_per_task,
+    )
+
+
+def epoch_stream(
+    base: Any,
+    epoch_fn: Callable[[int], Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]],
+    *,
+    seed: int,
+    start_epoch: int,
+    epochs: int,
+    num_cpus_per_task: float,
+    rows_per_task: int,
+) -> Any:
+    """`epochs` passes over the Ray Dataset `base`, chained, each in its own block order and
+    mapped by its own batch function `epoch_fn(epoch)` (which draws that epoch's augmentation).
+    """
+    parts = []
+    for epoch in range(start_epoch, start_epoch + epochs):
         parts.append(
             base.randomize_block_order(seed=seed + epoch).map_batches(
-                fn, batch_size=rows_per_task, batch_format="numpy", num_cpus=num_cpus_per_task
+                epoch_fn(epoch),
+                batch_size=rows_per_task,
+                batch_format="numpy",
+                num_cpus=num_cpus_per_task,
             )
         )
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]

@@ -168,7 +168,11 @@ def read_clip_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
         return dict(load_file(path, device="cpu"))
     if _is_torchscript_archive(path):
         # Trusted files only (module docstring): TorchScript archives carry code.
-        archive = torch.jit.load(path, map_location="cpu")
+        try:
+            archive = torch.jit.load(path, map_location="cpu")
+        except Exception as error:  # TorchScript reports unknown types as RuntimeError
+            reason = " ".join(str(error).split()) or type(error).__name__
+            raise ValueError(f"cannot read CLIP weights {path!r} (TorchScript): {reason}") from None
         return {k: v.detach().clone() for k, v in archive.state_dict().items()}
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)

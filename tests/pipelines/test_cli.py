@@ -260,6 +260,40 @@ def test_ray_wrapped_errors_report_the_cause():
     assert line == "ValueError: bad image size"
 
 
+def test_ray_data_udf_errors_report_the_root_cause():
+    """Ray Data's UserCodeException reaches the driver without its cause: read the traceback."""
+
+    class UserCodeException(Exception):
+        pass
+
+    class FakeRayTaskError(Exception):
+        def __init__(self, text: str, cause: BaseException) -> None:
+            super().__init__(text)
+            self.cause = cause
+
+    UserCodeException.__module__ = FakeRayTaskError.__module__ = "ray.exceptions"
+    text = (
+        'ray::MapBatches(f)() (pid=1)\n  File "x.py", line 3, in f\n'
+        "pyarrow.lib.ArrowInvalid: input shard s3://b/part-1.parquet is unreadable\n\n"
+        "The above exception was the direct cause of the following exception:\n\n"
+        "ray.exceptions.UserCodeException: UDF failed to process a data block."
+    )
+    error = FakeRayTaskError(text, UserCodeException("UDF failed to process a data block."))
+    line = cli.describe_error(error)
+    assert line == "ArrowInvalid: input shard s3://b/part-1.parquet is unreadable"
+
+
+def test_ray_train_worker_errors_report_the_lowest_rank_cause():
+    class WorkerGroupError(Exception):
+        def __init__(self, failures: dict[int, BaseException]) -> None:
+            super().__init__("Training failed due to worker errors:\n...")
+            self.worker_failures = failures
+
+    WorkerGroupError.__module__ = "ray.train.v2.api.exceptions"
+    error = WorkerGroupError({1: RuntimeError("rank one"), 0: ValueError("syn_1: bad seed")})
+    assert cli.describe_error(error) == "ValueError: syn_1: bad seed"
+
+
 # --- local output on a cluster ---------------------------------------------------------------
 
 
@@ -282,3 +316,21 @@ def test_init_ray_reuses_session_and_checks_output(ray_session: None, tmp_path: 
         cli.init_ray(local_args, node_count=lambda: 2)
     s3_args = parser.parse_args(["--input", "in", "--output", "s3://bucket/out"])
     assert cli.init_ray(s3_args, node_count=lambda: 2) is False
+
+
+def test_base_values_sit_under_the_file_and_flags(tmp_path: Path):
+    """`base` (a demo's settings) merges field by field under the file, flags over both."""
+    path = tmp_path / "cfg.yaml"
+    path.write_text("crf: {sxy: 5}\n")
+    args = _parser().parse_args(["--input", "a", "--output", "b", "--config", str(path)])
+    base = {"name": "demo", "alpha": 3.0, "crf": {"iterations": 2, "sxy": 1.0}}
+    cfg = build_config(StageConfig, args, {"alpha": 4.0}, base=base)
+    assert cfg == StageConfig(alpha=4.0, name="demo", crf=CrfConfig(iterations=2, sxy=5.0))
+    assert base == {"name": "demo", "alpha": 3.0, "crf": {"iterations": 2, "sxy": 1.0}}
+
+
+def test_unused_shared_options_are_refused():
+    args = _parser().parse_args(["--input", "a", "--output", "b", "--batch-size", "4"])
+    cli.reject_unused(args, "demo", "actor_pool_size")  # not given: fine
+    with pytest.raises(UsageError, match="--batch-size: has no effect on the demo stage"):
+        cli.reject_unused(args, "demo", "actor_pool_size", "batch_size")

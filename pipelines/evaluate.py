@@ -1,0 +1,346 @@
+"""Evaluate stage: per-class IoU and mIoU of a stage's label maps against ground truth (SPEC §8).
+
+Predictions: a refine output (the `seed` PNG column of its shards) or a pseudo_masks output
+(index shards with `image_id` and `mask`, the relative path of `masks/<image_id>.png`). Ground
+truth: an ingest or refine output (the `gt` PNG column, null where an image has none). Only
+files the manifests list are read, and an input without `_SUCCESS` is refused.
+
+The join, without images on the driver: the driver reads only the `image_id` column (and, for
+pseudo masks, the `mask` path) of every listed shard, a few MB of strings at COCO scale, and
+maps every row group of the ground truth to the predictions of its ids
+(`pipelines.evaluate_plan`). Ray Data runs one task per ground-truth row group (`score_units`
+via `map_batches`, calling `pipelines.evaluate_scoring.score_unit`): it reads that row group's
+`image_id`, `gt` and `split` columns and exactly the predictions it needs (the `seed` column of
+the refine row groups holding them, or the listed mask PNGs), and returns one K x (K + 1)
+confusion matrix per split with counts and quarantine reasons; the driver sums them. A refine
+output made from the ground truth's ingest output shares its row groups, so each file is read
+once.
+
+Counted and reported, never fatal: predictions whose id the ground truth lacks
+(`prediction_without_gt`) or whose GT is null (`gt_null`), GT images without a prediction
+(`gt_without_prediction`, per split), and quarantined pairs with the reason (size mismatch,
+undecodable PNG, GT ids outside the class space, duplicate ids, mask paths the manifest does
+not list).
+
+Class space: `classes` when given, else the ground truth manifest's, else the prediction's; a
+side in another space is converted explicitly where that is defined (coco91 <-> coco81) and
+refused otherwise. mIoU is the nan-mean of per-class IoU over `average_over` (default: every
+class of the space; classes absent from both GT and prediction, such as coco91's 10 unused ids,
+have no IoU and drop out).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from pipelines.class_spaces import ClassSpace, class_space_from_arg
+from pipelines.evaluate_plan import make_plan
+from pipelines.evaluate_scoring import (
+    EvaluationResult,
+    RecordSum,
+    label_conversion,
+    manifest_space,
+    score_unit,
+    select_classes,
+)
+from pipelines.manifest import (
+    FileEntry,
+    Manifest,
+    Quarantine,
+    StageOutput,
+    StageState,
+    read_manifest,
+)
+from pipelines.storage import (
+    Location,
+    StorageOptions,
+    read_bytes,
+    resolve,
+    write_bytes_atomic,
+)
+
+METRICS_FILE = "metrics.json"
+TARGET_TASKS = 512  # about this many tasks at most; bigger inputs give a task several units
+MAX_CLASSES_FILE_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Options of the evaluate stage (CLI flags and `--config` fields)."""
+
+    classes: str | None = None  # voc|coco91|coco81|classes.txt URI: space to score in
+    average_over: tuple[str, ...] | None = None  # class names or ids mIoU averages (None: all)
+
+    def __post_init__(self) -> None:
+        if self.classes is not None and not self.classes.strip():
+            raise ValueError("classes: must not be empty")
+        if self.average_over is not None:
+            if not self.average_over:
+                raise ValueError("average_over: name at least one class")
+            if not all(isinstance(c, str) and c.strip() for c in self.average_over):
+                raise ValueError("average_over: class names or ids, as non-empty strings")
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver: class space and the join plan
+
+
+def resolve_class_space(
+    pred: Manifest, gt: Manifest, classes: str | None, *, storage: StorageOptions | None = None
+) -> tuple[ClassSpace, str | None, str | None]:
+    """The space to score in and the label conversions of prediction and GT into it.
+
+    Returns:
+        (space, prediction conversion, GT conversion); a conversion is None or
+        `"coco91->coco81"` / `"coco81->coco91"`.
+
+    Raises:
+        ValueError: no space anywhere, or spaces that cannot be converted into each other.
+    """
+    requested = requested_space(classes, storage) if classes else None
+    pred_space, gt_space = manifest_space(pred), manifest_space(gt)
+    target = requested or gt_space or pred_space
+    if target is None:
+        raise ValueError(
+            "neither manifest names its classes: pass --classes voc|coco91|coco81|FILE"
+        )
+    return (
+        target,
+        label_conversion(pred_space, target, f"the prediction {pred.location.uri}"),
+        label_conversion(gt_space, target, f"the ground truth {gt.location.uri}"),
+    )
+
+
+def requested_space(classes: str, storage: StorageOptions | None = None) -> ClassSpace:
+    """`--classes`: voc, coco91, coco81, or the URI of a classes.txt (background first).
+
+    Raises:
+        ValueError, OSError: an unknown name, or an unreadable or malformed file.
+    """
+    if classes.strip().lower() in ("voc", "coco91", "coco81"):
+        return class_space_from_arg(classes)
+    data = read_bytes(resolve(classes, storage), max_bytes=MAX_CLASSES_FILE_BYTES)
+    return class_space_from_arg(data.decode("utf-8").splitlines())
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Data: one task per unit
+
+
+def score_units(
+    batch: dict[str, np.ndarray],
+    *,
+    gt_loc: Location,
+    pred_loc: Location,
+    num_classes: int,
+    pred_conversion: str | None,
+    gt_conversion: str | None,
+) -> dict[str, np.ndarray]:
+    """Ray Data batch wrapper of `score_unit`: column `unit` (JSON) in, one `record` (JSON) out,
+    the sum over the batch's units (so the driver receives one matrix per task)."""
+    total = RecordSum(num_classes)
+    for unit_json in batch["unit"]:
+        total.add(
+            score_unit(
+                json.loads(unit_json),
+                gt_loc=gt_loc,
+                pred_loc=pred_loc,
+                num_classes=num_classes,
+                pred_conversion=pred_conversion,
+                gt_conversion=gt_conversion,
+            )
+        )
+    return {"record": np.asarray([json.dumps(total.record())], dtype=object)}
+
+
+def evaluate_outputs(
+    pred_uri: str,
+    gt_uri: str,
+    *,
+    storage: StorageOptions | None = None,
+    config: EvaluateConfig | None = None,
+    num_cpus_per_task: float = 0.5,
+    report: Callable[[str], Any] = print,
+) -> EvaluationResult:
+    """Score a refine or pseudo_masks output against the GT of an ingest or refine output.
+
+    Runs on the current Ray instance (started by the caller). See the module docstring.
+
+    Args:
+        pred_uri: completed refine or pseudo_masks output.
+        gt_uri: completed ingest or refine output whose shards hold `gt`.
+        storage: endpoint/region of the object store.
+        config: class space and classes to average over.
+        num_cpus_per_task: CPUs reserved per scoring task.
+        report: progress sink, one line per call.
+
+    Raises:
+        IncompleteOutputError: an input has no `_SUCCESS`.
+        ValueError: wrong stages, missing columns, or incompatible class spaces.
+    """
+    import ray
+
+    config = config or EvaluateConfig()
+    started = time.monotonic()
+    pred = read_manifest(resolve(pred_uri, storage))
+    gt = read_manifest(resolve(gt_uri, storage))
+    space, pred_conversion, gt_conversion = resolve_class_space(
+        pred, gt, config.classes, storage=storage
+    )
+    average_ids = select_classes(space, config.average_over)
+    plan = make_plan(pred, gt)
+    report(
+        f"evaluate: {plan.predictions} predictions ({pred.stage}) against {plan.gt_rows} rows "
+        f"({gt.stage}), {len(plan.units)} GT row groups; class space {space.name} "
+        f"({space.num_classes} classes)"
+        + "".join(
+            f"; {who} converted {conv}"
+            for who, conv in (("prediction", pred_conversion), ("GT", gt_conversion))
+            if conv
+        )
+    )
+    total = RecordSum(space.num_classes)
+    if plan.units:
+        per_task = max(1, math.ceil(len(plan.units) / TARGET_TASKS))
+        items = [{"unit": json.dumps(u)} for u in plan.units]
+        blocks = math.ceil(len(items) / per_task)
+        ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+            score_units,
+            batch_size=per_task,
+            num_cpus=num_cpus_per_task,
+            fn_kwargs={
+                "gt_loc": gt.location,
+                "pred_loc": pred.location,
+                "num_classes": space.num_classes,
+                "pred_conversion": pred_conversion,
+                "gt_conversion": gt_conversion,
+            },
+        )
+        for row in ds.iter_rows():
+            total.add(json.loads(row["record"]))
+    quarantine = [*plan.quarantine, *(tuple(q) for q in total.quarantine)]
+    counts = {
+        "predictions": plan.predictions,
+        "gt_rows": plan.gt_rows,
+        "scored": total.scored,
+        "prediction_without_gt": plan.prediction_without_gt,
+        "gt_null": total.gt_null,
+        "gt_without_prediction": sum(total.gt_without_prediction.values()),
+        "quarantined": len(quarantine),
+    }
+    result = EvaluationResult(
+        prediction_uri=pred.location.uri,
+        prediction_stage=pred.stage,
+        gt_uri=gt.location.uri,
+        gt_stage=gt.stage,
+        class_space=space.name,
+        class_names=space.class_names,
+        average_over=average_ids,
+        by_split=total.matrices,
+        images_by_split=dict(total.images),
+        gt_without_prediction_by_split=dict(total.gt_without_prediction),
+        counts=counts,
+        quarantine=tuple(quarantine),
+        conversions={"prediction": pred_conversion, "ground_truth": gt_conversion},
+        inputs=(pred.input_ref(), gt.input_ref()),
+        seconds=time.monotonic() - started,
+    )
+    miou = result.miou
+    report(
+        f"evaluate: {total.scored} images scored, mIoU "
+        f"{'n/a' if miou is None else f'{100 * miou:.2f}'} ({result.seconds:.0f} s)"
+    )
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluate stage output (optional)
+
+
+def write_evaluation(out: StageOutput, result: EvaluationResult) -> Manifest:
+    """`metrics.json`, `quarantine/evaluate.parquet` (when any), manifest, `_SUCCESS` last."""
+    metrics = result.metrics()
+    data = json.dumps(metrics, indent=2, allow_nan=False).encode()
+    write_bytes_atomic(out.location, METRICS_FILE, data)
+    files = [FileEntry(path=METRICS_FILE, rows=None, bytes=len(data))]
+    quarantine = Quarantine(out.location)
+    for image_id, source, reason in result.quarantine:
+        quarantine.add(image_id, source, reason)
+    quarantine.flush("evaluate")
+    files.extend(quarantine.files)
+    counts = dict(result.counts)
+    return out.commit(
+        files=files,
+        counts={
+            **counts,
+            "input": counts["predictions"],
+            "output": counts["scored"],
+            "quarantined": quarantine.count,
+        },
+        class_names=result.class_names,
+        class_space=result.class_space,
+        metrics=metrics,
+    )
+
+
+def run_evaluate(
+    pred_uri: str,
+    gt_uri: str,
+    output_uri: str | None,
+    config: EvaluateConfig,
+    *,
+    storage: StorageOptions | None = None,
+    num_cpus_per_task: float = 0.5,
+    overwrite: bool = False,
+    report: Callable[[str], Any] = print,
+) -> dict[str, Any]:
+    """`evaluate_outputs`, then the stage output at `output_uri` when given; returns metrics.
+
+    An output already complete with the same config and inputs is not recomputed: its stored
+    metrics are returned. When no image could be scored, nothing is committed (`images` is 0
+    in the returned metrics).
+
+    Raises:
+        StageConflictError: the output holds another run (and not `overwrite`).
+    """
+    if output_uri is None:
+        return evaluate_outputs(
+            pred_uri,
+            gt_uri,
+            storage=storage,
+            config=config,
+            num_cpus_per_task=num_cpus_per_task,
+            report=report,
+        ).metrics()
+    pred = read_manifest(resolve(pred_uri, storage))
+    gt = read_manifest(resolve(gt_uri, storage))
+    out = StageOutput.open(
+        resolve(output_uri, storage),
+        stage="evaluate",
+        config=asdict(config),
+        inputs=[pred.input_ref(), gt.input_ref()],
+        overwrite=overwrite,
+    )
+    if out.state is StageState.DONE:
+        assert out.manifest is not None
+        report(out.done_message())
+        return dict(out.manifest.metrics or {})
+    result = evaluate_outputs(
+        pred_uri,
+        gt_uri,
+        storage=storage,
+        config=config,
+        num_cpus_per_task=num_cpus_per_task,
+        report=report,
+    )
+    if result.counts["scored"]:  # an evaluation of nothing is a failure, not a result
+        write_evaluation(out, result)
+        report(f"evaluate: wrote {out.location.uri}")
+    return result.metrics()

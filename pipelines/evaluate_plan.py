@@ -1,0 +1,202 @@
+"""The join of the evaluate stage, planned on the driver from id columns only.
+
+The driver reads the `image_id` column (and, for pseudo masks, `mask`) of every shard a
+manifest lists, never a label map or an image, and cuts the work into one unit per row group
+of the ground truth, each naming the predictions of its ids (`plan_units`). Duplicate ids,
+missing ids and mask paths the prediction manifest does not list are quarantined here; what
+a unit's task does is `pipelines.evaluate_scoring.score_unit`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from pipelines import schema
+from pipelines.evaluate_scoring import GT_STAGES, PRED_STAGES
+from pipelines.manifest import Manifest
+from pipelines.storage import Location, safe_relpath
+
+_INDEX_THREADS = 16
+MAX_MASK_BYTES = 64 * 1024 * 1024  # a listed mask PNG larger than this is quarantined
+
+
+@dataclass(frozen=True)
+class PredictionRef:
+    """Where the prediction of one image is: a refine row group, or a mask PNG (row_group -1)."""
+
+    path: str  # relative to the prediction output
+    row_group: int
+
+
+@dataclass
+class JoinPlan:
+    """What the driver learnt from the id columns: the tasks and the driver-side counts."""
+
+    units: list[dict[str, Any]]
+    predictions: int  # distinct prediction ids
+    gt_rows: int
+    prediction_without_gt: int
+    quarantine: list[tuple[str, str, str]] = field(default_factory=list)  # id, source, reason
+
+
+def read_id_index(
+    location: Location, rel: str, columns: Sequence[str], *, required: Sequence[str] = ()
+) -> list[tuple[int, dict[str, list[Any]]]]:
+    """The given (small) columns of one listed shard, per row group: [(row group, columns)].
+
+    One read of just those columns, sliced by the footer's row-group sizes.
+
+    Raises:
+        ValueError: the shard lacks one of `columns` or `required`.
+    """
+    with location.fs.open(location.join(rel), "rb") as f:
+        parquet = pq.ParquetFile(f)
+        names = set(parquet.schema_arrow.names)
+        missing = [c for c in (*columns, *required) if c not in names]
+        if missing:
+            raise ValueError(f"{location.uri}/{rel} has no column(s) {', '.join(missing)}")
+        table = parquet.read(columns=list(columns))
+        groups, offset = [], 0
+        for i in range(parquet.metadata.num_row_groups):
+            rows = parquet.metadata.row_group(i).num_rows
+            groups.append((i, table.slice(offset, rows).to_pydict()))
+            offset += rows
+        return groups
+
+
+def _shards(manifest: Manifest) -> list[str]:
+    shards = [f.path for f in manifest.entries("shards/") if f.path.endswith(".parquet")]
+    if not shards:
+        raise ValueError(f"{manifest.location.uri} lists no shards/*.parquet")
+    return shards
+
+
+def _index_all(
+    location: Location, shards: list[str], columns: Sequence[str], required: Sequence[str]
+) -> list[tuple[str, list[tuple[int, dict[str, list[Any]]]]]]:
+    with ThreadPoolExecutor(max_workers=min(_INDEX_THREADS, len(shards))) as pool:
+        found = pool.map(
+            lambda rel: read_id_index(location, rel, columns, required=required), shards
+        )
+        return list(zip(shards, found, strict=True))
+
+
+def prediction_index(
+    pred: Manifest,
+) -> tuple[dict[str, PredictionRef], list[tuple[str, str, str]]]:
+    """Every prediction id and where its label map is, plus quarantine rows (driver side).
+
+    The first occurrence of an id wins; later duplicates, ids that are not non-empty strings,
+    mask paths the manifest does not list and oversized masks are quarantined.
+    """
+    if pred.stage not in PRED_STAGES:
+        raise ValueError(
+            f"{pred.location.uri} is a {pred.stage!r} output; predictions come from "
+            f"{' or '.join(PRED_STAGES)} outputs"
+        )
+    masks = pred.stage == "pseudo_masks"
+    columns = (schema.IMAGE_ID, schema.MASK) if masks else (schema.IMAGE_ID,)
+    required = () if masks else (schema.SEED,)  # a seedless ingest output is refused here
+    listed = {f.path: f.bytes for f in pred.files}
+    refs: dict[str, PredictionRef] = {}
+    quarantine: list[tuple[str, str, str]] = []
+    for rel, groups in _index_all(pred.location, _shards(pred), columns, required):
+        for row_group, cols in groups:
+            source = f"prediction {rel}#rg{row_group}"
+            for n, image_id in enumerate(cols[schema.IMAGE_ID]):
+                if not isinstance(image_id, str) or not image_id:
+                    quarantine.append(("", source, "missing image id in the prediction"))
+                    continue
+                if image_id in refs:
+                    quarantine.append((image_id, source, "duplicate image_id in the prediction"))
+                    continue
+                if not masks:
+                    refs[image_id] = PredictionRef(rel, row_group)
+                    continue
+                mask = cols[schema.MASK][n]
+                try:
+                    mask_rel = safe_relpath(mask) if isinstance(mask, str) else None
+                except ValueError:
+                    mask_rel = None
+                if mask_rel is None or mask_rel not in listed:
+                    quarantine.append((image_id, source, "mask path not listed in the manifest"))
+                elif listed[mask_rel] > MAX_MASK_BYTES:
+                    quarantine.append((image_id, source, f"mask too large: {listed[mask_rel]} B"))
+                else:
+                    refs[image_id] = PredictionRef(mask_rel, -1)
+    return refs, quarantine
+
+
+def plan_units(
+    gt_index: Sequence[tuple[str, Sequence[tuple[int, Sequence[Any]]]]],
+    refs: dict[str, PredictionRef],
+) -> JoinPlan:
+    """One task per ground-truth row group, with the predictions of its ids (pure).
+
+    Args:
+        gt_index: [(GT shard, [(row group, image ids in row order)])].
+        refs: prediction id -> where its label map is.
+
+    Returns:
+        The plan; a unit is `{"gt_path", "gt_row_group", "predictions": [[position, id, path,
+        row group]], "skip": [positions]}` where `skip` holds rows not to count (duplicate or
+        missing ids, quarantined here).
+    """
+    seen: set[str] = set()
+    units = []
+    quarantine: list[tuple[str, str, str]] = []
+    gt_rows = 0
+    for rel, groups in gt_index:
+        for row_group, ids in groups:
+            predictions, skip = [], []
+            for position, image_id in enumerate(ids):
+                gt_rows += 1
+                source = f"ground truth {rel}#rg{row_group}"
+                if not isinstance(image_id, str) or not image_id:
+                    quarantine.append(("", source, "missing image id in the ground truth"))
+                    skip.append(position)
+                elif image_id in seen:
+                    quarantine.append((image_id, source, "duplicate image_id in the ground truth"))
+                    skip.append(position)
+                else:
+                    seen.add(image_id)
+                    ref = refs.get(image_id)
+                    if ref is not None:
+                        predictions.append([position, image_id, ref.path, ref.row_group])
+            units.append(
+                {
+                    "gt_path": rel,
+                    "gt_row_group": row_group,
+                    "predictions": predictions,
+                    "skip": skip,
+                }
+            )
+    return JoinPlan(
+        units=units,
+        predictions=len(refs),
+        gt_rows=gt_rows,
+        prediction_without_gt=sum(1 for i in refs if i not in seen),
+        quarantine=quarantine,
+    )
+
+
+def make_plan(pred: Manifest, gt: Manifest) -> JoinPlan:
+    """Read the id columns of both outputs and plan the tasks (driver side, no label maps)."""
+    if gt.stage not in GT_STAGES:
+        raise ValueError(
+            f"{gt.location.uri} is a {gt.stage!r} output; ground truth comes from "
+            f"{' or '.join(GT_STAGES)} outputs"
+        )
+    refs, pred_quarantine = prediction_index(pred)
+    found = _index_all(gt.location, _shards(gt), (schema.IMAGE_ID,), (schema.GT,))
+    gt_index = [
+        (rel, [(rg, cols[schema.IMAGE_ID]) for rg, cols in groups]) for rel, groups in found
+    ]
+    plan = plan_units(gt_index, refs)
+    plan.quarantine[:0] = pred_quarantine
+    return plan

@@ -1,0 +1,487 @@
+"""Scoring for the evaluate stage: class spaces, one task's work, and the result (SPEC §8).
+
+Pure parts (class selection, label conversion, PNG checks, the table) take numpy arrays and
+strings; `score_unit` is what one Ray task runs (reads one ground-truth row group and the
+predictions of its ids, returns confusion matrices); `EvaluationResult` is what the driver sums.
+`pipelines.evaluate` plans the tasks and runs them.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pipelines import schema
+from pipelines.class_spaces import (
+    COCO_UNUSED_IDS,
+    ClassSpace,
+    coco81_to_coco91,
+    coco91_to_coco81,
+)
+from pipelines.evaluation import confusion_matrix, score_from_confusion
+from pipelines.ingest_rows import RowRejected
+from pipelines.manifest import InputRef, Manifest
+from pipelines.storage import Location
+
+PRED_STAGES = ("refine", "pseudo_masks")
+GT_STAGES = ("ingest", "refine")
+NO_SPLIT = "(none)"  # split key of rows without a split
+MAX_LABEL_PIXELS = 200_000_000  # a label PNG declaring more is refused before decoding
+DEFINITION = (
+    "IoU_c = TP / (TP + FP + FN) over pixels whose ground truth is not 255; mIoU = nan-mean of "
+    "IoU over the averaged classes (a class absent from both GT and prediction has no IoU)"
+)
+_CONVERSIONS = {("coco91", "coco81"), ("coco81", "coco91")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Class spaces (pure)
+
+
+def manifest_space(manifest: Manifest) -> ClassSpace | None:
+    """The class space a manifest names, or None when its `class_names` is empty.
+
+    Raises:
+        ValueError: the names are not a usable space (no background first, duplicates, ...).
+    """
+    if not manifest.class_names:
+        return None
+    try:
+        return ClassSpace(manifest.class_space, tuple(manifest.class_names))
+    except ValueError as e:
+        raise ValueError(f"{manifest.location.uri}: unusable class names: {e}") from None
+
+
+def label_conversion(source: ClassSpace | None, target: ClassSpace, what: str) -> str | None:
+    """How label maps of `source` become ids of `target`: None (same space) or `"a->b"`.
+
+    Raises:
+        ValueError: different spaces without an explicit mapping (only coco91 <-> coco81).
+    """
+    if source is None or source.class_names == target.class_names:
+        return None
+    if (source.name, target.name) in _CONVERSIONS:
+        return f"{source.name}->{target.name}"
+    raise ValueError(
+        f"{what} is in class space {source.name} ({source.num_classes} classes), which has no "
+        f"mapping to {target.name} ({target.num_classes} classes); only coco91 <-> coco81 "
+        "converts"
+    )
+
+
+def convert_labels(labels: np.ndarray, conversion: str | None, *, strict: bool) -> np.ndarray:
+    """Label map in the target space. Not `strict` (predictions): ids with no counterpart
+    become 255 and count as misses. `strict` (ground truth): they raise ValueError."""
+    if conversion is None:
+        return labels
+    if conversion == "coco91->coco81":
+        if not strict:
+            labels = np.where((labels > 90) | np.isin(labels, COCO_UNUSED_IDS), 255, labels)
+        return coco91_to_coco81(labels)
+    if conversion == "coco81->coco91":
+        if not strict:
+            labels = np.where(labels > 80, 255, labels)
+        return coco81_to_coco91(labels)
+    raise ValueError(f"unknown label conversion {conversion!r}")
+
+
+def select_classes(space: ClassSpace, items: Sequence[str] | None) -> tuple[int, ...]:
+    """Class ids mIoU averages over: every class (None), or the given names / ids.
+
+    Raises:
+        ValueError: an item names no class of the space (field `average_over`).
+    """
+    if items is None:
+        return tuple(range(space.num_classes))
+    ids: list[int] = []
+    for item in items:
+        text = item.strip()
+        if text.isdigit() and int(text) < space.num_classes:
+            class_id = int(text)
+        elif text in space.class_names:
+            class_id = space.class_names.index(text)
+        else:
+            raise ValueError(
+                f"average_over: {text[:64]!r} is neither a class name nor an id of "
+                f"{space.name} (0..{space.num_classes - 1})"
+            )
+        if class_id not in ids:
+            ids.append(class_id)
+    return tuple(sorted(ids))
+
+
+def miou_over(iou: Sequence[float], ids: Sequence[int]) -> float | None:
+    """Nan-mean of `iou` over `ids`; None when none of them has an IoU."""
+    values = np.asarray([iou[i] for i in ids], dtype=np.float64)
+    defined = values[~np.isnan(values)]
+    return float(defined.mean()) if defined.size else None
+
+
+# ---------------------------------------------------------------------------------------------
+# One pair (pure)
+
+
+def decode_labels(data: Any, what: str, expected: tuple[int, int] | None = None) -> np.ndarray:
+    """H x W uint8 ids of a label PNG, its size checked against `expected` before decoding.
+
+    Raises:
+        RowRejected: not bytes, not a P/L PNG, undecodable, too large, or of another size.
+    """
+    if not isinstance(data, bytes):
+        raise RowRejected(f"missing {what}")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format != "PNG" or image.mode not in ("P", "L"):
+                raise RowRejected(
+                    f"undecodable {what}: {image.format} {image.mode}, expected a P/L label PNG"
+                )
+            shape = (image.height, image.width)
+            if expected is not None and shape != tuple(expected):
+                raise RowRejected(
+                    f"size mismatch: {what} is {shape[0]}x{shape[1]}, "
+                    f"expected {expected[0]}x{expected[1]}"
+                )
+            if shape[0] * shape[1] > MAX_LABEL_PIXELS:
+                raise RowRejected(f"{what} too large: {shape[0]}x{shape[1]}")
+            return np.array(image, dtype=np.uint8)
+    except RowRejected:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise RowRejected(f"undecodable {what}: {type(exc).__name__}: {exc}") from None
+
+
+def score_pair(
+    pred: np.ndarray,
+    gt: np.ndarray,
+    num_classes: int,
+    *,
+    pred_conversion: str | None = None,
+    gt_conversion: str | None = None,
+) -> np.ndarray:
+    """K x (K + 1) confusion matrix of one prediction against its ground truth.
+
+    Raises:
+        RowRejected: shapes differ, or GT ids outside the class space (after conversion).
+    """
+    if pred.shape != gt.shape:
+        raise RowRejected(
+            f"size mismatch: prediction is {pred.shape[0]}x{pred.shape[1]}, "
+            f"ground truth {gt.shape[0]}x{gt.shape[1]}"
+        )
+    try:
+        gt = convert_labels(gt, gt_conversion, strict=True)
+    except ValueError as e:
+        raise RowRejected(f"bad ground truth: {e}") from None
+    pred = convert_labels(pred, pred_conversion, strict=False)
+    try:
+        return confusion_matrix(pred, gt, num_classes)
+    except ValueError as e:
+        raise RowRejected(f"bad ground truth: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# One task: a ground-truth row group and the predictions of its ids
+
+
+def _read_predictions(pred_loc: Location, wanted: Sequence[Sequence[Any]]) -> dict[str, Any]:
+    """image id -> label PNG bytes, or a reason string where it could not be read."""
+    found: dict[str, Any] = {}
+    groups: dict[tuple[str, int], set[str]] = defaultdict(set)
+    masks: dict[str, str] = {}
+    for _, image_id, path, row_group in wanted:
+        if row_group < 0:
+            masks[pred_loc.join(path)] = image_id
+        else:
+            groups[(path, row_group)].add(image_id)
+    for (path, row_group), ids in groups.items():
+        try:
+            with pred_loc.fs.open(pred_loc.join(path), "rb") as f:
+                cols = (
+                    pq.ParquetFile(f)
+                    .read_row_group(row_group, columns=[schema.IMAGE_ID, schema.SEED])
+                    .to_pydict()
+                )
+        except (OSError, ValueError) as e:
+            for image_id in ids:
+                found[image_id] = f"unreadable prediction shard {path}: {type(e).__name__}"
+            continue
+        for image_id, seed in zip(cols[schema.IMAGE_ID], cols[schema.SEED], strict=True):
+            if image_id in ids and image_id not in found:
+                found[image_id] = seed
+    if masks:
+        blobs = pred_loc.fs.cat(list(masks), on_error="return")
+        for path, image_id in masks.items():
+            blob = blobs.get(path)
+            found[image_id] = (
+                blob if isinstance(blob, bytes) else f"unreadable mask: {type(blob).__name__}"
+            )
+    return found
+
+
+def score_unit(
+    unit: Mapping[str, Any],
+    *,
+    gt_loc: Location,
+    pred_loc: Location,
+    num_classes: int,
+    pred_conversion: str | None = None,
+    gt_conversion: str | None = None,
+) -> dict[str, Any]:
+    """Scores the predictions of one ground-truth row group (one Ray task).
+
+    Args:
+        unit: from `pipelines.evaluate.plan_units`.
+
+    Returns:
+        `scored`, `gt_null`, `gt_without_prediction` ({split: n}), `confusion` ({split:
+        {"images", "matrix": K x (K + 1) as a flat list}}), `quarantine` ([[id, source, reason]]).
+    """
+    rel, row_group = unit["gt_path"], unit["gt_row_group"]
+    source = f"{rel}#rg{row_group}"
+    with gt_loc.fs.open(gt_loc.join(rel), "rb") as f:
+        parquet = pq.ParquetFile(f)
+        names = set(parquet.schema_arrow.names)
+        columns = [schema.IMAGE_ID, schema.GT] + [
+            c for c in (schema.HEIGHT, schema.WIDTH, schema.SPLIT) if c in names
+        ]
+        cols = parquet.read_row_group(row_group, columns=columns).to_pydict()
+    predictions = {int(p[0]): p for p in unit["predictions"]}
+    pred_data = _read_predictions(pred_loc, unit["predictions"])
+    skip = set(unit["skip"])
+    k = num_classes
+    matrices: dict[str, np.ndarray] = {}
+    images: Counter[str] = Counter()
+    gt_without: Counter[str] = Counter()
+    quarantine: list[list[str]] = []
+    scored = gt_null = 0
+    splits = cols.get(schema.SPLIT) or [None] * len(cols[schema.IMAGE_ID])
+    for position, image_id in enumerate(cols[schema.IMAGE_ID]):
+        if position in skip:
+            continue
+        gt_bytes = cols[schema.GT][position]
+        split = splits[position] or NO_SPLIT
+        planned = predictions.get(position)
+        if planned is None:
+            if gt_bytes is not None:
+                gt_without[split] += 1
+            continue
+        if planned[1] != image_id:  # the shard changed under its manifest
+            quarantine.append([str(planned[1]), source, "ground truth row moved since planning"])
+            continue
+        if gt_bytes is None:
+            gt_null += 1
+            continue
+        try:
+            expected = None
+            if schema.HEIGHT in cols and schema.WIDTH in cols:
+                expected = (int(cols[schema.HEIGHT][position]), int(cols[schema.WIDTH][position]))
+            gt = decode_labels(gt_bytes, "ground truth", expected)
+            data = pred_data.get(image_id)
+            if isinstance(data, str):
+                raise RowRejected(data)
+            pred = decode_labels(data, "prediction", gt.shape)
+            matrix = score_pair(
+                pred, gt, k, pred_conversion=pred_conversion, gt_conversion=gt_conversion
+            )
+        except RowRejected as e:
+            quarantine.append([image_id, source, e.reason])
+            continue
+        except (TypeError, ValueError) as e:  # e.g. a null height in the GT row
+            quarantine.append([image_id, source, f"bad ground truth row: {e}"])
+            continue
+        matrices[split] = matrices.get(split, np.zeros((k, k + 1), np.int64)) + matrix
+        images[split] += 1
+        scored += 1
+    return {
+        "scored": scored,
+        "gt_null": gt_null,
+        "gt_without_prediction": {s: n for s, n in gt_without.items() if n},
+        "confusion": {
+            split: {"images": images[split], "matrix": matrix.ravel().tolist()}
+            for split, matrix in matrices.items()
+        },
+        "quarantine": quarantine,
+    }
+
+
+class RecordSum:
+    """Sums `score_unit` records: in a task over its batch, then on the driver over tasks."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.scored = 0
+        self.gt_null = 0
+        self.gt_without_prediction: Counter[str] = Counter()
+        self.images: Counter[str] = Counter()
+        self.matrices: dict[str, np.ndarray] = {}
+        self.quarantine: list[list[str]] = []
+
+    def add(self, record: Mapping[str, Any]) -> None:
+        k = self.num_classes
+        self.scored += record["scored"]
+        self.gt_null += record["gt_null"]
+        self.gt_without_prediction.update(record["gt_without_prediction"])
+        self.quarantine.extend(record["quarantine"])
+        for split, entry in record["confusion"].items():
+            matrix = np.asarray(entry["matrix"], dtype=np.int64).reshape(k, k + 1)
+            self.matrices[split] = self.matrices.get(split, 0) + matrix
+            self.images[split] += entry["images"]
+
+    def record(self) -> dict[str, Any]:
+        """The sum, in `score_unit`'s record format."""
+        return {
+            "scored": self.scored,
+            "gt_null": self.gt_null,
+            "gt_without_prediction": dict(self.gt_without_prediction),
+            "confusion": {
+                split: {"images": self.images[split], "matrix": matrix.ravel().tolist()}
+                for split, matrix in self.matrices.items()
+            },
+            "quarantine": self.quarantine,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# The result
+
+
+@dataclass(frozen=True, eq=False)
+class EvaluationResult:
+    """Summed confusion matrices of one evaluation and what could not be scored."""
+
+    prediction_uri: str
+    prediction_stage: str
+    gt_uri: str
+    gt_stage: str
+    class_space: str
+    class_names: tuple[str, ...]
+    average_over: tuple[int, ...]  # class ids the headline mIoU averages over
+    by_split: Mapping[str, np.ndarray]  # split -> K x (K + 1) confusion matrix
+    images_by_split: Mapping[str, int]
+    gt_without_prediction_by_split: Mapping[str, int]
+    counts: Mapping[str, int]
+    quarantine: tuple[tuple[str, str, str], ...] = ()  # (image id, source, reason)
+    conversions: Mapping[str, str | None] = field(default_factory=dict)
+    inputs: tuple[InputRef, ...] = ()
+    seconds: float = 0.0
+
+    @property
+    def confusion(self) -> np.ndarray:
+        """K x (K + 1) over every scored image, all splits."""
+        k = len(self.class_names)
+        total = np.zeros((k, k + 1), np.int64)
+        for matrix in self.by_split.values():
+            total += matrix
+        return total
+
+    @property
+    def per_class_iou(self) -> tuple[float, ...]:
+        """IoU per class id (nan where a class is absent from both GT and prediction)."""
+        return score_from_confusion(self.confusion).per_class_iou
+
+    @property
+    def miou(self) -> float | None:
+        """Nan-mean IoU over `average_over`; None when nothing was scored."""
+        return miou_over(self.per_class_iou, self.average_over)
+
+    def metrics(self) -> dict[str, Any]:
+        """JSON-ready metrics (fractions in [0, 1], null for undefined IoU)."""
+        iou = self.per_class_iou
+        reasons = Counter(reason.split(":")[0] for _, _, reason in self.quarantine)
+        return {
+            "miou": self.miou,
+            "per_class_iou": {
+                name: _finite(value) for name, value in zip(self.class_names, iou, strict=True)
+            },
+            "class_space": self.class_space,
+            "num_classes": len(self.class_names),
+            "averaged_over": [self.class_names[i] for i in self.average_over],
+            "classes_with_iou": sum(1 for i in self.average_over if not math.isnan(iou[i])),
+            "miou_all_classes": miou_over(iou, range(len(iou))),
+            "definition": DEFINITION,
+            "images": sum(self.images_by_split.values()),
+            "num_pixels": int(self.confusion.sum()),
+            "by_split": {
+                split: {
+                    "images": self.images_by_split.get(split, 0),
+                    "miou": miou_over(
+                        score_from_confusion(matrix).per_class_iou, self.average_over
+                    ),
+                }
+                for split, matrix in sorted(self.by_split.items())
+            },
+            "counts": dict(self.counts),
+            "gt_without_prediction_by_split": dict(
+                sorted(self.gt_without_prediction_by_split.items())
+            ),
+            "quarantine_reasons": dict(reasons.most_common()),
+            "conversions": dict(self.conversions),
+            "prediction": {"uri": self.prediction_uri, "stage": self.prediction_stage},
+            "ground_truth": {"uri": self.gt_uri, "stage": self.gt_stage},
+        }
+
+
+def _finite(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def _printable(text: str, limit: int = 40) -> str:
+    """Untrusted names on a terminal: control characters replaced, length capped."""
+    clean = "".join(c if c.isprintable() else "?" for c in str(text))
+    return clean if len(clean) <= limit else clean[: limit - 3] + "..."
+
+
+def format_table(metrics: Mapping[str, Any]) -> str:
+    """The per-class IoU table (percent) and mIoU of `EvaluationResult.metrics()` output."""
+
+    def pct(value: Any) -> str:
+        return "n/a" if value is None else f"{100 * value:6.2f}"
+
+    counts = metrics.get("counts", {})
+    averaged = set(metrics.get("averaged_over", []))
+    per_class = metrics.get("per_class_iou", {})
+    lines = [
+        f"prediction:   {_printable(metrics['prediction']['uri'], 200)} "
+        f"({metrics['prediction']['stage']})",
+        f"ground truth: {_printable(metrics['ground_truth']['uri'], 200)} "
+        f"({metrics['ground_truth']['stage']})",
+        "images:       "
+        + ", ".join(
+            f"{key.replace('_', ' ')} {counts[key]}"
+            for key in (
+                "scored",
+                "prediction_without_gt",
+                "gt_null",
+                "gt_without_prediction",
+                "quarantined",
+            )
+            if key in counts
+        ),
+    ]
+    reasons = metrics.get("quarantine_reasons") or {}
+    if reasons:
+        shown = ", ".join(f"{_printable(k)}: {v}" for k, v in list(reasons.items())[:5])
+        lines.append(f"quarantined:  {shown}")
+    width = max([len("class")] + [len(_printable(n)) for n in per_class])
+    lines.append(f"{'class':<{width}}  IoU %")
+    for name, value in per_class.items():
+        mark = "" if name in averaged else "  (not averaged)"
+        lines.append(f"{_printable(name):<{width}}  {pct(value)}{mark}")
+    lines.append(
+        f"{'mIoU':<{width}}  {pct(metrics.get('miou'))}  (class space "
+        f"{metrics.get('class_space')}, nan-mean over {metrics.get('classes_with_iou')} of "
+        f"{len(averaged)} averaged classes with an IoU)"
+    )
+    for split, entry in (metrics.get("by_split") or {}).items():
+        lines.append(
+            f"  split {_printable(split)}: mIoU {pct(entry['miou'])} ({entry['images']} images)"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,136 @@
+"""The model checkpoint of the pseudo-mask stage: read once, verified, refused when unsafe.
+
+The checkpoint is train's `model.pt` export (`pipelines.checkpoint.export_model`): one
+`torch.save` of plain containers and tensors. It is read from storage into memory, hashed
+(SHA-256 of the file's bytes: the digest every pseudo-mask output records) and loaded with
+`torch.load(..., weights_only=True)`, which rebuilds tensors and plain containers and refuses
+every other pickle global — a file that would run code (`os.system` in a `__reduce__`) is
+refused without running it. Only then does the driver start Ray work; the actors receive the
+same bytes through the object store, check the digest and load them the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from typing import Any
+
+from pipelines.storage import Location, StorageOptions, redact, resolve
+from pipelines.storage import read_bytes as _read_bytes
+
+MAX_CHECKPOINT_BYTES = 8 * 1024**3  # a ViT-B/16 export is ~0.6 GB
+# = pipelines.checkpoint.EXPORT_FORMAT, not imported from there: that module pulls in open_clip
+# and torchvision (seconds of start-up) and the driver only needs torch to check a checkpoint.
+EXPORT_FORMAT = "weakclip-export-v1"
+
+
+class CheckpointRefused(ValueError):
+    """The checkpoint is unreadable, unsafe or not a WeakCLIP export."""
+
+
+@dataclass(frozen=True)
+class VerifiedCheckpoint:
+    """A checkpoint that loaded with `weights_only=True` and passed the export checks.
+
+    Attributes:
+        uri: where it was read from (credentials never included).
+        sha256: SHA-256 of the file's bytes.
+        data: the file's bytes (handed to the actors unchanged).
+        class_names: K class names of the model, index = class id.
+        config: the model config as a dict (`weakclip.config.to_dict`).
+        iteration: training iterations of the exported weights.
+    """
+
+    uri: str
+    sha256: str
+    data: bytes
+    class_names: tuple[str, ...]
+    config: dict[str, Any]
+    iteration: int
+
+    def __repr__(self) -> str:  # keep the bytes out of logs and error messages
+        return f"VerifiedCheckpoint({self.uri!r}, sha256={self.sha256[:12]}…)"
+
+
+def load_export_payload(data: bytes, *, where: str) -> dict[str, Any]:
+    """The export payload of checkpoint bytes, loaded with `weights_only=True` and checked.
+
+    Raises:
+        CheckpointRefused: not loadable with weights_only (e.g. a pickle that would run code),
+            or not a WeakCLIP export.
+    """
+    import torch
+
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+        raise CheckpointRefused(
+            f"checkpoint {where} refused: it does not load with torch.load(weights_only=True) "
+            f"({type(exc).__name__}: {first[:300]}); only a WeakCLIP model.pt export is "
+            "accepted, nothing in the file was executed"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
+        raise CheckpointRefused(
+            f"checkpoint {where} is not a WeakCLIP export (format {EXPORT_FORMAT}): use the "
+            "model.pt that the train stage writes"
+        )
+    names = payload.get("class_names")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise CheckpointRefused(f"checkpoint {where}: class_names must be a list of strings")
+    if not isinstance(payload.get("config"), dict) or not isinstance(
+        payload.get("state_dict"), dict
+    ):
+        raise CheckpointRefused(f"checkpoint {where}: config or state_dict missing")
+    return payload
+
+
+def verify_checkpoint(
+    uri: str | Location, storage: StorageOptions | None = None
+) -> VerifiedCheckpoint:
+    """Reads, hashes and safely loads a checkpoint; no Ray involved.
+
+    Raises:
+        CheckpointRefused: missing, too large, unsafe or not an export (one-line message).
+    """
+    location = uri if isinstance(uri, Location) else resolve(uri, storage)
+    try:
+        data = _read_bytes(location, max_bytes=MAX_CHECKPOINT_BYTES)
+    except (OSError, ValueError) as exc:
+        raise CheckpointRefused(f"cannot read checkpoint: {redact(str(exc))}") from None
+    payload = load_export_payload(data, where=location.uri)
+    try:
+        from weakclip.config import WeakCLIPConfig, from_dict
+
+        from_dict(payload["config"], WeakCLIPConfig)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointRefused(f"checkpoint {location.uri}: bad model config: {exc}") from None
+    iteration = payload.get("iteration")
+    return VerifiedCheckpoint(
+        uri=location.uri,
+        sha256=hashlib.sha256(data).hexdigest(),
+        data=data,
+        class_names=tuple(payload["class_names"]),
+        config=payload["config"],
+        iteration=int(iteration) if isinstance(iteration, int) else -1,
+    )
+
+
+def build_model(data: bytes, *, sha256: str) -> tuple[Any, Any]:
+    """The `WeakCLIP` of verified checkpoint bytes (in eval mode) and its `WeakCLIPConfig`;
+    runs inside the actors.
+
+    Raises:
+        CheckpointRefused: the bytes are not the verified checkpoint, or do not load.
+    """
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise CheckpointRefused("checkpoint bytes do not match the verified SHA-256")
+    from weakclip.build import build_weakclip
+    from weakclip.config import WeakCLIPConfig, from_dict
+
+    payload = load_export_payload(data, where=f"sha256:{sha256[:12]}")
+    config = from_dict(payload["config"], WeakCLIPConfig)
+    model = build_weakclip(config, payload["class_names"], clip_weights=None)
+    model.load_state_dict(payload["state_dict"], strict=True)
+    return model.eval(), config

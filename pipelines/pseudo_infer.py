@@ -1,0 +1,186 @@
+"""The model stage of the pseudo-mask pipeline: multi-scale + flip inference in an actor pool.
+
+`MaskPredictor` is a Ray Data callable class (one model replica per actor, built once in
+`__init__` from the verified checkpoint bytes; `__call__` under `torch.inference_mode()`, and
+bf16 autocast on GPU). Per image it runs `weakclip.inference.multiscale_probabilities`, keeps
+only the planes of the allowed classes (background + the image's labels when restricted; all K
+otherwise) and hands them on as float16 bytes: the CRF runs in a separate CPU stage
+(`pipelines.pseudo_rows.postprocess_rows`), so the model never waits for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines.pseudo_rows import GT, IMAGE, META, PROBS
+from pipelines.refine import decode_rgb
+from weakclip.config import InferenceConfig
+from weakclip.inference import multiscale_probabilities
+
+
+def allowed_classes(labels: Sequence[int], num_classes: int, *, restrict: bool) -> list[int]:
+    """Class ids whose planes are kept: background + `labels` when restricted, else all K."""
+    if not restrict:
+        return list(range(num_classes))
+    return [0, *sorted({int(c) for c in labels if 0 < int(c) < num_classes})]
+
+
+def predict_probabilities(
+    model_fn: Callable[[torch.Tensor], torch.Tensor],
+    image: np.ndarray,
+    classes: Sequence[int],
+    *,
+    num_classes: int,
+    inference: InferenceConfig,
+    pixel_mean: Sequence[float],
+    pixel_std: Sequence[float],
+    device: torch.device,
+) -> np.ndarray:
+    """Probabilities of `classes` for one image, averaged over scales and flips.
+
+    Args:
+        model_fn: B x 3 x h x w normalised images -> B x K x h' x w' logits.
+        image: H x W x 3 uint8 RGB.
+        classes: C ascending class ids to keep; with C < K the other classes get -inf logits
+            before every softmax (SPEC §7 restriction), so the kept planes sum to 1.
+        num_classes: K.
+        inference: scales, short side, flip, window, stride.
+        pixel_mean, pixel_std: RGB normalisation on the 0-255 scale.
+        device: where the model runs.
+
+    Returns:
+        C x H x W float16 probabilities (C-order).
+    """
+    if len(classes) == 1:  # nothing to choose between: skip the model
+        return np.ones((1, *image.shape[:2]), np.float16)
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).to(device)  # H x W x 3 uint8
+    mean = torch.tensor(pixel_mean, dtype=torch.float32, device=device)
+    std = torch.tensor(pixel_std, dtype=torch.float32, device=device)
+    normalised = ((tensor.float() - mean) / std).permute(2, 0, 1)[None].contiguous()  # 1x3xHxW
+    index = torch.tensor(list(classes), dtype=torch.long, device=device)
+    class_mask = None
+    if len(classes) < num_classes:
+        class_mask = torch.zeros(num_classes, dtype=torch.bool, device=device)
+        class_mask[index] = True
+    probs = multiscale_probabilities(
+        model_fn,
+        normalised,
+        num_classes=num_classes,
+        scales=inference.scales,
+        short_side=inference.short_side,
+        flip=inference.flip,
+        window=inference.window,
+        stride=inference.stride,
+        class_mask=class_mask,
+    )  # K x H x W float32
+    return probs.index_select(0, index).to(torch.float16).cpu().numpy()
+
+
+class MaskPredictor:
+    """Ray Data actor: `meta`, `image`, `gt` rows in; the same plus `probs` out.
+
+    Rejected rows (`meta["reason"]`) pass through untouched with empty `probs`.
+    """
+
+    def __init__(
+        self,
+        *,
+        checkpoint: Any,
+        sha256: str,
+        inference: InferenceConfig,
+        use_gpu: bool,
+        threads: int | None = None,
+    ) -> None:
+        """
+        Args:
+            checkpoint: the checkpoint bytes, or a one-element list holding their ObjectRef.
+            sha256: the verified digest the bytes must have.
+            inference: the resolved inference settings.
+            use_gpu: run on CUDA (the actor was given a GPU).
+            threads: torch CPU threads (None keeps torch's default).
+        """
+        from pipelines.pseudo_checkpoint import build_model
+
+        if isinstance(checkpoint, list):
+            import ray
+
+            checkpoint = ray.get(checkpoint[0])
+        if threads is not None:
+            torch.set_num_threads(max(1, threads))
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        model, config = build_model(checkpoint, sha256=sha256)
+        del checkpoint
+        self.model = model.to(self.device)
+        self.num_classes = len(model.class_names)
+        self.pixel_mean = tuple(config.clip.pixel_mean)
+        self.pixel_std = tuple(config.clip.pixel_std)
+        self.inference = inference
+
+    def _model_fn(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images).logits
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        metas, probs_out = [], []
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if self.device.type == "cuda"
+            else nullcontext()
+        )
+        with torch.inference_mode(), autocast:
+            for meta_json, image_bytes in zip(batch[META], batch[IMAGE], strict=True):
+                meta = json.loads(meta_json)
+                probs = b""
+                if not meta.get("reason"):
+                    started = time.perf_counter()
+                    classes = allowed_classes(
+                        meta["labels"],
+                        self.num_classes,
+                        restrict=self.inference.restrict_to_image_classes,
+                    )
+                    try:
+                        image = decode_rgb(
+                            bytes(image_bytes), height=meta["height"], width=meta["width"]
+                        )
+                        probs = predict_probabilities(
+                            self._model_fn,
+                            image,
+                            classes,
+                            num_classes=self.num_classes,
+                            inference=self.inference,
+                            pixel_mean=self.pixel_mean,
+                            pixel_std=self.pixel_std,
+                            device=self.device,
+                        ).tobytes()
+                        meta["prob_classes"] = classes
+                    except ValueError as exc:  # RowRejected included
+                        meta["reason"] = getattr(exc, "reason", f"inference failed: {exc}")
+                    meta["infer_s"] = time.perf_counter() - started
+                    meta["model_done_at"] = time.time()
+                    meta["actor"] = self._memory()
+                metas.append(json.dumps(meta))
+                probs_out.append(probs)
+        return {
+            META: np.asarray(metas, dtype=object),
+            IMAGE: batch[IMAGE],
+            GT: batch[GT],
+            PROBS: np.asarray(probs_out, dtype=object),
+        }
+
+    def _memory(self) -> dict[str, Any]:
+        """This actor's id and peak memory (resident set; CUDA allocations on GPU)."""
+        usage = {
+            "id": f"{os.uname().nodename}:{os.getpid()}",
+            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+        if self.device.type == "cuda":
+            usage["cuda_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        return usage

@@ -1,0 +1,502 @@
+"""Pseudo-mask stage: a trained WeakCLIP → one pseudo-mask PNG per training image (SPEC.md §7).
+
+Reads an ingest or refine output (the columns of `pipelines.pseudo_rows.read_columns`) through
+its manifest and train's `model.pt`; writes `masks/<image_id>.png` (VOC-palette PNG of class
+ids in the full class space, original size), the index `shards/<unit>.parquet`
+(`schema.PSEUDO_MASK_COLUMNS`), `quarantine/`, `report/`, `manifest.json` and `_SUCCESS` last.
+
+The checkpoint is read, hashed and loaded with `weights_only=True` before any Ray work
+(`pipelines.pseudo_checkpoint`); its class names must equal the input's. Then one Ray Data
+pipeline streams three stages:
+1. CPU tasks, one per unit (an input row group): read, keep the chosen splits, validate
+   (id, size, labels, bytes; bad rows flow on with their reason), score the baseline (CAM
+   argmax for an ingest input, seeds for a refine input) against the GT;
+2. a fixed-size actor pool of model replicas (`ActorPoolStrategy`; one GPU each when the
+   cluster has GPUs, else CPUs): multi-scale + flip sliding-window inference restricted to
+   background + the image's classes, planes of those classes handed on as float16;
+3. CPU tasks: dense-CRF post-processing, the mask written straight to storage, sparse
+   confusion counts against the GT.
+Only small JSON rows come back to the driver, which assembles each unit once all of its rows are
+back: its index shard, quarantine file and last its completion record `_units/<unit>.json`.
+
+Re-running (CONTRACTS.md): the fingerprint holds the resolved inference/CRF settings, the
+splits, the class names and the checkpoint's SHA-256, so another checkpoint into the same
+output is refused unless `overwrite`. An interrupted run redoes exactly the units whose record
+is missing or whose listed files (masks included) are missing or changed; mask names depend only
+on the image id, so no image ends up with two masks, and a mask is only listed from a record of
+this fingerprint — never reused from another run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from pipelines import pseudo_units as units_mod
+from pipelines.manifest import FileEntry, Manifest, StageOutput, StageState, read_manifest
+from pipelines.pseudo_checkpoint import VerifiedCheckpoint, verify_checkpoint
+from pipelines.pseudo_report import write_stage_report
+from pipelines.pseudo_rows import PseudoUnit, RowSpec
+from pipelines.storage import StorageOptions, redact, resolve
+from weakclip.config import COCO_POST_CRF, VOC_POST_CRF, CRFConfig, InferenceConfig
+
+STAGE = "pseudo_masks"
+_CRF_FIELDS = (
+    "gaussian_sxy",
+    "gaussian_compat",
+    "bilateral_sxy",
+    "bilateral_srgb",
+    "bilateral_compat",
+)
+
+
+@dataclass(frozen=True)
+class PseudoMaskConfig:
+    """Options of the pseudo-mask stage (CLI flags and `--config` fields).
+
+    Inference fields left None take the checkpoint's own `inference` settings (its model
+    preset's); CRF fields left None take SPEC §7's values for the input's class space (COCO's
+    for coco91/coco81, VOC's otherwise).
+    """
+
+    scales: tuple[float, ...] | None = None  # fractions of short_side, one pass (two with flip)
+    short_side: int | None = None  # reference short side the scales apply to
+    flip: bool | None = None  # add a mirrored pass per scale
+    window: int | None = None  # sliding-window side
+    stride: int | None = None  # sliding-window step
+    restrict_to_image_classes: bool = True  # only background + the image's labels
+    use_crf: bool = True  # CRF post-processing (False: argmax of the probabilities)
+    crf_iterations: int | None = None  # mean-field iterations (10)
+    gaussian_sxy: float | None = None  # smoothness kernel std (VOC 3, COCO 1)
+    gaussian_compat: float | None = None  # smoothness kernel weight (3)
+    bilateral_sxy: float | None = None  # appearance kernel spatial std (VOC 83, COCO 67)
+    bilateral_srgb: float | None = None  # appearance kernel colour std (VOC 5, COCO 3)
+    bilateral_compat: float | None = None  # appearance kernel weight (VOC 3, COCO 4)
+    splits: tuple[str, ...] | None = ("train",)  # splits to process; None = all rows
+    cam_bg_threshold: float = 0.43  # background of the CAM-argmax baseline (metrics, report)
+    report_images: int = 8  # images in report/ (0 = no report)
+    max_error_fraction: float = 0.01  # above this share of quarantined rows the job fails
+
+    def __post_init__(self) -> None:
+        if self.splits is not None and (
+            not self.splits or not all(isinstance(s, str) and s for s in self.splits)
+        ):
+            raise ValueError("splits: a non-empty list of split names, or null for all rows")
+        if not 0 < self.cam_bg_threshold < 1:
+            raise ValueError("cam_bg_threshold: must be in (0, 1)")
+        if self.report_images < 0:
+            raise ValueError("report_images: must be >= 0")
+        if not 0.0 <= self.max_error_fraction <= 1.0:
+            raise ValueError("max_error_fraction: must be in [0, 1]")
+        for name in ("short_side", "window", "stride", "crf_iterations"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}: must be >= 1, got {value}")
+        if self.window is not None and self.stride is not None and self.stride > self.window:
+            raise ValueError(f"stride: must be <= window={self.window}, got {self.stride}")
+        if self.scales is not None and (not self.scales or min(self.scales) <= 0):
+            raise ValueError(f"scales: must be non-empty and positive, got {self.scales}")
+        neutral = InferenceConfig(window=max(self.window or 1, self.stride or 1), stride=1)
+        self.inference(neutral, "custom")  # CRFConfig checks the CRF fields
+
+    def inference(self, base: InferenceConfig, class_space: str) -> InferenceConfig:
+        """The resolved settings: `base` (the checkpoint's) with the given fields over it."""
+        published = COCO_POST_CRF if class_space.startswith("coco") else VOC_POST_CRF
+        crf = replace(
+            published,
+            **{k: getattr(self, k) for k in _CRF_FIELDS if getattr(self, k) is not None},
+            **({"iterations": self.crf_iterations} if self.crf_iterations is not None else {}),
+        )
+        given = {
+            k: getattr(self, k)
+            for k in ("scales", "short_side", "flip", "window", "stride")
+            if getattr(self, k) is not None
+        }
+        return replace(
+            base, **given, restrict_to_image_classes=self.restrict_to_image_classes, crf=crf
+        )
+
+
+def stage_config(
+    config: PseudoMaskConfig, inference: InferenceConfig, checkpoint: VerifiedCheckpoint
+) -> dict[str, Any]:
+    """What fingerprints an output: resolved recipe, splits, report size, class names and the
+    checkpoint digest (not the error tolerance, so a failed run can be resumed with another)."""
+    recipe = asdict(inference)
+    if not config.use_crf:
+        recipe["crf"] = None
+    return {
+        "inference": recipe,
+        "splits": list(config.splits) if config.splits is not None else None,
+        "cam_bg_threshold": config.cam_bg_threshold,
+        "report_images": config.report_images,
+        "class_names": list(checkpoint.class_names),
+        "checkpoint_sha256": checkpoint.sha256,
+    }
+
+
+@dataclass(frozen=True)
+class PseudoMaskResult:
+    """What a run did; `ok` is False when the quarantined share exceeded the limit."""
+
+    output_uri: str
+    counts: dict[str, int]
+    metrics: dict[str, Any] | None
+    ok: bool
+    message: str
+    skipped: bool = False  # the output was already complete
+    seconds: float = 0.0  # driver wall time of this call
+    pipeline_seconds: float = 0.0  # wall time of the Ray Data pipeline (0 when nothing ran)
+    infer_seconds: float = 0.0  # Σ model time per image in the actors (this call)
+    crf_seconds: float = 0.0  # Σ CRF + mask time per image in the CRF tasks (this call)
+    images_run: int = 0  # rows this call sent through the pipeline
+    actor_memory_mb: dict[str, float] | None = None  # actor → peak RSS (MB; + CUDA on GPU)
+
+
+def check_class_names(source: Manifest, checkpoint: VerifiedCheckpoint) -> None:
+    """Refuses a checkpoint trained on another class space than the input's.
+
+    Raises:
+        ValueError: the class names differ (count, order or spelling).
+    """
+    if tuple(checkpoint.class_names) == tuple(source.class_names):
+        return
+    ours, theirs = list(checkpoint.class_names), list(source.class_names)
+    first = next(
+        (i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b),
+        min(len(ours), len(theirs)),
+    )
+    raise ValueError(
+        f"class names differ: the checkpoint has {len(ours)} classes, the input "
+        f"({source.class_space}) {len(theirs)}; first difference at class id {first} "
+        f"({ours[first] if first < len(ours) else '-'!r} vs "
+        f"{theirs[first] if first < len(theirs) else '-'!r}): use a model trained on this "
+        "class space"
+    )
+
+
+def run_pseudo_masks(
+    input_uri: str,
+    output_uri: str,
+    checkpoint: str | VerifiedCheckpoint,
+    config: PseudoMaskConfig,
+    *,
+    storage: StorageOptions | None = None,
+    actor_pool_size: int = 1,
+    cpus_per_actor: float = 1.0,
+    num_cpus_per_task: float = 0.5,
+    batch_size: int | None = None,
+    use_gpu: bool | None = None,
+    overwrite: bool = False,
+    progress_every: int | None = None,
+    report: Callable[[str], Any] = print,
+) -> PseudoMaskResult:
+    """Runs the pseudo-mask stage on the current Ray instance (see the module docstring).
+
+    Args:
+        input_uri: a completed ingest or refine output.
+        output_uri: this stage's output directory.
+        checkpoint: train's `model.pt` (URI), or one already verified.
+        config: inference, CRF, splits, report and error tolerance.
+        storage: endpoint/region of the object store (credentials come from the AWS chain).
+        actor_pool_size: model replicas (fixed pool).
+        cpus_per_actor: CPUs per replica (also its torch threads); on 2 cores 1 leaves room
+            for the read and CRF tasks.
+        num_cpus_per_task: CPUs per CRF task (read tasks take half of it).
+        batch_size: images per model call batch; None = 8 on GPU, 2 on CPU.
+        use_gpu: one GPU per replica; None = when the cluster has GPUs.
+        overwrite: replace an output made with another checkpoint, config or input.
+        progress_every: a progress line every this many images (default: about 20 lines).
+        report: progress sink, one line per call.
+
+    Raises:
+        CheckpointRefused: the checkpoint is unsafe, unreadable or not an export (before Ray).
+        IncompleteOutputError: the input has no `_SUCCESS`.
+        ValueError: the input is not an ingest/refine output, its class names differ from the
+            checkpoint's, or it holds no row in the chosen splits.
+        StageConflictError: the output holds another run (and not `overwrite`).
+    """
+    started = time.monotonic()
+    input_loc = resolve(input_uri, storage)
+    output_loc = resolve(output_uri, storage)
+    source = read_manifest(input_loc)
+    if source.stage not in ("ingest", "refine"):
+        raise ValueError(
+            f"{input_loc.uri} is a {source.stage!r} output, not an ingest or refine output"
+        )
+    if not isinstance(checkpoint, VerifiedCheckpoint):
+        checkpoint = verify_checkpoint(checkpoint, storage)
+    check_class_names(source, checkpoint)
+    from weakclip.config import WeakCLIPConfig, from_dict
+
+    model_config = from_dict(checkpoint.config, WeakCLIPConfig)
+    inference = config.inference(model_config.inference, source.class_space)
+    out = StageOutput.open(
+        output_loc,
+        stage=STAGE,
+        config=stage_config(config, inference, checkpoint),
+        inputs=[source.input_ref()],
+        overwrite=overwrite,
+    )
+    if out.state is StageState.DONE:
+        assert out.manifest is not None
+        report(out.done_message())
+        return PseudoMaskResult(
+            output_loc.uri,
+            dict(out.manifest.counts),
+            dict(out.manifest.metrics) if out.manifest.metrics else None,
+            True,
+            out.done_message(),
+            skipped=True,
+            seconds=time.monotonic() - started,
+        )
+
+    spec = RowSpec(
+        num_classes=len(source.class_names),
+        input_stage=source.stage,
+        splits=config.splits,
+        cam_bg_threshold=config.cam_bg_threshold,
+    )
+    units = units_mod.enumerate_units(input_loc, source, splits=config.splits)
+    total_rows = sum(u.rows for u in units)
+    selected = sum(u.selected for u in units)
+    if selected == 0:
+        raise ValueError(
+            f"{input_loc.uri} holds no rows in split(s) {list(config.splits or [])} "
+            f"({total_rows} rows in all)"
+        )
+    records = units_mod.read_valid_records(out, units) if out.state is StageState.RESUME else {}
+    todo = [u for u in units if u.name not in records]
+    report(
+        f"pseudo_masks: {selected} of {total_rows} rows in split(s) "
+        f"{'all' if config.splits is None else ','.join(config.splits)} from {input_loc.uri}; "
+        f"{len(inference.scales)} scale(s){' x flip' if inference.flip else ''}, "
+        f"{'restricted to image classes' if inference.restrict_to_image_classes else 'all classes'}"
+        f", CRF {'on' if config.use_crf else 'off'}; checkpoint {checkpoint.sha256[:12]}"
+        + (f"; resuming: {len(records)} of {len(units)} units already done" if records else "")
+    )
+    run = _run_units(
+        todo,
+        records,
+        input_loc=input_loc,
+        output_loc=output_loc,
+        checkpoint=checkpoint,
+        spec=spec,
+        inference=inference,
+        crf=inference.crf if config.use_crf else None,
+        actor_pool_size=actor_pool_size,
+        cpus_per_actor=cpus_per_actor,
+        num_cpus_per_task=num_cpus_per_task,
+        batch_size=batch_size,
+        use_gpu=use_gpu,
+        progress_every=progress_every,
+        report=report,
+    )
+    ordered = [records[u.name] for u in units]
+    counts = {
+        "input": total_rows,
+        "selected": selected,
+        "skipped": total_rows - selected,
+        "output": sum(r["output"] for r in ordered),
+        "quarantined": sum(r["quarantined"] for r in ordered),
+    }
+    if counts["output"] + counts["quarantined"] != selected:
+        raise RuntimeError(f"row counts do not add up: {counts}")
+    reasons: Counter[str] = Counter()
+    for r in ordered:
+        reasons.update(r["reasons"])
+    metrics = units_mod.build_metrics(
+        ordered,
+        class_names=source.class_names,
+        class_space=source.class_space,
+        baseline=spec.baseline,
+        bg_threshold=config.cam_bg_threshold,
+    )
+    timing = dict(seconds=time.monotonic() - started, **run)
+    fraction = counts["quarantined"] / selected
+    summary = ", ".join(f"{k}: {v}" for k, v in reasons.most_common(5))
+    if fraction > config.max_error_fraction:
+        message = (
+            f"{counts['quarantined']} of {selected} rows quarantined ({fraction:.1%} > "
+            f"max_error_fraction {config.max_error_fraction:.1%}): {summary}; see "
+            f"{output_loc.child('quarantine').uri} (outputs kept, no _SUCCESS written)"
+        )
+        report(f"pseudo_masks: FAILED: {redact(message)}")
+        return PseudoMaskResult(output_loc.uri, counts, metrics, False, message, **timing)
+
+    report_files: list[FileEntry] = []
+    if config.report_images:
+        report_files = write_stage_report(
+            ordered,
+            count=config.report_images,
+            input_loc=input_loc,
+            source=source,
+            output_loc=output_loc,
+            bg_threshold=config.cam_bg_threshold,
+            checkpoint_sha256=checkpoint.sha256,
+            metrics=metrics,
+            report=report,
+        )
+    files = [FileEntry(**f) for r in ordered for f in r["files"]] + report_files
+    out.commit(
+        files=files,
+        counts=counts,
+        class_names=source.class_names,
+        class_space=source.class_space,
+        metrics=metrics,
+        extra={
+            "checkpoint": {
+                "uri": checkpoint.uri,
+                "sha256": checkpoint.sha256,
+                "iteration": checkpoint.iteration,
+            },
+            "report": [f.path for f in report_files],
+            "quarantine_reasons": dict(reasons),
+            "units": len(units),
+        },
+    )
+    scores = ""
+    if metrics is not None:
+        scores = (
+            f"; mIoU ({source.class_space}, {metrics['gt_images']} images with GT): "
+            f"{spec.baseline.replace('_', ' ')} {_pct(metrics[spec.baseline]['miou'])}, "
+            f"pseudo masks {_pct(metrics['pseudo_masks']['miou'])}"
+        )
+    message = (
+        f"pseudo_masks: {counts['output']} masks, {counts['quarantined']} quarantined"
+        f"{(' (' + summary + ')') if summary else ''}, {counts['skipped']} rows of other splits "
+        f"skipped{scores}; {output_loc.uri} ({timing['seconds']:.0f} s)"
+    )
+    report(message)
+    return PseudoMaskResult(output_loc.uri, counts, metrics, True, message, **timing)
+
+
+def _run_units(
+    todo: Sequence[PseudoUnit],
+    records: dict[str, dict[str, Any]],
+    *,
+    input_loc: Any,
+    output_loc: Any,
+    checkpoint: VerifiedCheckpoint,
+    spec: RowSpec,
+    inference: InferenceConfig,
+    crf: CRFConfig | None,
+    actor_pool_size: int,
+    cpus_per_actor: float,
+    num_cpus_per_task: float,
+    batch_size: int | None,
+    use_gpu: bool | None,
+    progress_every: int | None,
+    report: Callable[[str], Any],
+) -> dict[str, Any]:
+    """Streams the units without a record through the three stages; fills `records`."""
+    timing: dict[str, Any] = dict(
+        pipeline_seconds=0.0, infer_seconds=0.0, crf_seconds=0.0, images_run=0
+    )
+    empty = [u for u in todo if u.selected == 0]
+    for unit in empty:  # every row in other splits: nothing to run
+        records[unit.name] = units_mod.finish_unit(unit, [], output_loc, checkpoint.sha256, spec)
+    work = [u for u in todo if u.selected > 0]
+    if not work:
+        return timing
+    import ray
+
+    from pipelines.pseudo_infer import MaskPredictor
+    from pipelines.pseudo_rows import postprocess_rows, read_unit
+
+    if use_gpu is None:
+        use_gpu = float(ray.cluster_resources().get("GPU", 0)) > 0
+    checkpoint_ref = ray.put(checkpoint.data)
+    items = [{"unit": json.dumps(asdict(u))} for u in work]
+    ds = (
+        ray.data.from_items(items, override_num_blocks=len(items))
+        .map_batches(
+            read_unit,
+            batch_size=1,
+            num_cpus=num_cpus_per_task / 2,
+            fn_kwargs={"input_loc": input_loc, "spec": spec},
+        )
+        .map_batches(
+            MaskPredictor,
+            batch_size=batch_size or (8 if use_gpu else 2),
+            compute=ray.data.ActorPoolStrategy(size=actor_pool_size),
+            num_cpus=cpus_per_actor,
+            num_gpus=1 if use_gpu else 0,
+            fn_constructor_kwargs={
+                "checkpoint": [checkpoint_ref],
+                "sha256": checkpoint.sha256,
+                "inference": inference,
+                "use_gpu": use_gpu,
+                "threads": max(1, int(cpus_per_actor)),
+            },
+        )
+        .map_batches(
+            postprocess_rows,
+            batch_size=1,
+            num_cpus=num_cpus_per_task,
+            fn_kwargs={"output_loc": output_loc, "crf": crf, "num_classes": spec.num_classes},
+        )
+    )
+    total = sum(u.selected for u in work)
+    every = progress_every or max(1, total // 20)
+    by_name = {u.name: u for u in work}
+    pending: dict[str, dict[int, dict[str, Any]]] = {u.name: {} for u in work}
+    memory: dict[str, float] = {}
+    writes: list[Future[dict[str, Any]]] = []
+    done = 0
+    run_started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for row in ds.iter_rows():
+            meta = json.loads(row["meta"])
+            rows = pending.get(meta["unit"])
+            if rows is None or int(meta["row"]) in rows:
+                continue  # a row of a retried batch that already came back
+            rows[int(meta["row"])] = meta
+            done += 1
+            timing["infer_seconds"] += meta.get("infer_s", 0.0)
+            timing["crf_seconds"] += meta.get("crf_s", 0.0)
+            actor = meta.get("actor")
+            if actor:
+                peak = actor["rss_mb"] + actor.get("cuda_mb", 0.0)
+                memory[actor["id"]] = max(memory.get(actor["id"], 0.0), peak)
+            unit = by_name[meta["unit"]]
+            if len(rows) == unit.selected:
+                writes.append(
+                    pool.submit(
+                        units_mod.finish_unit,
+                        unit,
+                        list(pending.pop(unit.name).values()),
+                        output_loc,
+                        checkpoint.sha256,
+                        spec,
+                    )
+                )
+            if done % every == 0 or done == total:
+                elapsed = time.monotonic() - run_started
+                report(
+                    f"pseudo_masks: {done}/{total} images, {done / max(elapsed, 1e-9):.2f} "
+                    f"images/s ({elapsed:.0f} s)"
+                )
+        for future in writes:
+            record = future.result()
+            records[record["unit"]] = record
+    if pending:
+        raise RuntimeError(f"{len(pending)} unit(s) did not return all their rows")
+    timing["pipeline_seconds"] = time.monotonic() - run_started
+    timing["images_run"] = done
+    timing["actor_memory_mb"] = memory
+    return timing
+
+
+def _pct(value: float | None) -> str:
+    return (
+        "n/a"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else (f"{100 * value:.1f}")
+    )

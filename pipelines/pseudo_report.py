@@ -1,0 +1,206 @@
+"""The visual report of a pseudo-mask output: image | CAM argmax | seed | pseudo mask | GT.
+
+A deterministic sample of the written masks (`pipelines.report.sample_ids`). The panels come
+from where they live: the image, GT and (refine input) seed from the input rows, the mask from
+`masks/<id>.png` just written, the CAM argmax from the ingest output — the input itself, or for
+a refine input the ingest output its manifest names as `inputs[0]`. A CAM that cannot be found
+leaves its panel out (said on the progress sink); anything else that fails is an error.
+Only the sampled rows are read (their row groups, by position), so the driver never holds more
+than `count` images.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipelines import schema
+from pipelines.ingest_rows import decode_cam_column
+from pipelines.manifest import FileEntry, Manifest, read_manifest
+from pipelines.palette import decode_label_png
+from pipelines.pseudo_rows import mask_rel
+from pipelines.refine import decode_rgb
+from pipelines.seeds import cam_argmax
+from pipelines.storage import Location, read_bytes, redact, resolve
+
+log = logging.getLogger(__name__)
+
+
+def _read_rows(loc: Location, path: str, row_group: int, columns: Sequence[str]) -> list[dict]:
+    with loc.fs.open(loc.join(path), "rb") as f:
+        parquet = pq.ParquetFile(f)
+        names = set(parquet.schema_arrow.names)
+        wanted = [c for c in columns if c in names]
+        return parquet.read_row_group(row_group, columns=wanted).to_pylist()
+
+
+def _ingest_cams(ingest: Manifest, ids: set[str], *, bg_threshold: float) -> dict[str, np.ndarray]:
+    """CAM argmax label maps of `ids` from an ingest output (only matching row groups read)."""
+    found: dict[str, np.ndarray] = {}
+    columns = [schema.IMAGE_ID, schema.HEIGHT, schema.WIDTH, schema.CAM, schema.CAM_CLASSES]
+    loc = ingest.location
+    for entry in ingest.entries("shards/"):
+        if len(found) == len(ids):
+            break
+        with loc.fs.open(loc.join(entry.path), "rb") as f:
+            parquet = pq.ParquetFile(f)
+            for group in range(parquet.metadata.num_row_groups):
+                table = parquet.read_row_group(group, columns=[schema.IMAGE_ID])
+                if not ids.intersection(table.column(0).to_pylist()):
+                    continue
+                for row in parquet.read_row_group(group, columns=columns).to_pylist():
+                    image_id = row[schema.IMAGE_ID]
+                    if image_id not in ids or image_id in found:
+                        continue
+                    classes = [int(c) for c in row[schema.CAM_CLASSES] or []]
+                    cams = decode_cam_column(
+                        row[schema.CAM], len(classes), row[schema.HEIGHT], row[schema.WIDTH]
+                    )
+                    found[image_id] = cam_argmax(cams, classes, bg_threshold=bg_threshold)
+    return found
+
+
+def build_report_rows(
+    sample: Mapping[str, tuple[str, int, int]],
+    *,
+    input_loc: Location,
+    source: Manifest,
+    output_loc: Location,
+    bg_threshold: float,
+    report: Callable[[str], Any] = print,
+) -> list[Any]:
+    """`ReportRow`s of the sampled images.
+
+    Args:
+        sample: image id → (input shard path, row group, row index in the group).
+        input_loc, source: the stage's input and its manifest.
+        output_loc: the stage output holding `masks/`.
+        bg_threshold: background plane of the CAM argmax.
+        report: where a missing CAM source is said.
+    """
+    from pipelines.report import ReportRow
+
+    by_group: dict[tuple[str, int], list[tuple[str, int]]] = defaultdict(list)
+    for image_id, (path, group, row) in sample.items():
+        by_group[(path, group)].append((image_id, row))
+    columns = [
+        schema.IMAGE_ID,
+        schema.IMAGE,
+        schema.HEIGHT,
+        schema.WIDTH,
+        schema.GT,
+        schema.SEED,
+        schema.CAM,
+        schema.CAM_CLASSES,
+    ]
+    inputs: dict[str, dict] = {}
+    for (path, group), wanted in by_group.items():
+        rows = _read_rows(input_loc, path, group, columns)
+        for image_id, index in wanted:
+            if rows[index][schema.IMAGE_ID] != image_id:
+                raise RuntimeError(f"{path} row group {group} changed under the stage")
+            inputs[image_id] = rows[index]
+    cams: dict[str, np.ndarray] = {}
+    if source.stage == "ingest":
+        for image_id, row in inputs.items():
+            classes = [int(c) for c in row[schema.CAM_CLASSES] or []]
+            planes = decode_cam_column(
+                row[schema.CAM], len(classes), row[schema.HEIGHT], row[schema.WIDTH]
+            )
+            cams[image_id] = cam_argmax(planes, classes, bg_threshold=bg_threshold)
+    elif source.inputs:
+        try:
+            ingest = read_manifest(resolve(source.inputs[0].uri, input_loc.options))
+            if ingest.stage != "ingest":
+                raise ValueError(f"inputs[0] is a {ingest.stage!r} output")
+            cams = _ingest_cams(ingest, set(inputs), bg_threshold=bg_threshold)
+        except (OSError, ValueError, RuntimeError) as exc:
+            report(f"pseudo_masks: report without CAM panels: {redact(str(exc))}")
+    rows = []
+    for image_id in sorted(inputs):
+        row = inputs[image_id]
+        height, width = row[schema.HEIGHT], row[schema.WIDTH]
+        rows.append(
+            ReportRow(
+                image_id=image_id,
+                image=decode_rgb(row[schema.IMAGE], height=height, width=width),
+                cam=cams.get(image_id),
+                seed=decode_label_png(row[schema.SEED]) if row.get(schema.SEED) else None,
+                mask=decode_label_png(read_bytes(output_loc, mask_rel(image_id))),
+                gt=decode_label_png(row[schema.GT]) if row.get(schema.GT) else None,
+            )
+        )
+    return rows
+
+
+def write_pseudo_report(
+    sample: Mapping[str, tuple[str, int, int]],
+    *,
+    input_loc: Location,
+    source: Manifest,
+    output_loc: Location,
+    bg_threshold: float,
+    title: str,
+    metrics: Mapping[str, Any] | None,
+    report: Callable[[str], Any] = print,
+) -> list[FileEntry]:
+    """Writes `report/` for the sampled images; returns its files for the manifest."""
+    from pipelines.report import write_report
+
+    rows = build_report_rows(
+        sample,
+        input_loc=input_loc,
+        source=source,
+        output_loc=output_loc,
+        bg_threshold=bg_threshold,
+        report=report,
+    )
+    return write_report(
+        output_loc, rows, class_names=source.class_names, title=title, metrics=metrics
+    )
+
+
+def write_stage_report(
+    records: Sequence[Mapping[str, Any]],
+    *,
+    count: int,
+    input_loc: Location,
+    source: Manifest,
+    output_loc: Location,
+    bg_threshold: float,
+    checkpoint_sha256: str,
+    metrics: Mapping[str, Any] | None,
+    report: Callable[[str], Any] = print,
+) -> list[FileEntry]:
+    """The report of a finished run: `count` images sampled from the units' records."""
+    from pipelines.report import sample_ids
+
+    where = {
+        image_id: (r["path"], r["row_group"], index)
+        for r in records
+        for image_id, index in r["images"]
+    }
+    chosen = sample_ids(sorted(where), count)
+    shown: dict[str, Any] | None = None
+    if metrics is not None:
+        shown = {
+            f"mIoU {key.replace('_', ' ')}": metrics[key]["miou"]
+            for key in ("cam_argmax", "seeds", "pseudo_masks")
+            if key in metrics
+        }
+        shown["images with ground truth"] = metrics["gt_images"]
+    return write_pseudo_report(
+        {i: where[i] for i in chosen},
+        input_loc=input_loc,
+        source=source,
+        output_loc=output_loc,
+        bg_threshold=bg_threshold,
+        title=f"Pseudo masks ({source.class_space}), checkpoint {checkpoint_sha256[:12]}",
+        metrics=shown,
+        report=report,
+    )

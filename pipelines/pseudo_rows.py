@@ -1,0 +1,387 @@
+"""Per-row work of the pseudo-mask stage that needs no model: validation and CRF post-processing.
+
+Pure functions on bytes and arrays (unit-tested without Ray), plus the thin Ray Data batch
+wrappers `read_unit` (CPU tasks, first stage) and `postprocess_rows` (CPU tasks, last stage).
+The model stage between them is `pipelines.pseudo_infer.MaskPredictor`.
+
+Rows travel between the stages as four columns: `meta` (a small JSON object: image id, unit,
+size, labels, split, the reason when the row was rejected, baseline confusion counts, timings),
+`image` (the encoded image bytes as stored), `gt` (ground-truth PNG bytes, empty when none) and,
+after the model, `probs` (float16 C-order bytes of the C x H x W probabilities of the classes
+in `meta["prob_classes"]`: background + the image's classes when restricted). A rejected row
+keeps flowing with its reason so that the driver can account for every row of a unit.
+
+Confusion counts leave a task in sparse form (`sparse_confusion`): an image holds a handful of
+classes, so a few (index, count) pairs replace a K x (K + 1) matrix (8,372 entries for COCO);
+the driver sums them per unit and writes one sparse matrix per unit record.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pipelines import schema
+from pipelines.evaluation import confusion_matrix
+from pipelines.ingest_rows import RowRejected, check_image_id, decode_cam_column
+from pipelines.palette import decode_label_png, encode_label_png
+from pipelines.refine import decode_rgb
+from pipelines.seeds import cam_argmax
+from pipelines.storage import Location, write_bytes_atomic
+from weakclip.config import CRFConfig
+
+MASK_DIR = "masks"
+META, IMAGE, GT, PROBS = "meta", "image", "gt", "probs"  # columns between the stages
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """What the first stage needs to know about the input (picklable, sent to tasks).
+
+    Attributes:
+        num_classes: K, size of the class space.
+        input_stage: "ingest" (baseline: CAM argmax) or "refine" (baseline: seeds).
+        splits: splits to process; None = every row. Rows without a split always count.
+        cam_bg_threshold: background plane of the CAM-argmax baseline (ingest input).
+        max_pixels: images above this are rejected before decoding.
+    """
+
+    num_classes: int
+    input_stage: str
+    splits: tuple[str, ...] | None
+    cam_bg_threshold: float = 0.43
+    max_pixels: int = 50_000_000
+
+    @property
+    def baseline(self) -> str:
+        return "cam_argmax" if self.input_stage == "ingest" else "seeds"
+
+
+@dataclass(frozen=True)
+class PseudoUnit:
+    """One input row group, the stage's unit of work and of resumption.
+
+    Attributes:
+        name: "<shard stem>-rg<NNNN>", names the unit's index shard and record.
+        path: input shard, relative to the input directory.
+        row_group: row group index in that shard.
+        rows: rows in the row group.
+        selected: rows in the chosen splits (what the unit emits).
+        duplicates: row index (as a string) → reason, rows whose id an earlier row already has.
+    """
+
+    name: str
+    path: str
+    row_group: int
+    rows: int
+    selected: int
+    duplicates: dict[str, str]
+
+
+def in_splits(split: Any, splits: tuple[str, ...] | None) -> bool:
+    """Whether a row with `split` is processed: always without a split or a split filter."""
+    return splits is None or split is None or split in splits
+
+
+def mask_rel(image_id: str) -> str:
+    """Relative path of an image's pseudo mask (the id must have passed `check_image_id`)."""
+    return f"{MASK_DIR}/{image_id}.png"
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse confusion counts
+
+
+def sparse_confusion(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> dict[str, list[int]]:
+    """The non-zero entries of `confusion_matrix(pred, gt, K)` as flat indices and counts."""
+    flat = confusion_matrix(pred, gt, num_classes).ravel()
+    index = np.flatnonzero(flat)
+    return {"idx": index.tolist(), "cnt": flat[index].tolist()}
+
+
+def add_sparse(matrix: np.ndarray, sparse: Mapping[str, Sequence[int]]) -> None:
+    """Adds sparse counts into a K x (K + 1) matrix in place.
+
+    Raises:
+        ValueError: an index outside the matrix (a corrupt record).
+    """
+    index = np.asarray(sparse["idx"], dtype=np.int64)
+    counts = np.asarray(sparse["cnt"], dtype=np.int64)
+    if index.shape != counts.shape or (
+        index.size and (index.min() < 0 or index.max() >= matrix.size)
+    ):
+        raise ValueError("sparse confusion counts do not fit the class space")
+    np.add.at(matrix.reshape(-1), index, counts)
+
+
+def to_sparse(matrix: np.ndarray) -> dict[str, list[int]]:
+    """A whole matrix in the sparse form of `sparse_confusion`."""
+    flat = matrix.ravel()
+    index = np.flatnonzero(flat)
+    return {"idx": index.tolist(), "cnt": flat[index].tolist()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: read and validate (CPU task per unit)
+
+
+def _decode_label_map(data: bytes, what: str, height: int, width: int) -> np.ndarray:
+    try:
+        labels = decode_label_png(data)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise RowRejected(f"undecodable {what}: {type(exc).__name__}: {exc}") from None
+    if labels.shape != (height, width):
+        raise RowRejected(f"{what} is {labels.shape}, the row says {(height, width)}")
+    return labels
+
+
+def check_labels(raw: Any, num_classes: int) -> list[int]:
+    """Sorted unique foreground class ids of a row, each in [1, K).
+
+    Raises:
+        RowRejected: not a list of integers, or ids outside the class space.
+    """
+    if raw is None:
+        raw = []
+    if not isinstance(raw, list | tuple) or not all(
+        isinstance(c, int | np.integer) and not isinstance(c, bool) for c in raw
+    ):
+        raise RowRejected("labels must be a list of class ids")
+    labels = sorted({int(c) for c in raw})
+    bad = [c for c in labels if not 1 <= c < num_classes]
+    if bad:
+        raise RowRejected(f"labels hold class ids {bad[:5]} outside [1, {num_classes})")
+    return labels
+
+
+def prepare_row(row: Mapping[str, Any], spec: RowSpec) -> tuple[dict[str, Any], bytes, bytes]:
+    """Validates one input row and scores its baseline against the ground truth.
+
+    Args:
+        row: the input columns of one row (ingest or refine shard).
+        spec: class space, input kind and limits.
+
+    Returns:
+        (meta, image bytes, GT bytes or b""); meta holds `image_id`, `height`, `width`,
+        `labels`, `split`, `has_gt` and, with GT, `baseline` (sparse confusion counts).
+
+    Raises:
+        RowRejected: an unsafe id, bad size, labels or bytes (the reason says which).
+    """
+    image_id = check_image_id(row.get(schema.IMAGE_ID))  # type: ignore[arg-type]
+    height, width = row.get(schema.HEIGHT), row.get(schema.WIDTH)
+    if not isinstance(height, int) or not isinstance(width, int) or height < 1 or width < 1:
+        raise RowRejected(f"bad image size {height}x{width}")
+    if height * width > spec.max_pixels:
+        raise RowRejected(f"image over pixel limit: {height}x{width} > {spec.max_pixels} pixels")
+    labels = check_labels(row.get(schema.LABELS), spec.num_classes)
+    image_bytes = row.get(schema.IMAGE)
+    if not isinstance(image_bytes, bytes) or not image_bytes:
+        raise RowRejected("missing image bytes")
+    decode_rgb(image_bytes, height=height, width=width)  # proves the bytes decode at that size
+    gt_bytes = row.get(schema.GT)
+    meta: dict[str, Any] = {
+        "image_id": image_id,
+        "height": height,
+        "width": width,
+        "labels": labels,
+        "split": row.get(schema.SPLIT),
+        "has_gt": isinstance(gt_bytes, bytes) and bool(gt_bytes),
+    }
+    gt = None
+    if meta["has_gt"]:
+        gt = _decode_label_map(gt_bytes, "ground truth", height, width)  # type: ignore[arg-type]
+        valid = gt[gt != schema.IGNORE_INDEX]
+        if valid.size and int(valid.max()) >= spec.num_classes:
+            raise RowRejected(f"ground truth holds class ids outside [0, {spec.num_classes})")
+    if spec.input_stage == "refine":
+        seed_bytes = row.get(schema.SEED)
+        if not isinstance(seed_bytes, bytes):
+            raise RowRejected("missing seed")
+        baseline = _decode_label_map(seed_bytes, "seed", height, width)
+    else:
+        classes = [int(c) for c in row.get(schema.CAM_CLASSES) or []]
+        if any(not 1 <= c < spec.num_classes for c in classes) or not isinstance(
+            row.get(schema.CAM), bytes
+        ):
+            raise RowRejected("missing CAM or CAM classes outside the class space")
+        try:
+            cams = decode_cam_column(row[schema.CAM], len(classes), height, width)
+            baseline = cam_argmax(cams, classes, bg_threshold=spec.cam_bg_threshold)
+        except ValueError as exc:
+            raise RowRejected(f"undecodable CAM: {exc}") from None
+    if gt is not None:
+        meta["baseline"] = sparse_confusion(baseline, gt, spec.num_classes)
+    return meta, image_bytes, gt_bytes if meta["has_gt"] else b""  # type: ignore[return-value]
+
+
+def read_columns(stage: str) -> tuple[str, ...]:
+    """Input columns the first stage reads for an ingest or refine input."""
+    extra = (schema.SEED,) if stage == "refine" else (schema.CAM, schema.CAM_CLASSES)
+    return (
+        schema.IMAGE_ID,
+        schema.IMAGE,
+        schema.HEIGHT,
+        schema.WIDTH,
+        schema.LABELS,
+        schema.GT,
+        schema.SPLIT,
+        *extra,
+    )
+
+
+def read_row_group(input_loc: Location, unit: PseudoUnit, stage: str) -> pa.Table:
+    """The columns of one unit's row group that exist in its shard."""
+    with input_loc.fs.open(input_loc.join(unit.path), "rb") as f:
+        parquet = pq.ParquetFile(f)
+        names = set(parquet.schema_arrow.names)
+        columns = [c for c in read_columns(stage) if c in names]
+        return parquet.read_row_group(unit.row_group, columns=columns)
+
+
+def read_unit(
+    batch: dict[str, np.ndarray], *, input_loc: Location, spec: RowSpec
+) -> dict[str, np.ndarray]:
+    """Ray Data wrapper: column `unit` (JSON `PseudoUnit`) in; one row per selected input row
+    out (`meta`, `image`, `gt`), rejected rows included with `meta["reason"]`."""
+    metas: list[str] = []
+    images: list[bytes] = []
+    gts: list[bytes] = []
+    for unit_json in batch["unit"]:
+        unit = PseudoUnit(**json.loads(unit_json))
+        table = read_row_group(input_loc, unit, spec.input_stage)
+        for index, row in enumerate(table.to_pylist()):
+            if not in_splits(row.get(schema.SPLIT), spec.splits):
+                continue
+            base = {"unit": unit.name, "row": index, "split": row.get(schema.SPLIT)}
+            image_bytes = gt_bytes = b""
+            try:
+                if str(index) in unit.duplicates:
+                    raise RowRejected(unit.duplicates[str(index)])
+                meta, image_bytes, gt_bytes = prepare_row(row, spec)
+                meta = {**base, **meta}
+            except RowRejected as exc:
+                meta = {**base, "image_id": str(row.get(schema.IMAGE_ID)), "reason": exc.reason}
+            metas.append(json.dumps(meta))
+            images.append(image_bytes)
+            gts.append(gt_bytes)
+    return {
+        META: np.asarray(metas, dtype=object),
+        IMAGE: np.asarray(images, dtype=object),
+        GT: np.asarray(gts, dtype=object),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 3: CRF post-processing and the mask file (CPU task per row)
+
+
+def postprocess(
+    image: np.ndarray,
+    probs: np.ndarray,
+    classes: Sequence[int],
+    *,
+    crf: CRFConfig | None,
+) -> np.ndarray:
+    """The pseudo mask of one image from its class probabilities.
+
+    Args:
+        image: H x W x 3 uint8 RGB.
+        probs: C x H x W probabilities of `classes` (any float dtype).
+        classes: C class ids of the planes, ascending, in the full class space.
+        crf: post-processing CRF (softmax unary); None takes the argmax of `probs`.
+
+    Returns:
+        H x W uint8 class ids, each one of `classes`.
+    """
+    from weakclip.crf import dense_crf
+
+    lookup = np.asarray(classes, dtype=np.uint8)
+    if probs.shape[0] == 1:
+        return np.full(probs.shape[1:], lookup[0], np.uint8)
+    if crf is not None:
+        probs = dense_crf(
+            image,
+            np.asarray(probs, dtype=np.float32),
+            iterations=crf.iterations,
+            gaussian_sxy=crf.gaussian_sxy,
+            gaussian_compat=crf.gaussian_compat,
+            bilateral_sxy=crf.bilateral_sxy,
+            bilateral_srgb=crf.bilateral_srgb,
+            bilateral_compat=crf.bilateral_compat,
+        )
+    return lookup[np.asarray(probs).argmax(axis=0)]
+
+
+def finish_row(
+    meta: dict[str, Any],
+    image_bytes: bytes,
+    gt_bytes: bytes,
+    probs_bytes: bytes,
+    *,
+    output_loc: Location,
+    crf: CRFConfig | None,
+    num_classes: int,
+) -> dict[str, Any]:
+    """CRF, mask PNG written to `masks/<id>.png`, and its confusion counts against the GT.
+
+    Returns:
+        `meta` plus `mask_bytes`, `crf_s` and (with GT) `pseudo_masks` sparse counts; or plus
+        `reason` when the row cannot be finished.
+    """
+    started = time.perf_counter()
+    height, width = meta["height"], meta["width"]
+    classes = [int(c) for c in meta["prob_classes"]]
+    try:
+        image = decode_rgb(image_bytes, height=height, width=width)
+        expected = len(classes) * height * width * 2
+        if len(probs_bytes) != expected:
+            raise RowRejected(f"probabilities hold {len(probs_bytes)} bytes, expected {expected}")
+        probs = np.frombuffer(probs_bytes, np.float16).reshape(len(classes), height, width)
+        mask = postprocess(image, probs, classes, crf=crf)
+    except (RowRejected, ValueError) as exc:
+        reason = exc.reason if isinstance(exc, RowRejected) else f"post-processing failed: {exc}"
+        return {**meta, "reason": reason}
+    crf_seconds = time.perf_counter() - started
+    data = encode_label_png(mask)
+    write_bytes_atomic(output_loc, mask_rel(meta["image_id"]), data)
+    result = {**meta, "mask_bytes": len(data), "crf_s": crf_seconds, "mask_done_at": time.time()}
+    if meta.get("has_gt"):
+        gt = decode_label_png(gt_bytes)
+        result["pseudo_masks"] = sparse_confusion(mask, gt, num_classes)
+    return result
+
+
+def postprocess_rows(
+    batch: dict[str, np.ndarray],
+    *,
+    output_loc: Location,
+    crf: CRFConfig | None,
+    num_classes: int,
+) -> dict[str, np.ndarray]:
+    """Ray Data wrapper of `finish_row`: `meta`, `image`, `gt`, `probs` in; `meta` out."""
+    out = []
+    for meta_json, image_bytes, gt_bytes, probs_bytes in zip(
+        batch[META], batch[IMAGE], batch[GT], batch[PROBS], strict=True
+    ):
+        meta = json.loads(meta_json)
+        if not meta.get("reason"):
+            meta = finish_row(
+                meta,
+                bytes(image_bytes),
+                bytes(gt_bytes),
+                bytes(probs_bytes),
+                output_loc=output_loc,
+                crf=crf,
+                num_classes=num_classes,
+            )
+        out.append(json.dumps(meta))
+    return {META: np.asarray(out, dtype=object)}

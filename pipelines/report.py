@@ -1,0 +1,276 @@
+"""Visual report of a stage: one PNG strip per sampled image and an `index.html` beside them.
+
+Each strip shows, left to right, the panels a row has: image | CAM argmax | seed | pseudo mask |
+ground truth, each titled, label maps coloured with the VOC palette (`pipelines.palette`; 255 =
+ignore shows as VOC's cream), every panel downscaled to at most `PANEL_MAX_HEIGHT` x
+`PANEL_MAX_WIDTH` so COCO-sized (or hostile, 1 x 100000) images never make huge PNGs.
+
+`index.html` lists the strips with relative links, a class colour legend and, when given, a
+metrics table. Image ids and class names come from input data and are untrusted: the page
+escapes every such string (`html.escape`), and file names are built from a sanitised id.
+Files go through `pipelines.storage` (local or `s3://`); `write_report` returns the
+`FileEntry`s for the stage's manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import io
+import json
+import math
+import re
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from pipelines.manifest_format import FileEntry
+from pipelines.palette import voc_palette
+from pipelines.schema import IGNORE_INDEX
+from pipelines.storage import Location, safe_relpath, write_bytes_atomic
+
+PANEL_MAX_HEIGHT = 240  # pixels; panels are downscaled (never upscaled) to fit
+PANEL_MAX_WIDTH = 480  # pixels; caps very wide images
+TITLE_HEIGHT = 18  # pixels of the title strip above the panels
+GAP = 4  # pixels between panels
+INDEX_FILE = "index.html"
+_MAX_ID_CHARS = 64  # of an image id inside a file name
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+_MAX_METRIC_ROWS = 512  # a metrics table longer than this is cut (with a note)
+
+
+@dataclass(frozen=True)
+class ReportRow:
+    """One image of the report and the label maps to show beside it (None = panel absent)."""
+
+    image_id: str
+    image: np.ndarray  # H x W x 3 uint8 RGB
+    cam: np.ndarray | None = None  # H x W uint8 label map (CAM argmax, full class space)
+    seed: np.ndarray | None = None  # H x W uint8 seed labels (255 = ignore)
+    mask: np.ndarray | None = None  # H x W uint8 pseudo mask
+    gt: np.ndarray | None = None  # H x W uint8 ground truth (255 = ignore)
+
+
+def sample_ids(image_ids: Sequence[str], count: int, *, seed: int = 0) -> list[str]:
+    """A deterministic sample of at most `count` distinct ids, independent of input order.
+
+    Ids are ranked by SHA-256 of `seed` and the id, so the same ids and seed always give the same
+    sample (on any machine, unlike `hash`), and the result is sorted.
+    """
+    if count <= 0:
+        return []
+    unique = sorted(set(image_ids))
+    if len(unique) <= count:
+        return unique
+    ranked = sorted(unique, key=lambda i: hashlib.sha256(f"{seed}\x00{i}".encode()).digest())
+    return sorted(ranked[:count])
+
+
+def colorize(labels: np.ndarray) -> np.ndarray:
+    """H x W x 3 uint8 RGB view of an H x W uint8 label map in the VOC palette."""
+    if labels.ndim != 2:
+        raise ValueError(f"expected an H x W label map, got shape {labels.shape}")
+    lut = _palette_lut()
+    return lut[np.asarray(labels, dtype=np.uint8)]
+
+
+def render_row(row: ReportRow, class_names: Sequence[str]) -> bytes:
+    """One PNG strip: titled panels image | CAM | seed | pseudo mask | GT (those present).
+
+    Args:
+        row: the image and its label maps; a label map of another size than the image is
+            shown at its own size (scaled like the image).
+        class_names: the class space (index = class id); the colours follow the class ids, so
+            the strip itself does not need the names (the page's legend shows them).
+
+    Raises:
+        ValueError: the image is not H x W x 3 (or H x W) uint8, or a label map is not 2-D.
+    """
+    image = np.asarray(row.image)
+    if image.dtype != np.uint8 or not (
+        image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)
+    ):
+        raise ValueError(f"image must be H x W x 3 uint8, got {image.dtype} {image.shape}")
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    panels: list[tuple[str, Image.Image]] = [("image", _scaled(image, Image.Resampling.BILINEAR))]
+    for title, labels in (
+        ("CAM argmax", row.cam),
+        ("seed", row.seed),
+        ("pseudo mask", row.mask),
+        ("ground truth", row.gt),
+    ):
+        if labels is not None:
+            colours = colorize(np.asarray(labels))
+            panels.append((title, _scaled(colours, Image.Resampling.NEAREST)))
+    width = sum(p.width for _, p in panels) + GAP * (len(panels) - 1)
+    height = TITLE_HEIGHT + max(p.height for _, p in panels)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    font = _font()
+    x = 0
+    for title, panel in panels:
+        canvas.paste(panel, (x, TITLE_HEIGHT))
+        draw.text((x + 2, 2), title, fill=(0, 0, 0), font=font)
+        x += panel.width + GAP
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG", optimize=False)
+    return buffer.getvalue()
+
+
+def row_file_name(index: int, image_id: str) -> str:
+    """`<index>-<sanitised id>.png`: unique by index, safe whatever the id holds."""
+    safe = _UNSAFE_NAME_CHARS.sub("_", str(image_id))[:_MAX_ID_CHARS] or "image"
+    return f"{index:04d}-{safe}.png"
+
+
+def write_report(
+    output: Location,
+    rows: Sequence[ReportRow],
+    *,
+    class_names: Sequence[str],
+    title: str,
+    metrics: Mapping[str, Any] | None = None,
+    subdir: str = "report",
+) -> list[FileEntry]:
+    """Write `<subdir>/<n>-<id>.png` per row and `<subdir>/index.html`.
+
+    Args:
+        output: the stage output directory.
+        rows: the images to show, in order.
+        class_names: index = class id (for the legend).
+        title: page heading (escaped).
+        metrics: shown as a table when given (nested mappings are flattened to dotted keys).
+        subdir: directory below `output`.
+
+    Returns:
+        The `FileEntry` of every file written (PNGs, then index.html), for the manifest.
+    """
+    base = safe_relpath(subdir)
+    entries: list[FileEntry] = []
+    items: list[tuple[str, str]] = []  # (image id, file name)
+    for index, row in enumerate(rows):
+        name = row_file_name(index, row.image_id)
+        data = render_row(row, class_names)
+        rel = f"{base}/{name}"
+        write_bytes_atomic(output, rel, data)
+        entries.append(FileEntry(path=rel, rows=None, bytes=len(data)))
+        items.append((str(row.image_id), name))
+    page = render_index(items, class_names=class_names, title=title, metrics=metrics).encode()
+    rel = f"{base}/{INDEX_FILE}"
+    write_bytes_atomic(output, rel, page)
+    entries.append(FileEntry(path=rel, rows=None, bytes=len(page)))
+    return entries
+
+
+def render_index(
+    items: Sequence[tuple[str, str]],
+    *,
+    class_names: Sequence[str],
+    title: str,
+    metrics: Mapping[str, Any] | None = None,
+) -> str:
+    """The report page: heading, metrics table, class legend and one figure per (id, file)."""
+    esc = html.escape
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{esc(title)}</title>",
+        "<style>body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}"
+        ".sw{display:inline-block;width:1em;height:1em;border:1px solid #888;"
+        "vertical-align:middle;margin-right:4px}figure{margin:0 0 1em 0}"
+        "img{max-width:100%}</style>",
+        "</head><body>",
+        f"<h1>{esc(title)}</h1>",
+    ]
+    if metrics is not None:
+        parts.append("<h2>Metrics</h2>")
+        parts.append(_metrics_table(metrics))
+    parts.append("<h2>Classes</h2><ul>")
+    palette = _palette_lut()
+    shown = list(enumerate(class_names))[:IGNORE_INDEX] + [(IGNORE_INDEX, "ignore")]
+    for class_id, name in shown:
+        r, g, b = (int(c) for c in palette[class_id])
+        parts.append(
+            f'<li><span class="sw" style="background:rgb({r},{g},{b})"></span>'
+            f"{class_id}: {esc(str(name))}</li>"
+        )
+    parts.append("</ul>")
+    parts.append(f"<h2>Images ({len(items)})</h2>")
+    for image_id, name in items:
+        href = esc(urllib.parse.quote(name), quote=True)
+        parts.append(
+            f'<figure><figcaption>{esc(image_id)}</figcaption><a href="{href}">'
+            f'<img src="{href}" alt="{esc(image_id, quote=True)}" loading="lazy"></a></figure>'
+        )
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def _metrics_table(metrics: Mapping[str, Any]) -> str:
+    rows = list(_flatten(metrics))
+    cut = len(rows) > _MAX_METRIC_ROWS
+    lines = ["<table><tr><th>metric</th><th>value</th></tr>"]
+    for key, value in rows[:_MAX_METRIC_ROWS]:
+        lines.append(f"<tr><td>{html.escape(key)}</td><td>{html.escape(value)}</td></tr>")
+    lines.append("</table>")
+    if cut:
+        lines.append(f"<p>({len(rows) - _MAX_METRIC_ROWS} more rows not shown)</p>")
+    return "\n".join(lines)
+
+
+def _flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
+    if isinstance(value, Mapping):
+        out: list[tuple[str, str]] = []
+        for key, item in value.items():
+            out.extend(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return [(prefix, _format_value(value))]
+
+
+def _format_value(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return "n/a" if math.isnan(value) else f"{value:.4f}"
+    if isinstance(value, (int, str)):
+        return str(value)
+    try:
+        text = json.dumps(value, default=str)
+    except (TypeError, ValueError):
+        text = str(value)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _scaled(rgb: np.ndarray, resample: Image.Resampling) -> Image.Image:
+    """An RGB panel downscaled to fit PANEL_MAX_HEIGHT x PANEL_MAX_WIDTH (aspect kept)."""
+    height, width = rgb.shape[:2]
+    if height == 0 or width == 0:
+        raise ValueError(f"empty panel of shape {rgb.shape}")
+    image = Image.fromarray(np.ascontiguousarray(rgb))
+    scale = min(1.0, PANEL_MAX_HEIGHT / height, PANEL_MAX_WIDTH / width)
+    if scale < 1.0:
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        image = image.resize(size, resample)
+    return image
+
+
+@cache
+def _palette_lut() -> np.ndarray:
+    return np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
+
+
+@cache
+def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=12)
+    except (OSError, TypeError):  # Pillow without FreeType
+        return ImageFont.load_default()

@@ -1,0 +1,472 @@
+"""The retrain stage driver: pseudo masks → a fully supervised DeepLabV3 on Ray Train (SPEC §9).
+
+A downstream job: it waits (up to `wait_timeout_s`) for the pseudo-mask output's `_SUCCESS`,
+then reads only what manifests list: the pseudo-mask index and masks, and the images and val
+ground truth of the output the pseudo masks were made from (the pseudo-mask manifest's
+`inputs[0]`, whose manifest digest must still be the one recorded there).
+
+1. Join (`pipelines.retrain_data`): index rows with a usable mask are the training rows;
+   others are quarantined with their reason (`quarantine/masks.parquet`), counted, never
+   fatal. Val rows: split `val` with ground truth, not in the index.
+2. Train (`pipelines.retrain_loop` on `pipelines.train_run.fit`): torchvision DeepLabV3
+   (`pipelines.retrain_model`), checkpoints under `<output>/checkpoints/`, resumable.
+3. Export `model.pt`, score it on the val rows at the original image size
+   (`pipelines.retrain_eval`), write `metrics.json`, the manifest (stage `retrain`, the same
+   metrics without the loss history) and `_SUCCESS`.
+
+Re-running follows `pipelines.train_run.open_run`: the fingerprint is the config without
+`iterations`, the backbone weights' source and SHA-256, the class names and both input
+manifests' digests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from pipelines import manifest as mf
+from pipelines import retrain_data as data
+from pipelines.augment import AugmentConfig
+from pipelines.retrain_model import ARCHITECTURES, build_model, export_model
+from pipelines.storage import Location, StorageOptions, resolve, upload_file, write_bytes_atomic
+from pipelines.train_data import epochs_needed
+from pipelines.train_run import failure_injection, fit, open_run, sha256_of, use_gpu
+
+STAGE = "retrain"
+MODEL_FILE = "model.pt"
+METRICS_FILE = "metrics.json"
+SOURCE_STAGES = ("ingest", "refine")
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    """What the retrained network is and how it trains (`--config` fields and flags)."""
+
+    architecture: str = "small"  # small | resnet50 | resnet101 | mobilenet_v3_large
+    backbone_weights: str | None = None  # backbone weights URI (.pt/.pth/.safetensors); None=random
+    iterations: int = 1000  # optimizer steps in total
+    batch_size: int = 8  # global, across all workers
+    lr: float = 1e-3  # AdamW peak learning rate
+    min_lr: float = 1e-6  # end of the cosine decay
+    weight_decay: float = 1e-4  # AdamW weight decay
+    warmup_iterations: int = 100  # linear warm-up, capped at max_warmup_fraction of the run
+    max_warmup_fraction: float = 0.1  # cap for short runs
+    crop_size: int = 512  # side of the square training crop
+    short_side: int | None = None  # short side at rescale ratio 1; None = crop_size
+    ratio_range: tuple[float, float] = (0.5, 2.0)  # random rescale ratio range
+    cat_max_ratio: float = 0.75  # a crop's largest class must cover less than this share
+    flip_prob: float = 0.5  # horizontal flip probability
+    photometric: bool = True  # photometric distortion
+    seed: int = 0  # initialisation and augmentation seed
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}")
+        for name in ("iterations", "batch_size", "crop_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.lr or not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"lr must be > 0 and min_lr in [0, lr], got {self.lr}, {self.min_lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_iterations < 0 or not 0 <= self.max_warmup_fraction <= 1:
+            raise ValueError("warmup_iterations must be >= 0, max_warmup_fraction in [0, 1]")
+        if self.short_side is not None and self.short_side < 1:
+            raise ValueError(f"short_side must be >= 1, got {self.short_side}")
+        self.augment()  # AugmentConfig names a bad ratio_range, cat_max_ratio or flip_prob
+
+    @property
+    def effective_warmup_iterations(self) -> int:
+        return min(self.warmup_iterations, int(self.max_warmup_fraction * self.iterations))
+
+    def augment(self) -> AugmentConfig:
+        """The training augmentation (`pipelines.augment`) these settings describe."""
+        short = self.short_side or self.crop_size
+        return AugmentConfig(
+            crop_size=self.crop_size,
+            resize_scale=(4 * short, short),
+            ratio_range=tuple(self.ratio_range),  # type: ignore[arg-type]
+            cat_max_ratio=self.cat_max_ratio,
+            flip_prob=self.flip_prob,
+            photometric=self.photometric,
+        )
+
+
+@dataclass(frozen=True)
+class RetrainOptions:
+    """How a run is executed (not part of its fingerprint)."""
+
+    num_workers: int = 2  # Ray Train workers
+    micro_batch_size: int | None = None  # per-worker micro-batch; None = the worker's share
+    resume: bool = False  # continue from the last checkpoint
+    overwrite: bool = False  # replace another run's outputs
+    checkpoint_every: int = 500  # iterations between checkpoints (and the last one)
+    log_every: int = 50  # iterations between logged rows (and the last one)
+    max_failures: int = 3  # worker-group restarts from the last checkpoint
+    use_gpu: bool | None = None  # None = when the cluster has GPUs
+    cpus_per_worker: float = 0.5  # CPU workers (and the CPU share of GPU workers)
+    num_cpus_per_task: float = 0.5  # Ray Data read/augment tasks
+    wait_timeout_s: float = 600.0  # how long to wait for the input's _SUCCESS
+
+    def __post_init__(self) -> None:
+        for name in ("num_workers", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_failures < -1:
+            raise ValueError(f"max_failures must be >= -1, got {self.max_failures}")
+        if self.cpus_per_worker <= 0 or self.num_cpus_per_task <= 0:
+            raise ValueError("cpus_per_worker and num_cpus_per_task must be positive")
+        if self.wait_timeout_s < 0:
+            raise ValueError(f"wait_timeout_s must be >= 0, got {self.wait_timeout_s}")
+
+
+def micro_batching(config: RetrainConfig, options: RetrainOptions) -> tuple[int, int]:
+    """(micro-batch size, accumulation steps) per worker for the global batch.
+
+    Raises:
+        ValueError: the batch does not split evenly, or a micro-batch below 2 (BatchNorm, in
+            DeepLabV3's image-pooling branch above all, cannot train on one sample).
+    """
+    if config.batch_size % options.num_workers:
+        raise ValueError(
+            f"batch_size={config.batch_size} (global) must be a multiple of "
+            f"num_workers={options.num_workers}"
+        )
+    share = config.batch_size // options.num_workers
+    micro = options.micro_batch_size or share
+    if share % micro:
+        raise ValueError(f"micro_batch_size={micro} must divide the per-worker batch {share}")
+    if micro < 2:
+        raise ValueError(
+            f"batch_size={config.batch_size} over {options.num_workers} workers gives "
+            f"micro-batches of {micro}: BatchNorm needs at least 2 images per worker step"
+        )
+    return micro, share // micro
+
+
+@dataclass(frozen=True)
+class RetrainResult:
+    """What a run did."""
+
+    manifest: mf.Manifest
+    metrics: dict[str, Any]  # the manifest's metrics (miou null without val ground truth)
+    start_iteration: int  # 0 for a fresh run, the restored iteration on resume
+    iterations: int
+    skipped: bool = False  # nothing to do (already complete)
+
+
+def run_signature(
+    config: RetrainConfig, class_names: list[str], weights_uri: str | None, sha256: str | None
+) -> dict[str, Any]:
+    """What a resume must not change: the config but `iterations`, weights, class names."""
+    fields = asdict(config)
+    del fields["iterations"], fields["backbone_weights"]
+    signature = {
+        "config": fields,
+        "backbone_weights": {"source": weights_uri, "sha256": sha256},
+        "class_names": list(class_names),
+    }
+    return json.loads(json.dumps(signature))
+
+
+def read_inputs(
+    input_uri: str, *, storage: StorageOptions | None, wait_timeout_s: float
+) -> tuple[mf.Manifest, mf.Manifest]:
+    """(pseudo-mask manifest, source manifest), once the pseudo masks are complete.
+
+    Raises:
+        TimeoutError: no `_SUCCESS` within `wait_timeout_s`.
+        ValueError: not a pseudo-mask output, or its source is not the one it was made from.
+    """
+    location = resolve(input_uri, storage)
+    pseudo = mf.wait_for_success(
+        location, timeout_s=wait_timeout_s, poll_s=min(5.0, max(wait_timeout_s / 10, 0.2))
+    )
+    if pseudo.stage != "pseudo_masks":
+        raise ValueError(f"--input must be a pseudo_masks output, {location.uri} is {pseudo.stage}")
+    if not pseudo.inputs:
+        raise ValueError(f"{location.uri}: the manifest names no input images (inputs is empty)")
+    ref = pseudo.inputs[0]
+    source = mf.read_manifest(resolve(ref.uri, storage))
+    if source.stage not in SOURCE_STAGES:
+        raise ValueError(f"{ref.uri} is a {source.stage} output, not one of {SOURCE_STAGES}")
+    if ref.manifest_sha256 is not None and source.sha256 != ref.manifest_sha256:
+        raise ValueError(
+            f"{ref.uri} changed since the pseudo masks were made (manifest digest differs): "
+            "re-run the pseudo-mask stage"
+        )
+    if list(source.class_names) != list(pseudo.class_names):
+        raise ValueError(f"{ref.uri} and {location.uri} have different class names")
+    return pseudo, source
+
+
+def plan(
+    pseudo: mf.Manifest, source: mf.Manifest, output: Location, log: Callable[[str], Any]
+) -> tuple[data.RowPlan, mf.FileEntry | None]:
+    """The join with every mask checked in storage; quarantined rows are written out."""
+    index = data.read_index(pseudo)
+    source_rows = data.read_source_rows(source)
+    listed = {f.path for f in pseudo.files}
+    joined = data.plan_rows(index, source_rows, listed=listed)
+    problems = data.check_masks(
+        pseudo.location,
+        [row for row in index if joined.train.get(row.image_id) == row.mask],
+        num_classes=len(pseudo.class_names),
+    )
+    rows = data.plan_rows(index, source_rows, listed=listed, mask_problems=problems)
+    quarantine = mf.Quarantine(output)
+    for image_id, mask, reason in rows.quarantined:
+        quarantine.add(image_id, mask, reason)
+    entry = quarantine.flush("masks")
+    reasons = Counter(reason.split(":")[0] for _, _, reason in rows.quarantined)
+    log(
+        f"retrain: {len(rows.train)} training images with pseudo masks, "
+        f"{len(rows.quarantined)} quarantined"
+        + (f" ({', '.join(f'{k}: {v}' for k, v in reasons.most_common(5))})" if reasons else "")
+        + f", {len(rows.val)} val images with ground truth"
+    )
+    return rows, entry
+
+
+def run_retrain(
+    input_uri: str,
+    output_uri: str,
+    config: RetrainConfig,
+    *,
+    options: RetrainOptions | None = None,
+    storage: StorageOptions | None = None,
+    log: Callable[[str], Any] = print,
+) -> RetrainResult:
+    """Runs (or resumes, or skips) the retrain stage on the current Ray instance.
+
+    Args:
+        input_uri: a pseudo-mask output (waited for up to `options.wait_timeout_s`).
+        output_uri: this stage's output directory.
+        config: network and training settings (fingerprinted).
+        options: workers, resources, resume/overwrite, checkpoint and log cadence.
+        storage: object-store endpoint/region.
+        log: progress sink, one line per call.
+
+    Raises:
+        TimeoutError: the input did not complete in time.
+        ValueError: bad input or settings (no usable pseudo masks, batch not splittable).
+        train_run.TrainRefused: an interrupted or finished run and options that do not say
+            what to do.
+        manifest.StageConflictError: the output holds a different run (and not `overwrite`).
+    """
+    from pipelines.retrain_loop import retrain_loop_per_worker
+
+    options = options or RetrainOptions()
+    micro, accumulation = micro_batching(config, options)
+    output = resolve(output_uri, storage)
+    pseudo, source = read_inputs(input_uri, storage=storage, wait_timeout_s=options.wait_timeout_s)
+    class_names = list(pseudo.class_names)
+    weights = resolve(config.backbone_weights, storage) if config.backbone_weights else None
+    weights_sha256 = sha256_of(weights) if weights else None
+    signature = run_signature(config, class_names, weights.uri if weights else None, weights_sha256)
+    run = open_run(
+        output,
+        stage=STAGE,
+        signature=signature,
+        inputs=[pseudo.input_ref(), source.input_ref()],
+        iterations=config.iterations,
+        resume=options.resume,
+        overwrite=options.overwrite,
+        log=log,
+    )
+    if run.skipped:
+        assert run.stage.manifest is not None
+        manifest = run.stage.manifest
+        return RetrainResult(
+            manifest, dict(manifest.metrics or {}), config.iterations, config.iterations, True
+        )
+    rows, quarantine_entry = plan(pseudo, source, output, log)
+    if not rows.train:
+        raise ValueError(
+            f"{pseudo.location.uri}: no usable pseudo masks ({len(rows.quarantined)} "
+            f"quarantined, see {output.child('quarantine').uri})"
+        )
+    start = run.start_iteration
+    epochs = epochs_needed(
+        rows=len(rows.train),
+        batch_size=config.batch_size,
+        start_iteration=start,
+        iterations=config.iterations,
+    )
+    dataset = data.build_retrain_dataset(
+        source,
+        masks=pseudo.location,
+        train=rows.train,
+        groups=rows.groups,
+        augment=config.augment(),
+        seed=config.seed,
+        start_epoch=(start * config.batch_size) // len(rows.train),
+        epochs=epochs,
+        num_cpus_per_task=options.num_cpus_per_task,
+    )
+    gpu = use_gpu(options.use_gpu)
+    loop_config = {
+        "config": config,
+        "stage_config": asdict(config),
+        "class_names": class_names,
+        "signature": signature,
+        "backbone_weights": weights,
+        "backbone_sha256": weights_sha256,
+        "micro_batch_size": micro,
+        "accumulation_steps": accumulation,
+        "checkpoint_every": options.checkpoint_every,
+        "log_every": options.log_every,
+        "source": source.location,
+        "val_rows": rows.val,
+        "torch_threads": None if gpu else max(1, int(options.cpus_per_worker)),
+        **failure_injection(output),
+    }
+    started = time.perf_counter()
+    checkpoint = fit(
+        retrain_loop_per_worker,
+        loop_config,
+        output=output,
+        num_workers=options.num_workers,
+        gpu=gpu,
+        cpus_per_worker=options.cpus_per_worker,
+        max_failures=options.max_failures,
+        datasets={"train": dataset},
+    )
+    train_seconds = time.perf_counter() - started
+    manifest = _finish(
+        config,
+        options,
+        stage=run.stage,
+        output=output,
+        checkpoint=checkpoint,
+        pseudo=pseudo,
+        rows=rows,
+        quarantine_entry=quarantine_entry,
+        weights={"source": weights.uri if weights else None, "sha256": weights_sha256},
+        train_seconds=train_seconds,
+        log=log,
+    )
+    return RetrainResult(manifest, dict(manifest.metrics or {}), start, config.iterations)
+
+
+def _finish(
+    config: RetrainConfig,
+    options: RetrainOptions,
+    *,
+    stage: mf.StageOutput,
+    output: Location,
+    checkpoint: Any,
+    pseudo: mf.Manifest,
+    rows: data.RowPlan,
+    quarantine_entry: mf.FileEntry | None,
+    weights: dict[str, Any],
+    train_seconds: float,
+    log: Callable[[str], Any],
+) -> mf.Manifest:
+    """Exports `model.pt` from the last checkpoint, writes `metrics.json` with the workers'
+    val scores (in the checkpoint's meta), commits."""
+    from pipelines import checkpoint as ckpt
+    from pipelines.retrain_eval import score_dict
+
+    class_names = list(pseudo.class_names)
+    with checkpoint.as_directory() as directory:
+        meta = ckpt.read_meta(directory)
+        if meta["iteration"] != config.iterations:
+            raise RuntimeError(
+                f"the last checkpoint is at iteration {meta['iteration']}, not {config.iterations}"
+            )
+        state = ckpt.read_train_state(directory)
+        history = ckpt.read_metrics(directory)
+    evaluation = meta.get("evaluation")
+    if not isinstance(evaluation, dict):
+        raise RuntimeError("the last checkpoint holds no val evaluation")
+    model = build_model(config.architecture, len(class_names))
+    model.load_state_dict(state["model"], strict=True)
+    with tempfile.TemporaryDirectory(prefix="weakclip-retrain-") as tmp:
+        local = os.path.join(tmp, MODEL_FILE)
+        export_model(
+            local,
+            model=model,
+            architecture=config.architecture,
+            class_names=class_names,
+            config=asdict(config),
+            iteration=config.iterations,
+        )
+        model_bytes = upload_file(output, MODEL_FILE, local)
+    scores = score_dict(np.asarray(evaluation["confusion"]), class_names)
+    summary = {
+        "miou": scores["miou"],
+        "per_class_iou": scores["per_class_iou"],
+        "num_pixels": scores["num_pixels"],
+        "class_space": pseudo.class_space,
+        "num_classes": len(class_names),
+        "ground_truth": "val split images with ground truth that are not in the pseudo-mask "
+        "index (never trained on), at their original size",
+        "num_val_images": evaluation["images"],
+        "val_skipped": evaluation["skipped"],
+        "num_train_images": len(rows.train),
+        "quarantined": len(rows.quarantined),
+        "iterations": config.iterations,
+        "first_loss": history[0]["loss"] if history else None,
+        "final_loss": history[-1]["loss"] if history else None,
+        "architecture": config.architecture,
+        "backbone_weights": weights,
+        "train_seconds": round(train_seconds, 3),
+        "eval_seconds": round(evaluation["seconds"], 3),
+    }
+    metrics_data = json.dumps({**summary, "history": history}, indent=1, sort_keys=True).encode()
+    write_bytes_atomic(output, METRICS_FILE, metrics_data)
+    files = [
+        mf.FileEntry(path=MODEL_FILE, rows=None, bytes=model_bytes),
+        mf.FileEntry(path=METRICS_FILE, rows=None, bytes=len(metrics_data)),
+    ]
+    if quarantine_entry is not None:
+        files.append(quarantine_entry)
+    manifest = stage.commit(
+        files=files,
+        counts={
+            "input": rows.index_rows,
+            "output": 1,
+            "quarantined": len(rows.quarantined),
+            "train_images": len(rows.train),
+            "val_images": evaluation["images"],
+            "iterations": config.iterations,
+        },
+        class_names=class_names,
+        class_space=pseudo.class_space,
+        metrics=summary,
+        extra={
+            "iterations": config.iterations,
+            "architecture": config.architecture,
+            "num_workers": options.num_workers,
+            "backbone_weights": weights,
+        },
+    )
+    miou = "n/a (no val ground truth)" if summary["miou"] is None else f"{summary['miou']:.3f}"
+    log(
+        f"retrain: {config.iterations} iterations in {train_seconds:.0f} s, final loss "
+        f"{summary['final_loss']:.4f}; val mIoU {miou} on {evaluation['images']} images "
+        f"({evaluation['seconds']:.1f} s); wrote {output.uri}"
+    )
+    return manifest
+
+
+__all__ = [
+    "METRICS_FILE",
+    "MODEL_FILE",
+    "RetrainConfig",
+    "RetrainOptions",
+    "RetrainResult",
+    "micro_batching",
+    "read_inputs",
+    "run_retrain",
+    "run_signature",
+]

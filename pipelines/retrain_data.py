@@ -1,0 +1,403 @@
+"""Retraining data: pseudo-mask index ⋈ source images, mask checks, and the training stream.
+
+Inputs (CONTRACTS.md): a `pseudo_masks` output, whose index shards (`shards/`, columns
+`image_id`, `mask`, `height`, `width`, `split`) list one palette PNG per image, and its
+`inputs[0]`, the ingest or refine output the images came from (columns `image_id`, `image`,
+`height`, `width`, `gt`, `split` of the shards its manifest lists). Only listed files are read.
+
+`plan_rows` is the join (pure): training rows are the index rows whose mask is usable, val
+rows the source rows of split `val` with ground truth that are not in the index at all (the
+network is scored on images it never saw). An index row is quarantined with its reason when
+its id repeats, its image is not in the source, its size disagrees with the source row, its
+mask path is not a file of the pseudo-mask manifest, or the mask is missing, undecodable, of
+another size or holds class ids outside the class space (`check_masks`).
+
+`build_retrain_dataset` streams augmented training rows through Ray Data CPU tasks, one per
+(epoch, source row group holding training rows): the task reads its row group, decodes the
+training rows with their masks (fetched in one batched read) and augments them
+(`pipelines.augment.augment_sample`); each row's randomness depends on (seed, epoch, image id)
+only, and each epoch visits the row groups in its own order. Batches (`TRAIN_COLUMNS`):
+`image` B x 3 x S x S float32 normalised crops and `mask` B x S x S uint8 (255 = ignore).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pipelines import schema
+from pipelines.augment import AugmentConfig, augment_sample
+from pipelines.manifest import Manifest
+from pipelines.storage import Location, safe_relpath
+from pipelines.train_data import decode_image, decode_label_map, row_seed
+
+TRAIN_COLUMNS = ("image", "mask")
+VAL_SPLIT = "val"
+INDEX_COLUMNS = (schema.IMAGE_ID, schema.MASK, schema.HEIGHT, schema.WIDTH)
+SOURCE_COLUMNS = (schema.IMAGE_ID, schema.HEIGHT, schema.WIDTH, schema.SPLIT, schema.GT)
+IMAGE_COLUMNS = [schema.IMAGE_ID, schema.IMAGE, schema.HEIGHT, schema.WIDTH]
+_FETCH_CHUNK = 64  # masks per batched read
+_THREADS = 8
+
+
+@dataclass(frozen=True)
+class IndexRow:
+    """One row of the pseudo-mask index."""
+
+    image_id: str
+    mask: str  # relative path inside the pseudo-mask output
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
+class SourceRow:
+    """What the join needs of one source row (no image bytes)."""
+
+    height: int
+    width: int
+    split: str | None
+    has_gt: bool
+    path: str  # the shard holding it (relative to the source output)
+    row_group: int  # its row group in that shard
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """The outcome of the join."""
+
+    train: dict[str, str]  # image id → mask path (relative to the pseudo-mask output)
+    val: dict[str, tuple[str, int]]  # image id scored after training → (shard, row group)
+    groups: list[tuple[str, int]]  # (shard, row group) of the source holding training rows
+    quarantined: list[tuple[str, str, str]]  # (image id, mask path, reason)
+    index_rows: int  # rows of the index, quarantined ones included
+
+
+def _read_row_groups(
+    location: Location, paths: Sequence[str], columns: Sequence[str]
+) -> list[tuple[str, int, pa.Table]]:
+    """(path, row group, table of `columns`) for every row group of the listed shards.
+
+    A missing optional column (a source without `split`) reads as nulls.
+    """
+
+    def read(path: str) -> list[tuple[str, int, pa.Table]]:
+        with location.fs.open(location.join(path), "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            names = set(parquet.schema_arrow.names)
+            present = [c for c in columns if c in names]
+            groups = []
+            for group in range(parquet.num_row_groups):
+                table = parquet.read_row_group(group, columns=present)
+                for name in columns:
+                    if name not in names:
+                        table = table.append_column(name, pa.nulls(table.num_rows, pa.string()))
+                groups.append((path, group, table.select(list(columns))))
+        return groups
+
+    if not paths:
+        raise ValueError(f"{location.uri}: the manifest lists no shards/")
+    with ThreadPoolExecutor(max_workers=max(1, min(_THREADS, len(paths)))) as pool:
+        return [group for groups in pool.map(read, paths) for group in groups]
+
+
+def read_index(pseudo: Manifest) -> list[IndexRow]:
+    """The index rows of a pseudo-mask output (its listed `shards/*.parquet`)."""
+    paths = [f.path for f in pseudo.entries("shards/") if f.path.endswith(".parquet")]
+    return [
+        IndexRow(str(r[schema.IMAGE_ID]), str(r[schema.MASK]), r[schema.HEIGHT], r[schema.WIDTH])
+        for _, _, table in _read_row_groups(pseudo.location, paths, INDEX_COLUMNS)
+        for r in table.to_pylist()
+    ]
+
+
+def read_source_rows(source: Manifest) -> dict[str, SourceRow]:
+    """id → size, split, ground truth or not, and where the row is, for every source row.
+
+    Raises:
+        ValueError: an image id appears twice in the source.
+    """
+    rows: dict[str, SourceRow] = {}
+    for path, group, table in _read_row_groups(
+        source.location, source_shards(source), SOURCE_COLUMNS
+    ):
+        has_gt = pc.is_valid(table[schema.GT]).to_pylist()
+        for row, gt in zip(table.drop_columns([schema.GT]).to_pylist(), has_gt, strict=True):
+            image_id = str(row[schema.IMAGE_ID])
+            if image_id in rows:
+                raise ValueError(f"{source.location.uri}: image id {image_id!r} appears twice")
+            rows[image_id] = SourceRow(
+                row[schema.HEIGHT], row[schema.WIDTH], row[schema.SPLIT], gt, path, group
+            )
+    return rows
+
+
+def source_shards(source: Manifest) -> list[str]:
+    """Relative paths of the source's listed Parquet shards."""
+    return [f.path for f in source.entries("shards/") if f.path.endswith(".parquet")]
+
+
+def validate_mask(data: bytes, *, height: int, width: int, num_classes: int) -> np.ndarray:
+    """H x W uint8 class ids of a mask PNG, checked against the row and the class space.
+
+    Raises:
+        ValueError: undecodable, another size, or ids outside [0, K) other than 255.
+    """
+    try:
+        mask = decode_label_map(data, height, width)
+    except (OSError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
+        raise ValueError(f"undecodable: {type(error).__name__}: {error}") from None
+    ids = np.unique(mask)
+    bad = [int(i) for i in ids if i >= num_classes and i != schema.IGNORE_INDEX]
+    if bad:
+        raise ValueError(f"mask holds class ids {bad[:5]} outside [0, {num_classes})")
+    return mask
+
+
+def check_masks(
+    location: Location, rows: Sequence[IndexRow], *, num_classes: int
+) -> dict[str, str | None]:
+    """Fetches and validates every row's mask: image id → None (usable) or the reason.
+
+    Reads in chunks of batched requests (a thread per chunk); the masks are not kept.
+    """
+
+    def check_chunk(chunk: Sequence[IndexRow]) -> dict[str, str | None]:
+        paths = {row.image_id: location.join(row.mask) for row in chunk}
+        got = location.fs.cat(list(paths.values()), on_error="return")
+        result: dict[str, str | None] = {}
+        for row in chunk:
+            data = got.get(paths[row.image_id])
+            if isinstance(data, FileNotFoundError):
+                result[row.image_id] = f"mask missing: {row.mask}"
+            elif isinstance(data, BaseException):
+                result[row.image_id] = f"mask unreadable: {type(data).__name__}: {data}"
+            else:
+                try:
+                    validate_mask(data, height=row.height, width=row.width, num_classes=num_classes)
+                    result[row.image_id] = None
+                except ValueError as error:
+                    result[row.image_id] = f"bad mask: {row.mask}: {error}"
+        return result
+
+    chunks = [rows[i : i + _FETCH_CHUNK] for i in range(0, len(rows), _FETCH_CHUNK)]
+    out: dict[str, str | None] = {}
+    with ThreadPoolExecutor(max_workers=max(1, min(_THREADS, len(chunks)))) as pool:
+        for part in pool.map(check_chunk, chunks):
+            out.update(part)
+    return out
+
+
+def plan_rows(
+    index: Sequence[IndexRow],
+    source: Mapping[str, SourceRow],
+    *,
+    listed: set[str],
+    mask_problems: Mapping[str, str | None] | None = None,
+) -> RowPlan:
+    """The join (module docstring). Pure: `mask_problems` comes from `check_masks`.
+
+    Args:
+        index: the pseudo-mask index rows.
+        source: `read_source_rows` of the source.
+        listed: files of the pseudo-mask manifest (relative paths).
+        mask_problems: image id → reason or None for masks checked in storage; ids absent
+            here are taken as usable (the structural checks still apply).
+    """
+    problems = mask_problems or {}
+    train: dict[str, str] = {}
+    quarantined: list[tuple[str, str, str]] = []
+    seen: set[str] = set()
+    for row in index:
+        reason = _join_problem(row, source.get(row.image_id), seen=seen, listed=listed)
+        if reason is None:
+            reason = problems.get(row.image_id)
+        seen.add(row.image_id)
+        if reason is None:
+            train[row.image_id] = row.mask
+        else:
+            quarantined.append((row.image_id, row.mask, reason))
+    val = {
+        image_id: (src.path, src.row_group)
+        for image_id, src in sorted(source.items())
+        if src.split == VAL_SPLIT and src.has_gt and image_id not in seen
+    }
+    groups = sorted({(source[i].path, source[i].row_group) for i in train})
+    return RowPlan(
+        train=train, val=val, groups=groups, quarantined=quarantined, index_rows=len(index)
+    )
+
+
+def _join_problem(
+    row: IndexRow, src: SourceRow | None, *, seen: set[str], listed: set[str]
+) -> str | None:
+    """Why an index row cannot be joined to its image and mask (None: it can)."""
+    if row.image_id in seen:
+        return "image id listed twice in the index"
+    if src is None:
+        return "image not in the pseudo masks' input"
+    if (src.height, src.width) != (row.height, row.width):
+        return f"index says {row.height}x{row.width}, the input image is {src.height}x{src.width}"
+    try:
+        mask = safe_relpath(row.mask)
+    except ValueError as error:
+        return f"unsafe mask path: {error}"
+    if mask != row.mask or mask not in listed:
+        return f"mask {row.mask} is not a file of the pseudo-mask manifest"
+    return None
+
+
+def prepare_row(
+    *,
+    image_bytes: bytes,
+    mask_bytes: bytes,
+    height: int,
+    width: int,
+    rng: np.random.Generator,
+    augment: AugmentConfig,
+) -> dict[str, np.ndarray]:
+    """Decodes and augments one (image, mask) pair (pure numpy).
+
+    Returns:
+        `image` 3 x S x S float32 and `mask` S x S uint8 (255 where padded or ignored).
+    """
+    rgb = decode_image(image_bytes, height, width)
+    mask = decode_label_map(mask_bytes, height, width)
+    image, crop = augment_sample(rgb, mask, rng=rng, config=augment)
+    return {"image": image, "mask": crop}
+
+
+def augment_rows(
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    epoch: int,
+    seed: int,
+    masks: Location,
+    train: Mapping[str, str],
+    augment: AugmentConfig,
+) -> dict[str, np.ndarray]:
+    """Source rows (`IMAGE_COLUMNS`) of training ids in, one `TRAIN_COLUMNS` batch out.
+
+    The masks are fetched in one batched read; each row's draws come from (seed, epoch, id).
+    """
+    paths = [masks.join(train[str(row[schema.IMAGE_ID])]) for row in rows]
+    got = masks.fs.cat(paths) if paths else {}
+    prepared = [
+        prepare_row(
+            image_bytes=row[schema.IMAGE],
+            mask_bytes=got[path],
+            height=int(row[schema.HEIGHT]),
+            width=int(row[schema.WIDTH]),
+            rng=np.random.default_rng(row_seed(seed, epoch, str(row[schema.IMAGE_ID]))),
+            augment=augment,
+        )
+        for row, path in zip(rows, paths, strict=True)
+    ]
+    if not prepared:
+        size = augment.crop_size
+        return {
+            "image": np.zeros((0, 3, size, size), np.float32),
+            "mask": np.zeros((0, size, size), np.uint8),
+        }
+    return {key: np.stack([row[key] for row in prepared]) for key in TRAIN_COLUMNS}
+
+
+def epoch_units(
+    groups: Sequence[tuple[str, int]], *, seed: int, start_epoch: int, epochs: int
+) -> list[dict[str, Any]]:
+    """One work unit per (epoch, source row group), each epoch's groups in its own order."""
+    units = []
+    for epoch in range(start_epoch, start_epoch + epochs):
+        order = np.random.default_rng([seed, epoch]).permutation(len(groups))
+        units += [{"epoch": epoch, "path": groups[i][0], "row_group": groups[i][1]} for i in order]
+    return units
+
+
+def augment_units(
+    batch: dict[str, np.ndarray],
+    *,
+    source: Location,
+    masks: Location,
+    train: Mapping[str, str],
+    augment: AugmentConfig,
+    seed: int,
+    rows_per_block: int,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data batch function: work units in, batches of augmented training rows out.
+
+    Each unit reads its row group, keeps the training ids in an order drawn from (seed,
+    epoch, row group) and yields blocks of at most `rows_per_block` rows.
+    """
+    for epoch, path, group in zip(batch["epoch"], batch["path"], batch["row_group"], strict=True):
+        with source.fs.open(source.join(str(path)), "rb") as handle:
+            table = pq.ParquetFile(handle).read_row_group(int(group), columns=IMAGE_COLUMNS)
+        rows = [r for r in table.to_pylist() if str(r[schema.IMAGE_ID]) in train]
+        rng = np.random.default_rng(row_seed(seed, int(epoch), f"{path}#{group}"))
+        rows = [rows[i] for i in rng.permutation(len(rows))]
+        for start in range(0, len(rows), rows_per_block):
+            yield augment_rows(
+                rows[start : start + rows_per_block],
+                epoch=int(epoch),
+                seed=seed,
+                masks=masks,
+                train=train,
+                augment=augment,
+            )
+
+
+def build_retrain_dataset(
+    source: Manifest,
+    *,
+    masks: Location,
+    train: Mapping[str, str],
+    groups: Sequence[tuple[str, int]],
+    augment: AugmentConfig,
+    seed: int,
+    start_epoch: int,
+    epochs: int,
+    num_cpus_per_task: float,
+    rows_per_block: int = 8,
+) -> Any:
+    """The Ray Dataset of augmented training rows for `epochs` epochs from `start_epoch`.
+
+    One CPU task per (epoch, row group) unit (`epoch_units`, `augment_units`): a single read
+    and map stage however many epochs, each unit reading only its row group.
+
+    Args:
+        source: manifest of the images' stage output (pseudo masks' `inputs[0]`).
+        masks: the pseudo-mask output directory.
+        train: image id → mask path, from `plan_rows`.
+        groups: (shard, row group) of the source holding training rows.
+        augment: augmentation settings.
+        seed: global seed of the augmentation draws.
+        start_epoch: first epoch (a resumed run continues the epoch count).
+        epochs: epochs to chain.
+        num_cpus_per_task: CPUs of each task (fractional on small machines).
+        rows_per_block: rows per output block.
+    """
+    import ray.data
+
+    units = epoch_units(groups, seed=seed, start_epoch=start_epoch, epochs=epochs)
+    return ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
+        functools.partial(
+            augment_units,
+            source=source.location,
+            masks=masks,
+            train=dict(train),
+            augment=augment,
+            seed=seed,
+            rows_per_block=rows_per_block,
+        ),
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=num_cpus_per_task,
+    )

@@ -1,0 +1,111 @@
+"""Scoring the retrained network on val ground truth, at the original image size (SPEC §8).
+
+The training workers score the network right after the last step, where it already sits on
+its device (a GPU when the cluster has them). The val rows (`retrain_data.plan_rows`: split
+`val`, ground truth present, never in the training index) are dealt to the workers by
+position in sorted id order (`ids_of_rank`); each worker reads only the source row groups that
+hold its ids (`read_val_rows`, columns `image_id`, `image`, `height`, `width`, `gt`) and
+`score_worker` sums the confusion matrices over the workers (`pipelines.evaluation` layout,
+the pseudo masks' class space). A val row whose image or ground truth cannot be decoded is
+skipped and counted, never fatal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipelines import schema
+from pipelines.evaluation import ConfusionAccumulator
+from pipelines.retrain_model import predict_labels
+from pipelines.storage import Location
+from pipelines.train_data import decode_image, decode_label_map
+
+VAL_COLUMNS = [schema.IMAGE_ID, schema.IMAGE, schema.HEIGHT, schema.WIDTH, schema.GT]
+
+
+def ids_of_rank(val_ids: Iterable[str], rank: int, world: int) -> list[str]:
+    """The val ids worker `rank` of `world` scores (every id goes to exactly one worker)."""
+    return sorted(val_ids)[rank::world]
+
+
+def read_val_rows(
+    source: Location, refs: Mapping[str, tuple[str, int]], ids: Sequence[str]
+) -> Iterator[dict[str, Any]]:
+    """The source rows of `ids`, reading only the row groups `refs` (id → (shard, group)) names."""
+    wanted = set(ids)
+    for path, group in sorted({refs[image_id] for image_id in wanted}):
+        with source.fs.open(source.join(path), "rb") as handle:
+            table = pq.ParquetFile(handle).read_row_group(group, columns=VAL_COLUMNS)
+        for row in table.to_pylist():
+            if row[schema.IMAGE_ID] in wanted:
+                yield row
+
+
+def score_rows(
+    model: nn.Module,
+    rows: Iterable[Mapping[str, Any]],
+    *,
+    scores: ConfusionAccumulator,
+    device: torch.device | str = "cpu",
+) -> tuple[int, int]:
+    """Adds each row's prediction against its GT to `scores`; returns (scored, skipped)."""
+    images = skipped = 0
+    for row in rows:
+        height, width = int(row[schema.HEIGHT]), int(row[schema.WIDTH])
+        try:
+            rgb = decode_image(row[schema.IMAGE], height, width)
+            gt = decode_label_map(row[schema.GT], height, width)
+            scores.add(predict_labels(model, rgb, device=device), gt)
+        except (OSError, ValueError, TypeError, SyntaxError, EOFError):
+            skipped += 1
+            continue
+        images += 1
+    return images, skipped
+
+
+def score_worker(
+    model: nn.Module,
+    rows: Iterable[Mapping[str, Any]],
+    *,
+    num_classes: int,
+    device: torch.device,
+    world: int,
+) -> dict[str, Any]:
+    """Scores this worker's rows and sums over the workers (a collective: call on every rank).
+
+    Returns:
+        `confusion` (K x (K + 1) nested lists), `images`, `skipped`: totals of all workers.
+    """
+    scores = ConfusionAccumulator(num_classes)
+    was_training = model.training
+    model.eval()
+    images, skipped = score_rows(model, rows, scores=scores, device=device)
+    model.train(was_training)
+    totals = torch.from_numpy(np.append(scores.matrix.ravel(), [images, skipped]))
+    if world > 1 and dist.is_initialized():
+        totals = totals.to(device if device.type == "cuda" else "cpu")
+        dist.all_reduce(totals)
+        totals = totals.cpu()
+    values = totals.numpy()
+    return {
+        "confusion": values[:-2].reshape(scores.matrix.shape).tolist(),
+        "images": int(values[-2]),
+        "skipped": int(values[-1]),
+    }
+
+
+def score_dict(confusion: np.ndarray, class_names: list[str]) -> dict[str, Any]:
+    """`miou` (None without scored pixels), `per_class_iou` by class name, `num_pixels`."""
+    scores = ConfusionAccumulator(len(class_names))
+    scores.merge(np.asarray(confusion, dtype=np.int64))
+    values = scores.score().as_dict(class_names)
+    if values["num_pixels"] == 0 or np.isnan(values["miou"]):
+        values["miou"] = None
+    return values

@@ -1,0 +1,255 @@
+"""The downstream segmentation network (SPEC §9): torchvision DeepLabV3, and its `model.pt`.
+
+Architectures (`ARCHITECTURES`):
+- `resnet50`, `resnet101`, `mobilenet_v3_large`: torchvision's `deeplabv3_*` builders with
+  `weights=None, weights_backbone=None` (nothing is downloaded), no auxiliary head;
+- `small`: the same DeepLabV3 composition (an `IntermediateLayerGetter` backbone, torchvision's
+  ASPP, a 3x3 conv and a 1x1 classifier) on a narrow, short ResNet of torchvision
+  `BasicBlock`s (widths 16-32-64-128, one block per stage, output stride 16) with a 64-channel
+  ASPP: about 0.5M parameters, for tests and the 2-core demo.
+
+Backbone weights (`load_backbone_weights`) come from a local file (the driver fetches URIs):
+`torch.load(weights_only=True)` or safetensors. The file may hold the backbone's own keys, a
+segmentation model's keys under `backbone.`, or the ImageNet classifier's state dict (its head,
+`fc.*` or `classifier.*`, is dropped; MobileNet's `features.` prefix is stripped). Every
+backbone key must then be present with its shape: otherwise a `ValueError` lists what differs.
+
+`model.pt` (`export_model` / `load_retrained_model`) is one `torch.save` of plain containers:
+format tag, architecture, class names, the stage config, the state dict and the iteration; it
+loads with `torch.load(path, weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.models import segmentation
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.resnet import BasicBlock, conv1x1
+from torchvision.models.segmentation.deeplabv3 import ASPP, DeepLabV3
+
+from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
+
+ARCHITECTURES = ("small", "resnet50", "resnet101", "mobilenet_v3_large")
+EXPORT_FORMAT = "weakclip-retrain-v1"
+SMALL_WIDTHS = (16, 32, 64, 128)  # channels of the small backbone's four stages
+SMALL_ASPP_CHANNELS = 64
+SMALL_ATROUS_RATES = (6, 12, 18)  # at output stride 16, as DeepLabV3 trains
+# Classifier heads of an ImageNet or segmentation state dict: not backbone weights.
+_HEAD_PREFIXES = ("fc.", "classifier.", "aux_classifier.")
+
+
+class SmallResNet(nn.Module):
+    """A four-stage ResNet of one `BasicBlock` each, output stride 16 (no dilation needed).
+
+    Stage strides 1, 2, 2, 1 after the /4 stem (conv 3x3 s2 + max-pool), so `layer4` is at
+    1/16 of the input: B x 3 x H x W in, B x widths[-1] x H/16 x W/16 from `layer4`.
+    """
+
+    def __init__(self, *, widths: Sequence[int] = SMALL_WIDTHS) -> None:
+        super().__init__()
+        if len(widths) != 4 or min(widths) < 1:
+            raise ValueError(f"widths must be four positive ints, got {tuple(widths)}")
+        self.conv1 = nn.Conv2d(3, widths[0], 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        inplanes = widths[0]
+        for index, (width, stride) in enumerate(zip(widths, (1, 2, 2, 1), strict=True)):
+            downsample = None
+            if stride != 1 or inplanes != width:
+                downsample = nn.Sequential(conv1x1(inplanes, width, stride), nn.BatchNorm2d(width))
+            setattr(self, f"layer{index + 1}", BasicBlock(inplanes, width, stride, downsample))
+            inplanes = width
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """B x 3 x H x W → B x C x H/16 x W/16."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+def _small_deeplabv3(num_classes: int) -> DeepLabV3:
+    backbone = IntermediateLayerGetter(SmallResNet(), return_layers={"layer4": "out"})
+    width = SMALL_ASPP_CHANNELS
+    classifier = nn.Sequential(
+        ASPP(SMALL_WIDTHS[-1], SMALL_ATROUS_RATES, out_channels=width),
+        nn.Conv2d(width, width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.Conv2d(width, num_classes, 1),
+    )
+    return DeepLabV3(backbone, classifier, None)
+
+
+def build_model(architecture: str, num_classes: int) -> DeepLabV3:
+    """A randomly initialised DeepLabV3 (torchvision) with `num_classes` outputs.
+
+    Its `forward` maps B x 3 x H x W to `{"out": B x K x H x W}` logits.
+    """
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    if architecture == "small":
+        return _small_deeplabv3(num_classes)
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+    builder = getattr(segmentation, f"deeplabv3_{architecture}")
+    return builder(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
+
+
+def read_weights_file(path: str) -> dict[str, torch.Tensor]:
+    """A state dict from `.safetensors` or a `torch.save` file (read with weights_only=True).
+
+    A `torch.save` file may wrap the state dict as `{"state_dict": ...}` or `{"model": ...}`.
+    """
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return dict(load_file(path, device="cpu"))
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(data, Mapping) and isinstance(data.get(key), Mapping):
+            data = data[key]
+    if not isinstance(data, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()
+    ):
+        raise ValueError(f"{path!r} holds no state dict of named tensors")
+    return dict(data)
+
+
+def backbone_state(
+    weights: Mapping[str, torch.Tensor], architecture: str
+) -> dict[str, torch.Tensor]:
+    """`weights` renamed to the backbone's keys (prefixes stripped, classifier heads dropped)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in weights.items():
+        name = key.removeprefix("module.")
+        if name.startswith("backbone."):
+            name = name.removeprefix("backbone.")
+        elif name.startswith(_HEAD_PREFIXES):
+            continue
+        elif architecture.startswith("mobilenet"):
+            name = name.removeprefix("features.")
+        out[name] = value
+    return out
+
+
+def load_backbone_weights(model: DeepLabV3, path: str, *, architecture: str) -> None:
+    """Loads a backbone weights file into `model.backbone`, refusing any mismatch.
+
+    Raises:
+        ValueError: keys missing or unexpected, or shapes that differ (the message names them).
+    """
+    target = model.backbone.state_dict()
+    given = backbone_state(read_weights_file(path), architecture)
+    missing = sorted(set(target) - set(given))
+    unexpected = sorted(set(given) - set(target))
+    shapes = sorted(
+        f"{k} {tuple(given[k].shape)} != {tuple(target[k].shape)}"
+        for k in set(target) & set(given)
+        if given[k].shape != target[k].shape
+    )
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"backbone weights {path!r} do not fit the {architecture} backbone: "
+            f"{len(missing)} missing {missing[:5]}, {len(unexpected)} unexpected "
+            f"{unexpected[:5]}, {len(shapes)} with other shapes {shapes[:3]}"
+        )
+    model.backbone.load_state_dict(given, strict=True)
+
+
+def logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """B x 3 x H x W normalised images → B x K x H x W logits (the `out` head)."""
+    return model(images)["out"]
+
+
+@torch.inference_mode()
+def predict_labels(
+    model: nn.Module,
+    image: np.ndarray,
+    *,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """Class ids of one image at its original size (argmax of the logits).
+
+    Args:
+        model: a DeepLabV3 in eval mode on `device`.
+        image: H x W x 3 uint8 RGB.
+        mean, std: the normalisation the model was trained with.
+        device: where the model is.
+
+    Returns:
+        H x W uint8 class ids.
+    """
+    tensor = torch.from_numpy(normalize(image, mean=mean, std=std))[None].to(device)
+    return logits(model, tensor)[0].argmax(0).to(torch.uint8).cpu().numpy()
+
+
+def export_model(
+    path: str,
+    *,
+    model: nn.Module,
+    architecture: str,
+    class_names: Sequence[str],
+    config: Mapping[str, Any],
+    iteration: int,
+) -> None:
+    """Writes `model.pt` (see the module docstring)."""
+    payload = {
+        "format": EXPORT_FORMAT,
+        "architecture": architecture,
+        "class_names": list(class_names),
+        "config": dict(config),
+        "state_dict": OrderedDict(
+            (k, v.detach().cpu().contiguous()) for k, v in model.state_dict().items()
+        ),
+        "iteration": int(iteration),
+    }
+    torch.save(payload, path)
+
+
+def read_export(path: str) -> dict[str, Any]:
+    """The `model.pt` payload, read with `weights_only=True` and checked."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{path!r} is not a retrained-model export ({EXPORT_FORMAT})")
+    names = payload.get("class_names")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{path!r}: class_names must be a list of strings")
+    if payload.get("architecture") not in ARCHITECTURES:
+        raise ValueError(f"{path!r}: unknown architecture {payload.get('architecture')!r}")
+    return payload
+
+
+def load_retrained_model(path: str) -> tuple[DeepLabV3, list[str]]:
+    """Rebuilds the network of a `model.pt`, every weight loaded strictly, in eval mode.
+
+    Returns:
+        (model, class names).
+    """
+    payload = read_export(path)
+    model = build_model(payload["architecture"], len(payload["class_names"]))
+    model.load_state_dict(payload["state_dict"], strict=True)
+    return model.eval(), list(payload["class_names"])
+
+
+__all__ = [
+    "ARCHITECTURES",
+    "SmallResNet",
+    "build_model",
+    "export_model",
+    "load_backbone_weights",
+    "load_retrained_model",
+    "logits",
+    "predict_labels",
+    "read_export",
+]
