@@ -433,6 +433,12 @@ def init_ray(args: argparse.Namespace, *, node_count: Callable[[], int] = alive_
         else:
             ray.init(address="local", object_store_memory=object_store, include_dashboard=False)
         started = True
+    if not sys.stdout.isatty():
+        # Logs (ray job submit, CI): the stages print their own progress lines; Ray Data's
+        # bars would add one redraw line per operator every few seconds from every worker.
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
     output = getattr(args, "output", None)
     if output is not None:
         check_local_output(

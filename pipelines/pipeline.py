@@ -47,10 +47,11 @@ class DemoData:
 # `--demo` settings under the config file and flags: sized for a 2-core laptop in minutes.
 DEMO_CONFIG: Mapping[str, Any] = {
     "model": "tiny",
-    "iterations": 60,
+    "iterations": 100,
     "batch_size": 4,
-    "checkpoint_every": 30,
-    "log_every": 10,
+    "lr": 1e-3,  # random CLIP weights: the adapter and decoder learn from scratch
+    "checkpoint_every": 50,
+    "log_every": 20,
     "pseudo_masks": {"report_images": 8},
     "retrain": {
         "architecture": "small",

@@ -34,6 +34,7 @@ from torchvision.models.resnet import BasicBlock, conv1x1
 from torchvision.models.segmentation.deeplabv3 import ASPP, DeepLabV3
 
 from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
+from pipelines.checkpoint import load_weights_only
 
 ARCHITECTURES = ("small", "resnet50", "resnet101", "mobilenet_v3_large")
 EXPORT_FORMAT = "weakclip-retrain-v1"
@@ -113,7 +114,7 @@ def read_weights_file(path: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return dict(load_file(path, device="cpu"))
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    data = load_weights_only(path, what="backbone weights")
     for key in ("state_dict", "model"):
         if isinstance(data, Mapping) and isinstance(data.get(key), Mapping):
             data = data[key]
@@ -219,7 +220,7 @@ def export_model(
 
 def read_export(path: str) -> dict[str, Any]:
     """The `model.pt` payload, read with `weights_only=True` and checked."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = load_weights_only(path, what="retrained-model export")
     if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{path!r} is not a retrained-model export ({EXPORT_FORMAT})")
     names = payload.get("class_names")
