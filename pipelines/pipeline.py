@@ -55,11 +55,11 @@ DEMO_CONFIG: Mapping[str, Any] = {
     "pseudo_masks": {"report_images": 8},
     "retrain": {
         "architecture": "small",
-        "iterations": 60,
+        "iterations": 150,
         "batch_size": 4,
-        "crop_size": 224,
-        "short_side": 240,
-        "lr": 2e-3,
+        "crop_size": 240,
+        "lr": 3e-3,
+        "warmup_iterations": 20,
     },
 }
 

@@ -6,7 +6,7 @@ Architectures (`ARCHITECTURES`):
 - `small`: the same DeepLabV3 composition (an `IntermediateLayerGetter` backbone, torchvision's
   ASPP, a 3x3 conv and a 1x1 classifier) on a narrow, short ResNet of torchvision
   `BasicBlock`s (widths 16-32-64-128, one block per stage, output stride 16) with a 64-channel
-  ASPP: about 0.5M parameters, for tests and the 2-core demo.
+  ASPP: about 0.6M parameters (K = 7), for tests and the 2-core demo.
 
 Backbone weights (`load_backbone_weights`) come from a local file (the driver fetches URIs):
 `torch.load(weights_only=True)` or safetensors. The file may hold the backbone's own keys, a

@@ -7,13 +7,14 @@ location's pyarrow filesystem is Ray Train's storage filesystem), and at the end
 `<output>/model.pt` (`pipelines.checkpoint.export_model`), `<output>/metrics.jsonl`, the
 manifest and `_SUCCESS` (`pipelines.manifest`).
 
-Re-running (CONTRACTS.md, shared with retrain in `pipelines.train_run`): the run's fingerprint is the model config without
-`train.iterations`, the class names, the CLIP weights (source and SHA-256) and the input
-manifest digest. Same fingerprint and finished with the same iterations: nothing to do. A
-different fingerprint: refused unless `overwrite`. An interrupted run, or a finished one asked
-for more iterations, continues only with `resume` (Ray Train V2 restores the latest checkpoint
-when a trainer is re-created with the same storage path and name); without it the job refuses
-rather than silently continuing or starting over.
+Re-running (CONTRACTS.md; the rules live in `pipelines.train_run`, shared with retrain): the
+run's fingerprint is the model config without `train.iterations`, the class names, the CLIP
+weights (source and SHA-256) and the input manifest digest. Same fingerprint and finished with
+the same iterations: nothing to do. A different fingerprint: refused unless `overwrite`. An
+interrupted run, or a finished one asked for more iterations, continues only with `resume`
+(Ray Train V2 restores the latest checkpoint when a trainer is re-created with the same
+storage path and name); without it the job refuses rather than silently continuing or starting
+over.
 
 Resources: one GPU per worker when the cluster has GPUs (NCCL), else gloo on fractional CPUs
 (`cpus_per_worker`, 0.5 by default) so that Ray Data keeps CPUs for decoding and augmentation

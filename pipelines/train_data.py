@@ -24,7 +24,7 @@ import functools
 import hashlib
 import io
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -251,50 +251,21 @@ def build_train_dataset(
         num_cpus=num_cpus_per_task,
     )
     augment = augment_config_for(model_config)
-
-    def epoch_fn(epoch: int) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
-        return functools.partial(
+    seed = model_config.train.seed
+    parts = []
+    for epoch in range(start_epoch, start_epoch + epochs):
+        fn = functools.partial(
             augment_batch,
             epoch=epoch,
-            seed=model_config.train.seed,
+            seed=seed,
             num_classes=num_classes,
             augment=augment,
             loss_resolution=model_config.loss.resolution,
             train_only=train_only,
         )
-
-    return epoch_stream(
-        base,
-        epoch_fn,
-        seed=model_config.train.seed,
-        start_epoch=start_epoch,
-        epochs=epochs,
-        num_cpus_per_task=num_cpus_per_task,
-        rows_per_task=rows_per_task,
-    )
-
-
-def epoch_stream(
-    base: Any,
-    epoch_fn: Callable[[int], Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]],
-    *,
-    seed: int,
-    start_epoch: int,
-    epochs: int,
-    num_cpus_per_task: float,
-    rows_per_task: int,
-) -> Any:
-    """`epochs` passes over the Ray Dataset `base`, chained, each in its own block order and
-    mapped by its own batch function `epoch_fn(epoch)` (which draws that epoch's augmentation).
-    """
-    parts = []
-    for epoch in range(start_epoch, start_epoch + epochs):
         parts.append(
             base.randomize_block_order(seed=seed + epoch).map_batches(
-                epoch_fn(epoch),
-                batch_size=rows_per_task,
-                batch_format="numpy",
-                num_cpus=num_cpus_per_task,
+                fn, batch_size=rows_per_task, batch_format="numpy", num_cpus=num_cpus_per_task
             )
         )
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]

@@ -146,6 +146,7 @@ def test_pipeline_job_submit_on_cluster(ray_cluster: Cluster, s3_bucket: str) ->
             "--",
             "python", "-m", "jobs.pipeline",
             "--input", data, "--output", run, "--config", config.uri,
+            "--split", "train=train.txt", "--split", "val=val.txt",
         ],
         env=ray_cluster.env,
         capture_output=True,
@@ -167,6 +168,7 @@ def test_pipeline_job_submit_on_cluster(ray_cluster: Cluster, s3_bucket: str) ->
     assert read_manifest(out.child("pseudo_masks")).counts["output"] == 9
 
     summary = json.loads(read_bytes(out, "summary.json"))
+    print("stage seconds:", summary["seconds"])
     for key in ("cam_argmax", "crf_seeds", "pseudo_masks", "retrained"):
         assert summary[key] is not None and 0.0 <= summary[key] <= 1.0, (key, summary)
     metrics = json.loads(read_bytes(out.child("retrain"), "metrics.json"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -10,7 +11,7 @@ import torch
 
 from jobs.retrain import main
 from pipelines import manifest as mf
-from pipelines.retrain_model import load_retrained_model, logits
+from pipelines.retrain_model import build_model, load_retrained_model, logits
 from pipelines.storage import resolve
 from tests.pipelines.retrain_inputs import make_inputs
 
@@ -39,10 +40,13 @@ def test_retrain_job_trains_scores_reruns_and_resumes(tmp_path, capsys, ray_sess
     inputs = make_inputs(str(tmp_path), train=6, val=3, indexed_val=1, height=64, width=80)
     lost = inputs.train_ids[0]
     os.remove(tmp_path / "pseudo_masks" / "masks" / f"{lost}.png")  # listed, but gone
+    weights = tmp_path / "backbone.pt"
+    torch.save(build_model("small", 3).backbone.state_dict(), weights)
     argv = [
         "--input", str(tmp_path / "pseudo_masks"), "--output", str(tmp_path / "out"),
         "--iterations", "4", "--batch-size", "4", "--num-workers", "2", "--crop-size", "64",
         "--log-every", "2", "--checkpoint-every", "2", "--wait-timeout", "0",
+        "--backbone-weights", str(weights),
     ]  # fmt: skip
     assert main(argv) == 0
     out = resolve(str(tmp_path / "out"))
@@ -64,6 +68,7 @@ def test_retrain_job_trains_scores_reruns_and_resumes(tmp_path, capsys, ray_sess
     assert [row["iteration"] for row in metrics["history"]] == [2, 4]
     assert metrics["final_loss"] == metrics["history"][-1]["loss"]
     assert manifest.metrics is not None and manifest.metrics["miou"] == metrics["miou"]
+    assert metrics["backbone_weights"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     torch.load(tmp_path / "out" / "model.pt", weights_only=True)
     model, names = load_retrained_model(str(tmp_path / "out" / "model.pt"))
     assert names == list(manifest.class_names)
