@@ -111,6 +111,13 @@ def ray_cluster() -> Iterator[Cluster]:
                 "--port", str(free_port()),
                 "--dashboard-host", "127.0.0.1",
                 "--dashboard-port", str(dashboard_port),
+                # The agents' default ports are fixed: another Ray instance on this machine
+                # (the test session's) may hold them, and the job agent would never start.
+                "--dashboard-agent-listen-port", str(free_port()),
+                "--dashboard-agent-grpc-port", str(free_port()),
+                "--runtime-env-agent-port", str(free_port()),
+                "--metrics-export-port", str(free_port()),
+                "--ray-client-server-port", str(free_port()),
                 "--num-cpus", "2",
                 "--object-store-memory", str(512 * 1024 * 1024),
                 "--temp-dir", temp_dir,
@@ -138,21 +145,29 @@ def test_pipeline_job_submit_on_cluster(ray_cluster: Cluster, s3_bucket: str) ->
     config = resolve(f"{s3_bucket}/pipeline.json")
     config.fs.pipe_file(config.path, json.dumps(E2E_CONFIG).encode())
 
-    submit = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "ray"), "job", "submit",
-            "--address", ray_cluster.dashboard,
-            "--working-dir", str(REPO),
-            "--",
-            "python", "-m", "jobs.pipeline",
-            "--input", data, "--output", run, "--config", config.uri,
-            "--split", "train=train.txt", "--split", "val=val.txt",
-        ],
-        env=ray_cluster.env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )  # fmt: skip
+    # Right after `ray start` the head's job agent may not be up yet ("No available agent to
+    # submit job"): that refusal creates no job, so submitting again is safe.
+    deadline = time.monotonic() + 180
+    while True:
+        submit = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "ray"), "job", "submit",
+                "--address", ray_cluster.dashboard,
+                "--working-dir", str(REPO),
+                "--",
+                "python", "-m", "jobs.pipeline",
+                "--input", data, "--output", run, "--config", config.uri,
+                "--split", "train=train.txt", "--split", "val=val.txt",
+            ],
+            env=ray_cluster.env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )  # fmt: skip
+        if "No available agent" not in submit.stdout + submit.stderr:
+            break
+        assert time.monotonic() < deadline, "the cluster's job agent never came up"
+        time.sleep(5)
     log = submit.stdout + submit.stderr
     assert submit.returncode == 0, log[-6000:]
     assert "succeeded" in log, log[-6000:]
