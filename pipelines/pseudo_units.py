@@ -29,7 +29,7 @@ from pipelines import schema
 from pipelines.evaluation import ConfusionAccumulator, score_from_confusion
 from pipelines.manifest import Manifest, Quarantine, StageOutput, write_parquet
 from pipelines.pseudo_rows import PseudoUnit, RowSpec, add_sparse, in_splits, mask_rel, to_sparse
-from pipelines.storage import Location, safe_relpath, write_bytes_atomic
+from pipelines.storage import Location, read_json_objects, safe_relpath, write_bytes_atomic
 
 UNIT_DIR = "_units"  # completion records (bookkeeping, not data files)
 SHARD_DIR = "shards"
@@ -135,26 +135,12 @@ def read_valid_records(out: StageOutput, units: Iterable[PseudoUnit]) -> dict[st
     is ignored: that unit is redone (its masks overwritten under the same names).
     """
     wanted = {u.name: u for u in units}
-    loc = out.location
-    paths = {loc.join(record_rel(name)): name for name in wanted}
-    if not paths:
-        return {}
-    got = loc.fs.cat(list(paths), on_error="return")
+    found = read_json_objects(out.location, {name: record_rel(name) for name in wanted})
     records = {}
-    for path, name in paths.items():
-        value = got.get(path)
-        if not isinstance(value, bytes):
-            continue
-        try:
-            record = json.loads(value)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            continue
-        unit = wanted[name]
-        layout = {key: field for key, field in asdict(unit).items() if key != "name"}
-        if (
-            isinstance(record, dict)
-            and record.get("unit") == name
-            and all(record.get(key) == field for key, field in layout.items())
+    for name, record in found.items():
+        layout = {key: field for key, field in asdict(wanted[name]).items() if key != "name"}
+        if record.get("unit") == name and all(
+            record.get(key) == field for key, field in layout.items()
         ):
             records[name] = record
     if records:

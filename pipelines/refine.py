@@ -59,6 +59,7 @@ from pipelines.seeds import METHODS, SeedConfig, cam_argmax, refine_seed
 from pipelines.storage import (
     Location,
     StorageOptions,
+    read_json_objects,
     redact,
     resolve,
     safe_relpath,
@@ -443,23 +444,12 @@ def read_records(output_loc: Location, units: Iterable[WorkUnit]) -> dict[str, d
     A record that is torn or does not match its unit is ignored: the unit is redone.
     """
     wanted = {u.name: u for u in units}
-    paths = {output_loc.join(record_rel(name)): name for name in wanted}
-    if not paths:
-        return {}
-    got = output_loc.fs.cat(list(paths), on_error="return")
+    found = read_json_objects(output_loc, {name: record_rel(name) for name in wanted})
     records = {}
-    for path, name in paths.items():
-        value = got.get(path)
-        if not isinstance(value, bytes):
-            continue
-        try:
-            record = json.loads(value)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            continue
+    for name, record in found.items():
         unit = wanted[name]
         if (
-            isinstance(record, dict)
-            and record.get("unit") == name
+            record.get("unit") == name
             and record.get("path") == unit.path
             and record.get("row_group") == unit.row_group
             and record.get("input_rows") == unit.rows

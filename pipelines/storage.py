@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import posixpath
 import re
@@ -25,7 +26,7 @@ import tempfile
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -426,3 +427,30 @@ def _s3_fs(options: StorageOptions) -> fsspec.AbstractFileSystem:
         # Other processes (Ray workers) write here; a cached listing would hide their files.
         use_listings_cache=False,
     )
+
+
+def read_json_objects(loc: Location, rels: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """Small JSON files below `loc` in one batched read: key -> parsed object.
+
+    Args:
+        rels: key -> path relative to `loc`.
+
+    Returns:
+        The files that exist and hold a JSON object; missing or torn ones are left out.
+    """
+    paths = {loc.join(rel): key for key, rel in rels.items()}
+    if not paths:
+        return {}
+    got = loc.fs.cat(list(paths), on_error="return")
+    objects: dict[str, dict[str, Any]] = {}
+    for path, key in paths.items():
+        value = got.get(path)
+        if not isinstance(value, bytes):
+            continue
+        try:
+            parsed = json.loads(value)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(parsed, dict):
+            objects[key] = parsed
+    return objects
