@@ -1,6 +1,12 @@
 """Writes the synthetic WSSS dataset (images, CAMs, labels, GT) to a storage URI.
 
     python -m jobs.make_synthetic --output s3://bucket/synthetic --num-images 64 --seed 0
+    python -m jobs.make_synthetic --output out/camo --num-images 40 --seed 0 \
+        --family camouflage --classes coco91
+
+Families: `shapes` (six custom classes, each its own colour, at --height x --width) and
+`camouflage` (VOC or COCO-91 class ids told apart by shape and texture only, in shared colours,
+VOC-like sizes drawn per image: --height/--width do not apply).
 
 Exit status: 0 success; 1 failure with a one-line reason on stderr; 2 usage error.
 """
@@ -12,7 +18,12 @@ import sys
 
 from pipelines.cli import UsageError, run_job
 from pipelines.storage import StorageOptions, resolve
-from pipelines.synthetic_io import BAD_INPUTS, plant_bad_inputs, write_dataset
+from pipelines.synthetic_io import (
+    BAD_INPUTS,
+    CAMO_CLASS_SPACES,
+    plant_bad_inputs,
+    write_dataset,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,8 +33,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="s3://bucket/prefix, file:///dir or path")
     parser.add_argument("--num-images", type=int, required=True)
     parser.add_argument("--seed", type=int, required=True)
-    parser.add_argument("--height", type=int, default=320)
-    parser.add_argument("--width", type=int, default=448)
+    parser.add_argument("--height", type=int, default=320, help="shapes family only")
+    parser.add_argument("--width", type=int, default=448, help="shapes family only")
+    parser.add_argument("--family", choices=("shapes", "camouflage"), default="shapes")
+    parser.add_argument(
+        "--classes",
+        choices=tuple(CAMO_CLASS_SPACES),
+        default=None,
+        help="class space of the camouflage family (default voc)",
+    )
     parser.add_argument("--val-fraction", type=float, default=0.25)
     parser.add_argument("--layout", choices=("mctformer", "clip-es"), default="mctformer")
     parser.add_argument("--workers", type=int, default=2, help="generating processes")
@@ -32,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
         "--plant-bad-inputs",
         dest="bad",
         action="store_true",
-        help=f"also add one defective row of each kind ({', '.join(BAD_INPUTS)})",
+        help=f"also add one defective row of each kind ({', '.join(BAD_INPUTS)}); shapes only",
     )
     return parser
 
@@ -48,6 +66,10 @@ def _main(argv: list[str]) -> int:
         raise UsageError("need --num-images >= 1, --seed >= 0 and --height/--width >= 32")
     if not 0 <= args.val_fraction < 1 or args.workers < 1:
         raise UsageError("need 0 <= --val-fraction < 1 and --workers >= 1")
+    if args.family == "shapes" and args.classes is not None:
+        raise UsageError("--classes applies to --family camouflage only")
+    if args.family == "camouflage" and args.bad:
+        raise UsageError("--plant-bad-inputs applies to --family shapes only")
     try:
         location = resolve(args.output, StorageOptions(endpoint_url=args.storage_endpoint))
     except ValueError as error:
@@ -62,6 +84,8 @@ def _main(argv: list[str]) -> int:
         val_fraction=args.val_fraction,
         layout=args.layout,
         workers=args.workers,
+        family=args.family,
+        classes=args.classes,
     )
     planted = plant_bad_inputs(location.fs, location.path, layout=args.layout) if args.bad else {}
     bad = f" and {len(planted)} bad rows" if planted else ""

@@ -12,6 +12,11 @@ classes.txt                     one name per line, background first
 train.txt, val.txt              one image id per line
 ```
 Split lists are written last: a directory without them is an interrupted write.
+
+Two families (`pipelines.synthetic` "shapes": six custom classes told apart by colour, at one
+fixed size; `pipelines.synthetic_camo` "camouflage": VOC or COCO-91 ids, shared colours, sizes
+drawn per image). In the camouflage family classes.txt lists the whole class space and the
+label vectors have its conventional length (VOC 20, COCO 90: entry class id - 1).
 """
 
 from __future__ import annotations
@@ -33,11 +38,15 @@ import numpy as np
 from PIL import Image
 
 from pipelines import schema
+from pipelines.class_spaces import COCO91, VOC, ClassSpace
 from pipelines.palette import encode_label_png
 from pipelines.safe_pickle import load_cls_labels
 from pipelines.synthetic import SYNTHETIC_CLASSES, Sample, generate_sample
+from pipelines.synthetic_camo import generate_camo_sample
 
 Layout = Literal["mctformer", "clip-es"]
+Family = Literal["shapes", "camouflage"]
+CAMO_CLASS_SPACES: dict[str, ClassSpace] = {"voc": VOC, "coco91": COCO91}
 IMAGE_DIR = "JPEGImages"
 CAM_DIR = "cams"
 GT_DIR = "SegmentationClassAug"
@@ -127,15 +136,21 @@ def _sample_files(sample: Sample, layout: Layout) -> dict[str, bytes]:
     }
 
 
-def _encode_one(
-    task: tuple[int, int, int, int, Layout],
-) -> tuple[str, dict[str, bytes], tuple[int, ...]]:
-    index, seed, height, width, layout = task
-    sample = generate_sample(index, seed=seed, height=height, width=width)
+# (index, seed, height, width, layout, family, camouflage class space or None)
+_Task = tuple[int, int, int, int, Layout, Family, str | None]
+
+
+def _encode_one(task: _Task) -> tuple[str, dict[str, bytes], tuple[int, ...]]:
+    index, seed, height, width, layout, family, classes = task
+    if family == "camouflage":
+        assert classes is not None  # write_dataset resolves it
+        sample = generate_camo_sample(index, seed=seed, class_space=CAMO_CLASS_SPACES[classes])
+    else:
+        sample = generate_sample(index, seed=seed, height=height, width=width)
     return sample.image_id, _sample_files(sample, layout), sample.labels
 
 
-def _encoded(tasks: list[tuple[int, int, int, int, Layout]], workers: int) -> Iterator[Any]:
+def _encoded(tasks: list[_Task], workers: int) -> Iterator[Any]:
     if workers <= 1 or len(tasks) < 8:
         yield from map(_encode_one, tasks)
         return
@@ -160,22 +175,38 @@ def write_dataset(
     val_fraction: float = 0.25,
     layout: Layout = "mctformer",
     workers: int = 2,
+    family: Family = "shapes",
+    classes: str | None = None,
 ) -> WrittenDataset:
     """Generates `num_images` samples and writes them in the MCTformer/WeakTr layout.
 
-    The bytes written depend only on the arguments other than `fs`, `root` and `workers`.
+    The bytes written depend only on the arguments other than `fs`, `root` and `workers`
+    (and, for the camouflage family, not on `height` and `width` either).
 
     Args:
         fs: an fsspec filesystem (local, s3, memory).
         root: the dataset directory in `fs`.
         num_images: N >= 1.
         seed: dataset seed.
-        height: H of every image.
-        width: W of every image.
+        height: H of every image (shapes only; camouflage ignores it and draws VOC-like sizes
+            per image).
+        width: W of every image (shapes only, likewise).
         val_fraction: share of the images listed in val.txt (chosen by the seed), in [0, 1).
         layout: CAM file format, "mctformer" or "clip-es".
         workers: processes generating samples (1 = in this process).
+        family: "shapes" (six custom classes, colour tells them apart) or "camouflage"
+            (shape and texture only, in a real class space).
+        classes: camouflage only: "voc" (default) or "coco91"; must be None for shapes.
     """
+    if family not in ("shapes", "camouflage"):
+        raise ValueError(f"family: expected 'shapes' or 'camouflage', got {family!r}")
+    if family == "shapes" and classes is not None:
+        raise ValueError("classes: only the camouflage family takes a class space")
+    if family == "camouflage":
+        classes = "voc" if classes is None else classes
+        if classes not in CAMO_CLASS_SPACES:
+            raise ValueError(f"classes: expected one of {list(CAMO_CLASS_SPACES)}, got {classes!r}")
+    space = SYNTHETIC_CLASSES if classes is None else CAMO_CLASS_SPACES[classes]
     if num_images < 1:
         raise ValueError("num_images must be >= 1")
     if not 0 <= val_fraction < 1:
@@ -184,8 +215,10 @@ def write_dataset(
         raise ValueError(f"layout: expected 'mctformer' or 'clip-es', got {layout!r}")
     for directory in (IMAGE_DIR, CAM_DIR, GT_DIR):
         fs.makedirs(posixpath.join(root, directory), exist_ok=True)
-    num_foreground = SYNTHETIC_CLASSES.num_classes - 1
-    tasks = [(index, seed, height, width, layout) for index in range(num_images)]
+    num_foreground = space.num_classes - 1  # VOC 20, COCO 90 (category-id space), shapes 6
+    tasks: list[_Task] = [
+        (index, seed, height, width, layout, family, classes) for index in range(num_images)
+    ]
     labels: dict[str, np.ndarray] = {}
     pending: dict[str, bytes] = {}
     for image_id, files, sample_labels in _encoded(tasks, workers):
@@ -202,10 +235,10 @@ def write_dataset(
     val_ids = tuple(sorted(ids[i] for i in order[:num_val]))
     train_ids = tuple(i for i in ids if i not in set(val_ids))
     _put(fs, root, CLS_LABELS, _npy_bytes(labels))
-    _put(fs, root, CLASSES_TXT, ("\n".join(SYNTHETIC_CLASSES.class_names) + "\n").encode())
+    _put(fs, root, CLASSES_TXT, ("\n".join(space.class_names) + "\n").encode())
     _put(fs, root, "val.txt", "".join(f"{i}\n" for i in val_ids).encode())
     _put(fs, root, "train.txt", "".join(f"{i}\n" for i in train_ids).encode())
-    return WrittenDataset(root, train_ids, val_ids, SYNTHETIC_CLASSES.class_names)
+    return WrittenDataset(root, train_ids, val_ids, space.class_names)
 
 
 class _RunsCommand:
@@ -271,7 +304,7 @@ def plant_bad_inputs(
     height: int = 96,
     width: int = 128,
 ) -> dict[str, str]:
-    """Adds one defective row per kind to a dataset written by `write_dataset` (train split).
+    """Adds one defective row per kind to a shapes dataset written by `write_dataset` (train).
 
     Each bad row is a complete, valid sample except for its one defect; it is appended to
     train.txt and cls_labels.npy. Nothing is written outside `root` (the path-traversal row

@@ -6,8 +6,9 @@ global batch is larger than its micro-batch):
 2. P goes to the CRF pool (`pipelines.crf_pool`), which computes Q in parallel processes;
 3. while it works: the seeding and auxiliary losses and their gradients with respect to the
    model outputs, and the next batch from Ray Data;
-4. Q back (the wait is measured), the boundary loss's gradient joins the others and one
-   backward pass runs through the model (DDP reduces the trainable gradients there).
+4. Q back (the wait is measured), the boundary loss's gradient, times
+   `loss.boundary_weight`, joins the others and one backward pass runs through the model (DDP
+   reduces the trainable gradients there).
 Then AdamW and the warm-up + cosine schedule step.
 
 DDP covers the trainable parameters only: the frozen CLIP parameters are excluded from its
@@ -232,11 +233,14 @@ def _micro_step(
         output = ddp(images)
     logits, score_map = output.logits, output.score_map
     probs = loss_probabilities(logits, size=size)  # B x K x s x s, float32
-    pending = pool.submit(
-        batch["crf_image"].numpy(),
-        probs.detach().cpu().numpy(),
-        batch["class_mask"].numpy(),
-    )
+    weight = config.loss.boundary_weight
+    pending = None
+    if weight > 0:  # a zero weight (an ablation) skips the CRF altogether
+        pending = pool.submit(
+            batch["crf_image"].numpy(),
+            probs.detach().cpu().numpy(),
+            batch["class_mask"].numpy(),
+        )
     # While the pool works: the losses that do not need Q, their gradients with respect to the
     # outputs (a few small kernels), and the next batch.
     seeding = seeding_loss(logits, seeds, size=size)
@@ -244,21 +248,26 @@ def _micro_step(
     partial = (seeding + config.loss.aux_weight * auxiliary) / accumulation
     grad_logits, grad_score = torch.autograd.grad(partial, [logits, score_map], retain_graph=True)
     next_batch = batches.next()
-    q = torch.from_numpy(pool.result(pending)).to(device)
-    boundary = boundary_loss(
-        probs,
-        q,
-        prob_floor=config.loss.prob_clamp,
-        ratio_min=config.loss.ratio_min,
-        ratio_max=config.loss.ratio_max,
-    )
-    (grad_boundary,) = torch.autograd.grad(boundary / accumulation, [logits], retain_graph=True)
+    boundary = torch.zeros((), device=logits.device)
+    grad_boundary = torch.zeros_like(grad_logits)
+    if pending is not None:
+        q = torch.from_numpy(pool.result(pending)).to(device)
+        boundary = boundary_loss(
+            probs,
+            q,
+            prob_floor=config.loss.prob_clamp,
+            ratio_min=config.loss.ratio_min,
+            ratio_max=config.loss.ratio_max,
+        )
+        (grad_boundary,) = torch.autograd.grad(
+            weight * boundary / accumulation, [logits], retain_graph=True
+        )
     # One backward pass through the model for all three losses.
     torch.autograd.backward([logits, score_map], [grad_logits + grad_boundary, grad_score])
     seeding_value, boundary_value = float(seeding.detach()), float(boundary.detach())
     auxiliary_value = float(auxiliary.detach())
     terms = {
-        "loss": seeding_value + boundary_value + config.loss.aux_weight * auxiliary_value,
+        "loss": seeding_value + weight * boundary_value + config.loss.aux_weight * auxiliary_value,
         "loss_seeding": seeding_value,
         "loss_boundary": boundary_value,
         "loss_auxiliary": auxiliary_value,

@@ -189,12 +189,13 @@ def weakclip_loss(
     crf_q: torch.Tensor | None,
     size: Size,
     aux_weight: float = 0.4,
+    boundary_weight: float = 1.0,
     tau: float = 0.07,
     prob_floor: float = 1e-4,
     ratio_min: float = 0.05,
     ratio_max: float = 20.0,
 ) -> WeakCLIPLoss:
-    """total = seeding + boundary + aux_weight x auxiliary (SPEC.md §5).
+    """total = seeding + boundary_weight x boundary + aux_weight x auxiliary.
 
     Args:
         logits: B x K x h x w decoder logits.
@@ -203,7 +204,9 @@ def weakclip_loss(
         crf_q: B x K x size CRF marginals of `loss_probabilities(logits, size=size)` (detached),
             or None to leave the boundary term out (an ablation; the paper always uses it).
         size: loss resolution of the seeding and boundary terms.
-        aux_weight, tau, prob_floor, ratio_min, ratio_max: see the single losses.
+        aux_weight: weight of the auxiliary term (0.4 in the paper).
+        boundary_weight: weight of the boundary term (1 in the paper).
+        tau, prob_floor, ratio_min, ratio_max: see the single losses.
     """
     seeding = seeding_loss(logits, seeds, size=size)
     if crf_q is None:
@@ -214,7 +217,7 @@ def weakclip_loss(
             probs, crf_q, prob_floor=prob_floor, ratio_min=ratio_min, ratio_max=ratio_max
         )
     auxiliary = auxiliary_loss(score_map, seeds, tau=tau)
-    total = seeding + boundary + aux_weight * auxiliary
+    total = seeding + boundary_weight * boundary + aux_weight * auxiliary
     return WeakCLIPLoss(
         total=total,
         seeding=float(seeding.detach()),

@@ -60,3 +60,23 @@ def test_pipeline_demo_chain(tmp_path, capsys, ray_session) -> None:
 
 def test_num_images_needs_demo(tmp_path) -> None:
     assert pipeline(["--input", str(tmp_path), "--output", str(tmp_path), "--num-images", "3"]) == 2
+
+
+def test_demo_settings_apply_the_demo_config_to_any_input(tmp_path, monkeypatch) -> None:
+    import jobs.pipeline as job
+    from pipelines.pipeline import DEMO_CONFIG
+
+    seen = {}
+    monkeypatch.setattr(job, "init_ray", lambda args: None)
+    monkeypatch.setattr(job, "run_pipeline", lambda *a, **k: seen.update(args=a, kwargs=k))
+    base = ["--input", str(tmp_path / "data"), "--output", str(tmp_path / "out")]
+    assert pipeline([*base, "--demo-settings", "--iterations", "7"]) == 0
+    input_uri, _, config = seen["args"]
+    assert input_uri == str(tmp_path / "data") and seen["kwargs"]["demo"] is None
+    assert config.model == DEMO_CONFIG["model"] == "tiny"
+    assert config.iterations == 7  # flags still override the demo settings
+    assert config.lr == DEMO_CONFIG["lr"]
+    assert config.retrain.iterations == DEMO_CONFIG["retrain"]["iterations"]
+    assert pipeline(base) == 0  # without it: the paper's settings
+    assert seen["args"][2].model == "vit-b-16" and seen["args"][2].lr is None
+    assert pipeline(["--demo", "--demo-settings"]) == 2

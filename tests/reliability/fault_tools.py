@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.proc import run_logged, tail
+
 TAG_ENV = "WEAKCLIP_FAULT_TEST_TAG"
 REPO = Path(__file__).resolve().parents[2]
 
@@ -288,10 +290,14 @@ def run_job_then_kill(
                     log.seek(0)
                     output = log.read().decode(errors="replace")
                     raise AssertionError(
-                        f"the job ended (rc {proc.returncode}) before the kill:\n{output[-2000:]}"
+                        f"the job ended (rc {proc.returncode}) before the kill:\n{tail(output)}"
                     )
                 if time.monotonic() - started > timeout_s:
-                    raise AssertionError("the job never reached the kill point")
+                    log.seek(0)
+                    raise AssertionError(
+                        f"the job never reached the kill point in {timeout_s:.0f} s; the last "
+                        f"of its output:\n{tail(log.read())}"
+                    )
                 time.sleep(0.02)
             before_kill = tagged_pids(tag)
             os.killpg(proc.pid, signal.SIGKILL)
@@ -323,18 +329,17 @@ def run_job(argv: list[str], *, timeout_s: float = 300.0, grace_s: float = 15.0)
 
     Raises:
         AssertionError: a process the job started was still running `grace_s` after it
-            exited (it is killed first).
+            exited (it is killed first), or the job outran `timeout_s` (its output's tail is
+            in the message).
     """
     tag = new_tag()
     try:
-        done = subprocess.run(
+        done = run_logged(
             [sys.executable, "-m", *argv],
             cwd=REPO,
             env=job_env(tag),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
+            timeout_s=timeout_s,
+            what=f"python -m {argv[0]}",
         )
     finally:
         deadline = time.monotonic() + grace_s
@@ -342,4 +347,4 @@ def run_job(argv: list[str], *, timeout_s: float = 300.0, grace_s: float = 15.0)
             time.sleep(0.2)
         leftover = kill_tagged(tag)
     assert leftover == 0, f"{leftover} processes of a finished job were still running"
-    return done.returncode, done.stdout + done.stderr
+    return done.returncode, done.stdout

@@ -46,6 +46,7 @@ def test_defaults_reproduce_the_paper() -> None:
     assert config.decoder == DecoderConfig(width=256, head_blocks=(1, 1, 2, 3), dropout=0.1)
     loss = config.loss
     assert (loss.tau, loss.aux_weight, loss.resolution) == (0.07, 0.4, 64)
+    assert loss.boundary_weight == 1.0  # the paper's total: seeding + boundary + 0.4 aux
     assert loss.boundary_crf == CRFConfig(10, 3.0, 3.0, 80.0, 13.0, 10.0)
     assert (loss.prob_clamp, loss.ratio_min, loss.ratio_max) == (1e-4, 0.05, 20.0)
     inference = config.inference
@@ -73,6 +74,9 @@ def test_tiny_preset_is_small_and_consistent() -> None:
     assert config.clip.tap_layers == (1, 2, 3, 4)
     assert config.inference.scales == (1.0,) and config.inference.flip
     assert config.co_attention.width == config.decoder.width == 64
+    # The one deviation from the paper's losses, for random CLIP weights (docs/METHOD.md).
+    assert config.loss.boundary_weight == 0.1
+    assert dataclasses.replace(config.loss, boundary_weight=1.0) == LossConfig(resolution=32)
 
 
 def test_unknown_preset_is_refused() -> None:
@@ -170,6 +174,7 @@ def test_ints_are_accepted_for_floats() -> None:
         (lambda: LossConfig(tau=0.0), "tau"),
         (lambda: LossConfig(ratio_min=20.0, ratio_max=0.05), "ratio_max"),
         (lambda: LossConfig(prob_clamp=1.0), "prob_clamp"),
+        (lambda: LossConfig(boundary_weight=-0.1), "boundary_weight"),
         (lambda: InferenceConfig(scales=()), "scales"),
         (lambda: InferenceConfig(scales=(1.0, -0.5)), "scales"),
         (lambda: InferenceConfig(stride=600), "stride"),

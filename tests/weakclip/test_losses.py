@@ -159,3 +159,10 @@ def test_weakclip_loss_combines_terms() -> None:
 
     no_crf = weakclip_loss(logits=logits, score_map=score, seeds=seeds, crf_q=None, size=16)
     assert no_crf.boundary == 0.0
+    weighted = weakclip_loss(
+        logits=logits, score_map=score, seeds=seeds, crf_q=q, size=16, boundary_weight=0.1
+    )
+    assert weighted.boundary == pytest.approx(out.boundary)
+    assert weighted.total.item() == pytest.approx(
+        out.seeding + 0.1 * out.boundary + 0.4 * out.auxiliary, rel=1e-6
+    )

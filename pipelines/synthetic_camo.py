@@ -1,0 +1,365 @@
+"""A second synthetic WSSS family ("camouflage"): objects that only shape and texture give away.
+
+Written apart from `pipelines.synthetic` ("shapes": each class its own saturated colour) so that
+quality claims are also checked on data the recipe was not tuned on.
+
+- Classes: VOC (21 ids) or COCO's 91-id space; a fixed subset per dataset, chosen by the seed
+  (VOC 6, COCO 8, person, dog and bird always among them); unused COCO ids never occur.
+- Images: VOC-like sizes drawn per image (long side 281-500, short side >= 250). All classes and
+  the background share one palette; a class is its silhouette (star, crescent, hexagon, ...) and
+  surface pattern. The background is a mosaic of the same colours and patterns at other scales;
+  half of the objects take the colour of the patch under them, and every object is shifted by a
+  slight brightness step away from what lies beneath, so a dense CRF still finds edges.
+- GT: class ids with a 255 band about 5 px wide along every label border, as in VOC.
+- CAMs: one plane per labelled class on a 1/16 grid, peaked on a class-specific part, covering
+  the object partly, leaking onto context, blurred, upsampled, min-max normalised to [0, 1].
+
+Everything is a pure function of (seed, index, class space).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pipelines.class_spaces import VOC, ClassSpace
+from pipelines.synthetic import Sample
+
+CAM_STRIDE = 16  # CAM grid cell in pixels (ViT patch 16)
+IGNORE = 255
+SUBSET_SIZES = {"voc": 6, "coco91": 8}  # present classes per dataset
+MAX_OBJECTS = {"voc": 3, "coco91": 4}  # objects per image: 1..this
+ANCHOR_CLASSES = ("person", "dog", "bird")  # always in the subset: the classes people look at
+_STREAM = 0xCA3F  # keeps this family's random streams apart from the "shapes" family's
+_CAMOUFLAGE_SHARE = 0.5  # objects that take the colour of the background patch under them
+_OBJECT_TEXTURE = 0.1  # pattern contrast on objects (+-10%; background patches +-5-12%)
+_BAND_RADIUS = 2  # ignore band: 2 * 2 + 1 = 5 px wide
+# CAM shape, tuned on the CAMs alone: argmax at a 0.43 background threshold (refine's default)
+# measured 0.52-0.63 mIoU (voc) / 0.52-0.56 (coco91) and WeakTr CRF seeds +8-11 / +6-7 points
+# (40 images each of seeds 0-3).
+_CAM_PEAK_SIGMA = 0.5  # std of the discriminative peak, in object radii
+_CAM_FLOOR = 0.46  # activation over the rest of the object
+_CAM_SPILL = 0.55  # activation on context around the peak, outside the object
+_CAM_CONTEXT_SIGMA = 0.8  # std of that spill, in object radii
+_CAM_OTHERS = 0.15  # activation on other classes' objects (CAMs confuse co-occurring classes)
+_CAM_CLUTTER = (0.35, 0.65)  # peak range of false positives on background clutter
+
+# Shared palette: every class and the background draw from it (muted natural tones).
+PALETTE = np.array(
+    [(118, 128, 72), (150, 96, 64), (92, 108, 138), (176, 160, 120), (84, 132, 120),
+     (128, 92, 120)],
+    np.float32,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Look:
+    """What makes a class recognisable: silhouette, surface pattern, discriminative part.
+
+    Attributes:
+        silhouette: a name known to `_silhouette`.
+        texture: a pattern name known to `_pattern`.
+        frequency: pattern cycles per object radius.
+        orientation: pattern angle in the object frame, radians.
+        peak: (u, v) of the discriminative part in the object frame (radius 1, v down).
+    """
+
+    silhouette: str
+    texture: str
+    frequency: float
+    orientation: float
+    peak: tuple[float, float]
+
+
+LOOKS = (
+    Look("star", "stripes", 5.0, 0.0, (0.0, -0.75)),
+    Look("crescent", "rings", 7.0, 0.0, (0.1, -0.82)),
+    Look("hexagon", "checks", 3.0, 0.4, (0.5, 0.3)),
+    Look("ell", "stripes", 11.0, 1.05, (-0.6, 0.6)),
+    Look("holed_blob", "dots", 4.5, 0.0, (0.0, 0.0)),
+    Look("arrow", "waves", 6.0, 1.57, (0.5, 0.0)),
+    Look("tee", "hatch", 6.5, 0.78, (0.6, -0.7)),
+    Look("house", "speckle", 9.0, 0.0, (0.0, -0.45)),
+)
+_TEXTURES = tuple(sorted({look.texture for look in LOOKS}))
+
+
+def camo_sample_id(index: int) -> str:
+    """The image id of sample `index` of this family."""
+    return f"camo_{index:06d}"
+
+
+def camo_classes(seed: int, class_space: ClassSpace) -> dict[int, Look]:
+    """The dataset's present classes and the look each one is drawn with.
+
+    Args:
+        seed: dataset seed (>= 0).
+        class_space: VOC or COCO91.
+
+    Returns:
+        {class id: look}, ascending ids: the anchor classes plus others drawn by the seed.
+
+    Raises:
+        ValueError: another class space.
+    """
+    name = class_space.name
+    if name not in SUBSET_SIZES:
+        raise ValueError(f"class_space: expected voc or coco91, got {name!r}")
+    rng = np.random.default_rng([seed, _STREAM, 0])
+    anchors = [class_space.class_names.index(n) for n in ANCHOR_CLASSES]
+    others = [i for i in class_space.foreground_ids if i not in anchors]
+    extra = rng.choice(others, size=SUBSET_SIZES[name] - len(anchors), replace=False)
+    ids = sorted(anchors + [int(i) for i in extra])
+    looks = rng.permutation(len(LOOKS))[: len(ids)]
+    return {class_id: LOOKS[int(k)] for class_id, k in zip(ids, looks, strict=True)}
+
+
+def _image_size(rng: np.random.Generator) -> tuple[int, int]:
+    """(H, W): long side 281-500 (500 half of the time, as in VOC), short side 250-375."""
+    long_side = 500 if rng.random() < 0.5 else int(rng.integers(281, 500))
+    short_side = int(rng.integers(250, min(long_side, 375) + 1))
+    return (long_side, short_side) if rng.random() < 0.35 else (short_side, long_side)
+
+
+def _resize(plane: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of a float plane to H x W (pixel centres aligned)."""
+    image = Image.fromarray(np.ascontiguousarray(plane, np.float32), mode="F")
+    return np.asarray(image.resize((width, height), Image.Resampling.BILINEAR), np.float32)
+
+
+def _noise(rng: np.random.Generator, height: int, width: int, cell: float) -> np.ndarray:
+    """H x W smooth noise in about [-1, 1] with features `cell` pixels wide."""
+    grid = rng.uniform(-1, 1, (int(height / cell) + 2, int(width / cell) + 2))
+    return _resize(grid, height, width)
+
+
+def _frame(
+    shape: tuple[int, int], centre: tuple[float, float], radius: float, angle: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """H x W object-frame coordinates (u, v) of every pixel centre; radius 1, rotated."""
+    ys, xs = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float32) + 0.5
+    return _rotated((xs - centre[0]) / radius, (ys - centre[1]) / radius, angle)
+
+
+def _silhouette(name: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """H x W bool: inside the class's silhouette (about the unit disc)."""
+    r, theta = np.hypot(u, v), np.arctan2(v, u)
+    if name == "star":  # five tips, one pointing up (v = -1)
+        phase = np.abs(((theta + math.pi / 2) / (2 * math.pi / 5)) % 1.0 - 0.5) * 2
+        return r <= 0.42 + 0.58 * (1 - phase) ** 1.5
+    if name == "crescent":
+        return (r <= 1.0) & (np.hypot(u - 0.45, v) > 0.78)
+    if name == "hexagon":
+        return (np.abs(v) <= 0.87) & (0.87 * np.abs(u) + 0.5 * np.abs(v) <= 0.87)
+    if name == "ell":
+        box = (np.abs(u) <= 0.9) & (np.abs(v) <= 0.9)
+        return box & ((u <= -0.3) | (v >= 0.3))
+    if name == "holed_blob":
+        blob = r <= 0.95 + 0.1 * np.sin(3 * theta)
+        for k in range(3):
+            hx, hy = 0.5 * math.cos(2 * math.pi * k / 3), 0.5 * math.sin(2 * math.pi * k / 3)
+            blob &= np.hypot(u - hx, v - hy) > 0.2
+        return blob
+    if name == "arrow":
+        shaft = (u >= -1.0) & (u <= 0.2) & (np.abs(v) <= 0.25)
+        return shaft | ((u >= 0.2) & (u <= 1.0) & (np.abs(v) <= 0.85 * (1.0 - u)))
+    if name == "tee":
+        return ((np.abs(u) <= 0.9) & (v >= -0.9) & (v <= -0.45)) | (
+            (np.abs(u) <= 0.22) & (v >= -0.45) & (v <= 0.9)
+        )
+    if name == "house":
+        walls = (np.abs(u) <= 0.7) & (v >= -0.1) & (v <= 0.85)
+        return walls | ((v >= -0.95) & (v < -0.1) & (np.abs(u) <= 0.85 * (v + 0.95) / 0.85))
+    raise ValueError(f"unknown silhouette {name!r}")
+
+
+def _pattern(
+    kind: str, u: np.ndarray, v: np.ndarray, frequency: float, rng: np.random.Generator
+) -> np.ndarray:
+    """H x W pattern in [-1, 1]; `frequency` in cycles per unit of (u, v)."""
+    w = 2 * math.pi * frequency
+    if kind == "stripes":
+        return np.sign(np.sin(w * u))
+    if kind == "rings":
+        return np.sin(w * np.hypot(u, v))
+    if kind == "checks":
+        return np.sign(np.sin(w * u) * np.sin(w * v))
+    if kind == "dots":
+        return np.where(
+            np.hypot((frequency * u) % 1 - 0.5, (frequency * v) % 1 - 0.5) < 0.28, -1, 1
+        )
+    if kind == "waves":
+        return np.sin(w * u + 2.5 * np.sin(w * v / 3))
+    if kind == "hatch":
+        return np.maximum(np.sign(np.sin(w * u)), np.sign(np.sin(w * v)))
+    if kind == "speckle":  # random cells about 1 / frequency wide
+        cells = rng.uniform(-1, 1, (64, 64))
+        iu = np.floor(frequency * u).astype(np.int64) % 64
+        return cells[iu, np.floor(frequency * v).astype(np.int64) % 64]
+    raise ValueError(f"unknown texture {kind!r}")
+
+
+def _rotated(u: Any, v: Any, angle: float) -> tuple[Any, Any]:
+    """(u, v) in a frame turned by `angle` (arrays or floats)."""
+    cos, sin = math.cos(angle), math.sin(angle)
+    return cos * u + sin * v, cos * v - sin * u
+
+
+def _background(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """A warped mosaic of palette colours, each patch with its own pattern.
+
+    Returns:
+        The H x W x 3 image and the H x W x 3 plain colour of the patch under each pixel.
+    """
+    count = int(rng.integers(6, 12))
+    sites = rng.uniform((0, 0), (width, height), (count, 2))
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
+    warp = 40 * _noise(rng, height, width, 80), 40 * _noise(rng, height, width, 80)
+    dist = [(xs + warp[0] - sx) ** 2 + (ys + warp[1] - sy) ** 2 for sx, sy in sites]
+    region = np.argmin(np.stack(dist), axis=0)
+    image = np.empty((height, width, 3), np.float32)
+    plain = np.empty((height, width, 3), np.float32)
+    scale = min(height, width) / 4  # object radii are about this big: patterns at other scales
+    for k in range(count):
+        inside = region == k
+        colour = PALETTE[rng.integers(len(PALETTE))] * rng.uniform(0.85, 1.15)
+        u, v = _rotated(xs[inside] / scale, ys[inside] / scale, rng.uniform(0, math.pi))
+        frequency = rng.uniform(2.0, 14.0) * rng.choice([0.4, 2.2])
+        texture = _pattern(_TEXTURES[rng.integers(len(_TEXTURES))], u, v, frequency, rng)
+        image[inside] = colour * (1 + rng.uniform(0.05, 0.12) * texture)[:, None]
+        plain[inside] = colour
+    shade = 1 + 0.08 * _noise(rng, height, width, 120)  # lighting: spans patches and objects
+    return image * shade[..., None], plain
+
+
+def _ignore_band(gt: np.ndarray) -> np.ndarray:
+    """H x W bool: pixels within _BAND_RADIUS of a label change (one-sided, so 5 px wide)."""
+    edge = np.zeros(gt.shape, bool)
+    edge[:, :-1] |= gt[:, 1:] != gt[:, :-1]
+    edge[:-1] |= gt[1:] != gt[:-1]
+    r = _BAND_RADIUS
+    padded = np.pad(edge, r)
+    band = np.zeros_like(edge)
+    for dy in range(2 * r + 1):
+        for dx in range(2 * r + 1):
+            band |= padded[dy : dy + gt.shape[0], dx : dx + gt.shape[1]]
+    return band
+
+
+def _pool(mask: np.ndarray) -> np.ndarray:
+    """h x w share of each CAM_STRIDE cell covered by the H x W mask (h = ceil(H / 16))."""
+    height, width = mask.shape
+    grid = np.zeros((-(-height // CAM_STRIDE) * CAM_STRIDE, -(-width // CAM_STRIDE) * CAM_STRIDE))
+    grid[:height, :width] = mask
+    return grid.reshape(grid.shape[0] // CAM_STRIDE, CAM_STRIDE, -1, CAM_STRIDE).mean(axis=(1, 3))
+
+
+@dataclass(frozen=True)
+class _Object:
+    """One drawn instance: class, look, centre (x, y) and radius in pixels, rotation."""
+
+    class_id: int
+    look: Look
+    centre: tuple[float, float]
+    radius: float
+    angle: float
+
+
+def _low_res_cam(
+    rng: np.random.Generator, obj: _Object, visible: np.ndarray, others: np.ndarray
+) -> np.ndarray:
+    """h x w activation of one instance on the CAM grid, before blur and normalisation."""
+    own, other = _pool(visible), _pool(others)
+    ys, xs = (np.mgrid[0 : own.shape[0], 0 : own.shape[1]] + 0.5) * CAM_STRIDE
+    pu, pv = (p + float(rng.normal(0, 0.12)) for p in obj.look.peak)
+    du, dv = _rotated(pu, pv, -obj.angle)  # object frame back to image axes
+    px, py = obj.centre[0] + obj.radius * du, obj.centre[1] + obj.radius * dv
+    dist2 = ((xs - px) ** 2 + (ys - py) ** 2) / obj.radius**2
+    core = np.exp(-dist2 / (2 * _CAM_PEAK_SIGMA**2))
+    spill = np.exp(-dist2 / (2 * _CAM_CONTEXT_SIGMA**2))
+    on_object = own * (_CAM_FLOOR + (1 - _CAM_FLOOR) * core)
+    return on_object + _CAM_SPILL * spill * (1 - own) + _CAM_OTHERS * other
+
+
+def _finish_cam(rng: np.random.Generator, low: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Adds clutter responses and noise, blurs, upsamples to H x W, min-max normalises."""
+    ys, xs = (np.mgrid[0 : low.shape[0], 0 : low.shape[1]] + 0.5) * CAM_STRIDE
+    for _ in range(int(rng.integers(0, 3))):  # false positives on look-alike background
+        bx, by = rng.uniform(0, width), rng.uniform(0, height)
+        spread = rng.uniform(0.05, 0.12) * min(height, width)
+        low = low + rng.uniform(*_CAM_CLUTTER) * np.exp(
+            -((xs - bx) ** 2 + (ys - by) ** 2) / (2 * spread**2)
+        )
+    low = np.maximum(low + rng.normal(0, 0.04, low.shape), 0)
+    padded = np.pad(low, 1, mode="edge")  # [1, 2, 1] / 4 blur, separable
+    rows = (padded[:, :-2] + 2 * padded[:, 1:-1] + padded[:, 2:]) / 4
+    cam = _resize((rows[:-2] + 2 * rows[1:-1] + rows[2:]) / 4, height, width)
+    low_value, high_value = float(cam.min()), float(cam.max())
+    return ((cam - low_value) / max(high_value - low_value, 1e-6)).astype(np.float32)
+
+
+def generate_camo_sample(index: int, *, seed: int, class_space: ClassSpace = VOC) -> Sample:
+    """Generates sample `index` of the camouflage dataset `seed`; a pure function of its arguments.
+
+    Args:
+        index: sample number (>= 0); the image id is `camo_sample_id(index)`.
+        seed: dataset seed (>= 0); it also fixes the present classes (`camo_classes`).
+        class_space: VOC or COCO91; labels and GT hold ids of that space.
+
+    Returns:
+        The sample at its drawn size H x W; `cams` is keyed by class id - 1, which is the
+        index into the space's conventional `cls_labels` vector (VOC 20-d, COCO 90-d).
+    """
+    if index < 0 or seed < 0:
+        raise ValueError("index and seed must be >= 0")
+    looks = camo_classes(seed, class_space)
+    rng = np.random.default_rng([seed, _STREAM, 1, index])
+    height, width = _image_size(rng)
+    image, plain = _background(rng, height, width)
+    instances = np.zeros((height, width), np.uint8)  # instance number, 0 = background
+    objects: list[_Object] = []
+    ids = list(looks)
+    for _ in range(int(rng.integers(1, MAX_OBJECTS[class_space.name] + 1))):
+        class_id = int(ids[rng.integers(len(ids))])
+        look = looks[class_id]
+        visible = np.bincount(instances.ravel(), minlength=len(objects) + 1)[1:]
+        for _attempt in range(20):  # a new object hides at most half of what shows of another
+            radius = float(rng.uniform(0.16, 0.34) * min(height, width))
+            centre = (
+                float(rng.uniform(0.7 * radius, width - 0.7 * radius)),
+                float(rng.uniform(0.7 * radius, height - 0.7 * radius)),
+            )
+            angle = float(rng.uniform(-0.6, 0.6))  # mostly upright, as objects in photos
+            u, v = _frame((height, width), centre, radius, angle)
+            mask = _silhouette(look.silhouette, u, v)
+            hidden = np.bincount(instances[mask], minlength=len(objects) + 1)[1:]
+            if np.all(hidden <= 0.5 * visible):
+                break
+        if rng.random() < _CAMOUFLAGE_SHARE:  # the colour of the patch it sits on
+            colour = plain[int(centre[1]), int(centre[0])]
+        else:
+            colour = PALETTE[rng.integers(len(PALETTE))] * rng.uniform(0.85, 1.15)
+        beneath = float(image[mask].mean())
+        # slight contrast: brightness shifted away from what lies beneath, so edges exist
+        offset = rng.uniform(10, 22) * (1 if colour.mean() >= beneath else -1)
+        texture = _pattern(look.texture, *_rotated(u, v, look.orientation), look.frequency, rng)
+        image[mask] = (colour + offset) * (1 + _OBJECT_TEXTURE * texture[mask])[:, None]
+        instances[mask] = len(objects) + 1
+        objects.append(_Object(class_id, look, centre, radius, angle))
+    image += rng.normal(0, 3.0, image.shape)
+    gt = np.array([0] + [o.class_id for o in objects], np.uint8)[instances]
+    lows: dict[int, np.ndarray] = {}
+    for number, obj in enumerate(objects, start=1):
+        visible_mask = instances == number
+        if not visible_mask.any():  # wholly hidden: not in the labels, no CAM
+            continue
+        low = _low_res_cam(rng, obj, visible_mask, (gt != 0) & (gt != obj.class_id))
+        lows[obj.class_id] = np.maximum(lows[obj.class_id], low) if obj.class_id in lows else low
+    cams = {c - 1: _finish_cam(rng, lows[c], height, width) for c in sorted(lows)}
+    gt[_ignore_band(gt)] = IGNORE
+    pixels = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    return Sample(camo_sample_id(index), pixels, gt, tuple(c + 1 for c in cams), cams)

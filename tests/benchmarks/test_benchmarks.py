@@ -1,0 +1,36 @@
+"""Every benchmark script still imports and parses its options (`--help` exits 0)."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+import pytest
+
+import benchmarks
+from benchmarks.quality import FAMILIES, format_table
+
+MODULES = sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__))
+
+
+def test_every_benchmark_is_found() -> None:
+    assert {"quality", "recipe_ablation", "train_step", "pseudo_masks"} <= set(MODULES)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_help_exits_0(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    module = importlib.import_module(f"benchmarks.{name}")
+    with pytest.raises(SystemExit) as done:
+        module.main(["--help"])
+    assert done.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+def test_quality_table_shows_the_gain_and_zero_iou_classes() -> None:
+    rows = [
+        {"family": "camouflage-voc", "cam_argmax": 0.5, "crf_seeds": 0.6, "pseudo_masks": 0.7,
+         "retrained": None, "zero_iou_classes": ["dog"], "seconds": 12.0},
+    ]  # fmt: skip
+    table = format_table(rows).splitlines()
+    assert table[1].split() == ["camouflage-voc", "50.0", "60.0", "70.0", "10.0", "-", "12", "dog"]
+    assert set(FAMILIES) == {"shapes-voc-size", "camouflage-voc", "camouflage-coco91"}
