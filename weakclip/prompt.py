@@ -23,6 +23,21 @@ def class_name_tokens(name: str) -> list[int]:
     return list(_tokenizer().encode(name))
 
 
+UNUSED_PREFIX = "unused_"
+
+
+def prompt_name(class_name: str) -> str:
+    """The words a class is prompted with: its name, except for placeholder ids.
+
+    A class space may hold ids no image ever has (COCO's 91-id space names its 10 unused ids
+    `unused_<n>`); they keep their place among the logits, and are prompted by the one word
+    "unused", since their number means nothing (and "unused_12" is 4 BPE tokens, more than fit).
+    """
+    if class_name.startswith(UNUSED_PREFIX) and class_name[len(UNUSED_PREFIX) :].isdigit():
+        return "unused"
+    return class_name
+
+
 class PromptTextEncoder(nn.Module):
     """CLIP's text transformer (frozen) with learnable context vectors shared by all classes.
 
@@ -129,7 +144,7 @@ class PromptTextEncoder(nn.Module):
         )
         eot_index = torch.empty(len(class_names), dtype=torch.long)
         for k, name in enumerate(class_names):
-            ids = class_name_tokens(name)
+            ids = class_name_tokens(prompt_name(name))
             if not ids:
                 raise ValueError(f"class {k} has an empty name {name!r}")
             if len(ids) > room:

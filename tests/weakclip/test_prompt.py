@@ -10,7 +10,7 @@ from torch import nn
 
 from weakclip.build import build_clip
 from weakclip.config import preset
-from weakclip.prompt import PromptTextEncoder, class_name_tokens
+from weakclip.prompt import PromptTextEncoder, class_name_tokens, prompt_name
 
 VOC_NAMES = (
     "background aeroplane bicycle bird boat bottle bus car cat chair cow diningtable dog horse "
@@ -88,6 +88,21 @@ def test_context_sits_between_start_token_and_class_name() -> None:
 def test_every_voc_name_fits_the_paper_prompt() -> None:
     assert max(len(class_name_tokens(name)) for name in VOC_NAMES) <= 3
     PromptTextEncoder(clip=tiny_clip(), class_names=VOC_NAMES, num_context=8, context_length=13)
+
+
+def test_every_coco91_name_fits_unused_ids_included() -> None:
+    from pipelines.class_spaces import COCO91
+
+    names = COCO91.class_names
+    assert len(names) == 91 and "unused_12" in names
+    encoder = PromptTextEncoder(
+        clip=tiny_clip(), class_names=names, num_context=8, context_length=13
+    )
+    assert encoder.class_names == tuple(names)  # the names themselves are kept
+    assert encoder().shape[0] == 91
+    # Placeholder ids are prompted by the word "unused"; a real name is prompted as itself.
+    assert prompt_name("unused_12") == "unused" and prompt_name("person") == "person"
+    assert prompt_name("unused_bag") == "unused_bag"
 
 
 def test_too_long_name_is_an_error_not_a_truncation() -> None:
