@@ -29,13 +29,14 @@ import pyarrow.parquet as pq
 import torch
 
 from pipelines import schema
+from pipelines.crf_pool import crf_params
 from pipelines.evaluation import ConfusionAccumulator
 from pipelines.manifest_format import read_manifest
 from pipelines.pseudo_infer import allowed_classes, predict_probabilities
 from pipelines.pseudo_rows import postprocess
 from pipelines.storage import resolve
 from pipelines.train_data import augment_config_for, decode_image, decode_label_map, prepare_row
-from pipelines.train_worker import warmup_cosine_scheduler
+from pipelines.train_loop import make_scheduler
 from weakclip.build import build_weakclip
 from weakclip.config import WeakCLIPConfig, from_dict, preset
 from weakclip.crf import boundary_crf_targets
@@ -103,13 +104,7 @@ def _train(
     trainable = [p for p in model.parameters() if p.requires_grad]
     train = config.train
     optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
-    scheduler = warmup_cosine_scheduler(
-        optimizer,
-        lr=train.lr,
-        min_lr=train.min_lr,
-        warmup=train.effective_warmup_iterations,
-        total=train.iterations,
-    )
+    scheduler = make_scheduler(optimizer, config)
     augment = augment_config_for(config)
     size = config.loss.resolution
     num_classes = len(class_names)
@@ -160,13 +155,7 @@ def _train(
                     np.stack([b["crf_image"] for b in batch]),
                     probs.detach().numpy(),
                     np.stack([b["class_mask"] for b in batch]),
-                    iterations=config.loss.boundary_crf.iterations,
-                    gaussian_sxy=config.loss.boundary_crf.gaussian_sxy,
-                    gaussian_compat=config.loss.boundary_crf.gaussian_compat,
-                    bilateral_sxy=config.loss.boundary_crf.bilateral_sxy,
-                    bilateral_srgb=config.loss.boundary_crf.bilateral_srgb,
-                    bilateral_compat=config.loss.boundary_crf.bilateral_compat,
-                    prob_floor=config.loss.prob_clamp,
+                    **crf_params(config.loss.boundary_crf, prob_floor=config.loss.prob_clamp),
                     absent_tolerance=absent_tolerance,
                 )
                 bnd = boundary_loss(

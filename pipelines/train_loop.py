@@ -248,8 +248,7 @@ def _micro_step(
     partial = (seeding + config.loss.aux_weight * auxiliary) / accumulation
     grad_logits, grad_score = torch.autograd.grad(partial, [logits, score_map], retain_graph=True)
     next_batch = batches.next()
-    boundary = torch.zeros((), device=logits.device)
-    grad_boundary = torch.zeros_like(grad_logits)
+    boundary_value = 0.0
     if pending is not None:
         q = torch.from_numpy(pool.result(pending)).to(device)
         boundary = boundary_loss(
@@ -262,9 +261,11 @@ def _micro_step(
         (grad_boundary,) = torch.autograd.grad(
             weight * boundary / accumulation, [logits], retain_graph=True
         )
+        grad_logits = grad_logits + grad_boundary
+        boundary_value = float(boundary.detach())
     # One backward pass through the model for all three losses.
-    torch.autograd.backward([logits, score_map], [grad_logits + grad_boundary, grad_score])
-    seeding_value, boundary_value = float(seeding.detach()), float(boundary.detach())
+    torch.autograd.backward([logits, score_map], [grad_logits, grad_score])
+    seeding_value = float(seeding.detach())
     auxiliary_value = float(auxiliary.detach())
     terms = {
         "loss": seeding_value + weight * boundary_value + config.loss.aux_weight * auxiliary_value,

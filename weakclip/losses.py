@@ -1,8 +1,9 @@
 """WeakCLIP's training losses: seeding + boundary (online dense CRF) + 0.4 x auxiliary.
 
-SPEC.md §5. Seed labels are in the model's class space with background = 0 and 255 = ignore.
-The boundary loss's CRF target Q is computed outside the graph (numpy, `weakclip.crf`) from
-`loss_probabilities(...)`, usually in a process pool while the GPU works; pass it back here.
+The method and its numbers: docs/METHOD.md. Seed labels are in the model's class space with
+background = 0 and 255 = ignore. The boundary loss's CRF target Q is computed outside the graph
+(numpy, `weakclip.crf`) from `loss_probabilities(...)`, usually in a process pool while the GPU
+works; pass it back here.
 """
 
 from __future__ import annotations
