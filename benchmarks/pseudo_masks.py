@@ -33,9 +33,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.ingest import SHARD_SCHEMA
-from pipelines.manifest import FileEntry, InputRef, StageOutput
+from pipelines.io.manifest import FileEntry, InputRef, StageOutput
+from pipelines.io.storage import Location, resolve, write_bytes_atomic
 from pipelines.pseudo_masks import PseudoMaskConfig, run_pseudo_masks
-from pipelines.storage import Location, resolve, write_bytes_atomic
 from pipelines.synthetic import SYNTHETIC_CLASSES, generate_sample
 from pipelines.synthetic_io import ingest_row
 

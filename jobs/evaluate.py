@@ -44,8 +44,8 @@ from pipelines.cli import (
 )
 from pipelines.evaluate import EvaluateConfig, requested_space, run_evaluate
 from pipelines.evaluate_scoring import format_table
-from pipelines.manifest import read_manifest
-from pipelines.storage import resolve
+from pipelines.io.manifest import read_manifest
+from pipelines.io.storage import resolve
 
 # Scoring is light numpy work: half a CPU per task leaves room for Ray Data on 2 cores.
 DEFAULT_RESOURCES = Resources(num_cpus_per_task=0.5)

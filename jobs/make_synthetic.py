@@ -17,7 +17,7 @@ import argparse
 import sys
 
 from pipelines.cli import UsageError, run_job
-from pipelines.storage import StorageOptions, resolve
+from pipelines.io.storage import StorageOptions, resolve
 from pipelines.synthetic_io import (
     BAD_INPUTS,
     CAMO_CLASS_SPACES,

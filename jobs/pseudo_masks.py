@@ -29,7 +29,7 @@ from pipelines.cli import (
     job_options,
     run_job,
 )
-from pipelines.manifest import read_manifest
+from pipelines.io.manifest import read_manifest
 from pipelines.pseudo_checkpoint import verify_checkpoint
 from pipelines.pseudo_masks import PseudoMaskConfig, check_class_names, run_pseudo_masks
 

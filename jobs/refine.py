@@ -26,7 +26,7 @@ from pipelines.cli import (
     reject_unused,
     run_job,
 )
-from pipelines.manifest import read_manifest
+from pipelines.io.manifest import read_manifest
 from pipelines.refine import RefineConfig, run_refine
 from pipelines.seeds import METHODS
 

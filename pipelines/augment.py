@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from pipelines.schema import IGNORE_INDEX
+from pipelines.io.schema import IGNORE_INDEX
 
 IMAGENET_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)  # RGB, 0–255 scale
 IMAGENET_STD: tuple[float, float, float] = (58.395, 57.12, 57.375)

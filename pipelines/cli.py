@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from pipelines.storage import Location, StorageOptions, read_bytes, redact, resolve
+from pipelines.io.storage import Location, StorageOptions, read_bytes, redact, resolve
 
 DEBUG_ENV = "WEAKCLIP_DEBUG"
 MODEL_PRESETS = ("tiny", "vit-b-16")

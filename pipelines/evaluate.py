@@ -40,7 +40,6 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.class_spaces import ClassSpace, class_space_from_arg
 from pipelines.evaluate_plan import make_plan
 from pipelines.evaluate_scoring import (
     EvaluationResult,
@@ -50,7 +49,8 @@ from pipelines.evaluate_scoring import (
     score_unit,
     select_classes,
 )
-from pipelines.manifest import (
+from pipelines.io.class_spaces import ClassSpace, class_space_from_arg
+from pipelines.io.manifest import (
     FileEntry,
     Manifest,
     Quarantine,
@@ -58,7 +58,7 @@ from pipelines.manifest import (
     StageState,
     read_manifest,
 )
-from pipelines.storage import (
+from pipelines.io.storage import (
     Location,
     StorageOptions,
     read_bytes,

@@ -16,10 +16,10 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipelines import schema
 from pipelines.evaluate_scoring import GT_STAGES, PRED_STAGES
-from pipelines.manifest import Manifest
-from pipelines.storage import Location, safe_relpath
+from pipelines.io import schema
+from pipelines.io.manifest import Manifest
+from pipelines.io.storage import Location, safe_relpath
 
 _INDEX_THREADS = 16
 MAX_MASK_BYTES = 64 * 1024 * 1024  # a listed mask PNG larger than this is quarantined

@@ -19,17 +19,17 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipelines import schema
-from pipelines.class_spaces import (
+from pipelines.evaluation import confusion_matrix, score_from_confusion
+from pipelines.ingest_rows import RowRejected
+from pipelines.io import schema
+from pipelines.io.class_spaces import (
     COCO_UNUSED_IDS,
     ClassSpace,
     coco81_to_coco91,
     coco91_to_coco81,
 )
-from pipelines.evaluation import confusion_matrix, score_from_confusion
-from pipelines.ingest_rows import RowRejected
-from pipelines.manifest import InputRef, Manifest
-from pipelines.storage import Location
+from pipelines.io.manifest import InputRef, Manifest
+from pipelines.io.storage import Location
 
 PRED_STAGES = ("refine", "pseudo_masks")
 GT_STAGES = ("ingest", "refine")

@@ -38,12 +38,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipelines import schema
-from pipelines.manifest import FileEntry, InputRef, StageOutput, write_parquet
-from pipelines.manifest_format import MANIFEST
-from pipelines.palette import encode_label_png
-from pipelines.safe_pickle import load_cls_labels
-from pipelines.storage import Location, write_bytes_atomic
+from pipelines.io import schema
+from pipelines.io.codecs import encode_label_png
+from pipelines.io.manifest import FileEntry, InputRef, StageOutput, write_parquet
+from pipelines.io.manifest_format import MANIFEST
+from pipelines.io.safe_pickle import load_cls_labels
+from pipelines.io.storage import Location, write_bytes_atomic
 from pipelines.synthetic import SYNTHETIC_CLASSES, Sample, generate_sample
 from pipelines.synthetic_io import (
     CAM_DIR,

@@ -13,7 +13,7 @@ Data runs one task per chunk: it fetches the chunk's files concurrently, validat
 File names depend only on the chunk, so a resumed run redoes only chunks without a record and
 no row can appear twice. The driver commits `manifest.json` and `_SUCCESS` last.
 
-Writes the ingest columns of `pipelines.schema.INGEST_COLUMNS`.
+Writes the ingest columns of `pipelines.io.schema.INGEST_COLUMNS`.
 """
 
 from __future__ import annotations
@@ -31,18 +31,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines import schema
-from pipelines.class_spaces import ClassSpace, class_space_from_arg
 from pipelines.ingest_rows import LAYOUTS, RowLimits, RowRejected, build_row, check_image_id
-from pipelines.manifest import (
+from pipelines.io import schema
+from pipelines.io.class_spaces import ClassSpace, class_space_from_arg
+from pipelines.io.manifest import (
     FileEntry,
     InputRef,
     Quarantine,
     StageOutput,
     StageState,
 )
-from pipelines.safe_pickle import CamDecodeError, load_cls_labels
-from pipelines.storage import Location, StorageOptions, open_atomic, resolve, write_bytes_atomic
+from pipelines.io.safe_pickle import CamDecodeError, load_cls_labels
+from pipelines.io.storage import Location, StorageOptions, open_atomic, resolve, write_bytes_atomic
 
 SHARD_SCHEMA = pa.schema(
     [

@@ -2,7 +2,7 @@
 
 Pure functions on bytes and arrays, unit-tested without Ray. Every check raises `RowRejected`
 with a one-line reason that lands in the quarantine table; nothing here ever executes data from
-the input (CAM pickles go through the restricted loader in `pipelines.safe_pickle`).
+the input (CAM pickles go through the restricted loader in `pipelines.io.safe_pickle`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipelines import schema
-from pipelines.class_spaces import ClassSpace, labels_from_multihot
-from pipelines.safe_pickle import CamDecodeError, UnsafePickleError, load_npy_pickle
+from pipelines.io import schema
+from pipelines.io.class_spaces import ClassSpace, labels_from_multihot
+from pipelines.io.safe_pickle import CamDecodeError, UnsafePickleError, load_npy_pickle
 
 # Image ids become file names in later stages (masks/<id>.png): allow a conservative alphabet only.
 _IMAGE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")

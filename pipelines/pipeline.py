@@ -21,11 +21,11 @@ from typing import Any, TypeVar
 
 from pipelines.evaluate import EvaluateConfig, run_evaluate
 from pipelines.ingest import IngestConfig, run_ingest
-from pipelines.manifest import StageConflictError, read_manifest
+from pipelines.io.manifest import StageConflictError, read_manifest
+from pipelines.io.storage import Location, StorageOptions, exists, resolve, write_bytes_atomic
 from pipelines.pseudo_masks import PseudoMaskConfig, run_pseudo_masks
 from pipelines.refine import RefineConfig, run_refine
 from pipelines.retrain import RetrainConfig, RetrainOptions, run_retrain
-from pipelines.storage import Location, StorageOptions, exists, resolve, write_bytes_atomic
 from pipelines.synthetic_io import write_dataset
 
 STAGES = ("ingest", "refine", "train", "pseudo_masks", "retrain", "evaluate")

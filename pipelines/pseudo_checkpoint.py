@@ -16,8 +16,8 @@ import io
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines.storage import Location, StorageOptions, redact, resolve
-from pipelines.storage import read_bytes as _read_bytes
+from pipelines.io.storage import Location, StorageOptions, redact, resolve
+from pipelines.io.storage import read_bytes as _read_bytes
 
 MAX_CHECKPOINT_BYTES = 8 * 1024**3  # a ViT-B/16 export is ~0.6 GB
 # = pipelines.checkpoint.EXPORT_FORMAT, not imported from there: that module pulls in open_clip

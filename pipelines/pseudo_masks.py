@@ -39,11 +39,11 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from pipelines import pseudo_units as units_mod
-from pipelines.manifest import FileEntry, Manifest, StageOutput, StageState, read_manifest
+from pipelines.io.manifest import FileEntry, Manifest, StageOutput, StageState, read_manifest
+from pipelines.io.storage import StorageOptions, redact, resolve
 from pipelines.pseudo_checkpoint import VerifiedCheckpoint, verify_checkpoint
 from pipelines.pseudo_report import write_stage_report
 from pipelines.pseudo_rows import PseudoUnit, RowSpec
-from pipelines.storage import StorageOptions, redact, resolve
 from weakclip.config import COCO_POST_CRF, VOC_POST_CRF, CRFConfig, InferenceConfig
 
 STAGE = "pseudo_masks"

@@ -29,13 +29,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipelines import schema
 from pipelines.evaluation import confusion_matrix
 from pipelines.ingest_rows import RowRejected, check_image_id, decode_cam_column
-from pipelines.palette import decode_label_png, encode_label_png
+from pipelines.io import schema
+from pipelines.io.codecs import decode_label_png, encode_label_png
+from pipelines.io.storage import Location, write_bytes_atomic
 from pipelines.refine import decode_rgb
 from pipelines.seeds import cam_argmax
-from pipelines.storage import Location, write_bytes_atomic
 from weakclip.config import CRFConfig
 
 MASK_DIR = "masks"

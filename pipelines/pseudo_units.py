@@ -25,11 +25,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines import schema
 from pipelines.evaluation import ConfusionAccumulator, score_from_confusion
-from pipelines.manifest import Manifest, Quarantine, StageOutput, write_parquet
+from pipelines.io import schema
+from pipelines.io.manifest import Manifest, Quarantine, StageOutput, write_parquet
+from pipelines.io.storage import Location, read_json_objects, safe_relpath, write_bytes_atomic
 from pipelines.pseudo_rows import PseudoUnit, RowSpec, add_sparse, in_splits, mask_rel, to_sparse
-from pipelines.storage import Location, read_json_objects, safe_relpath, write_bytes_atomic
 
 UNIT_DIR = "_units"  # completion records (bookkeeping, not data files)
 SHARD_DIR = "shards"

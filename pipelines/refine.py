@@ -1,6 +1,6 @@
 """Refine stage: ingested CAMs → dense-CRF seed labels on Ray Data CPU workers (SPEC.md §3).
 
-Reads the ingest columns (`pipelines.schema.INGEST_COLUMNS`) of the shards the input manifest
+Reads the ingest columns (`pipelines.io.schema.INGEST_COLUMNS`) of the shards the input manifest
 lists, and only those; writes the refine columns (`schema.REFINE_COLUMNS`: `image_id`, `image`,
 `height`, `width`, `labels`, `seed`, `gt`, `split`), the seed as a VOC-palette PNG.
 
@@ -42,10 +42,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipelines import schema
 from pipelines.evaluation import ConfusionAccumulator
 from pipelines.ingest_rows import RowLimits, RowRejected, check_image_id, decode_cam_column
-from pipelines.manifest import (
+from pipelines.io import schema
+from pipelines.io.codecs import decode_label_png, encode_label_png
+from pipelines.io.manifest import (
     FileEntry,
     Manifest,
     Quarantine,
@@ -54,9 +55,7 @@ from pipelines.manifest import (
     read_manifest,
     write_parquet,
 )
-from pipelines.palette import decode_label_png, encode_label_png
-from pipelines.seeds import METHODS, SeedConfig, cam_argmax, refine_seed
-from pipelines.storage import (
+from pipelines.io.storage import (
     Location,
     StorageOptions,
     read_json_objects,
@@ -65,6 +64,7 @@ from pipelines.storage import (
     safe_relpath,
     write_bytes_atomic,
 )
+from pipelines.seeds import METHODS, SeedConfig, cam_argmax, refine_seed
 
 log = logging.getLogger(__name__)
 

@@ -1,14 +1,14 @@
 """Visual report of a stage: one PNG strip per sampled image and an `index.html` beside them.
 
 Each strip shows, left to right, the panels a row has: image | CAM argmax | seed | pseudo mask |
-ground truth, each titled, label maps coloured with the VOC palette (`pipelines.palette`; 255 =
+ground truth, each titled, label maps coloured with the VOC palette (`pipelines.io.codecs`; 255 =
 ignore shows as VOC's cream), every panel downscaled to at most `PANEL_MAX_HEIGHT` x
 `PANEL_MAX_WIDTH` so COCO-sized (or hostile, 1 x 100000) images never make huge PNGs.
 
 `index.html` lists the strips with relative links, a class colour legend and, when given, a
 metrics table. Image ids and class names come from input data and are untrusted: the page
 escapes every such string (`html.escape`), and file names are built from a sanitised id.
-Files go through `pipelines.storage` (local or `s3://`); `write_report` returns the
+Files go through `pipelines.io.storage` (local or `s3://`); `write_report` returns the
 `FileEntry`s for the stage's manifest.
 """
 
@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pipelines.manifest_format import FileEntry
-from pipelines.palette import voc_palette
-from pipelines.schema import IGNORE_INDEX
-from pipelines.storage import Location, safe_relpath, write_bytes_atomic
+from pipelines.io.codecs import voc_palette
+from pipelines.io.manifest_format import FileEntry
+from pipelines.io.schema import IGNORE_INDEX
+from pipelines.io.storage import Location, safe_relpath, write_bytes_atomic
 
 PANEL_MAX_HEIGHT = 240  # pixels; panels are downscaled (never upscaled) to fit
 PANEL_MAX_WIDTH = 480  # pixels; caps very wide images

@@ -32,11 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from pipelines import manifest as mf
 from pipelines import retrain_data as data
 from pipelines.augment import AugmentConfig
+from pipelines.io import manifest as mf
+from pipelines.io.storage import Location, StorageOptions, resolve, upload_file, write_bytes_atomic
 from pipelines.retrain_model import ARCHITECTURES, build_model, export_model
-from pipelines.storage import Location, StorageOptions, resolve, upload_file, write_bytes_atomic
 from pipelines.train_data import epochs_needed
 from pipelines.train_run import failure_injection, fit, open_run, sha256_of, use_gpu
 

@@ -34,10 +34,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipelines import schema
 from pipelines.augment import AugmentConfig, augment_sample
-from pipelines.manifest import Manifest
-from pipelines.storage import Location, safe_relpath
+from pipelines.io import schema
+from pipelines.io.manifest import Manifest
+from pipelines.io.storage import Location, safe_relpath
 from pipelines.train_data import decode_image, decode_label_map, row_seed
 
 TRAIN_COLUMNS = ("image", "mask")

@@ -21,10 +21,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipelines import schema
 from pipelines.evaluation import ConfusionAccumulator
+from pipelines.io import schema
+from pipelines.io.storage import Location
 from pipelines.retrain_model import predict_labels
-from pipelines.storage import Location
 from pipelines.train_data import decode_image, decode_label_map
 
 VAL_COLUMNS = [schema.IMAGE_ID, schema.IMAGE, schema.HEIGHT, schema.WIDTH, schema.GT]

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from pipelines.io.schema import IGNORE_INDEX
 from pipelines.retrain_eval import ids_of_rank, read_val_rows, score_worker
 from pipelines.retrain_model import build_model, load_backbone_weights, logits
-from pipelines.schema import IGNORE_INDEX
 from pipelines.train_worker import (
     LogWindow,
     autocast_for,

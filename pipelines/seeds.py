@@ -24,7 +24,7 @@ from typing import Literal
 import numpy as np
 from pydensecrf.utils import unary_from_labels
 
-from pipelines.schema import IGNORE_INDEX
+from pipelines.io.schema import IGNORE_INDEX
 from weakclip.crf import crf_inference, dense_crf
 
 Method = Literal["weaktr", "clip-es"]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from pipelines.class_spaces import ClassSpace
+from pipelines.io.class_spaces import ClassSpace
 
 CAM_STRIDE = 16  # CAMs are computed on a grid this much coarser than the image (ViT patch 16)
 IGNORE = 255

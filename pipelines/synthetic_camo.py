@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipelines.class_spaces import VOC, ClassSpace
+from pipelines.io.class_spaces import VOC, ClassSpace
 from pipelines.synthetic import Sample
 
 CAM_STRIDE = 16  # CAM grid cell in pixels (ViT patch 16)

@@ -37,10 +37,10 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from pipelines import schema
-from pipelines.class_spaces import COCO91, VOC, ClassSpace
-from pipelines.palette import encode_label_png
-from pipelines.safe_pickle import load_cls_labels
+from pipelines.io import schema
+from pipelines.io.class_spaces import COCO91, VOC, ClassSpace
+from pipelines.io.codecs import encode_label_png
+from pipelines.io.safe_pickle import load_cls_labels
 from pipelines.synthetic import SYNTHETIC_CLASSES, Sample, generate_sample
 from pipelines.synthetic_camo import generate_camo_sample
 

@@ -5,7 +5,7 @@ run `pipelines.train_loop.train_loop_per_worker` on Ray Data shards (`pipelines.
 checkpoints through `ray.train.report` to `<output>/checkpoints/` (s3:// included: the output
 location's pyarrow filesystem is Ray Train's storage filesystem), and at the end writes
 `<output>/model.pt` (`pipelines.checkpoint.export_model`), `<output>/metrics.jsonl`, the
-manifest and `_SUCCESS` (`pipelines.manifest`).
+manifest and `_SUCCESS` (`pipelines.io.manifest`).
 
 Re-running (CONTRACTS.md; the rules live in `pipelines.train_run`, shared with retrain): the
 run's fingerprint is the model config without `train.iterations`, the class names, the CLIP
@@ -31,9 +31,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines import manifest as mf
-from pipelines.storage import Location, StorageOptions, redact, resolve, upload_file
-from pipelines.storage import write_bytes_atomic as _write_atomic
+from pipelines.io import manifest as mf
+from pipelines.io.storage import Location, StorageOptions, redact, resolve, upload_file
+from pipelines.io.storage import write_bytes_atomic as _write_atomic
 from pipelines.train_run import (
     CHECKPOINTS,
     FAIL_ENV,

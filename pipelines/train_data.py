@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipelines import schema
 from pipelines.augment import AugmentConfig, augment_sample, denormalize
-from pipelines.storage import Location
+from pipelines.io import schema
+from pipelines.io.storage import Location
 
 TRAIN_COLUMNS = ("image", "seed", "crf_image", "class_mask")
 TRAIN_SPLIT = "train"

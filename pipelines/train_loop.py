@@ -30,7 +30,7 @@ from torch import nn
 
 from pipelines import checkpoint as ckpt
 from pipelines.crf_pool import CRFPool, crf_params
-from pipelines.storage import Location
+from pipelines.io.storage import Location
 from pipelines.train_worker import (
     Batches,
     InjectedFailure,

@@ -23,8 +23,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines import manifest as mf
-from pipelines.storage import Location
+from pipelines.io import manifest as mf
+from pipelines.io.storage import Location
 
 RUN_NAME = "run"  # Ray Train experiment name under <output>/checkpoints/
 CHECKPOINTS = "checkpoints"

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipelines import checkpoint as ckpt
-from pipelines.storage import Location
+from pipelines.io.storage import Location
 
 
 class InjectedFailure(RuntimeError):

@@ -100,7 +100,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 def s3_bucket(s3_server: S3Server) -> str:
     """A fresh empty bucket on the loopback server: `s3://test-<uuid>`."""
     bucket = f"test-{uuid.uuid4().hex[:16]}"
-    from pipelines.storage import resolve
+    from pipelines.io.storage import resolve
 
     loc = resolve(f"s3://{bucket}")
     loc.fs.mkdir(bucket)  # CreateBucket through the S3 API

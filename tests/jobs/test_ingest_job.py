@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from jobs.ingest import main
 from jobs.make_synthetic import main as make_synthetic
-from pipelines.manifest import read_manifest
+from pipelines.io.manifest import read_manifest
 
 
 def test_usage_error_exits_2(tmp_path, capsys) -> None:

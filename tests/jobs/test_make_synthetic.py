@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from jobs.make_synthetic import main
-from pipelines.class_spaces import COCO91, labels_from_multihot
-from pipelines.safe_pickle import load_cls_labels, load_npy_pickle
-from pipelines.storage import resolve
+from pipelines.io.class_spaces import COCO91, labels_from_multihot
+from pipelines.io.safe_pickle import load_cls_labels, load_npy_pickle
+from pipelines.io.storage import resolve
 
 ARGS_X = ["--output", "x", "--num-images", "2", "--seed", "0"]
 SMALL = ["--num-images", "4", "--seed", "0", "--height", "64", "--width", "96", "--workers", "1"]

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.manifest_format import read_manifest
-from pipelines.storage import exists, read_bytes, resolve
+from pipelines.io.manifest_format import read_manifest
+from pipelines.io.storage import exists, read_bytes, resolve
 from tests.proc import run_logged, tail
 from tests.s3server import free_port
 

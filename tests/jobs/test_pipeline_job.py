@@ -7,7 +7,7 @@ import json
 import pytest
 
 from jobs.pipeline import main as pipeline
-from pipelines.manifest_format import read_manifest
+from pipelines.io.manifest_format import read_manifest
 from pipelines.pipeline import STAGES
 
 # The demo's settings, smaller still: 8 images, a few iterations per training stage.

@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 import jobs.pseudo_masks as job
-from pipelines import manifest as mf
-from pipelines import schema
-from pipelines.palette import voc_palette
-from pipelines.storage import resolve, write_bytes_atomic
+from pipelines.io import manifest as mf
+from pipelines.io import schema
+from pipelines.io.codecs import voc_palette
+from pipelines.io.storage import resolve, write_bytes_atomic
 from tests.pipelines.pseudo_masks_inputs import (
     HEIGHT,
     WIDTH,

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from jobs.refine import main
-from pipelines.manifest import read_manifest
-from pipelines.storage import resolve
+from pipelines.io.manifest import read_manifest
+from pipelines.io.storage import resolve
 from tests.pipelines.test_refine import synthetic_row, write_ingest_output
 
 

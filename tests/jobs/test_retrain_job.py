@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from jobs.retrain import main
-from pipelines import manifest as mf
+from pipelines.io import manifest as mf
+from pipelines.io.storage import resolve
 from pipelines.retrain_model import build_model, load_retrained_model, logits
-from pipelines.storage import resolve
 from tests.pipelines.retrain_inputs import make_inputs
 
 

@@ -12,14 +12,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipelines import manifest as mf
-from pipelines import schema
 from pipelines.checkpoint import EXPORT_FORMAT, export_model
 from pipelines.ingest import SHARD_SCHEMA
-from pipelines.palette import encode_label_png
+from pipelines.io import manifest as mf
+from pipelines.io import schema
+from pipelines.io.codecs import encode_label_png
+from pipelines.io.storage import resolve, write_bytes_atomic
 from pipelines.refine import REFINE_SCHEMA
 from pipelines.seeds import SeedConfig, refine_seed
-from pipelines.storage import resolve, write_bytes_atomic
 from pipelines.synthetic import SYNTHETIC_CLASSES, generate_sample
 from pipelines.synthetic_io import ingest_row
 from weakclip.build import build_weakclip

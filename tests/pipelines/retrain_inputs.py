@@ -13,12 +13,12 @@ import dataclasses
 import numpy as np
 import pyarrow as pa
 
-from pipelines import manifest as mf
-from pipelines import schema
 from pipelines.ingest import SHARD_SCHEMA
-from pipelines.palette import encode_label_png
+from pipelines.io import manifest as mf
+from pipelines.io import schema
+from pipelines.io.codecs import encode_label_png
+from pipelines.io.storage import resolve, write_bytes_atomic
 from pipelines.seeds import cam_argmax
-from pipelines.storage import resolve, write_bytes_atomic
 from pipelines.synthetic import SYNTHETIC_CLASSES, generate_sample
 from pipelines.synthetic_io import ingest_row
 

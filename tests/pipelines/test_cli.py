@@ -12,7 +12,7 @@ import pytest
 
 from pipelines import cli
 from pipelines.cli import UsageError, add_common_args, build_config, run_job
-from pipelines.storage import resolve
+from pipelines.io.storage import resolve
 
 
 @dataclass(frozen=True)

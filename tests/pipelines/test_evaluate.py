@@ -15,8 +15,6 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from pipelines import schema
-from pipelines.class_spaces import COCO81, COCO91, VOC, ClassSpace
 from pipelines.evaluate import EvaluateConfig, resolve_class_space
 from pipelines.evaluate_plan import PredictionRef, make_plan, plan_units
 from pipelines.evaluate_scoring import (
@@ -33,7 +31,10 @@ from pipelines.evaluate_scoring import (
 )
 from pipelines.evaluation import confusion_matrix, score_from_confusion
 from pipelines.ingest_rows import RowRejected
-from pipelines.manifest import (
+from pipelines.io import schema
+from pipelines.io.class_spaces import COCO81, COCO91, VOC, ClassSpace
+from pipelines.io.codecs import decode_label_png, encode_label_png
+from pipelines.io.manifest import (
     FileEntry,
     InputRef,
     Manifest,
@@ -41,8 +42,7 @@ from pipelines.manifest import (
     read_manifest,
     write_parquet,
 )
-from pipelines.palette import decode_label_png, encode_label_png
-from pipelines.storage import resolve, write_bytes_atomic
+from pipelines.io.storage import resolve, write_bytes_atomic
 from tests.pipelines.train_inputs import make_refine_input
 
 PSEUDO_SCHEMA = pa.schema(

@@ -9,13 +9,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import schema
 from pipelines.evaluation import ConfusionAccumulator
 from pipelines.ingest import IngestConfig, run_ingest
 from pipelines.ingest_rows import decode_cam_column
-from pipelines.manifest import StageConflictError, read_manifest
+from pipelines.io import schema
+from pipelines.io.manifest import StageConflictError, read_manifest
+from pipelines.io.storage import resolve
 from pipelines.seeds import cam_argmax
-from pipelines.storage import resolve
 from pipelines.synthetic_io import plant_bad_inputs, write_dataset
 
 pytestmark = pytest.mark.usefixtures("ray_session")

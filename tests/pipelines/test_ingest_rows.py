@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import schema
-from pipelines.class_spaces import VOC, class_space_from_arg
 from pipelines.ingest_rows import (
     RowLimits,
     RowRejected,
@@ -18,6 +16,8 @@ from pipelines.ingest_rows import (
     check_image_id,
     decode_cam_column,
 )
+from pipelines.io import schema
+from pipelines.io.class_spaces import VOC, class_space_from_arg
 
 H, W = 24, 32
 

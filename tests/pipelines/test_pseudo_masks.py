@@ -10,12 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines import manifest as mf
-from pipelines import schema
-from pipelines.palette import voc_palette
+from pipelines.io import manifest as mf
+from pipelines.io import schema
+from pipelines.io.codecs import voc_palette
+from pipelines.io.storage import resolve
 from pipelines.pseudo_masks import PseudoMaskConfig, run_pseudo_masks
 from pipelines.pseudo_report import build_report_rows
-from pipelines.storage import resolve
 from tests.pipelines.pseudo_masks_inputs import (
     CLASS_NAMES,
     HEIGHT,

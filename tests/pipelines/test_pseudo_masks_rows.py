@@ -13,10 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import schema
 from pipelines.evaluation import confusion_matrix
 from pipelines.ingest_rows import RowRejected
-from pipelines.palette import decode_label_png, voc_palette
+from pipelines.io import schema
+from pipelines.io.codecs import decode_label_png, voc_palette
+from pipelines.io.storage import resolve
 from pipelines.pseudo_infer import MaskPredictor, allowed_classes, predict_probabilities
 from pipelines.pseudo_rows import (
     GT,
@@ -31,7 +32,6 @@ from pipelines.pseudo_rows import (
     prepare_row,
     sparse_confusion,
 )
-from pipelines.storage import resolve
 from tests.pipelines.pseudo_masks_inputs import (
     CLASS_NAMES,
     HEIGHT,

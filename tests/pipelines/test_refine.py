@@ -18,9 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines import schema
 from pipelines.ingest import SHARD_SCHEMA
-from pipelines.manifest import (
+from pipelines.io import schema
+from pipelines.io.codecs import decode_label_png
+from pipelines.io.manifest import (
     FileEntry,
     InputRef,
     Manifest,
@@ -28,7 +29,7 @@ from pipelines.manifest import (
     StageOutput,
     read_manifest,
 )
-from pipelines.palette import decode_label_png
+from pipelines.io.storage import Location, resolve, write_bytes_atomic
 from pipelines.refine import (
     REFINE_SCHEMA,
     RefineConfig,
@@ -43,7 +44,6 @@ from pipelines.refine import (
     stage_config,
 )
 from pipelines.seeds import SeedConfig, cam_argmax, refine_seed
-from pipelines.storage import Location, resolve, write_bytes_atomic
 from pipelines.synthetic import SYNTHETIC_CLASSES, generate_sample
 from pipelines.synthetic_io import ingest_row
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.palette import voc_palette
+from pipelines.io.codecs import voc_palette
+from pipelines.io.storage import read_bytes, resolve
 from pipelines.report import (
     INDEX_FILE,
     PANEL_MAX_HEIGHT,
@@ -21,7 +22,6 @@ from pipelines.report import (
     sample_ids,
     write_report,
 )
-from pipelines.storage import read_bytes, resolve
 
 CLASSES = ["background", "cat", "dog"]
 

@@ -9,11 +9,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import manifest as mf
 from pipelines import retrain_data as data
-from pipelines.palette import encode_label_png
+from pipelines.io import manifest as mf
+from pipelines.io.codecs import encode_label_png
+from pipelines.io.storage import resolve, write_bytes_atomic
 from pipelines.retrain import RetrainConfig, RetrainOptions, micro_batching, plan, read_inputs
-from pipelines.storage import resolve, write_bytes_atomic
 from tests.pipelines.retrain_inputs import make_inputs
 
 

@@ -6,7 +6,8 @@ import fsspec
 import numpy as np
 import pytest
 
-from pipelines.class_spaces import (
+from pipelines.evaluation import ConfusionAccumulator
+from pipelines.io.class_spaces import (
     COCO81,
     COCO91,
     COCO_UNUSED_IDS,
@@ -14,8 +15,7 @@ from pipelines.class_spaces import (
     ClassSpace,
     labels_from_multihot,
 )
-from pipelines.evaluation import ConfusionAccumulator
-from pipelines.safe_pickle import load_cls_labels, load_npy_pickle
+from pipelines.io.safe_pickle import load_cls_labels, load_npy_pickle
 from pipelines.seeds import cam_argmax
 from pipelines.synthetic import Sample, generate_sample
 from pipelines.synthetic_camo import (

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.class_spaces import class_space_from_arg, labels_from_multihot
-from pipelines.palette import decode_label_png, voc_palette
-from pipelines.safe_pickle import (
+from pipelines.io.class_spaces import class_space_from_arg, labels_from_multihot
+from pipelines.io.codecs import decode_label_png, voc_palette
+from pipelines.io.safe_pickle import (
     CamDecodeError,
     UnsafePickleError,
     load_cls_labels,

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from pipelines import checkpoint as ckpt
-from pipelines import manifest as mf
-from pipelines.storage import resolve
+from pipelines.io import manifest as mf
+from pipelines.io.storage import resolve
 from pipelines.train import (
     FAIL_ENV,
     FAIL_MARKER_ENV,

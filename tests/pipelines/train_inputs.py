@@ -8,11 +8,11 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from pipelines import manifest as mf
-from pipelines import schema
+from pipelines.io import manifest as mf
+from pipelines.io import schema
+from pipelines.io.storage import resolve
 from pipelines.refine import REFINE_SCHEMA
 from pipelines.seeds import SeedConfig, refine_seed
-from pipelines.storage import resolve
 from pipelines.synthetic import SYNTHETIC_CLASSES, generate_sample
 
 

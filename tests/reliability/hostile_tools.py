@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.ingest import SHARD_SCHEMA
-from pipelines.manifest import FileEntry, InputRef, StageOutput, read_manifest
-from pipelines.storage import Location, write_bytes_atomic
+from pipelines.io.manifest import FileEntry, InputRef, StageOutput, read_manifest
+from pipelines.io.storage import Location, write_bytes_atomic
 from pipelines.synthetic import SYNTHETIC_CLASSES
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import schema
 from pipelines.ingest import IngestConfig, run_ingest
-from pipelines.manifest import StageConflictError, read_manifest
-from pipelines.storage import resolve
+from pipelines.io import schema
+from pipelines.io.manifest import StageConflictError, read_manifest
+from pipelines.io.storage import resolve
 from pipelines.synthetic_io import write_dataset
 from tests.reliability import fault_tools as ft
 

@@ -16,10 +16,10 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import schema
-from pipelines.manifest import StageConflictError, read_manifest
+from pipelines.io import schema
+from pipelines.io.manifest import StageConflictError, read_manifest
+from pipelines.io.storage import Location, resolve
 from pipelines.refine import RefineConfig, run_refine
-from pipelines.storage import Location, resolve
 from tests.pipelines.test_refine import synthetic_row, write_ingest_output
 from tests.reliability import fault_tools as ft
 

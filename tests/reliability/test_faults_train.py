@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from pipelines import checkpoint as ckpt
-from pipelines import manifest as mf
-from pipelines.storage import resolve
+from pipelines.io import manifest as mf
+from pipelines.io.storage import resolve
 from pipelines.train import TrainJobConfig, latest_checkpoint_iteration, run_train
 from tests.pipelines.train_inputs import make_refine_input
 from tests.reliability import fault_tools as ft

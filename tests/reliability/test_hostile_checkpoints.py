@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipelines import checkpoint, hostile, hostile_checkpoints
-from pipelines.storage import resolve
+from pipelines.io.storage import resolve
 from tests.reliability.hostile_tools import one_error_line, write_ingest_output
 
 KINDS = tuple(hostile_checkpoints.bad_checkpoints("unused"))

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import hostile, schema
+from pipelines import hostile
 from pipelines.evaluation import confusion_matrix, score_from_confusion
-from pipelines.manifest import read_manifest
-from pipelines.palette import decode_label_png
-from pipelines.storage import Location, resolve
+from pipelines.io import schema
+from pipelines.io.codecs import decode_label_png
+from pipelines.io.manifest import read_manifest
+from pipelines.io.storage import Location, resolve
 from pipelines.synthetic import SYNTHETIC_CLASSES, generate_sample
 from pipelines.synthetic_io import ingest_row
 from tests.reliability.hostile_tools import read_parquet_file, read_rows, write_ingest_output

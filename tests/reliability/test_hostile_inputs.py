@@ -13,10 +13,11 @@ import pytest
 
 from jobs.ingest import main as ingest_main
 from jobs.refine import main as refine_main
-from pipelines import hostile, schema
-from pipelines.manifest import read_manifest
+from pipelines import hostile
+from pipelines.io import schema
+from pipelines.io.manifest import read_manifest
+from pipelines.io.storage import resolve
 from pipelines.refine import RefineConfig, refine_row
-from pipelines.storage import resolve
 from pipelines.synthetic import SYNTHETIC_CLASSES
 from pipelines.synthetic_io import BAD_INPUTS, plant_bad_inputs, write_dataset
 from tests.reliability.hostile_tools import one_error_line, read_rows, write_ingest_output

@@ -1,7 +1,7 @@
 """Property: arbitrary bytes and arbitrary pickles at the CAM loader never run code and only
 ever give arrays or a clear rejection.
 
-The restricted unpickler's own properties live in tests/pipelines/test_safe_pickle.py (its
+The restricted unpickler's own properties live in tests/pipelines/io/test_safe_pickle.py (its
 strategies are reused here). This case drives the stage's entry point, `ingest_rows.decode_cam`
 (what ingest calls on every `.npy`), with four generators: random bytes, random bytes behind a
 valid `.npy` object header, random pickle opcode streams, and pickles of plain values with an
@@ -23,10 +23,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from pipelines.class_spaces import ClassSpace
 from pipelines.ingest_rows import RowRejected, decode_cam
+from pipelines.io.class_spaces import ClassSpace
 from pipelines.synthetic import SYNTHETIC_CLASSES
-from tests.pipelines.test_safe_pickle import attacks, npy_object_file, safe_values
+from tests.pipelines.io.test_safe_pickle import attacks, npy_object_file, safe_values
 
 SPACE = ClassSpace("custom", tuple(SYNTHETIC_CLASSES.class_names))
 VECTOR = SPACE.num_classes - 1

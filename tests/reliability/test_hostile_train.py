@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from jobs.train import main as train_main
-from pipelines import manifest as mf
-from pipelines import schema
+from pipelines.io import manifest as mf
+from pipelines.io import schema
+from pipelines.io.storage import resolve
 from pipelines.refine import REFINE_SCHEMA
-from pipelines.storage import resolve
 from pipelines.synthetic import SYNTHETIC_CLASSES
 from tests.pipelines.train_inputs import refine_rows
 from tests.reliability.hostile_tools import one_error_line

@@ -91,7 +91,7 @@ def test_every_voc_name_fits_the_paper_prompt() -> None:
 
 
 def test_every_coco91_name_fits_unused_ids_included() -> None:
-    from pipelines.class_spaces import COCO91
+    from pipelines.io.class_spaces import COCO91
 
     names = COCO91.class_names
     assert len(names) == 91 and "unused_12" in names

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import storage
-from pipelines.storage import Location, StorageOptions, redact, resolve, safe_relpath
+from pipelines.io import storage
+from pipelines.io.storage import Location, StorageOptions, redact, resolve, safe_relpath
 from tests.s3server import S3Server
 
 # --- resolve ---------------------------------------------------------------------------------

@@ -40,8 +40,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines import schema
-from pipelines.manifest_format import (
+from pipelines.io import schema
+from pipelines.io.manifest_format import (
     CLASS_SPACES,
     MANIFEST,
     MAX_MANIFEST_BYTES,
@@ -61,7 +61,7 @@ from pipelines.manifest_format import (
     read_manifest,
     wait_for_success,
 )
-from pipelines.storage import (
+from pipelines.io.storage import (
     Location,
     exists,
     read_bytes,
@@ -357,7 +357,8 @@ def code_version() -> str:
         version = importlib.metadata.version(_PACKAGE)
     except importlib.metadata.PackageNotFoundError:
         version = "unknown"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # pipelines/io/manifest.py → the checkout's root, three levels up
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if os.path.exists(os.path.join(root, ".git")):
         try:
             described = subprocess.run(

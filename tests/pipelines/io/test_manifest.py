@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import manifest as mf
-from pipelines import storage
-from pipelines.manifest import (
+from pipelines.io import manifest as mf
+from pipelines.io import storage
+from pipelines.io.manifest import (
     FileEntry,
     IncompleteOutputError,
     InputRef,
@@ -26,7 +26,7 @@ from pipelines.manifest import (
     read_manifest,
     write_parquet,
 )
-from pipelines.storage import Location, resolve
+from pipelines.io.storage import Location, resolve
 
 CONFIG = {"crf_iterations": 10, "scales": [1.0, 0.5]}
 INPUTS = [InputRef("s3://bucket/ingest", "ab" * 32)]

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from numpy.lib import format as npy_format
 
-from pipelines.safe_pickle import (
+from pipelines.io.safe_pickle import (
     CamDecodeError,
     UnsafePickleError,
     load_cls_labels,

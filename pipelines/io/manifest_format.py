@@ -4,7 +4,7 @@ A directory is a result only once `_SUCCESS` exists; `read_manifest` then valida
 (types, known stage and class space, required counts) and refuses listed paths that could
 leave the directory or name bookkeeping files. Downstream stages read only the listed files,
 and name their input by the manifest's SHA-256 (`input_ref`), so a re-run upstream changes
-their fingerprint. Writing a stage output is `pipelines.manifest.StageOutput`.
+their fingerprint. Writing a stage output is `pipelines.io.manifest.StageOutput`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines.storage import Location, exists, read_bytes, resolve, safe_relpath
+from pipelines.io.storage import Location, exists, read_bytes, resolve, safe_relpath
 
 MANIFEST = "manifest.json"
 SUCCESS = "_SUCCESS"

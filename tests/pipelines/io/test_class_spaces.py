@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from pipelines.class_spaces import (
+from pipelines.io.class_spaces import (
     COCO81,
     COCO81_TO_COCO91,
     COCO91,
