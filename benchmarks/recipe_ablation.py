@@ -31,11 +31,12 @@ import torch
 from pipelines.crf_pool import crf_params
 from pipelines.evaluation import ConfusionAccumulator
 from pipelines.io import schema
+from pipelines.io.codecs import decode_image, decode_label_map
 from pipelines.io.manifest_format import read_manifest
 from pipelines.io.storage import resolve
 from pipelines.pseudo_infer import allowed_classes, predict_probabilities
 from pipelines.pseudo_rows import postprocess
-from pipelines.train_data import augment_config_for, decode_image, decode_label_map, prepare_row
+from pipelines.train_data import augment_config_for, prepare_row
 from pipelines.train_loop import make_scheduler
 from weakclip.build import build_weakclip
 from weakclip.config import WeakCLIPConfig, from_dict, preset

@@ -44,11 +44,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.ingest import SHARD_SCHEMA
-from pipelines.ingest_rows import decode_cam_column
 from pipelines.io import schema
+from pipelines.io.codecs import decode_cam_column, decode_rgb
 from pipelines.io.manifest import FileEntry, InputRef, StageOutput, read_manifest
 from pipelines.io.storage import Location, resolve, write_bytes_atomic
-from pipelines.refine import RefineConfig, decode_rgb, run_refine
+from pipelines.refine import RefineConfig, run_refine
 from pipelines.seeds import refine_seed
 from pipelines.synthetic import SYNTHETIC_CLASSES, generate_sample
 from pipelines.synthetic_io import ingest_row

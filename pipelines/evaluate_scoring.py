@@ -8,7 +8,6 @@ predictions of its ids, returns confusion matrices); `EvaluationResult` is what 
 
 from __future__ import annotations
 
-import io
 import math
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
@@ -17,10 +16,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
-from PIL import Image
 
 from pipelines.evaluation import confusion_matrix, score_from_confusion
-from pipelines.ingest_rows import RowRejected
 from pipelines.io import schema
 from pipelines.io.class_spaces import (
     COCO_UNUSED_IDS,
@@ -28,13 +25,14 @@ from pipelines.io.class_spaces import (
     coco81_to_coco91,
     coco91_to_coco81,
 )
+from pipelines.io.codecs import decode_labels
 from pipelines.io.manifest import InputRef, Manifest
+from pipelines.io.rows import RowRejected
 from pipelines.io.storage import Location
 
 PRED_STAGES = ("refine", "pseudo_masks")
 GT_STAGES = ("ingest", "refine")
 NO_SPLIT = "(none)"  # split key of rows without a split
-MAX_LABEL_PIXELS = 200_000_000  # a label PNG declaring more is refused before decoding
 DEFINITION = (
     "IoU_c = TP / (TP + FP + FN) over pixels whose ground truth is not 255; mIoU = nan-mean of "
     "IoU over the averaged classes (a class absent from both GT and prediction has no IoU)"
@@ -127,35 +125,6 @@ def miou_over(iou: Sequence[float], ids: Sequence[int]) -> float | None:
 
 # ---------------------------------------------------------------------------------------------
 # One pair (pure)
-
-
-def decode_labels(data: Any, what: str, expected: tuple[int, int] | None = None) -> np.ndarray:
-    """H x W uint8 ids of a label PNG, its size checked against `expected` before decoding.
-
-    Raises:
-        RowRejected: not bytes, not a P/L PNG, undecodable, too large, or of another size.
-    """
-    if not isinstance(data, bytes):
-        raise RowRejected(f"missing {what}")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.format != "PNG" or image.mode not in ("P", "L"):
-                raise RowRejected(
-                    f"undecodable {what}: {image.format} {image.mode}, expected a P/L label PNG"
-                )
-            shape = (image.height, image.width)
-            if expected is not None and shape != tuple(expected):
-                raise RowRejected(
-                    f"size mismatch: {what} is {shape[0]}x{shape[1]}, "
-                    f"expected {expected[0]}x{expected[1]}"
-                )
-            if shape[0] * shape[1] > MAX_LABEL_PIXELS:
-                raise RowRejected(f"{what} too large: {shape[0]}x{shape[1]}")
-            return np.array(image, dtype=np.uint8)
-    except RowRejected:
-        raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise RowRejected(f"undecodable {what}: {type(exc).__name__}: {exc}") from None
 
 
 def score_pair(

@@ -31,9 +31,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.ingest_rows import LAYOUTS, RowLimits, RowRejected, build_row, check_image_id
+from pipelines.ingest_rows import LAYOUTS, RowLimits, build_row
 from pipelines.io import schema
 from pipelines.io.class_spaces import ClassSpace, class_space_from_arg
+from pipelines.io.codecs import MAX_PIXELS
 from pipelines.io.manifest import (
     FileEntry,
     InputRef,
@@ -41,6 +42,7 @@ from pipelines.io.manifest import (
     StageOutput,
     StageState,
 )
+from pipelines.io.rows import RowRejected, check_image_id
 from pipelines.io.safe_pickle import CamDecodeError, load_cls_labels
 from pipelines.io.storage import Location, StorageOptions, open_atomic, resolve, write_bytes_atomic
 
@@ -71,7 +73,7 @@ class IngestConfig:
     classes: str | None = None  # voc | coco91 | coco81 | URI of a classes.txt; None: input's
     splits: tuple[str, ...] = ()  # "NAME=URI" or "URI" (name = file stem); relative to --input
     max_error_fraction: float = 0.01  # above this share of quarantined rows the job fails
-    max_pixels: int = 50_000_000  # larger images are quarantined before decoding
+    max_pixels: int = MAX_PIXELS  # larger images are quarantined before decoding
     rows_per_shard: int = 256  # rows per output shard (≈ a few hundred MB at VOC size)
     image_dir: str = "JPEGImages"  # folders and files of the input layout
     cam_dir: str = "cams"

@@ -7,80 +7,28 @@ the input (CAM pickles go through the restricted loader in `pipelines.io.safe_pi
 
 from __future__ import annotations
 
-import io
-import re
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from pipelines.io import schema
 from pipelines.io.class_spaces import ClassSpace, labels_from_multihot
+from pipelines.io.codecs import MAX_PIXELS, check_gt, decode_image_header
+from pipelines.io.rows import RowRejected, check_image_id
 from pipelines.io.safe_pickle import CamDecodeError, UnsafePickleError, load_npy_pickle
 
-# Image ids become file names in later stages (masks/<id>.png): allow a conservative alphabet only.
-_IMAGE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 _CAM_RANGE_TOLERANCE = 1e-3  # float16 storage and min-max normalisation round slightly past [0,1]
 LAYOUTS = ("mctformer", "clip-es")
-
-
-class RowRejected(ValueError):
-    """A row failed validation; `reason` is the one-line text stored in quarantine."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass(frozen=True)
 class RowLimits:
     """Bounds applied to untrusted input."""
 
-    max_pixels: int = 50_000_000  # images above this are refused before decoding (bombs)
+    max_pixels: int = MAX_PIXELS  # images above this are refused before decoding (bombs)
     max_cam_bytes: int = 2_000_000_000  # one CAM file
-
-
-def check_image_id(image_id: str) -> str:
-    """Returns the id if it is safe to use as a file name, else raises RowRejected."""
-    if not isinstance(image_id, str) or not _IMAGE_ID.match(image_id) or ".." in image_id:
-        raise RowRejected(f"unsafe image id {image_id!r} (path traversal or odd characters)")
-    return image_id
-
-
-def decode_image_header(data: bytes | None, *, max_pixels: int) -> tuple[int, int]:
-    """Checks an encoded image without trusting it; returns (height, width).
-
-    The size is read from the header and compared with `max_pixels` before any pixel is
-    decoded, then the whole image is decoded once to prove it is not truncated.
-    """
-    if data is None:
-        raise RowRejected("missing image")
-    if len(data) == 0:
-        raise RowRejected("cannot decode image: empty file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size
-                if width <= 0 or height <= 0:
-                    raise RowRejected("zero-sized image")
-                if width * height > max_pixels:
-                    raise RowRejected(
-                        f"image over pixel limit: {width}x{height} > {max_pixels} pixels"
-                    )
-                if img.format not in ("JPEG", "PNG"):
-                    raise RowRejected(f"unsupported image format {img.format}")
-                img.convert("RGB").load()
-    except RowRejected:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise RowRejected(f"image over pixel limit: {exc}") from None
-    except Exception as exc:  # PIL raises many types for corrupt data
-        raise RowRejected(f"cannot decode image: {type(exc).__name__}: {exc}") from None
-    return height, width
 
 
 def labels_to_class_ids(vector: Any, space: ClassSpace) -> list[int]:
@@ -183,29 +131,6 @@ def _as_plane(plane: object) -> np.ndarray:
     return np.clip(plane, 0.0, 1.0)
 
 
-def check_gt(data: bytes | None, *, height: int, width: int, space: ClassSpace) -> bytes | None:
-    """Validates an optional ground-truth PNG (class ids, 255 = ignore); returns it as given."""
-    if data is None:
-        return None
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.format != "PNG" or img.mode not in ("P", "L"):
-                raise RowRejected(
-                    f"ground truth must be a P/L-mode PNG, got {img.format} {img.mode}"
-                )
-            if img.size != (width, height):
-                raise RowRejected(f"ground truth size {img.size} != image size {(width, height)}")
-            ids = np.unique(np.asarray(img))
-    except RowRejected:
-        raise
-    except Exception as exc:
-        raise RowRejected(f"cannot decode ground truth: {type(exc).__name__}: {exc}") from None
-    bad = [int(i) for i in ids if i != schema.IGNORE_INDEX and i >= space.num_classes]
-    if bad:
-        raise RowRejected(f"ground truth holds class ids {bad} outside the class space")
-    return data
-
-
 def build_row(
     *,
     image_id: str,
@@ -256,17 +181,3 @@ def build_row(
         schema.SOURCE: source,
         schema.SPLIT: split,
     }
-
-
-def decode_cam_column(data: bytes, num_planes: int, height: int, width: int) -> np.ndarray:
-    """Inverse of the shard's `cam` encoding: C x H x W float32 from float16 bytes.
-
-    Raises:
-        ValueError: the byte count does not match the declared shape.
-    """
-    expected = num_planes * height * width * 2
-    if len(data) != expected:
-        raise ValueError(f"cam column holds {len(data)} bytes, expected {expected}")
-    return (
-        np.frombuffer(data, dtype=np.float16).reshape(num_planes, height, width).astype(np.float32)
-    )

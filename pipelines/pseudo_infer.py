@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipelines.io.codecs import decode_rgb
 from pipelines.pseudo_rows import GT, IMAGE, META, PROBS
-from pipelines.refine import decode_rgb
 from weakclip.config import InferenceConfig
 from weakclip.inference import multiscale_probabilities
 

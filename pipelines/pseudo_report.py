@@ -19,13 +19,11 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipelines.ingest_rows import decode_cam_column
 from pipelines.io import schema
-from pipelines.io.codecs import decode_label_png
+from pipelines.io.codecs import decode_cam_column, decode_label_png, decode_rgb
 from pipelines.io.manifest import FileEntry, Manifest, read_manifest
 from pipelines.io.storage import Location, read_bytes, redact, resolve
 from pipelines.pseudo_rows import mask_rel
-from pipelines.refine import decode_rgb
 from pipelines.seeds import cam_argmax
 
 log = logging.getLogger(__name__)

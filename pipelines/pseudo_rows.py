@@ -27,14 +27,19 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
 from pipelines.evaluation import confusion_matrix
-from pipelines.ingest_rows import RowRejected, check_image_id, decode_cam_column
 from pipelines.io import schema
-from pipelines.io.codecs import decode_label_png, encode_label_png
+from pipelines.io.codecs import (
+    MAX_PIXELS,
+    decode_cam_column,
+    decode_label_png,
+    decode_rgb,
+    decode_row_label_map,
+    encode_label_png,
+)
+from pipelines.io.rows import RowRejected, check_image_id
 from pipelines.io.storage import Location, write_bytes_atomic
-from pipelines.refine import decode_rgb
 from pipelines.seeds import cam_argmax
 from weakclip.config import CRFConfig
 
@@ -58,7 +63,7 @@ class RowSpec:
     input_stage: str
     splits: tuple[str, ...] | None
     cam_bg_threshold: float = 0.43
-    max_pixels: int = 50_000_000
+    max_pixels: int = MAX_PIXELS
 
     @property
     def baseline(self) -> str:
@@ -133,16 +138,6 @@ def to_sparse(matrix: np.ndarray) -> dict[str, list[int]]:
 # Stage 1: read and validate (CPU task per unit)
 
 
-def _decode_label_map(data: bytes, what: str, height: int, width: int) -> np.ndarray:
-    try:
-        labels = decode_label_png(data)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise RowRejected(f"undecodable {what}: {type(exc).__name__}: {exc}") from None
-    if labels.shape != (height, width):
-        raise RowRejected(f"{what} is {labels.shape}, the row says {(height, width)}")
-    return labels
-
-
 def check_labels(raw: Any, num_classes: int) -> list[int]:
     """Sorted unique foreground class ids of a row, each in [1, K).
 
@@ -198,7 +193,7 @@ def prepare_row(row: Mapping[str, Any], spec: RowSpec) -> tuple[dict[str, Any], 
     }
     gt = None
     if meta["has_gt"]:
-        gt = _decode_label_map(gt_bytes, "ground truth", height, width)  # type: ignore[arg-type]
+        gt = decode_row_label_map(gt_bytes, "ground truth", height, width)  # type: ignore[arg-type]
         valid = gt[gt != schema.IGNORE_INDEX]
         if valid.size and int(valid.max()) >= spec.num_classes:
             raise RowRejected(f"ground truth holds class ids outside [0, {spec.num_classes})")
@@ -206,7 +201,7 @@ def prepare_row(row: Mapping[str, Any], spec: RowSpec) -> tuple[dict[str, Any], 
         seed_bytes = row.get(schema.SEED)
         if not isinstance(seed_bytes, bytes):
             raise RowRejected("missing seed")
-        baseline = _decode_label_map(seed_bytes, "seed", height, width)
+        baseline = decode_row_label_map(seed_bytes, "seed", height, width)
     else:
         classes = [int(c) for c in row.get(schema.CAM_CLASSES) or []]
         if any(not 1 <= c < spec.num_classes for c in classes) or not isinstance(

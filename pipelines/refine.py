@@ -25,7 +25,6 @@ splits, with per-split mIoU beside them; `seeds` are what training uses (the tra
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -40,12 +39,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
 from pipelines.evaluation import ConfusionAccumulator
-from pipelines.ingest_rows import RowLimits, RowRejected, check_image_id, decode_cam_column
 from pipelines.io import schema
-from pipelines.io.codecs import decode_label_png, encode_label_png
+from pipelines.io.codecs import (
+    MAX_PIXELS,
+    decode_cam_column,
+    decode_rgb,
+    decode_row_label_map,
+    encode_label_png,
+)
 from pipelines.io.manifest import (
     FileEntry,
     Manifest,
@@ -55,6 +58,7 @@ from pipelines.io.manifest import (
     read_manifest,
     write_parquet,
 )
+from pipelines.io.rows import RowRejected, check_image_id
 from pipelines.io.storage import (
     Location,
     StorageOptions,
@@ -95,7 +99,6 @@ _REQUIRED_COLUMNS = (
     schema.GT,
 )
 _FOOTER_THREADS = 16
-MAX_PIXELS = RowLimits().max_pixels  # rows claiming larger images are refused (ingest's bound)
 
 
 @dataclass(frozen=True)
@@ -166,25 +169,6 @@ class RefinedRow:
     crf_seconds: float  # wall time inside `refine_seed`
 
 
-def decode_rgb(data: bytes, *, height: int, width: int) -> np.ndarray:
-    """H x W x 3 uint8 (writable) from encoded image bytes whose size must match the row.
-
-    Raises:
-        RowRejected: undecodable, or another size than the row declares.
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.size != (width, height):
-                raise RowRejected(
-                    f"image is {image.size[1]}x{image.size[0]}, the row says {height}x{width}"
-                )
-            return np.array(image.convert("RGB"), dtype=np.uint8)
-    except RowRejected:
-        raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise RowRejected(f"undecodable image: {type(exc).__name__}: {exc}") from None
-
-
 def refine_row(row: Mapping[str, Any], *, config: SeedConfig, num_classes: int) -> RefinedRow:
     """Seed labels and CAM argmax of one ingest row.
 
@@ -223,12 +207,7 @@ def refine_row(row: Mapping[str, Any], *, config: SeedConfig, num_classes: int) 
     image = decode_rgb(row[schema.IMAGE], height=height, width=width)
     gt = None
     if row.get(schema.GT) is not None:
-        try:
-            gt = decode_label_png(row[schema.GT])
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            raise RowRejected(f"undecodable ground truth: {type(exc).__name__}: {exc}") from None
-        if gt.shape != (height, width):
-            raise RowRejected(f"ground truth is {gt.shape}, the row says {(height, width)}")
+        gt = decode_row_label_map(row[schema.GT], "ground truth", height, width)
         valid = gt[gt != schema.IGNORE_INDEX]
         if valid.size and int(valid.max()) >= num_classes:
             raise RowRejected(f"ground truth holds class ids outside [0, {num_classes})")

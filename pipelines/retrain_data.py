@@ -36,9 +36,10 @@ from PIL import Image
 
 from pipelines.augment import AugmentConfig, augment_sample
 from pipelines.io import schema
+from pipelines.io.codecs import decode_image, decode_label_map
 from pipelines.io.manifest import Manifest
 from pipelines.io.storage import Location, safe_relpath
-from pipelines.train_data import decode_image, decode_label_map, row_seed
+from pipelines.train_data import row_seed
 
 TRAIN_COLUMNS = ("image", "mask")
 VAL_SPLIT = "val"

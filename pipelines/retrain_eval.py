@@ -23,9 +23,9 @@ from torch import nn
 
 from pipelines.evaluation import ConfusionAccumulator
 from pipelines.io import schema
+from pipelines.io.codecs import decode_image, decode_label_map
 from pipelines.io.storage import Location
 from pipelines.retrain_model import predict_labels
-from pipelines.train_data import decode_image, decode_label_map
 
 VAL_COLUMNS = [schema.IMAGE_ID, schema.IMAGE, schema.HEIGHT, schema.WIDTH, schema.GT]
 

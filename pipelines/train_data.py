@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -32,6 +31,7 @@ from PIL import Image
 
 from pipelines.augment import AugmentConfig, augment_sample, denormalize
 from pipelines.io import schema
+from pipelines.io.codecs import MAX_PIXELS, decode_image, decode_label_map
 from pipelines.io.storage import Location
 
 TRAIN_COLUMNS = ("image", "seed", "crf_image", "class_mask")
@@ -45,39 +45,12 @@ READ_COLUMNS = [
     schema.SEED,
     schema.SPLIT,
 ]
-# Refuse absurd images before decoding them (decompression bombs).
-MAX_PIXELS = 64_000_000
 
 
 def row_seed(seed: int, epoch: int, image_id: str) -> list[int]:
     """Entropy for one row's augmentation: (global seed, epoch, stable hash of the image id)."""
     digest = hashlib.sha256(image_id.encode("utf-8")).digest()
     return [int(seed), int(epoch), int.from_bytes(digest[:8], "little")]
-
-
-def decode_image(data: bytes, height: int, width: int) -> np.ndarray:
-    """H x W x 3 uint8 RGB of encoded image bytes whose size must match the row (ValueError)."""
-    with Image.open(io.BytesIO(data)) as image:
-        if image.width * image.height > MAX_PIXELS:
-            raise ValueError(f"image of {image.width} x {image.height} pixels is too large")
-        rgb = np.asarray(image.convert("RGB"))
-    if rgb.shape[:2] != (height, width):
-        raise ValueError(f"image is {rgb.shape[:2]}, the row says {(height, width)}")
-    return rgb
-
-
-def decode_label_map(data: bytes, height: int, width: int) -> np.ndarray:
-    """H x W uint8 class ids of an L or P PNG whose size must match the row (ValueError)."""
-    with Image.open(io.BytesIO(data)) as image:
-        if image.mode not in ("L", "P"):
-            raise ValueError(f"label PNG must be single-channel (L or P), got mode {image.mode}")
-        if image.width * image.height > MAX_PIXELS:
-            raise ValueError("label map is too large")
-        # P-mode PNGs hold class ids as palette indices: read the indices, not the colours.
-        seed = np.array(image, dtype=np.uint8)
-    if seed.shape != (height, width):
-        raise ValueError(f"label map is {seed.shape}, the row says {(height, width)}")
-    return seed
 
 
 def prepare_row(

@@ -1,18 +1,36 @@
-"""The VOC colour palette and palette-PNG encoding/decoding of uint8 label maps.
+"""Image and label-map codecs of every stage: encoded bytes in, numpy arrays out, and back.
+
+Untrusted bytes (input images, shard columns, mask files) are decoded here and nowhere else.
+`MAX_PIXELS` bounds every decoder: an image or label map declaring more pixels is refused
+before its pixels are decoded (decompression bombs). Decoders that validate a row for
+quarantine raise `RowRejected` (`pipelines.io.rows`) with the reason; those the training
+stages use raise `ValueError`, which fails the run.
 
 Label maps (GT, seeds, pseudo masks) are stored as palette PNGs whose pixel values are class ids
-(CONTRACTS.md "Label maps"); the palette only makes them viewable. VOC's palette gives class i
-the colour whose bits interleave the bits of i across R, G and B, most significant first;
-255 (ignore) is cream (224, 224, 192).
+(docs/CONTRACTS.md "Label maps"); the palette only makes them viewable. VOC's palette gives
+class i the colour whose bits interleave the bits of i across R, G and B, most significant
+first; 255 (ignore) is cream (224, 224, 192).
 """
 
 from __future__ import annotations
 
 import io
+import warnings
 from functools import cache
+from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from pipelines.io.class_spaces import ClassSpace
+from pipelines.io.rows import RowRejected
+from pipelines.io.schema import IGNORE_INDEX
+
+MAX_PIXELS = 50_000_000  # images and label maps declaring more are refused before decoding
+
+
+# ---------------------------------------------------------------------------------------------
+# The VOC palette
 
 
 @cache
@@ -60,3 +78,173 @@ def decode_label_png(data: bytes) -> np.ndarray:
         if image.mode not in ("P", "L"):
             raise ValueError(f"label PNG has mode {image.mode}, expected P or L")
         return np.array(image, dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Label maps
+
+
+def decode_row_label_map(data: bytes, what: str, height: int, width: int) -> np.ndarray:
+    """H x W uint8 class ids of a row's label-map PNG (ground truth, seed), sized as the row.
+
+    Raises:
+        RowRejected: undecodable, not single-channel, or another size than the row declares.
+    """
+    try:
+        labels = decode_label_png(data)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise RowRejected(f"undecodable {what}: {type(exc).__name__}: {exc}") from None
+    if labels.shape != (height, width):
+        raise RowRejected(f"{what} is {labels.shape}, the row says {(height, width)}")
+    return labels
+
+
+def decode_labels(data: Any, what: str, expected: tuple[int, int] | None = None) -> np.ndarray:
+    """H x W uint8 ids of a label PNG, its size checked against `expected` before decoding.
+
+    Raises:
+        RowRejected: not bytes, not a P/L PNG, undecodable, too large, or of another size.
+    """
+    if not isinstance(data, bytes):
+        raise RowRejected(f"missing {what}")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format != "PNG" or image.mode not in ("P", "L"):
+                raise RowRejected(
+                    f"undecodable {what}: {image.format} {image.mode}, expected a P/L label PNG"
+                )
+            shape = (image.height, image.width)
+            if expected is not None and shape != tuple(expected):
+                raise RowRejected(
+                    f"size mismatch: {what} is {shape[0]}x{shape[1]}, "
+                    f"expected {expected[0]}x{expected[1]}"
+                )
+            if shape[0] * shape[1] > MAX_PIXELS:
+                raise RowRejected(f"{what} too large: {shape[0]}x{shape[1]}")
+            return np.array(image, dtype=np.uint8)
+    except RowRejected:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise RowRejected(f"undecodable {what}: {type(exc).__name__}: {exc}") from None
+
+
+def check_gt(data: bytes | None, *, height: int, width: int, space: ClassSpace) -> bytes | None:
+    """Validates an optional ground-truth PNG (class ids, 255 = ignore); returns it as given."""
+    if data is None:
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format != "PNG" or img.mode not in ("P", "L"):
+                raise RowRejected(
+                    f"ground truth must be a P/L-mode PNG, got {img.format} {img.mode}"
+                )
+            if img.size != (width, height):
+                raise RowRejected(f"ground truth size {img.size} != image size {(width, height)}")
+            ids = np.unique(np.asarray(img))
+    except RowRejected:
+        raise
+    except Exception as exc:
+        raise RowRejected(f"cannot decode ground truth: {type(exc).__name__}: {exc}") from None
+    bad = [int(i) for i in ids if i != IGNORE_INDEX and i >= space.num_classes]
+    if bad:
+        raise RowRejected(f"ground truth holds class ids {bad} outside the class space")
+    return data
+
+
+def decode_label_map(data: bytes, height: int, width: int) -> np.ndarray:
+    """H x W uint8 class ids of an L or P PNG whose size must match the row (ValueError)."""
+    with Image.open(io.BytesIO(data)) as image:
+        if image.mode not in ("L", "P"):
+            raise ValueError(f"label PNG must be single-channel (L or P), got mode {image.mode}")
+        if image.width * image.height > MAX_PIXELS:
+            raise ValueError("label map is too large")
+        # P-mode PNGs hold class ids as palette indices: read the indices, not the colours.
+        seed = np.array(image, dtype=np.uint8)
+    if seed.shape != (height, width):
+        raise ValueError(f"label map is {seed.shape}, the row says {(height, width)}")
+    return seed
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+
+
+def decode_image_header(data: bytes | None, *, max_pixels: int) -> tuple[int, int]:
+    """Checks an encoded image without trusting it; returns (height, width).
+
+    The size is read from the header and compared with `max_pixels` before any pixel is
+    decoded, then the whole image is decoded once to prove it is not truncated.
+    """
+    if data is None:
+        raise RowRejected("missing image")
+    if len(data) == 0:
+        raise RowRejected("cannot decode image: empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+                if width <= 0 or height <= 0:
+                    raise RowRejected("zero-sized image")
+                if width * height > max_pixels:
+                    raise RowRejected(
+                        f"image over pixel limit: {width}x{height} > {max_pixels} pixels"
+                    )
+                if img.format not in ("JPEG", "PNG"):
+                    raise RowRejected(f"unsupported image format {img.format}")
+                img.convert("RGB").load()
+    except RowRejected:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise RowRejected(f"image over pixel limit: {exc}") from None
+    except Exception as exc:  # PIL raises many types for corrupt data
+        raise RowRejected(f"cannot decode image: {type(exc).__name__}: {exc}") from None
+    return height, width
+
+
+def decode_rgb(data: bytes, *, height: int, width: int) -> np.ndarray:
+    """H x W x 3 uint8 (writable) from encoded image bytes whose size must match the row.
+
+    Raises:
+        RowRejected: undecodable, or another size than the row declares.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.size != (width, height):
+                raise RowRejected(
+                    f"image is {image.size[1]}x{image.size[0]}, the row says {height}x{width}"
+                )
+            return np.array(image.convert("RGB"), dtype=np.uint8)
+    except RowRejected:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise RowRejected(f"undecodable image: {type(exc).__name__}: {exc}") from None
+
+
+def decode_image(data: bytes, height: int, width: int) -> np.ndarray:
+    """H x W x 3 uint8 RGB of encoded image bytes whose size must match the row (ValueError)."""
+    with Image.open(io.BytesIO(data)) as image:
+        if image.width * image.height > MAX_PIXELS:
+            raise ValueError(f"image of {image.width} x {image.height} pixels is too large")
+        rgb = np.asarray(image.convert("RGB"))
+    if rgb.shape[:2] != (height, width):
+        raise ValueError(f"image is {rgb.shape[:2]}, the row says {(height, width)}")
+    return rgb
+
+
+# ---------------------------------------------------------------------------------------------
+# CAMs
+
+
+def decode_cam_column(data: bytes, num_planes: int, height: int, width: int) -> np.ndarray:
+    """Inverse of the ingest shard's `cam` encoding: C x H x W float32 from float16 bytes.
+
+    Raises:
+        ValueError: the byte count does not match the declared shape.
+    """
+    expected = num_planes * height * width * 2
+    if len(data) != expected:
+        raise ValueError(f"cam column holds {len(data)} bytes, expected {expected}")
+    return (
+        np.frombuffer(data, dtype=np.float16).reshape(num_planes, height, width).astype(np.float32)
+    )

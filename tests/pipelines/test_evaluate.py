@@ -21,7 +21,6 @@ from pipelines.evaluate_scoring import (
     EvaluationResult,
     RecordSum,
     convert_labels,
-    decode_labels,
     format_table,
     label_conversion,
     miou_over,
@@ -30,10 +29,9 @@ from pipelines.evaluate_scoring import (
     select_classes,
 )
 from pipelines.evaluation import confusion_matrix, score_from_confusion
-from pipelines.ingest_rows import RowRejected
 from pipelines.io import schema
 from pipelines.io.class_spaces import COCO81, COCO91, VOC, ClassSpace
-from pipelines.io.codecs import decode_label_png, encode_label_png
+from pipelines.io.codecs import decode_label_png, decode_labels, encode_label_png
 from pipelines.io.manifest import (
     FileEntry,
     InputRef,
@@ -42,6 +40,7 @@ from pipelines.io.manifest import (
     read_manifest,
     write_parquet,
 )
+from pipelines.io.rows import RowRejected
 from pipelines.io.storage import resolve, write_bytes_atomic
 from tests.pipelines.train_inputs import make_refine_input
 

@@ -11,8 +11,8 @@ import pytest
 
 from pipelines.evaluation import ConfusionAccumulator
 from pipelines.ingest import IngestConfig, run_ingest
-from pipelines.ingest_rows import decode_cam_column
 from pipelines.io import schema
+from pipelines.io.codecs import decode_cam_column
 from pipelines.io.manifest import StageConflictError, read_manifest
 from pipelines.io.storage import resolve
 from pipelines.seeds import cam_argmax

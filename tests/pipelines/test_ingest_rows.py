@@ -11,13 +11,12 @@ from PIL import Image
 
 from pipelines.ingest_rows import (
     RowLimits,
-    RowRejected,
     build_row,
-    check_image_id,
-    decode_cam_column,
 )
 from pipelines.io import schema
 from pipelines.io.class_spaces import VOC, class_space_from_arg
+from pipelines.io.codecs import decode_cam_column
+from pipelines.io.rows import RowRejected, check_image_id
 
 H, W = 24, 32
 

@@ -29,11 +29,11 @@ from pipelines.io.manifest import (
     StageOutput,
     read_manifest,
 )
+from pipelines.io.rows import RowRejected
 from pipelines.io.storage import Location, resolve, write_bytes_atomic
 from pipelines.refine import (
     REFINE_SCHEMA,
     RefineConfig,
-    RowRejected,
     WorkUnit,
     enumerate_units,
     process_unit,
