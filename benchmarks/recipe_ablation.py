@@ -29,11 +29,11 @@ import pyarrow.parquet as pq
 import torch
 
 from pipelines.crf_pool import crf_params
-from pipelines.evaluation import ConfusionAccumulator
 from pipelines.io import schema
 from pipelines.io.codecs import decode_image, decode_label_map
 from pipelines.io.manifest_format import read_manifest
 from pipelines.io.storage import resolve
+from pipelines.metrics import ConfusionAccumulator
 from pipelines.pseudo_infer import allowed_classes, predict_probabilities
 from pipelines.pseudo_rows import postprocess
 from pipelines.train_data import augment_config_for, prepare_row

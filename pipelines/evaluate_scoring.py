@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipelines.evaluation import confusion_matrix, score_from_confusion
 from pipelines.io import schema
 from pipelines.io.class_spaces import (
     COCO_UNUSED_IDS,
@@ -29,6 +28,7 @@ from pipelines.io.codecs import decode_labels
 from pipelines.io.manifest import InputRef, Manifest
 from pipelines.io.rows import RowRejected
 from pipelines.io.storage import Location
+from pipelines.metrics import confusion_matrix, score_from_confusion
 
 PRED_STAGES = ("refine", "pseudo_masks")
 GT_STAGES = ("ingest", "refine")

@@ -28,7 +28,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.evaluation import confusion_matrix
 from pipelines.io import schema
 from pipelines.io.codecs import (
     MAX_PIXELS,
@@ -40,6 +39,7 @@ from pipelines.io.codecs import (
 )
 from pipelines.io.rows import RowRejected, check_image_id
 from pipelines.io.storage import Location, write_bytes_atomic
+from pipelines.metrics import confusion_matrix
 from pipelines.seeds import cam_argmax
 from weakclip.config import CRFConfig
 

@@ -25,10 +25,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.evaluation import ConfusionAccumulator, score_from_confusion
 from pipelines.io import schema
 from pipelines.io.manifest import Manifest, Quarantine, StageOutput, write_parquet
 from pipelines.io.storage import Location, read_json_objects, safe_relpath, write_bytes_atomic
+from pipelines.metrics import ConfusionAccumulator, score_from_confusion
 from pipelines.pseudo_rows import PseudoUnit, RowSpec, add_sparse, in_splits, mask_rel, to_sparse
 
 UNIT_DIR = "_units"  # completion records (bookkeeping, not data files)

@@ -40,7 +40,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.evaluation import ConfusionAccumulator
 from pipelines.io import schema
 from pipelines.io.codecs import (
     MAX_PIXELS,
@@ -68,6 +67,7 @@ from pipelines.io.storage import (
     safe_relpath,
     write_bytes_atomic,
 )
+from pipelines.metrics import ConfusionAccumulator
 from pipelines.seeds import METHODS, SeedConfig, cam_argmax, refine_seed
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ its device (a GPU when the cluster has them). The val rows (`retrain_data.plan_r
 `val`, ground truth present, never in the training index) are dealt to the workers by
 position in sorted id order (`ids_of_rank`); each worker reads only the source row groups that
 hold its ids (`read_val_rows`, columns `image_id`, `image`, `height`, `width`, `gt`) and
-`score_worker` sums the confusion matrices over the workers (`pipelines.evaluation` layout,
+`score_worker` sums the confusion matrices over the workers (`pipelines.metrics` layout,
 the pseudo masks' class space). A val row whose image or ground truth cannot be decoded is
 skipped and counted, never fatal.
 """
@@ -21,10 +21,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipelines.evaluation import ConfusionAccumulator
 from pipelines.io import schema
 from pipelines.io.codecs import decode_image, decode_label_map
 from pipelines.io.storage import Location
+from pipelines.metrics import ConfusionAccumulator
 from pipelines.retrain_model import predict_labels
 
 VAL_COLUMNS = [schema.IMAGE_ID, schema.IMAGE, schema.HEIGHT, schema.WIDTH, schema.GT]

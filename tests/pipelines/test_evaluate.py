@@ -28,7 +28,6 @@ from pipelines.evaluate_scoring import (
     score_unit,
     select_classes,
 )
-from pipelines.evaluation import confusion_matrix, score_from_confusion
 from pipelines.io import schema
 from pipelines.io.class_spaces import COCO81, COCO91, VOC, ClassSpace
 from pipelines.io.codecs import decode_label_png, decode_labels, encode_label_png
@@ -42,6 +41,7 @@ from pipelines.io.manifest import (
 )
 from pipelines.io.rows import RowRejected
 from pipelines.io.storage import resolve, write_bytes_atomic
+from pipelines.metrics import confusion_matrix, score_from_confusion
 from tests.pipelines.train_inputs import make_refine_input
 
 PSEUDO_SCHEMA = pa.schema(

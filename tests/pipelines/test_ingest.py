@@ -9,12 +9,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.evaluation import ConfusionAccumulator
 from pipelines.ingest import IngestConfig, run_ingest
 from pipelines.io import schema
 from pipelines.io.codecs import decode_cam_column
 from pipelines.io.manifest import StageConflictError, read_manifest
 from pipelines.io.storage import resolve
+from pipelines.metrics import ConfusionAccumulator
 from pipelines.seeds import cam_argmax
 from pipelines.synthetic_io import plant_bad_inputs, write_dataset
 

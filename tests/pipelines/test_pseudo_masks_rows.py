@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.evaluation import confusion_matrix
 from pipelines.io import schema
 from pipelines.io.codecs import decode_label_png, voc_palette
 from pipelines.io.rows import RowRejected
 from pipelines.io.storage import resolve
+from pipelines.metrics import confusion_matrix
 from pipelines.pseudo_infer import MaskPredictor, allowed_classes, predict_probabilities
 from pipelines.pseudo_rows import (
     GT,

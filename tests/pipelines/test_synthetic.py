@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.evaluation import ConfusionAccumulator
 from pipelines.io.class_spaces import ClassSpace
+from pipelines.metrics import ConfusionAccumulator
 from pipelines.synthetic import SYNTHETIC_CLASSES, Sample, _ignore_band, generate_sample, sample_id
 
 BG_THRESHOLD = 0.4

@@ -6,7 +6,6 @@ import fsspec
 import numpy as np
 import pytest
 
-from pipelines.evaluation import ConfusionAccumulator
 from pipelines.io.class_spaces import (
     COCO81,
     COCO91,
@@ -16,6 +15,7 @@ from pipelines.io.class_spaces import (
     labels_from_multihot,
 )
 from pipelines.io.safe_pickle import load_cls_labels, load_npy_pickle
+from pipelines.metrics import ConfusionAccumulator
 from pipelines.seeds import cam_argmax
 from pipelines.synthetic import Sample, generate_sample
 from pipelines.synthetic_camo import (

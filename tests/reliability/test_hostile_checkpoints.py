@@ -1,6 +1,6 @@
 """Hostile checkpoint files: malicious pickles never run; every bad file is a clear error.
 
-The corpus (`pipelines.hostile_checkpoints.bad_checkpoints`): a legacy raw pickle and a
+The corpus (`tests.reliability.hostile_checkpoints.bad_checkpoints`): a legacy raw pickle and a
 `torch.save` zip whose unpickling would call `os.system("touch SENTINEL")`, the same zip
 disguised as a TorchScript archive, a safe file of another format, a truncated file, random
 bytes and an empty file. No Ray is started here: every loader refuses before any distributed work.
@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import checkpoint, hostile, hostile_checkpoints
+from pipelines import checkpoint
 from pipelines.io.storage import resolve
+from tests.reliability import hostile, hostile_checkpoints
 from tests.reliability.hostile_tools import one_error_line, write_ingest_output
 
 KINDS = tuple(hostile_checkpoints.bad_checkpoints("unused"))

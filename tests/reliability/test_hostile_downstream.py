@@ -1,7 +1,7 @@
 """Hostile pseudo-mask outputs (what evaluate and retrain read): every damaged mask is
 quarantined with its reason; good images are scored and used unchanged.
 
-The pseudo-mask output is written by `pipelines.hostile.write_pseudo_mask_output`: each good
+The pseudo-mask output is written by `tests.reliability.hostile.write_pseudo_mask_output`: each good
 image's mask equals its ground truth, so the good images score an mIoU of exactly 1.
 """
 
@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import hostile
-from pipelines.evaluation import confusion_matrix, score_from_confusion
 from pipelines.io import schema
 from pipelines.io.codecs import decode_label_png
 from pipelines.io.manifest import read_manifest
 from pipelines.io.storage import Location, resolve
+from pipelines.metrics import confusion_matrix, score_from_confusion
 from pipelines.synthetic import SYNTHETIC_CLASSES, generate_sample
 from pipelines.synthetic_io import ingest_row
+from tests.reliability import hostile
 from tests.reliability.hostile_tools import read_parquet_file, read_rows, write_ingest_output
 
 DEFECTS = {f"syn_{i:06d}": kind for i, kind in enumerate(hostile.PSEUDO_MASK_DEFECTS)}

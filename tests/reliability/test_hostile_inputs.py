@@ -1,7 +1,7 @@
 """Hostile inputs to ingest and refine: every defect is quarantined with its reason or fails the
 job with a one-line error naming the problem; good rows come through exactly once, unchanged.
 
-The corpus is `pipelines.hostile` plus `pipelines.synthetic_io.plant_bad_inputs`; jobs run
+The corpus is `tests.reliability.hostile` plus `pipelines.synthetic_io.plant_bad_inputs`; jobs run
 through their `main([...])` on the shared Ray session, as a user would run them.
 """
 
@@ -13,13 +13,13 @@ import pytest
 
 from jobs.ingest import main as ingest_main
 from jobs.refine import main as refine_main
-from pipelines import hostile
 from pipelines.io import schema
 from pipelines.io.manifest import read_manifest
 from pipelines.io.storage import resolve
 from pipelines.refine import RefineConfig, refine_row
 from pipelines.synthetic import SYNTHETIC_CLASSES
 from pipelines.synthetic_io import BAD_INPUTS, plant_bad_inputs, write_dataset
+from tests.reliability import hostile
 from tests.reliability.hostile_tools import one_error_line, read_rows, write_ingest_output
 
 pytestmark = pytest.mark.usefixtures("ray_session")

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pipelines.evaluation import (
+from pipelines.metrics import (
     ConfusionAccumulator,
     confusion_matrix,
     score_from_confusion,

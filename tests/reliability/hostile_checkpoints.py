@@ -12,7 +12,7 @@ import pickle
 from collections.abc import Mapping
 from typing import Any
 
-from pipelines.hostile import garbage, touch_command
+from tests.reliability.hostile import garbage, touch_command
 
 
 def malicious_pickle(sentinel: str, *, protocol: int = 2) -> bytes:

@@ -12,7 +12,7 @@ covers what the later stages read and a few more raw-dataset defects:
   wrong length, undecodable images/GT, unsafe ids...); `corrupt_parquet` turns a valid
   shard into truncated, garbage, wrong-schema or damaged-page variants;
   `list_missing_file` makes a manifest list a file that is not there.
-- checkpoints (`model.pt`, `train_state.pt`, CLIP weights): `pipelines.hostile_checkpoints`.
+- checkpoints (`model.pt`, `train_state.pt`, CLIP weights): `tests.reliability.hostile_checkpoints`.
 - pseudo-mask output (evaluate and retrain read it): `write_pseudo_mask_output` writes a
   committed `pseudo_masks` stage output whose index may point at missing masks, masks with
   class ids out of range, masks of the wrong size, masks that are not PNG, a path leaving
