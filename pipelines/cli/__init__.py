@@ -1,0 +1,60 @@
+"""What every job shares: its options, its config file, Ray, and how it exits.
+
+A job module is parse → config → pipeline, wrapped by `run_job` for the exit status:
+
+    def build_parser() -> argparse.ArgumentParser:
+        parser = argparse.ArgumentParser(prog="weakclip-refine")
+        add_common_args(parser)
+        parser.add_argument("--crf-iterations", type=int)       # default None = "not given"
+        return parser
+
+    def _main(argv: list[str]) -> int:
+        args = build_parser().parse_args(argv)
+        config = build_config(RefineConfig, args, {"crf_iterations": args.crf_iterations})
+        options = job_options(args)
+        init_ray(args)
+        run_refine(options, config)
+        return 0
+
+    def main(argv: list[str] | None = None) -> int:
+        return run_job(_main, argv)
+
+Exit status: 0 success; 1 failure with one line on stderr (credentials redacted; the traceback
+too with `--debug` or `WEAKCLIP_DEBUG=1`); 2 usage error (argparse's own, a bad config file,
+a config value refused by the config dataclass, a bad location).
+"""
+
+from pipelines.cli.config import build_config, load_config_file
+from pipelines.cli.exit_status import describe_error, one_line, run_job
+from pipelines.cli.options import (
+    JobOptions,
+    Resources,
+    UsageError,
+    add_common_args,
+    job_options,
+    parse_size,
+    reject_unused,
+    resources,
+    storage_options,
+)
+from pipelines.cli.ray_init import alive_node_count, check_local_output, init_ray
+
+__all__ = [
+    "JobOptions",
+    "Resources",
+    "UsageError",
+    "add_common_args",
+    "alive_node_count",
+    "build_config",
+    "check_local_output",
+    "describe_error",
+    "init_ray",
+    "job_options",
+    "load_config_file",
+    "one_line",
+    "parse_size",
+    "reject_unused",
+    "resources",
+    "run_job",
+    "storage_options",
+]

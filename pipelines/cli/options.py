@@ -1,0 +1,220 @@
+"""The options every job shares (docs/CONTRACTS.md "Options every job shares").
+
+Value options default to None, meaning "not given", so that a `--config` file can set them
+and a flag still wins (`pipelines.cli.config.build_config`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from dataclasses import dataclass
+
+from pipelines.io.storage import Location, StorageOptions, resolve
+
+DEBUG_ENV = "WEAKCLIP_DEBUG"
+MODEL_PRESETS = ("tiny", "vit-b-16")
+
+
+class UsageError(Exception):
+    """The command line or config file is wrong: exit status 2."""
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Resources a job asks of Ray. The defaults fit a 2-core machine.
+
+    Attributes:
+        num_cpus_per_task: CPUs reserved per Ray task/actor; fractional so that every stage of
+            a streaming pipeline can hold a slot at once on 2 cores (ENVIRONMENT.md).
+        actor_pool_size: actors in each model-holding actor pool.
+        batch_size: global batch size across all workers; None means the stage's default.
+        object_store_memory: bytes for the object store of a new local Ray instance.
+    """
+
+    num_cpus_per_task: float = 0.5
+    actor_pool_size: int = 1
+    batch_size: int | None = None
+    object_store_memory: int | None = None
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """The shared options of a job, parsed and resolved."""
+
+    input: Location | None
+    output: Location
+    storage: StorageOptions
+    resources: Resources
+    ray_address: str | None
+    overwrite: bool
+    allow_local_output: bool
+    model: str | None
+    debug: bool
+
+
+def add_common_args(
+    parser: argparse.ArgumentParser, *, model: bool = False, input: bool = True
+) -> None:
+    """Add the shared options. Value options default to None, meaning "not given".
+
+    Args:
+        parser: the job's parser.
+        model: add `--model tiny|vit-b-16` (jobs that build a model).
+        input: add a required `--input` (false for jobs that only write, e.g. data generators).
+    """
+    group = parser.add_argument_group("shared options")
+    if input:
+        group.add_argument(
+            "--input", required=True, metavar="URI", help="s3://bucket/prefix, file:// or a path"
+        )
+    group.add_argument(
+        "--output", required=True, metavar="URI", help="this stage's output directory"
+    )
+    group.add_argument(
+        "--config", metavar="FILE", help="YAML or JSON with config fields; flags override it"
+    )
+    if model:
+        group.add_argument("--model", choices=MODEL_PRESETS, help="model preset")
+    group.add_argument(
+        "--ray-address", metavar="ADDR", help="Ray cluster (default: $RAY_ADDRESS, else local)"
+    )
+    group.add_argument(
+        "--storage-endpoint", metavar="URL", help="S3-compatible endpoint ($AWS_ENDPOINT_URL)"
+    )
+    group.add_argument(
+        "--num-cpus-per-task",
+        type=_positive_float,
+        metavar="N",
+        help="CPUs reserved per Ray Data task, fractional allowed (default: the stage's)",
+    )
+    group.add_argument(
+        "--actor-pool-size",
+        type=_positive_int,
+        metavar="N",
+        help="model replicas per actor pool, in stages that have one",
+    )
+    group.add_argument(
+        "--batch-size", type=_positive_int, metavar="N", help="global, across all workers"
+    )
+    group.add_argument(
+        "--object-store-memory", type=parse_size, metavar="BYTES", help="e.g. 2G, 512MiB"
+    )
+    group.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace this output's earlier results (later stages must be re-run)",
+    )
+    group.add_argument(
+        "--allow-local-output",
+        action="store_true",
+        help="allow a local --output on a multi-node cluster (a shared mount on every node)",
+    )
+    group.add_argument(
+        "--debug", action="store_true", help=f"full tracebacks on failure (or {DEBUG_ENV}=1)"
+    )
+
+
+def reject_unused(args: argparse.Namespace, stage: str, *names: str) -> None:
+    """Refuse shared options this stage has no use for, rather than silently ignoring them.
+
+    Args:
+        args: parsed arguments.
+        stage: the stage's name, for the message.
+        names: argparse destinations (`"actor_pool_size"`, `"batch_size"`).
+
+    Raises:
+        UsageError: one of them was given.
+    """
+    for name in names:
+        if getattr(args, name, None) is not None:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"{flag}: has no effect on the {stage} stage; leave it out")
+
+
+def storage_options(args: argparse.Namespace) -> StorageOptions:
+    """`--storage-endpoint` (else the environment) as `StorageOptions`."""
+    try:
+        return StorageOptions(endpoint_url=getattr(args, "storage_endpoint", None) or None)
+    except ValueError as e:
+        raise UsageError(f"--storage-endpoint: {e}") from None
+
+
+def resources(args: argparse.Namespace, defaults: Resources | None = None) -> Resources:
+    """The resource flags given, the stage's `defaults` (else `Resources()`) for the rest."""
+    given = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(Resources)
+        if getattr(args, f.name, None) is not None
+    }
+    return dataclasses.replace(defaults or Resources(), **given)
+
+
+def job_options(args: argparse.Namespace, defaults: Resources | None = None) -> JobOptions:
+    """Resolve the shared options of parsed `args`.
+
+    Raises:
+        UsageError: an unusable `--input`, `--output` or `--storage-endpoint`.
+    """
+    storage = storage_options(args)
+    try:
+        storage = storage.with_env_defaults()
+    except ValueError as e:
+        source = "--storage-endpoint" if storage.endpoint_url else "AWS_ENDPOINT_URL"
+        raise UsageError(f"{source}: {e}") from None
+    raw_input = getattr(args, "input", None)
+    return JobOptions(
+        input=resolve_arg("--input", raw_input, storage) if raw_input is not None else None,
+        output=resolve_arg("--output", args.output, storage),
+        storage=storage,
+        resources=resources(args, defaults),
+        ray_address=getattr(args, "ray_address", None),
+        overwrite=bool(getattr(args, "overwrite", False)),
+        allow_local_output=bool(getattr(args, "allow_local_output", False)),
+        model=getattr(args, "model", None),
+        debug=bool(getattr(args, "debug", False)),
+    )
+
+
+def resolve_arg(flag: str, value: str, storage: StorageOptions) -> Location:
+    try:
+        return resolve(value, storage)
+    except ValueError as e:
+        raise UsageError(f"{flag}: {e}") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from `1073741824`, `512M`, `2G`, `1.5GiB` (K/M/G/T are powers of 1024)."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 2G)")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    value = int(number * _SIZE_UNITS[unit])
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return value

@@ -1,0 +1,82 @@
+"""Connecting a job to Ray, and refusing a node-local output on a multi-node cluster."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+from pipelines.cli.options import UsageError, resolve_arg, storage_options
+from pipelines.io.storage import Location
+
+
+def alive_node_count() -> int:
+    """Alive nodes of the connected Ray cluster."""
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+def init_ray(args: argparse.Namespace, *, node_count: Callable[[], int] = alive_node_count) -> bool:
+    """Connect to Ray, then refuse a node-local `--output` on a multi-node cluster.
+
+    Order: an instance already initialised in this process (tests, chained stages); else
+    `--ray-address`; else `$RAY_ADDRESS` (set by `ray job submit`); else a new local instance
+    using every core, without the dashboard. Workers of a new local instance inherit this
+    process's environment (AWS credentials included); workers of an existing cluster use
+    their own AWS credential chain, while the endpoint travels inside each `Location`.
+
+    Returns:
+        True when this call started or connected Ray, False when it was already initialised.
+
+    Raises:
+        UsageError: `--object-store-memory` with an existing cluster, or a local output on a
+            multi-node cluster without `--allow-local-output`.
+    """
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        address = getattr(args, "ray_address", None) or os.environ.get("RAY_ADDRESS")
+        object_store = getattr(args, "object_store_memory", None)
+        if address:
+            if object_store is not None:
+                raise UsageError(
+                    "--object-store-memory applies to a new local Ray instance, "
+                    "not to an existing cluster"
+                )
+            ray.init(address=address)
+        else:
+            ray.init(address="local", object_store_memory=object_store, include_dashboard=False)
+        started = True
+    if not sys.stdout.isatty():
+        # Logs (ray job submit, CI): the stages print their own progress lines; Ray Data's
+        # bars would add one redraw line per operator every few seconds from every worker.
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
+    output = getattr(args, "output", None)
+    if output is not None:
+        check_local_output(
+            resolve_arg("--output", output, storage_options(args)),
+            allow_local_output=bool(getattr(args, "allow_local_output", False)),
+            node_count=node_count,
+        )
+    return started
+
+
+def check_local_output(
+    output: Location, *, allow_local_output: bool, node_count: Callable[[], int]
+) -> None:
+    """Refuse a `file://`/plain-path output when the cluster has more than one node."""
+    if not output.is_local or allow_local_output:
+        return
+    nodes = node_count()
+    if nodes > 1:
+        raise UsageError(
+            f"--output {output.uri} is a local path, but the Ray cluster has {nodes} nodes: "
+            "workers on other nodes would write to their own disks and the output would be "
+            "scattered. Use object storage (s3://bucket/prefix), or pass --allow-local-output "
+            "if that path is a shared filesystem mounted on every node"
+        )
