@@ -41,7 +41,7 @@ def run_case(name: str) -> dict:
 
     from pipelines.crf_pool import CRFPool, crf_params
     from pipelines.train_loop import _micro_step
-    from pipelines.train_worker import NoSync
+    from pipelines.training.worker import NoSync
     from weakclip.build import build_weakclip
     from weakclip.config import preset
 

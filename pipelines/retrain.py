@@ -8,13 +8,13 @@ ground truth of the output the pseudo masks were made from (the pseudo-mask mani
 1. Join (`pipelines.retrain_data`): index rows with a usable mask are the training rows;
    others are quarantined with their reason (`quarantine/masks.parquet`), counted, never
    fatal. Val rows: split `val` with ground truth, not in the index.
-2. Train (`pipelines.retrain_loop` on `pipelines.train_run.fit`): torchvision DeepLabV3
+2. Train (`pipelines.retrain_loop` on `pipelines.training.run.fit`): torchvision DeepLabV3
    (`pipelines.retrain_model`), checkpoints under `<output>/checkpoints/`, resumable.
 3. Export `model.pt`, score it on the val rows at the original image size
    (`pipelines.retrain_eval`), write `metrics.json`, the manifest (stage `retrain`, the same
    metrics without the loss history) and `_SUCCESS`.
 
-Re-running follows `pipelines.train_run.open_run`: the fingerprint is the config without
+Re-running follows `pipelines.training.run.open_run`: the fingerprint is the config without
 `iterations`, the backbone weights' source and SHA-256, the class names and both input
 manifests' digests.
 """
@@ -33,12 +33,18 @@ from typing import Any
 import numpy as np
 
 from pipelines import retrain_data as data
-from pipelines.augment import AugmentConfig
 from pipelines.io import manifest as mf
 from pipelines.io.storage import Location, StorageOptions, resolve, upload_file, write_bytes_atomic
 from pipelines.retrain_model import ARCHITECTURES, build_model, export_model
-from pipelines.train_data import epochs_needed
-from pipelines.train_run import failure_injection, fit, open_run, sha256_of, use_gpu
+from pipelines.training.augment import AugmentConfig
+from pipelines.training.run import (
+    epochs_needed,
+    failure_injection,
+    fit,
+    open_run,
+    sha256_of,
+    use_gpu,
+)
 
 STAGE = "retrain"
 MODEL_FILE = "model.pt"
@@ -88,7 +94,7 @@ class RetrainConfig:
         return min(self.warmup_iterations, int(self.max_warmup_fraction * self.iterations))
 
     def augment(self) -> AugmentConfig:
-        """The training augmentation (`pipelines.augment`) these settings describe."""
+        """The training augmentation (`pipelines.training.augment`) these settings describe."""
         short = self.short_side or self.crop_size
         return AugmentConfig(
             crop_size=self.crop_size,
@@ -373,8 +379,8 @@ def _finish(
 ) -> mf.Manifest:
     """Exports `model.pt` from the last checkpoint, writes `metrics.json` with the workers'
     val scores (in the checkpoint's meta), commits."""
-    from pipelines import checkpoint as ckpt
     from pipelines.retrain_eval import score_dict
+    from pipelines.training import checkpoint as ckpt
 
     class_names = list(pseudo.class_names)
     with checkpoint.as_directory() as directory:

@@ -15,8 +15,8 @@ another size or holds class ids outside the class space (`check_masks`).
 `build_retrain_dataset` streams augmented training rows through Ray Data CPU tasks, one per
 (epoch, source row group holding training rows): the task reads its row group, decodes the
 training rows with their masks (fetched in one batched read) and augments them
-(`pipelines.augment.augment_sample`); each row's randomness depends on (seed, epoch, image id)
-only, and each epoch visits the row groups in its own order. Batches (`TRAIN_COLUMNS`):
+(`pipelines.training.augment.augment_sample`); each row's randomness depends on (seed, epoch,
+image id) only, and each epoch visits the row groups in its own order. Batches (`TRAIN_COLUMNS`):
 `image` B x 3 x S x S float32 normalised crops and `mask` B x S x S uint8 (255 = ignore).
 """
 
@@ -34,12 +34,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipelines.augment import AugmentConfig, augment_sample
 from pipelines.io import schema
 from pipelines.io.codecs import decode_image, decode_label_map
 from pipelines.io.manifest import Manifest
 from pipelines.io.storage import Location, safe_relpath
-from pipelines.train_data import row_seed
+from pipelines.training.augment import AugmentConfig, augment_sample, row_seed
 
 TRAIN_COLUMNS = ("image", "mask")
 VAL_SPLIT = "val"

@@ -4,11 +4,11 @@ Each step: per micro-batch (gradient accumulation when the worker's share of the
 is larger), forward under autocast (bf16 on CUDA), pixel-wise cross-entropy against the pseudo
 masks (255 ignored; the mean over labelled pixels, 0 for a batch without any), backward; then
 AdamW and the warm-up + cosine schedule step (`train_worker.warmup_cosine_scheduler`). DDP
-averages the gradients over the workers. Checkpoints (`pipelines.checkpoint`: the whole state
-dict, optimizer, scheduler, iteration, logged rows, and the run signature a resume is checked
-against) are reported on every worker at the same iterations, the checkpoint from rank 0.
-After the last step the workers score the network on the val rows (`pipelines.retrain_eval`)
-and the last checkpoint's `meta.json` carries the result under `evaluation`.
+averages the gradients over the workers. Checkpoints (`pipelines.training.checkpoint`: the
+whole state dict, optimizer, scheduler, iteration, logged rows, and the run signature a resume is
+checked against) are reported on every worker at the same iterations, the checkpoint from rank 0.
+After the last step the workers score the network on the val rows (`pipelines.retrain_eval`) and the
+last checkpoint's `meta.json` carries the result under `evaluation`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from pipelines.io.schema import IGNORE_INDEX
 from pipelines.retrain_eval import ids_of_rank, read_val_rows, score_worker
 from pipelines.retrain_model import build_model, load_backbone_weights, logits
-from pipelines.train_worker import (
+from pipelines.training.worker import (
     LogWindow,
     autocast_for,
     fetch_weights,

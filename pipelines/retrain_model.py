@@ -33,8 +33,8 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.resnet import BasicBlock, conv1x1
 from torchvision.models.segmentation.deeplabv3 import ASPP, DeepLabV3
 
-from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
-from pipelines.checkpoint import load_weights_only
+from pipelines.training.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
+from pipelines.training.checkpoint import load_weights_only
 
 ARCHITECTURES = ("small", "resnet50", "resnet101", "mobilenet_v3_large")
 EXPORT_FORMAT = "weakclip-retrain-v1"

@@ -4,10 +4,10 @@ Reads the input (a refine output) through its manifest, starts a `TorchTrainer` 
 run `pipelines.train_loop.train_loop_per_worker` on Ray Data shards (`pipelines.train_data`),
 checkpoints through `ray.train.report` to `<output>/checkpoints/` (s3:// included: the output
 location's pyarrow filesystem is Ray Train's storage filesystem), and at the end writes
-`<output>/model.pt` (`pipelines.checkpoint.export_model`), `<output>/metrics.jsonl`, the
+`<output>/model.pt` (`pipelines.training.checkpoint.export_model`), `<output>/metrics.jsonl`, the
 manifest and `_SUCCESS` (`pipelines.io.manifest`).
 
-Re-running (CONTRACTS.md; the rules live in `pipelines.train_run`, shared with retrain): the
+Re-running (CONTRACTS.md; the rules live in `pipelines.training.run`, shared with retrain): the
 run's fingerprint is the model config without `train.iterations`, the class names, the CLIP
 weights (source and SHA-256) and the input manifest digest. Same fingerprint and finished with
 the same iterations: nothing to do. A different fingerprint: refused unless `overwrite`. An
@@ -34,12 +34,13 @@ from typing import Any
 from pipelines.io import manifest as mf
 from pipelines.io.storage import Location, StorageOptions, redact, resolve, upload_file
 from pipelines.io.storage import write_bytes_atomic as _write_atomic
-from pipelines.train_run import (
+from pipelines.training.run import (
     CHECKPOINTS,
     FAIL_ENV,
     FAIL_MARKER_ENV,
     RUN_NAME,
     TrainRefused,
+    epochs_needed,
     failure_injection,
     fit,
     latest_checkpoint_iteration,
@@ -178,7 +179,7 @@ def run_train(config: TrainJobConfig, *, log: Any = print) -> TrainResult:
         return TrainResult(stage.manifest, start_iteration, iterations, skipped=True)
 
     rows, train_only = train_data.count_training_rows(files)
-    epochs = train_data.epochs_needed(
+    epochs = epochs_needed(
         rows=rows,
         batch_size=config.model.train.batch_size,
         start_iteration=start_iteration,
@@ -254,8 +255,8 @@ def _finish(
     seconds: float,
 ) -> mf.Manifest:
     """Exports `model.pt` and `metrics.jsonl` from the last checkpoint, then commits."""
-    from pipelines import checkpoint as ckpt
     from pipelines.train_loop import fetch_clip_weights
+    from pipelines.training import checkpoint as ckpt
 
     iterations = config.model.train.iterations
     with checkpoint.as_directory() as directory:

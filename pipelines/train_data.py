@@ -3,9 +3,9 @@
 Reads the refine columns `image_id`, `image`, `labels`, `seed` and `split` (plus `height` and
 `width` for validation) of the files the input manifest lists, and only those: rows of the
 `train` split when any row has a split of "train", else every row. Decoding and augmentation
-(`pipelines.augment.augment_sample`) run in Ray Data `map_batches` tasks on CPU workers, never
-in the training loop. Every row's randomness comes from (seed, epoch, image id), so a sample
-does not depend on which worker, task or batch handles it.
+(`pipelines.training.augment.augment_sample`) run in Ray Data `map_batches` tasks on CPU
+workers, never in the training loop. Every row's randomness comes from (seed, epoch, image id), so a
+sample does not depend on which worker, task or batch handles it.
 
 Batches handed to the training loop (`TRAIN_COLUMNS`):
 - `image`: B x 3 x S x S float32 normalised crops (S = `clip.input_size`);
@@ -15,24 +15,22 @@ Batches handed to the training loop (`TRAIN_COLUMNS`):
 
 Epochs: the dataset is the concatenation of the epochs the run still needs, each with its own
 augmentation draws and block order, so a worker's stream never ends early; `epochs_needed`
-says how many.
+(`pipelines.training.run`) says how many.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from pipelines.augment import AugmentConfig, augment_sample, denormalize
 from pipelines.io import schema
 from pipelines.io.codecs import MAX_PIXELS, decode_image, decode_label_map
 from pipelines.io.storage import Location
+from pipelines.training.augment import AugmentConfig, augment_sample, denormalize, row_seed
 
 TRAIN_COLUMNS = ("image", "seed", "crf_image", "class_mask")
 TRAIN_SPLIT = "train"
@@ -45,12 +43,6 @@ READ_COLUMNS = [
     schema.SEED,
     schema.SPLIT,
 ]
-
-
-def row_seed(seed: int, epoch: int, image_id: str) -> list[int]:
-    """Entropy for one row's augmentation: (global seed, epoch, stable hash of the image id)."""
-    digest = hashlib.sha256(image_id.encode("utf-8")).digest()
-    return [int(seed), int(epoch), int.from_bytes(digest[:8], "little")]
 
 
 def prepare_row(
@@ -161,17 +153,6 @@ def count_training_rows(files: Sequence[Location]) -> tuple[int, bool]:
     if train > 0:
         return train, True
     return total, False
-
-
-def epochs_needed(*, rows: int, batch_size: int, start_iteration: int, iterations: int) -> int:
-    """Epochs of data a run from `start_iteration` to `iterations` consumes, plus one spare.
-
-    The spare covers rows dropped to keep the workers' shards equal and partial last batches.
-    """
-    if rows <= 0:
-        raise ValueError("the input has no training rows")
-    images = (iterations - start_iteration) * batch_size
-    return max(1, math.ceil(images / rows)) + 1
 
 
 def augment_config_for(model_config: Any) -> AugmentConfig:

@@ -28,10 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipelines import checkpoint as ckpt
 from pipelines.crf_pool import CRFPool, crf_params
 from pipelines.io.storage import Location
-from pipelines.train_worker import (
+from pipelines.training import checkpoint as ckpt
+from pipelines.training.worker import (
     Batches,
     InjectedFailure,
     LogWindow,

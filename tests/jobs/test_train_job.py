@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from jobs.train import main
-from pipelines.checkpoint import load_exported_model
 from pipelines.io import manifest as mf
 from pipelines.io.storage import resolve
+from pipelines.training.checkpoint import load_exported_model
 from tests.pipelines.train_inputs import make_refine_input
 
 

@@ -12,7 +12,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipelines.checkpoint import EXPORT_FORMAT, export_model
 from pipelines.ingest import SHARD_SCHEMA
 from pipelines.io import manifest as mf
 from pipelines.io import schema
@@ -22,6 +21,7 @@ from pipelines.refine import REFINE_SCHEMA
 from pipelines.seeds import SeedConfig, refine_seed
 from pipelines.synthetic import SYNTHETIC_CLASSES, generate_sample
 from pipelines.synthetic_io import ingest_row
+from pipelines.training.checkpoint import EXPORT_FORMAT, export_model
 from weakclip.build import build_weakclip
 from weakclip.config import InferenceConfig, WeakCLIPConfig, preset
 

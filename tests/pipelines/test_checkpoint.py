@@ -7,8 +7,8 @@ import pickle
 import pytest
 import torch
 
-from pipelines import checkpoint as ckpt
 from pipelines.train_loop import freeze_dead_layers, lr_at, make_scheduler
+from pipelines.training import checkpoint as ckpt
 from weakclip.build import build_weakclip
 from weakclip.config import from_dict, preset, to_dict
 

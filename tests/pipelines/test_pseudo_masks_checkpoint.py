@@ -16,7 +16,8 @@ from tests.pipelines.pseudo_masks_inputs import (
 
 
 def test_export_format_matches_the_train_export() -> None:
-    from pipelines import checkpoint, pseudo_checkpoint
+    from pipelines import pseudo_checkpoint
+    from pipelines.training import checkpoint
 
     assert pseudo_checkpoint.EXPORT_FORMAT == checkpoint.EXPORT_FORMAT
 

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines import checkpoint as ckpt
 from pipelines.io import manifest as mf
 from pipelines.io.storage import resolve
 from pipelines.train import (
@@ -25,7 +24,10 @@ from pipelines.train import (
     latest_checkpoint_iteration,
     run_train,
 )
-from pipelines.train_data import epochs_needed, prepare_row, row_seed
+from pipelines.train_data import prepare_row
+from pipelines.training import checkpoint as ckpt
+from pipelines.training.augment import row_seed
+from pipelines.training.run import epochs_needed
 from tests.pipelines.train_inputs import make_refine_input, refine_rows
 from weakclip.config import from_dict, preset
 

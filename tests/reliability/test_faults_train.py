@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines import checkpoint as ckpt
 from pipelines.io import manifest as mf
 from pipelines.io.storage import resolve
 from pipelines.train import TrainJobConfig, latest_checkpoint_iteration, run_train
+from pipelines.training import checkpoint as ckpt
 from tests.pipelines.train_inputs import make_refine_input
 from tests.reliability import fault_tools as ft
 from weakclip.config import from_dict, preset

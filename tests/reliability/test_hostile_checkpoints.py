@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import checkpoint
 from pipelines.io.storage import resolve
+from pipelines.training import checkpoint
 from tests.reliability import hostile, hostile_checkpoints
 from tests.reliability.hostile_tools import one_error_line, write_ingest_output
 

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -70,6 +71,17 @@ def latest_checkpoint_iteration(output: Location) -> int | None:
     metrics = result.metrics or {}
     iteration = metrics.get("iteration")
     return int(iteration) if isinstance(iteration, int) else None
+
+
+def epochs_needed(*, rows: int, batch_size: int, start_iteration: int, iterations: int) -> int:
+    """Epochs of data a run from `start_iteration` to `iterations` consumes, plus one spare.
+
+    The spare covers rows dropped to keep the workers' shards equal and partial last batches.
+    """
+    if rows <= 0:
+        raise ValueError("the input has no training rows")
+    images = (iterations - start_iteration) * batch_size
+    return max(1, math.ceil(images / rows)) + 1
 
 
 def use_gpu(requested: bool | None) -> bool:

@@ -20,6 +20,7 @@ normalised space (the mean colour), which is also what the sliding-window infere
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,12 @@ IMAGENET_STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
 # PIL stores hue on 0..255 for the full circle; OpenCV (whose units mmseg's hue_delta uses)
 # stores it on 0..179.
 _PIL_HUE_PER_CV2_HUE = 256.0 / 180.0
+
+
+def row_seed(seed: int, epoch: int, image_id: str) -> list[int]:
+    """Entropy for one row's augmentation: (global seed, epoch, stable hash of the image id)."""
+    digest = hashlib.sha256(image_id.encode("utf-8")).digest()
+    return [int(seed), int(epoch), int.from_bytes(digest[:8], "little")]
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@
 - `wrap_ddp`: DDP over the trainable parameters (a no-op stand-in for one process);
 - `LogWindow`: window means of logged scalars, averaged over the workers, with timings;
 - `report_checkpoint`: `ray.train.report` on every worker, the checkpoint from rank 0;
-- `maybe_fail`: the test-only failure switch (`pipelines.train_run.FAIL_ENV`).
+- `maybe_fail`: the test-only failure switch (`pipelines.training.run.FAIL_ENV`).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipelines import checkpoint as ckpt
 from pipelines.io.storage import Location
+from pipelines.training import checkpoint as ckpt
 
 
 class InjectedFailure(RuntimeError):

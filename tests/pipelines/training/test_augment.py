@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from pipelines.augment import (
+from pipelines.training.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     AugmentConfig,
