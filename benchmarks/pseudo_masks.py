@@ -32,7 +32,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.ingest import SHARD_SCHEMA
+from pipelines.ingest.rows import SHARD_SCHEMA
 from pipelines.io.manifest import FileEntry, InputRef, StageOutput
 from pipelines.io.storage import Location, resolve, write_bytes_atomic
 from pipelines.pseudo_masks import PseudoMaskConfig, run_pseudo_masks

@@ -43,7 +43,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.ingest import SHARD_SCHEMA
+from pipelines.ingest.rows import SHARD_SCHEMA
 from pipelines.io import schema
 from pipelines.io.codecs import decode_cam_column, decode_rgb
 from pipelines.io.manifest import FileEntry, InputRef, StageOutput, read_manifest

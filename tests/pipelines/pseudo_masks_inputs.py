@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipelines.ingest import SHARD_SCHEMA
+from pipelines.ingest.rows import SHARD_SCHEMA
 from pipelines.io import manifest as mf
 from pipelines.io import schema
 from pipelines.io.codecs import encode_label_png

@@ -13,7 +13,7 @@ import dataclasses
 import numpy as np
 import pyarrow as pa
 
-from pipelines.ingest import SHARD_SCHEMA
+from pipelines.ingest.rows import SHARD_SCHEMA
 from pipelines.io import manifest as mf
 from pipelines.io import schema
 from pipelines.io.codecs import encode_label_png

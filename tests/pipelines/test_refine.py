@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines.ingest import SHARD_SCHEMA
+from pipelines.ingest.rows import SHARD_SCHEMA
 from pipelines.io import schema
 from pipelines.io.codecs import decode_label_png
 from pipelines.io.manifest import (

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.ingest import SHARD_SCHEMA
+from pipelines.ingest.rows import SHARD_SCHEMA
 from pipelines.io.manifest import FileEntry, InputRef, StageOutput, read_manifest
 from pipelines.io.storage import Location, write_bytes_atomic
 from pipelines.synthetic import SYNTHETIC_CLASSES

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from pipelines.ingest_rows import decode_cam
+from pipelines.ingest.rows import decode_cam
 from pipelines.io.class_spaces import ClassSpace
 from pipelines.io.rows import RowRejected
 from pipelines.synthetic import SYNTHETIC_CLASSES

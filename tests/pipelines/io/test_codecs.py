@@ -7,7 +7,7 @@ import zlib
 import pytest
 
 from pipelines.ingest import IngestConfig
-from pipelines.ingest_rows import RowLimits
+from pipelines.ingest.rows import RowLimits
 from pipelines.io.codecs import (
     MAX_PIXELS,
     decode_image,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.ingest_rows import (
+from pipelines.ingest.rows import (
     RowLimits,
     build_row,
 )

@@ -1,0 +1,206 @@
+"""One ingest chunk: fetch its files, validate every row, write its shard, quarantine and record.
+
+Runs in a Ray Data task per chunk (`ingest_chunk`); `write_chunk` is the pure-Python body.
+File names depend only on the chunk index (`part-<chunk>`), the completion record
+`_chunks/part-<chunk>.json` is written last, so a resumed run redoes exactly the chunks
+without a record and no row appears twice.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.ingest.config import IngestConfig
+from pipelines.ingest.listing import Entry
+from pipelines.ingest.rows import SHARD_SCHEMA, RowLimits, build_row
+from pipelines.io import schema
+from pipelines.io.class_spaces import ClassSpace
+from pipelines.io.manifest import Quarantine
+from pipelines.io.rows import RowRejected
+from pipelines.io.storage import Location, open_atomic, write_bytes_atomic
+
+_FETCH_GROUP = 16  # rows fetched concurrently and written as one Parquet row group
+CHUNK_DIR = "_chunks"  # completion records of finished chunks (bookkeeping, not data files)
+
+
+def chunk_name(index: int) -> str:
+    return f"part-{index:05d}"
+
+
+def ingest_chunk(
+    batch: dict[str, np.ndarray],
+    *,
+    input_loc: Location,
+    output_loc: Location,
+    config: IngestConfig,
+    class_names: Sequence[str],
+    space_name: str,
+) -> dict[str, np.ndarray]:
+    """Ray Data batch wrapper: validates and writes the chunks in `batch`.
+
+    Reads columns `chunk` (int) and `entries` (JSON list of `Entry`); returns one summary row
+    per chunk (`chunk`, `record`: the JSON completion record).
+    """
+    space = ClassSpace(space_name, tuple(class_names))
+    records = []
+    for chunk, entries_json in zip(batch["chunk"], batch["entries"], strict=True):
+        entries = [Entry(**e) for e in json.loads(entries_json)]
+        record = write_chunk(int(chunk), entries, input_loc, output_loc, config, space)
+        records.append(json.dumps(record))
+    return {"chunk": np.asarray(batch["chunk"]), "record": np.asarray(records, dtype=object)}
+
+
+def write_chunk(
+    chunk: int,
+    entries: Sequence[Entry],
+    input_loc: Location,
+    output_loc: Location,
+    config: IngestConfig,
+    space: ClassSpace,
+) -> dict[str, Any]:
+    """Fetches, validates and writes one chunk; returns its completion record."""
+    limits = RowLimits(max_pixels=config.max_pixels)
+    fs = input_loc.fs
+    shard_rel = f"shards/{chunk_name(chunk)}.parquet"
+    good = 0
+    bad: list[dict[str, str]] = []
+    with open_atomic(output_loc, shard_rel) as writer_file:
+        with pq.ParquetWriter(writer_file, SHARD_SCHEMA, compression="zstd") as writer:
+            for start in range(0, len(entries), _FETCH_GROUP):
+                group = entries[start : start + _FETCH_GROUP]
+                blobs = _fetch(fs, input_loc, [p for e in group for p in (e.image, e.cam, e.gt)])
+                images = _find_images(fs, input_loc, group, blobs)
+                rows = []
+                for entry in group:
+                    try:
+                        rows.append(_row(entry, images, blobs, config, space, limits))
+                    except RowRejected as exc:
+                        bad.append(
+                            {
+                                schema.IMAGE_ID: entry.image_id,
+                                schema.SOURCE: entry.cam or entry.image or entry.image_id,
+                                schema.REASON: exc.reason,
+                            }
+                        )
+                if rows:
+                    writer.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA))
+                    good += len(rows)
+            if good == 0:
+                writer.write_table(SHARD_SCHEMA.empty_table())
+    record: dict[str, Any] = {
+        "chunk": chunk,
+        "input_rows": len(entries),
+        "files": [_file_entry(output_loc, shard_rel, good)],
+        "output": good,
+        "quarantined": len(bad),
+        "reasons": dict(Counter(reason_kind(b[schema.REASON]) for b in bad)),
+    }
+    if bad:
+        quarantine = Quarantine(output_loc)
+        for b in bad:
+            quarantine.add(b[schema.IMAGE_ID], b[schema.SOURCE], b[schema.REASON])
+        entry = quarantine.flush(chunk_name(chunk))
+        record["files"].append(asdict(entry))
+    write_bytes_atomic(
+        output_loc, f"{CHUNK_DIR}/{chunk_name(chunk)}.json", json.dumps(record).encode()
+    )
+    return record
+
+
+def _row(
+    entry: Entry,
+    images: dict[str, bytes],
+    blobs: dict[str, bytes | None],
+    config: IngestConfig,
+    space: ClassSpace,
+    limits: RowLimits,
+) -> dict[str, Any]:
+    if entry.cam is None and entry.image is not None:
+        raise RowRejected("missing CAM file")
+    gt = blobs.get(entry.gt) if entry.gt else None
+    return build_row(
+        image_id=entry.image_id,
+        image=images.get(entry.image_id),
+        cam=blobs.get(entry.cam) if entry.cam else None,
+        label_vector=entry.label,
+        gt=gt,
+        source=entry.cam or entry.image or entry.image_id,
+        split=entry.split,
+        layout=config.layout,
+        space=space,
+        limits=limits,
+    )
+
+
+def _find_images(
+    fs: Any, input_loc: Location, group: Sequence[Entry], blobs: dict[str, bytes | None]
+) -> dict[str, bytes]:
+    """{image id: image bytes}; ids whose image is missing get their alternates tried."""
+    images = {e.image_id: blobs[e.image] for e in group if e.image and blobs.get(e.image)}
+    retry = [e for e in group if e.image_id not in images and e.image_alternates]
+    if retry:
+        more = _fetch(fs, input_loc, [p for e in retry for p in e.image_alternates])
+        for entry in retry:
+            found = next((more[p] for p in entry.image_alternates if more.get(p)), None)
+            if found is not None:
+                images[entry.image_id] = found
+    return images
+
+
+def _fetch(
+    fs: Any, input_loc: Location, rel_paths: Sequence[str | None]
+) -> dict[str, bytes | None]:
+    """Reads files concurrently (s3fs batches the GETs); a missing file maps to None."""
+    full = {input_loc.join(rel): rel for rel in rel_paths if rel}
+    if not full:
+        return {}
+    got = fs.cat(list(full), on_error="return")
+    blobs: dict[str, bytes | None] = {}
+    for path, rel in full.items():
+        value = got.get(path)
+        if isinstance(value, bytes):
+            blobs[rel] = value
+        elif isinstance(value, FileNotFoundError) or value is None:
+            blobs[rel] = None
+        else:  # a transient storage error must fail the task (Ray retries it), not the row
+            raise OSError(f"reading {rel} failed: {type(value).__name__}: {value}")
+    return blobs
+
+
+def reason_kind(reason: str) -> str:
+    return reason.split(":")[0].split(" (")[0]
+
+
+def _file_entry(loc: Location, rel: str, rows: int) -> dict[str, Any]:
+    size = loc.fs.size(loc.join(*rel.split("/")))
+    return {"path": rel, "rows": rows, "bytes": int(size)}
+
+
+def chunk_entries(entries: Sequence[Entry], rows_per_shard: int) -> list[list[Entry]]:
+    ordered = sorted(entries, key=lambda e: e.image_id)
+    return [ordered[i : i + rows_per_shard] for i in range(0, len(ordered), rows_per_shard)]
+
+
+def read_records(output_loc: Location, chunks: Iterable[int]) -> dict[int, dict[str, Any]]:
+    """Completion records of chunks finished by an earlier attempt (one batched read)."""
+    paths = {output_loc.join(CHUNK_DIR, f"{chunk_name(c)}.json"): c for c in chunks}
+    if not paths:
+        return {}
+    got = output_loc.fs.cat(list(paths), on_error="return")
+    records = {}
+    for path, chunk in paths.items():
+        value = got.get(path)
+        if isinstance(value, bytes):
+            try:
+                records[chunk] = json.loads(value)
+            except json.JSONDecodeError:
+                continue  # a torn record: redo the chunk
+    return records

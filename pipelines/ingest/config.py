@@ -1,0 +1,43 @@
+"""Options of the ingest stage: the input layout, the class space, limits and file names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipelines.ingest.rows import LAYOUTS
+from pipelines.io.codecs import MAX_PIXELS
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """Options of the ingest stage (CLI flags and `--config` fields)."""
+
+    layout: str = "mctformer"  # CAM file layout: "mctformer" (dict per class) or "clip-es"
+    classes: str | None = None  # voc | coco91 | coco81 | URI of a classes.txt; None: input's
+    splits: tuple[str, ...] = ()  # "NAME=URI" or "URI" (name = file stem); relative to --input
+    max_error_fraction: float = 0.01  # above this share of quarantined rows the job fails
+    max_pixels: int = MAX_PIXELS  # larger images are quarantined before decoding
+    rows_per_shard: int = 256  # rows per output shard (≈ a few hundred MB at VOC size)
+    image_dir: str = "JPEGImages"  # folders and files of the input layout
+    cam_dir: str = "cams"
+    gt_dir: str = "SegmentationClassAug"
+    labels_file: str = "cls_labels.npy"
+    image_suffix: str = ".jpg"  # used with split lists, where nothing is listed
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout: expected one of {LAYOUTS}, got {self.layout!r}")
+        if not 0.0 <= self.max_error_fraction <= 1.0:
+            raise ValueError("max_error_fraction: must be in [0, 1]")
+        if self.max_pixels <= 0:
+            raise ValueError("max_pixels: must be positive")
+        if not 1 <= self.rows_per_shard <= 100_000:
+            raise ValueError("rows_per_shard: must be in [1, 100000]")
+        if self.image_suffix not in IMAGE_SUFFIXES:
+            raise ValueError(f"image_suffix: expected one of {IMAGE_SUFFIXES}")
+        for name in ("image_dir", "cam_dir", "gt_dir", "labels_file"):
+            value = getattr(self, name)
+            if not value or value.startswith("/") or ".." in value.split("/"):
+                raise ValueError(f"{name}: must be a relative path inside the input")
