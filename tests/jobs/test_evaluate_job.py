@@ -15,8 +15,8 @@ from pipelines.io.codecs import decode_label_png
 from pipelines.io.manifest import read_manifest
 from pipelines.io.storage import exists, read_bytes, resolve
 from pipelines.metrics import confusion_matrix, score_from_confusion
+from tests.pipelines.refine.test_stage import synthetic_row, write_ingest_output
 from tests.pipelines.test_evaluate import refine_pairs, write_pseudo_masks
-from tests.pipelines.test_refine import synthetic_row, write_ingest_output
 from tests.pipelines.train_inputs import make_refine_input
 
 

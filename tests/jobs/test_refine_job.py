@@ -10,7 +10,7 @@ import pytest
 from jobs.refine import main
 from pipelines.io.manifest import read_manifest
 from pipelines.io.storage import resolve
-from tests.pipelines.test_refine import synthetic_row, write_ingest_output
+from tests.pipelines.refine.test_stage import synthetic_row, write_ingest_output
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from pipelines.io import manifest as mf
 from pipelines.io import schema
 from pipelines.io.codecs import encode_label_png
 from pipelines.io.storage import resolve, write_bytes_atomic
-from pipelines.refine import REFINE_SCHEMA
+from pipelines.refine.rows import REFINE_SCHEMA
 from pipelines.seeds import SeedConfig, refine_seed
 from pipelines.synthetic import SYNTHETIC_CLASSES, generate_sample
 from pipelines.synthetic_io import ingest_row

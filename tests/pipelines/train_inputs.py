@@ -11,7 +11,7 @@ from PIL import Image
 from pipelines.io import manifest as mf
 from pipelines.io import schema
 from pipelines.io.storage import resolve
-from pipelines.refine import REFINE_SCHEMA
+from pipelines.refine.rows import REFINE_SCHEMA
 from pipelines.seeds import SeedConfig, refine_seed
 from pipelines.synthetic import SYNTHETIC_CLASSES, generate_sample
 

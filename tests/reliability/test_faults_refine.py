@@ -20,7 +20,7 @@ from pipelines.io import schema
 from pipelines.io.manifest import StageConflictError, read_manifest
 from pipelines.io.storage import Location, resolve
 from pipelines.refine import RefineConfig, run_refine
-from tests.pipelines.test_refine import synthetic_row, write_ingest_output
+from tests.pipelines.refine.test_stage import synthetic_row, write_ingest_output
 from tests.reliability import fault_tools as ft
 
 pytestmark = pytest.mark.slow

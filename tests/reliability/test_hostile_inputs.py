@@ -16,7 +16,8 @@ from jobs.refine import main as refine_main
 from pipelines.io import schema
 from pipelines.io.manifest import read_manifest
 from pipelines.io.storage import resolve
-from pipelines.refine import RefineConfig, refine_row
+from pipelines.refine import RefineConfig
+from pipelines.refine.rows import refine_row
 from pipelines.synthetic import SYNTHETIC_CLASSES
 from pipelines.synthetic_io import BAD_INPUTS, plant_bad_inputs, write_dataset
 from tests.reliability import hostile

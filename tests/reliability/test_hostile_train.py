@@ -14,7 +14,7 @@ from jobs.train import main as train_main
 from pipelines.io import manifest as mf
 from pipelines.io import schema
 from pipelines.io.storage import resolve
-from pipelines.refine import REFINE_SCHEMA
+from pipelines.refine.rows import REFINE_SCHEMA
 from pipelines.synthetic import SYNTHETIC_CLASSES
 from tests.pipelines.train_inputs import refine_rows
 from tests.reliability.hostile_tools import one_error_line

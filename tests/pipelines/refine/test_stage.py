@@ -31,18 +31,10 @@ from pipelines.io.manifest import (
 )
 from pipelines.io.rows import RowRejected
 from pipelines.io.storage import Location, resolve, write_bytes_atomic
-from pipelines.refine import (
-    REFINE_SCHEMA,
-    RefineConfig,
-    WorkUnit,
-    enumerate_units,
-    process_unit,
-    record_rel,
-    refine_row,
-    run_refine,
-    shard_rel,
-    stage_config,
-)
+from pipelines.refine import RefineConfig, run_refine
+from pipelines.refine.rows import REFINE_SCHEMA, refine_row
+from pipelines.refine.stage import stage_config
+from pipelines.refine.units import WorkUnit, enumerate_units, process_unit, record_rel, shard_rel
 from pipelines.seeds import SeedConfig, cam_argmax, refine_seed
 from pipelines.synthetic import SYNTHETIC_CLASSES, generate_sample
 from pipelines.synthetic_io import ingest_row
