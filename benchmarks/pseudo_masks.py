@@ -66,7 +66,7 @@ def write_checkpoint(path: str, model: str) -> None:
     """A randomly initialised `model` preset exported as train's model.pt."""
     import torch
 
-    from pipelines.training.checkpoint import export_model
+    from pipelines.train.export import export_model
     from weakclip.build import build_weakclip
     from weakclip.config import preset
 

@@ -4,7 +4,7 @@
         --variant base --variant 'no-photometric={"train": {"photometric": false}}'
 
 Reads a finished refine output (local directory), trains the `tiny` preset (or `--model`) on its
-train split with the training stage's own pieces (`pipelines.train_data.prepare_row`, the
+train split with the training stage's own pieces (`pipelines.train.data.prepare_row`, the
 model builder, the three losses, the boundary-loss CRF, the warm-up + cosine schedule), then
 predicts every train image with the pseudo-mask stage's inference
 (`pipelines.pseudo_infer.predict_probabilities`) and scores it against the ground truth, before
@@ -28,7 +28,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from pipelines.crf_pool import crf_params
 from pipelines.io import schema
 from pipelines.io.codecs import decode_image, decode_label_map
 from pipelines.io.manifest_format import read_manifest
@@ -36,8 +35,9 @@ from pipelines.io.storage import resolve
 from pipelines.metrics import ConfusionAccumulator
 from pipelines.pseudo_infer import allowed_classes, predict_probabilities
 from pipelines.pseudo_rows import postprocess
-from pipelines.train_data import augment_config_for, prepare_row
-from pipelines.train_loop import make_scheduler
+from pipelines.train.crf_pool import crf_params
+from pipelines.train.data import augment_config_for, prepare_row
+from pipelines.train.loop import make_scheduler
 from weakclip.build import build_weakclip
 from weakclip.config import WeakCLIPConfig, from_dict, preset
 from weakclip.crf import boundary_crf_targets

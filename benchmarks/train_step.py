@@ -1,6 +1,6 @@
 """Throughput of the real per-worker training step, CRF pool included, beside the paper.
 
-One step is exactly what a Ray Train worker runs (`pipelines.train_loop._micro_step`):
+One step is exactly what a Ray Train worker runs (`pipelines.train.loop._micro_step`):
 forward (bf16 autocast on CUDA), P to the CRF pool, seeding + auxiliary losses and their
 output gradients while the pool works, the boundary loss when Q is back, one backward pass,
 AdamW. Inputs are synthetic tensors already in memory (the Ray Data side is measured by the
@@ -39,8 +39,8 @@ def run_case(name: str) -> dict:
     import numpy as np
     import torch
 
-    from pipelines.crf_pool import CRFPool, crf_params
-    from pipelines.train_loop import _micro_step
+    from pipelines.train.crf_pool import CRFPool, crf_params
+    from pipelines.train.loop import _micro_step
     from pipelines.training.worker import NoSync
     from weakclip.build import build_weakclip
     from weakclip.config import preset

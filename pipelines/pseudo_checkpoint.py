@@ -1,6 +1,6 @@
 """The model checkpoint of the pseudo-mask stage: read once, verified, refused when unsafe.
 
-The checkpoint is train's `model.pt` export (`pipelines.training.checkpoint.export_model`): one
+The checkpoint is train's `model.pt` export (`pipelines.train.export.export_model`): one
 `torch.save` of plain containers and tensors. It is read from storage into memory, hashed
 (SHA-256 of the file's bytes: the digest every pseudo-mask output records) and loaded with
 `torch.load(..., weights_only=True)`, which rebuilds tensors and plain containers and refuses
@@ -16,14 +16,11 @@ import io
 from dataclasses import dataclass
 from typing import Any
 
+from pipelines.io.schema import EXPORT_FORMAT
 from pipelines.io.storage import Location, StorageOptions, redact, resolve
 from pipelines.io.storage import read_bytes as _read_bytes
 
 MAX_CHECKPOINT_BYTES = 8 * 1024**3  # a ViT-B/16 export is ~0.6 GB
-# = pipelines.training.checkpoint.EXPORT_FORMAT, not imported from there: that module pulls in
-# open_clip and torchvision (seconds of start-up) and the driver only needs torch to check a
-# checkpoint.
-EXPORT_FORMAT = "weakclip-export-v1"
 
 
 class CheckpointRefused(ValueError):

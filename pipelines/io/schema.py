@@ -1,7 +1,8 @@
 """Column names of every Parquet shard the stages write (CONTRACTS.md, "What each stage writes").
 
 One place for the names, so a stage's docstring can say which columns it reads and writes and a
-typo is an ImportError rather than a silently empty column.
+typo is an ImportError rather than a silently empty column. The format tag of train's
+`model.pt` lives here too, so that the pseudo-mask stage checks it without importing the model.
 """
 
 from __future__ import annotations
@@ -32,5 +33,8 @@ INGEST_COLUMNS = (IMAGE_ID, IMAGE, HEIGHT, WIDTH, LABELS, CAM, CAM_CLASSES, GT, 
 REFINE_COLUMNS = (IMAGE_ID, IMAGE, HEIGHT, WIDTH, LABELS, SEED, GT, SPLIT)
 QUARANTINE_COLUMNS = (IMAGE_ID, SOURCE, REASON)
 PSEUDO_MASK_COLUMNS = (IMAGE_ID, MASK, HEIGHT, WIDTH, LABELS, CHECKPOINT_SHA256, SPLIT)
+
+# train's model.pt (pipelines.train.export)
+EXPORT_FORMAT = "weakclip-export-v1"
 
 IGNORE_INDEX = 255  # label maps: pixels that carry no label

@@ -1,4 +1,4 @@
-"""What a training checkpoint holds, and the self-contained `model.pt` export.
+"""The checkpoint directory both training stages report: what it holds, written and read here.
 
 A checkpoint directory (one per `ray.train.report`) holds:
 - `train_state.pt`: the trainable state (every state-dict entry except the frozen CLIP
@@ -12,9 +12,7 @@ A checkpoint directory (one per `ray.train.report`) holds:
 - `metrics.jsonl`: every logged iteration so far, so the final `metrics.jsonl` is complete
   and consistent whatever failures and resumes happened.
 
-`model.pt` (CONTRACTS.md, train) is one `torch.save` of plain containers and tensors: every
-weight (frozen CLIP included), the config dict and the class names; it loads with
-`torch.load(path, weights_only=True)` and `load_exported_model` rebuilds the `WeakCLIP`.
+The trained model's export (`model.pt`) is `pipelines.train.export`.
 """
 
 from __future__ import annotations
@@ -28,15 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from weakclip.build import build_weakclip
-from weakclip.config import WeakCLIPConfig, from_dict, to_dict
-from weakclip.model import WeakCLIP
-
 TRAIN_STATE = "train_state.pt"
 CLIP_STATE = "clip_state.pt"
 META = "meta.json"
 METRICS = "metrics.jsonl"
-EXPORT_FORMAT = "weakclip-export-v1"
 
 
 def load_weights_only(path: str, *, what: str) -> Any:
@@ -178,104 +171,3 @@ def read_clip_state(directory: str) -> dict[str, torch.Tensor] | None:
     ):
         raise ValueError(f"checkpoint CLIP weights {path!r} are not a state dict of tensors")
     return state
-
-
-def load_model_weights(
-    model: nn.Module,
-    *,
-    trainable: Mapping[str, torch.Tensor],
-    clip: Mapping[str, torch.Tensor] | None,
-    frozen: Iterable[str],
-) -> None:
-    """Loads a checkpoint's trainable state (and stored CLIP weights) into a built model.
-
-    Every key of the model must be covered: trainable keys by `trainable`, frozen CLIP keys
-    by `clip` or by the weights the model was built with (clip=None).
-    """
-    frozen = set(frozen)
-    expected = set(model.state_dict())
-    missing = sorted(expected - frozen - set(trainable))
-    unexpected = sorted(set(trainable) - expected)
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    merged = dict(trainable)
-    if clip is not None:
-        if set(clip) != frozen:
-            raise ValueError("stored CLIP weights do not match the model's frozen parameters")
-        merged.update(clip)
-    result = model.load_state_dict(merged, strict=False)
-    if result.unexpected_keys or (set(result.missing_keys) - (frozen if clip is None else set())):
-        raise ValueError(f"checkpoint does not fit the model: {result}")
-
-
-def load_checkpoint_model(directory: str, *, clip_weights: str | None) -> WeakCLIP:
-    """Rebuilds the trained model from a local checkpoint directory.
-
-    Args:
-        directory: a checkpoint directory (local).
-        clip_weights: local CLIP weights file the run used; None when the checkpoint stores
-            the random-init CLIP.
-
-    Returns:
-        The model in eval mode.
-    """
-    meta = read_meta(directory)
-    config = from_dict(meta["config"], WeakCLIPConfig)
-    clip_state = read_clip_state(directory)
-    if clip_state is None and clip_weights is None:
-        raise ValueError("the checkpoint stores no CLIP weights: pass the CLIP weights file")
-    model = build_weakclip(
-        config, meta["class_names"], clip_weights=None if clip_state is not None else clip_weights
-    )
-    frozen = frozen_parameter_names(model)
-    state = read_train_state(directory)
-    load_model_weights(model, trainable=state["model"], clip=clip_state, frozen=frozen)
-    return model.eval()
-
-
-def export_model(
-    path: str,
-    *,
-    model: nn.Module,
-    config: WeakCLIPConfig,
-    class_names: Sequence[str],
-    clip_source: str | None,
-    clip_sha256: str,
-    iteration: int,
-) -> None:
-    """Writes the self-contained `model.pt` (every weight, config dict, class names)."""
-    payload = {
-        "format": EXPORT_FORMAT,
-        "config": to_dict(config),
-        "class_names": list(class_names),
-        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-        "clip_weights": {"source": clip_source, "sha256": clip_sha256},
-        "iteration": int(iteration),
-    }
-    torch.save(payload, path)
-
-
-def read_export(path: str) -> dict[str, Any]:
-    """The `model.pt` payload, read with `weights_only=True` and checked."""
-    payload = load_weights_only(path, what="model export")
-    if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{path!r} is not a WeakCLIP export ({EXPORT_FORMAT})")
-    names = payload.get("class_names")
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise ValueError(f"{path!r}: class_names must be a list of strings")
-    return payload
-
-
-def load_exported_model(path: str) -> WeakCLIP:
-    """Rebuilds the `WeakCLIP` of a `model.pt` export, in eval mode.
-
-    The model is built with random CLIP weights and then every weight is loaded strictly, so
-    no CLIP weights file is needed.
-    """
-    payload = read_export(path)
-    config = from_dict(payload["config"], WeakCLIPConfig)
-    model = build_weakclip(config, payload["class_names"], clip_weights=None)
-    model.load_state_dict(payload["state_dict"], strict=True)
-    return model.eval()

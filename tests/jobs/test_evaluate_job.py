@@ -17,7 +17,7 @@ from pipelines.io.storage import exists, read_bytes, resolve
 from pipelines.metrics import confusion_matrix, score_from_confusion
 from tests.pipelines.refine.test_stage import synthetic_row, write_ingest_output
 from tests.pipelines.test_evaluate import refine_pairs, write_pseudo_masks
-from tests.pipelines.train_inputs import make_refine_input
+from tests.pipelines.train.inputs import make_refine_input
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import torch
 from jobs.train import main
 from pipelines.io import manifest as mf
 from pipelines.io.storage import resolve
-from pipelines.training.checkpoint import load_exported_model
-from tests.pipelines.train_inputs import make_refine_input
+from pipelines.train.export import load_exported_model
+from tests.pipelines.train.inputs import make_refine_input
 
 
 def test_usage_errors_exit_2(tmp_path, capsys) -> None:

@@ -21,7 +21,7 @@ from pipelines.refine.rows import REFINE_SCHEMA
 from pipelines.seeds import SeedConfig, refine_seed
 from pipelines.synthetic import SYNTHETIC_CLASSES, generate_sample
 from pipelines.synthetic_io import ingest_row
-from pipelines.training.checkpoint import EXPORT_FORMAT, export_model
+from pipelines.train.export import EXPORT_FORMAT, export_model
 from weakclip.build import build_weakclip
 from weakclip.config import InferenceConfig, WeakCLIPConfig, preset
 

@@ -1,6 +1,6 @@
 """Evaluate stage without Ray: class spaces, one pair, the join plan, and whole units on files.
 
-The prediction fixtures are a refine output (`tests.pipelines.train_inputs`) and a hand-made
+The prediction fixtures are a refine output (`tests.pipelines.train.inputs`) and a hand-made
 pseudo_masks output (`write_pseudo_masks`: masks + index + manifest per CONTRACTS.md), so these
 tests do not depend on the pseudo-mask stage's own code.
 """
@@ -42,7 +42,7 @@ from pipelines.io.manifest import (
 from pipelines.io.rows import RowRejected
 from pipelines.io.storage import resolve, write_bytes_atomic
 from pipelines.metrics import confusion_matrix, score_from_confusion
-from tests.pipelines.train_inputs import make_refine_input
+from tests.pipelines.train.inputs import make_refine_input
 
 PSEUDO_SCHEMA = pa.schema(
     [

@@ -17,9 +17,9 @@ from tests.pipelines.pseudo_masks_inputs import (
 
 def test_export_format_matches_the_train_export() -> None:
     from pipelines import pseudo_checkpoint
-    from pipelines.training import checkpoint
+    from pipelines.train import export
 
-    assert pseudo_checkpoint.EXPORT_FORMAT == checkpoint.EXPORT_FORMAT
+    assert pseudo_checkpoint.EXPORT_FORMAT == export.EXPORT_FORMAT
 
 
 def test_export_is_verified_and_rebuilt(tmp_path) -> None:

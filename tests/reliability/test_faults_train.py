@@ -17,9 +17,9 @@ import torch
 
 from pipelines.io import manifest as mf
 from pipelines.io.storage import resolve
-from pipelines.train import TrainJobConfig, latest_checkpoint_iteration, run_train
-from pipelines.training import checkpoint as ckpt
-from tests.pipelines.train_inputs import make_refine_input
+from pipelines.train import TrainJobConfig, export, run_train
+from pipelines.training.run import latest_checkpoint_iteration
+from tests.pipelines.train.inputs import make_refine_input
 from tests.reliability import fault_tools as ft
 from weakclip.config import from_dict, preset
 
@@ -184,7 +184,7 @@ def test_train_resumes_after_worker_process_killed(
     assert latest_checkpoint_iteration(out) == ITERATIONS
     model = torch.load(output / "model.pt", weights_only=True)
     assert model is not None
-    exported = ckpt.load_exported_model(str(output / "model.pt"))
+    exported = export.load_exported_model(str(output / "model.pt"))
     assert exported is not None
     rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == list(range(2, ITERATIONS + 1, 2))
@@ -197,7 +197,7 @@ def test_train_resumes_after_worker_process_killed(
 
 _POOL_SCRIPT = """
 import sys, time
-from pipelines.crf_pool import CRFPool, crf_params
+from pipelines.train.crf_pool import CRFPool, crf_params
 from weakclip.config import CRFConfig
 pool = CRFPool(processes=2, params=crf_params(CRFConfig(), prob_floor=1e-4))
 print(" ".join(str(p) for p in pool._executor._processes), flush=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.io.storage import resolve
+from pipelines.train import export
 from pipelines.training import checkpoint
 from tests.reliability import hostile, hostile_checkpoints
 from tests.reliability.hostile_tools import one_error_line, write_ingest_output
@@ -81,7 +82,7 @@ def test_checkpoint_loaders_refuse_every_bad_file(tmp_path: Path, reliability):
         kind="input",
         name="train checkpoints and model.pt export: malicious or foreign files",
         injected=(
-            f"each of {', '.join(KINDS)} as `model.pt` (`checkpoint.load_exported_model`), as "
+            f"each of {', '.join(KINDS)} as `model.pt` (`export.load_exported_model`), as "
             "a resume checkpoint's `train_state.pt` (`read_train_state`) and `clip_state.pt` "
             "(`read_clip_state`)"
         ),
@@ -89,7 +90,7 @@ def test_checkpoint_loaders_refuse_every_bad_file(tmp_path: Path, reliability):
     )
     sentinel = tmp_path / "pickle-ran"
     loaders: dict[str, Callable[[Path], object]] = {
-        "model.pt": lambda p: checkpoint.load_exported_model(str(p)),
+        "model.pt": lambda p: export.load_exported_model(str(p)),
         checkpoint.TRAIN_STATE: lambda p: checkpoint.read_train_state(str(p.parent)),
         checkpoint.CLIP_STATE: lambda p: checkpoint.read_clip_state(str(p.parent)),
     }

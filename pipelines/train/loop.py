@@ -3,7 +3,7 @@
 One step on a worker, per micro-batch (gradient accumulation when the worker's share of the
 global batch is larger than its micro-batch):
 1. forward under autocast (bf16 on CUDA), P = softmax of the logits at the loss resolution;
-2. P goes to the CRF pool (`pipelines.crf_pool`), which computes Q in parallel processes;
+2. P goes to the CRF pool (`pipelines.train.crf_pool`), which computes Q in parallel processes;
 3. while it works: the seeding and auxiliary losses and their gradients with respect to the
    model outputs, and the next batch from Ray Data;
 4. Q back (the wait is measured), the boundary loss's gradient, times
@@ -28,8 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipelines.crf_pool import CRFPool, crf_params
 from pipelines.io.storage import Location
+from pipelines.train import export
+from pipelines.train.crf_pool import CRFPool, crf_params
 from pipelines.training import checkpoint as ckpt
 from pipelines.training.worker import (
     Batches,
@@ -89,7 +90,7 @@ def fetch_clip_weights(location: Location | None, sha256: str | None) -> str | N
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train loop; `loop_config` is built by `pipelines.train.loop_config`."""
+    """Ray Train loop; `loop_config` is built by `pipelines.train.stage.run_train`."""
     rank, world, device = worker_context(loop_config)
     config = from_dict(loop_config["model_config"], WeakCLIPConfig)
     class_names = list(loop_config["class_names"])
@@ -127,7 +128,7 @@ def _train(
     history: list[dict[str, Any]] = []
     restored = restore_checkpoint(loop_config["signature"])
     if restored is not None:
-        ckpt.load_model_weights(
+        export.load_model_weights(
             model, trainable=restored.state["model"], clip=restored.clip, frozen=frozen
         )
         start_iteration, history = restored.iteration, restored.history

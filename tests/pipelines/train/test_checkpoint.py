@@ -7,7 +7,8 @@ import pickle
 import pytest
 import torch
 
-from pipelines.train_loop import freeze_dead_layers, lr_at, make_scheduler
+from pipelines.train import export
+from pipelines.train.loop import freeze_dead_layers, lr_at, make_scheduler
 from pipelines.training import checkpoint as ckpt
 from weakclip.build import build_weakclip
 from weakclip.config import from_dict, preset, to_dict
@@ -57,7 +58,7 @@ def test_checkpoint_round_trip_restores_everything(tmp_path) -> None:
     assert not set(state["model"]) & frozen  # CLIP is not in the trainable state
     assert set(ckpt.read_clip_state(str(tmp_path))) == frozen
     # A fresh model from another seed gets back every weight.
-    restored = ckpt.load_checkpoint_model(str(tmp_path), clip_weights=None)
+    restored = export.load_checkpoint_model(str(tmp_path), clip_weights=None)
     with torch.no_grad():
         torch.testing.assert_close(restored(images).logits, model(images).logits)
     optimizer2 = torch.optim.AdamW(restored.trainable_parameters(), lr=1e-3)
@@ -83,14 +84,14 @@ def test_checkpoint_without_clip_needs_the_weights_file(tmp_path) -> None:
     )
     assert ckpt.read_clip_state(str(tmp_path)) is None
     with pytest.raises(ValueError, match="CLIP weights"):
-        ckpt.load_checkpoint_model(str(tmp_path), clip_weights=None)
+        export.load_checkpoint_model(str(tmp_path), clip_weights=None)
 
 
 def test_export_loads_with_weights_only_and_reproduces_logits(tmp_path) -> None:
     config = _config()
     model, _, _, _, images = _trained_model(config)
     path = str(tmp_path / "model.pt")
-    ckpt.export_model(
+    export.export_model(
         path,
         model=model,
         config=config,
@@ -102,7 +103,7 @@ def test_export_loads_with_weights_only_and_reproduces_logits(tmp_path) -> None:
     payload = torch.load(path, weights_only=True)
     assert payload["class_names"] == NAMES and payload["config"] == to_dict(config)
     assert set(payload["state_dict"]) == set(model.state_dict())
-    loaded = ckpt.load_exported_model(path)
+    loaded = export.load_exported_model(path)
     assert loaded.class_names == tuple(NAMES)
     with torch.no_grad():
         torch.testing.assert_close(loaded(images).logits, model(images).logits)
@@ -113,10 +114,10 @@ def test_export_refuses_foreign_files(tmp_path) -> None:
     with open(path, "wb") as handle:
         pickle.dump({"format": "weakclip-export-v1", "x": object()}, handle)
     with pytest.raises(Exception):  # noqa: B017 - torch's unpickler error type varies
-        ckpt.load_exported_model(str(path))
+        export.load_exported_model(str(path))
     torch.save({"format": "other"}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a WeakCLIP export"):
-        ckpt.load_exported_model(str(tmp_path / "other.pt"))
+        export.load_exported_model(str(tmp_path / "other.pt"))
 
 
 def test_lr_schedule_warmup_and_cosine() -> None:

@@ -2,7 +2,7 @@
 
 The boundary loss needs Q = CRF(P) of the *current* step's predictions P (SPEC.md §5), so the
 CRF of step t cannot start before step t's forward pass, and step t's backward pass cannot
-finish before Q arrives. What can overlap with it, and does in `pipelines.train_loop`:
+finish before Q arrives. What can overlap with it, and does in `pipelines.train.loop`:
 - the CRF itself runs in parallel: the batch is cut into chunks, one per pool process
   (pydensecrf holds the GIL, so threads would not help);
 - while the pool works, the training process computes the seeding and auxiliary losses and

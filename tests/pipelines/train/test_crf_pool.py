@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.crf_pool import CRFPool, crf_params
+from pipelines.train.crf_pool import CRFPool, crf_params
 from weakclip.config import BOUNDARY_CRF
 from weakclip.crf import boundary_crf_targets
 

@@ -16,19 +16,16 @@ import torch
 
 from pipelines.io import manifest as mf
 from pipelines.io.storage import resolve
-from pipelines.train import (
+from pipelines.train import TrainJobConfig, TrainRefused, export, run_train
+from pipelines.train.data import prepare_row
+from pipelines.training.augment import row_seed
+from pipelines.training.run import (
     FAIL_ENV,
     FAIL_MARKER_ENV,
-    TrainJobConfig,
-    TrainRefused,
+    epochs_needed,
     latest_checkpoint_iteration,
-    run_train,
 )
-from pipelines.train_data import prepare_row
-from pipelines.training import checkpoint as ckpt
-from pipelines.training.augment import row_seed
-from pipelines.training.run import epochs_needed
-from tests.pipelines.train_inputs import make_refine_input, refine_rows
+from tests.pipelines.train.inputs import make_refine_input, refine_rows
 from weakclip.config import from_dict, preset
 
 FAST = {"clip": {"input_size": 128}, "loss": {"resolution": 32}}
@@ -44,7 +41,7 @@ def _model(iterations: int, **train):
 def test_prepare_row_is_deterministic_and_validates() -> None:
     row = refine_rows(1)[0]
     config = _model(10)
-    from pipelines.train_data import augment_config_for
+    from pipelines.train.data import augment_config_for
 
     kwargs = dict(
         image_id=row["image_id"],
@@ -119,11 +116,11 @@ def test_train_on_s3_recovers_from_failure_and_resumes(
     local = tmp_path / "model.pt"
     out.fs.get_file(out.join("model.pt"), str(local))
     torch.load(local, weights_only=True)
-    exported = ckpt.load_exported_model(str(local))
+    exported = export.load_exported_model(str(local))
     latest = sorted(checkpoints)[-1].rsplit("/", 1)[0]
     ckpt_dir = tmp_path / "ckpt"
     out.fs.get(latest + "/", str(ckpt_dir), recursive=True)
-    from_checkpoint = ckpt.load_checkpoint_model(str(ckpt_dir), clip_weights=None)
+    from_checkpoint = export.load_checkpoint_model(str(ckpt_dir), clip_weights=None)
     images = torch.randn(2, 3, 128, 128)
     with torch.no_grad():
         torch.testing.assert_close(exported(images).logits, from_checkpoint(images).logits)

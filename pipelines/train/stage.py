@@ -1,10 +1,10 @@
 """The train stage driver: refine shards → WeakCLIP on Ray Train → `model.pt` + metrics.
 
 Reads the input (a refine output) through its manifest, starts a `TorchTrainer` whose workers
-run `pipelines.train_loop.train_loop_per_worker` on Ray Data shards (`pipelines.train_data`),
+run `pipelines.train.loop.train_loop_per_worker` on Ray Data shards (`pipelines.train.data`),
 checkpoints through `ray.train.report` to `<output>/checkpoints/` (s3:// included: the output
 location's pyarrow filesystem is Ray Train's storage filesystem), and at the end writes
-`<output>/model.pt` (`pipelines.training.checkpoint.export_model`), `<output>/metrics.jsonl`, the
+`<output>/model.pt` (`pipelines.train.export.export_model`), `<output>/metrics.jsonl`, the
 manifest and `_SUCCESS` (`pipelines.io.manifest`).
 
 Re-running (CONTRACTS.md; the rules live in `pipelines.training.run`, shared with retrain): the
@@ -34,6 +34,7 @@ from typing import Any
 from pipelines.io import manifest as mf
 from pipelines.io.storage import Location, StorageOptions, redact, resolve, upload_file
 from pipelines.io.storage import write_bytes_atomic as _write_atomic
+from pipelines.train import export
 from pipelines.training.run import (
     CHECKPOINTS,
     FAIL_ENV,
@@ -145,8 +146,8 @@ def run_train(config: TrainJobConfig, *, log: Any = print) -> TrainResult:
         manifest.StageConflictError: the output holds a different run (and not `overwrite`).
         ValueError: bad input (not a refine output, no training rows).
     """
-    from pipelines import train_data
-    from pipelines.train_loop import train_loop_per_worker
+    from pipelines.train import data as train_data
+    from pipelines.train.loop import train_loop_per_worker
 
     source = resolve(config.input, config.storage)
     output = resolve(config.output, config.storage)
@@ -255,7 +256,7 @@ def _finish(
     seconds: float,
 ) -> mf.Manifest:
     """Exports `model.pt` and `metrics.jsonl` from the last checkpoint, then commits."""
-    from pipelines.train_loop import fetch_clip_weights
+    from pipelines.train.loop import fetch_clip_weights
     from pipelines.training import checkpoint as ckpt
 
     iterations = config.model.train.iterations
@@ -269,10 +270,10 @@ def _finish(
         clip_path = None
         if ckpt.read_clip_state(directory) is None:
             clip_path = fetch_clip_weights(clip_location, clip_sha256)
-        model = ckpt.load_checkpoint_model(directory, clip_weights=clip_path)
+        model = export.load_checkpoint_model(directory, clip_weights=clip_path)
     with tempfile.TemporaryDirectory(prefix="weakclip-export-") as tmp:
         local = os.path.join(tmp, MODEL_FILE)
-        ckpt.export_model(
+        export.export_model(
             local,
             model=model,
             config=config.model,
