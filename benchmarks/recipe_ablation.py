@@ -7,8 +7,8 @@ Reads a finished refine output (local directory), trains the `tiny` preset (or `
 train split with the training stage's own pieces (`pipelines.train.data.prepare_row`, the
 model builder, the three losses, the boundary-loss CRF, the warm-up + cosine schedule), then
 predicts every train image with the pseudo-mask stage's inference
-(`pipelines.pseudo_infer.predict_probabilities`) and scores it against the ground truth, before
-and after the post-processing CRF. Each variant is a JSON override of the model config.
+(`pipelines.pseudo_masks.infer.predict_probabilities`) and scores it against the ground truth,
+before and after the post-processing CRF. Each variant is a JSON override of the model config.
 
 What differs from the Ray stage, on purpose: one process instead of a Ray Train worker group;
 the global batch is split into `--workers` forward passes so BatchNorm sees the per-worker
@@ -33,8 +33,8 @@ from pipelines.io.codecs import decode_image, decode_label_map
 from pipelines.io.manifest_format import read_manifest
 from pipelines.io.storage import resolve
 from pipelines.metrics import ConfusionAccumulator
-from pipelines.pseudo_infer import allowed_classes, predict_probabilities
-from pipelines.pseudo_rows import postprocess
+from pipelines.pseudo_masks.infer import allowed_classes, predict_probabilities
+from pipelines.pseudo_masks.rows import postprocess
 from pipelines.train.crf_pool import crf_params
 from pipelines.train.data import augment_config_for, prepare_row
 from pipelines.train.loop import make_scheduler

@@ -30,8 +30,9 @@ from pipelines.cli import (
     run_job,
 )
 from pipelines.io.manifest import read_manifest
-from pipelines.pseudo_checkpoint import verify_checkpoint
-from pipelines.pseudo_masks import PseudoMaskConfig, check_class_names, run_pseudo_masks
+from pipelines.pseudo_masks import PseudoMaskConfig, run_pseudo_masks
+from pipelines.pseudo_masks.checkpoint import verify_checkpoint
+from pipelines.pseudo_masks.stage import check_class_names
 
 # One model replica on 1 CPU; CRF tasks on half a CPU: on 2 cores both stages run at once.
 DEFAULT_RESOURCES = Resources(num_cpus_per_task=0.5, actor_pool_size=1)

@@ -13,7 +13,7 @@ from pipelines.io import manifest as mf
 from pipelines.io import schema
 from pipelines.io.codecs import voc_palette
 from pipelines.io.storage import resolve, write_bytes_atomic
-from tests.pipelines.pseudo_masks_inputs import (
+from tests.pipelines.pseudo_masks.inputs import (
     HEIGHT,
     WIDTH,
     ingest_rows,

@@ -10,8 +10,8 @@ import pytest
 from tests.reliability import fault_tools as ft
 
 pseudo_masks = pytest.importorskip("pipelines.pseudo_masks")
-inputs = pytest.importorskip("tests.pipelines.pseudo_masks_inputs")
-check_output = pytest.importorskip("tests.pipelines.test_pseudo_masks").check_output
+inputs = pytest.importorskip("tests.pipelines.pseudo_masks.inputs")
+check_output = pytest.importorskip("tests.pipelines.pseudo_masks.test_stage").check_output
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from pipelines.io.codecs import (
     decode_labels,
 )
 from pipelines.io.rows import RowRejected
-from pipelines.pseudo_rows import RowSpec
+from pipelines.pseudo_masks.rows import RowSpec
 
 SIDE = 8_000  # 64M pixels: over MAX_PIXELS, under PIL's own decompression-bomb threshold
 

@@ -1,12 +1,12 @@
 """Pseudo-mask stage: a trained WeakCLIP → one pseudo-mask PNG per training image (SPEC.md §7).
 
-Reads an ingest or refine output (the columns of `pipelines.pseudo_rows.read_columns`) through
+Reads an ingest or refine output (the columns of `pipelines.pseudo_masks.rows.read_columns`) through
 its manifest and train's `model.pt`; writes `masks/<image_id>.png` (VOC-palette PNG of class
 ids in the full class space, original size), the index `shards/<unit>.parquet`
 (`schema.PSEUDO_MASK_COLUMNS`), `quarantine/`, `report/`, `manifest.json` and `_SUCCESS` last.
 
 The checkpoint is read, hashed and loaded with `weights_only=True` before any Ray work
-(`pipelines.pseudo_checkpoint`); its class names must equal the input's. Then one Ray Data
+(`pipelines.pseudo_masks.checkpoint`); its class names must equal the input's. Then one Ray Data
 pipeline streams three stages:
 1. CPU tasks, one per unit (an input row group): read, keep the chosen splits, validate
    (id, size, labels, bytes; bad rows flow on with their reason), score the baseline (CAM
@@ -35,110 +35,19 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from pipelines import pseudo_units as units_mod
 from pipelines.io.manifest import FileEntry, Manifest, StageOutput, StageState, read_manifest
 from pipelines.io.storage import StorageOptions, redact, resolve
-from pipelines.pseudo_checkpoint import VerifiedCheckpoint, verify_checkpoint
-from pipelines.pseudo_report import write_stage_report
-from pipelines.pseudo_rows import PseudoUnit, RowSpec
-from weakclip.config import COCO_POST_CRF, VOC_POST_CRF, CRFConfig, InferenceConfig
+from pipelines.pseudo_masks import units as units_mod
+from pipelines.pseudo_masks.checkpoint import VerifiedCheckpoint, verify_checkpoint
+from pipelines.pseudo_masks.config import PseudoMaskConfig, stage_config
+from pipelines.pseudo_masks.report import write_stage_report
+from pipelines.pseudo_masks.rows import PseudoUnit, RowSpec
+from weakclip.config import CRFConfig, InferenceConfig
 
 STAGE = "pseudo_masks"
-_CRF_FIELDS = (
-    "gaussian_sxy",
-    "gaussian_compat",
-    "bilateral_sxy",
-    "bilateral_srgb",
-    "bilateral_compat",
-)
-
-
-@dataclass(frozen=True)
-class PseudoMaskConfig:
-    """Options of the pseudo-mask stage (CLI flags and `--config` fields).
-
-    Inference fields left None take the checkpoint's own `inference` settings (its model
-    preset's); CRF fields left None take SPEC §7's values for the input's class space (COCO's
-    for coco91/coco81, VOC's otherwise).
-    """
-
-    scales: tuple[float, ...] | None = None  # fractions of short_side, one pass (two with flip)
-    short_side: int | None = None  # reference short side the scales apply to
-    flip: bool | None = None  # add a mirrored pass per scale
-    window: int | None = None  # sliding-window side
-    stride: int | None = None  # sliding-window step
-    restrict_to_image_classes: bool = True  # only background + the image's labels
-    use_crf: bool = True  # CRF post-processing (False: argmax of the probabilities)
-    crf_iterations: int | None = None  # mean-field iterations (10)
-    gaussian_sxy: float | None = None  # smoothness kernel std (VOC 3, COCO 1)
-    gaussian_compat: float | None = None  # smoothness kernel weight (3)
-    bilateral_sxy: float | None = None  # appearance kernel spatial std (VOC 83, COCO 67)
-    bilateral_srgb: float | None = None  # appearance kernel colour std (VOC 5, COCO 3)
-    bilateral_compat: float | None = None  # appearance kernel weight (VOC 3, COCO 4)
-    splits: tuple[str, ...] | None = ("train",)  # splits to process; None = all rows
-    cam_bg_threshold: float = 0.43  # background of the CAM-argmax baseline (metrics, report)
-    report_images: int = 8  # images in report/ (0 = no report)
-    max_error_fraction: float = 0.01  # above this share of quarantined rows the job fails
-
-    def __post_init__(self) -> None:
-        if self.splits is not None and (
-            not self.splits or not all(isinstance(s, str) and s for s in self.splits)
-        ):
-            raise ValueError("splits: a non-empty list of split names, or null for all rows")
-        if not 0 < self.cam_bg_threshold < 1:
-            raise ValueError("cam_bg_threshold: must be in (0, 1)")
-        if self.report_images < 0:
-            raise ValueError("report_images: must be >= 0")
-        if not 0.0 <= self.max_error_fraction <= 1.0:
-            raise ValueError("max_error_fraction: must be in [0, 1]")
-        for name in ("short_side", "window", "stride", "crf_iterations"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name}: must be >= 1, got {value}")
-        if self.window is not None and self.stride is not None and self.stride > self.window:
-            raise ValueError(f"stride: must be <= window={self.window}, got {self.stride}")
-        if self.scales is not None and (not self.scales or min(self.scales) <= 0):
-            raise ValueError(f"scales: must be non-empty and positive, got {self.scales}")
-        neutral = InferenceConfig(window=max(self.window or 1, self.stride or 1), stride=1)
-        self.inference(neutral, "custom")  # CRFConfig checks the CRF fields
-
-    def inference(self, base: InferenceConfig, class_space: str) -> InferenceConfig:
-        """The resolved settings: `base` (the checkpoint's) with the given fields over it."""
-        published = COCO_POST_CRF if class_space.startswith("coco") else VOC_POST_CRF
-        crf = replace(
-            published,
-            **{k: getattr(self, k) for k in _CRF_FIELDS if getattr(self, k) is not None},
-            **({"iterations": self.crf_iterations} if self.crf_iterations is not None else {}),
-        )
-        given = {
-            k: getattr(self, k)
-            for k in ("scales", "short_side", "flip", "window", "stride")
-            if getattr(self, k) is not None
-        }
-        return replace(
-            base, **given, restrict_to_image_classes=self.restrict_to_image_classes, crf=crf
-        )
-
-
-def stage_config(
-    config: PseudoMaskConfig, inference: InferenceConfig, checkpoint: VerifiedCheckpoint
-) -> dict[str, Any]:
-    """What fingerprints an output: resolved recipe, splits, report size, class names and the
-    checkpoint digest (not the error tolerance, so a failed run can be resumed with another)."""
-    recipe = asdict(inference)
-    if not config.use_crf:
-        recipe["crf"] = None
-    return {
-        "inference": recipe,
-        "splits": list(config.splits) if config.splits is not None else None,
-        "cam_bg_threshold": config.cam_bg_threshold,
-        "report_images": config.report_images,
-        "class_names": list(checkpoint.class_names),
-        "checkpoint_sha256": checkpoint.sha256,
-    }
 
 
 @dataclass(frozen=True)
@@ -407,8 +316,8 @@ def _run_units(
         return timing
     import ray
 
-    from pipelines.pseudo_infer import MaskPredictor
-    from pipelines.pseudo_rows import postprocess_rows, read_unit
+    from pipelines.pseudo_masks.infer import MaskPredictor
+    from pipelines.pseudo_masks.rows import postprocess_rows, read_unit
 
     if use_gpu is None:
         use_gpu = float(ray.cluster_resources().get("GPU", 0)) > 0

@@ -2,7 +2,7 @@
 
 Pure functions on bytes and arrays (unit-tested without Ray), plus the thin Ray Data batch
 wrappers `read_unit` (CPU tasks, first stage) and `postprocess_rows` (CPU tasks, last stage).
-The model stage between them is `pipelines.pseudo_infer.MaskPredictor`.
+The model stage between them is `pipelines.pseudo_masks.infer.MaskPredictor`.
 
 Rows travel between the stages as four columns: `meta` (a small JSON object: image id, unit,
 size, labels, split, the reason when the row was rejected, baseline confusion counts, timings),

@@ -5,7 +5,7 @@
 bf16 autocast on GPU). Per image it runs `weakclip.inference.multiscale_probabilities`, keeps
 only the planes of the allowed classes (background + the image's labels when restricted; all K
 otherwise) and hands them on as float16 bytes: the CRF runs in a separate CPU stage
-(`pipelines.pseudo_rows.postprocess_rows`), so the model never waits for it.
+(`pipelines.pseudo_masks.rows.postprocess_rows`), so the model never waits for it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from pipelines.io.codecs import decode_rgb
-from pipelines.pseudo_rows import GT, IMAGE, META, PROBS
+from pipelines.pseudo_masks.rows import GT, IMAGE, META, PROBS
 from weakclip.config import InferenceConfig
 from weakclip.inference import multiscale_probabilities
 
@@ -108,7 +108,7 @@ class MaskPredictor:
             use_gpu: run on CUDA (the actor was given a GPU).
             threads: torch CPU threads (None keeps torch's default).
         """
-        from pipelines.pseudo_checkpoint import build_model
+        from pipelines.pseudo_masks.checkpoint import build_model
 
         if isinstance(checkpoint, list):
             import ray

@@ -18,8 +18,8 @@ from pipelines.io.codecs import decode_label_png, voc_palette
 from pipelines.io.rows import RowRejected
 from pipelines.io.storage import resolve
 from pipelines.metrics import confusion_matrix
-from pipelines.pseudo_infer import MaskPredictor, allowed_classes, predict_probabilities
-from pipelines.pseudo_rows import (
+from pipelines.pseudo_masks.infer import MaskPredictor, allowed_classes, predict_probabilities
+from pipelines.pseudo_masks.rows import (
     GT,
     IMAGE,
     META,
@@ -32,7 +32,7 @@ from pipelines.pseudo_rows import (
     prepare_row,
     sparse_confusion,
 )
-from tests.pipelines.pseudo_masks_inputs import (
+from tests.pipelines.pseudo_masks.inputs import (
     CLASS_NAMES,
     HEIGHT,
     WIDTH,

@@ -15,8 +15,8 @@ from pipelines.io import schema
 from pipelines.io.codecs import voc_palette
 from pipelines.io.storage import resolve
 from pipelines.pseudo_masks import PseudoMaskConfig, run_pseudo_masks
-from pipelines.pseudo_report import build_report_rows
-from tests.pipelines.pseudo_masks_inputs import (
+from pipelines.pseudo_masks.report import build_report_rows
+from tests.pipelines.pseudo_masks.inputs import (
     CLASS_NAMES,
     HEIGHT,
     WIDTH,

@@ -7,8 +7,8 @@ import hashlib
 import pytest
 import torch
 
-from pipelines.pseudo_checkpoint import CheckpointRefused, build_model, verify_checkpoint
-from tests.pipelines.pseudo_masks_inputs import (
+from pipelines.pseudo_masks.checkpoint import CheckpointRefused, build_model, verify_checkpoint
+from tests.pipelines.pseudo_masks.inputs import (
     CLASS_NAMES,
     make_checkpoint,
     make_malicious_checkpoint,
@@ -16,7 +16,7 @@ from tests.pipelines.pseudo_masks_inputs import (
 
 
 def test_export_format_matches_the_train_export() -> None:
-    from pipelines import pseudo_checkpoint
+    from pipelines.pseudo_masks import checkpoint as pseudo_checkpoint
     from pipelines.train import export
 
     assert pseudo_checkpoint.EXPORT_FORMAT == export.EXPORT_FORMAT

@@ -29,7 +29,14 @@ from pipelines.io import schema
 from pipelines.io.manifest import Manifest, Quarantine, StageOutput, write_parquet
 from pipelines.io.storage import Location, read_json_objects, safe_relpath, write_bytes_atomic
 from pipelines.metrics import ConfusionAccumulator, score_from_confusion
-from pipelines.pseudo_rows import PseudoUnit, RowSpec, add_sparse, in_splits, mask_rel, to_sparse
+from pipelines.pseudo_masks.rows import (
+    PseudoUnit,
+    RowSpec,
+    add_sparse,
+    in_splits,
+    mask_rel,
+    to_sparse,
+)
 
 UNIT_DIR = "_units"  # completion records (bookkeeping, not data files)
 SHARD_DIR = "shards"

@@ -23,7 +23,7 @@ from pipelines.io import schema
 from pipelines.io.codecs import decode_cam_column, decode_label_png, decode_rgb
 from pipelines.io.manifest import FileEntry, Manifest, read_manifest
 from pipelines.io.storage import Location, read_bytes, redact, resolve
-from pipelines.pseudo_rows import mask_rel
+from pipelines.pseudo_masks.rows import mask_rel
 from pipelines.seeds import cam_argmax
 
 log = logging.getLogger(__name__)
