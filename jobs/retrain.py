@@ -25,14 +25,9 @@ from pipelines.cli import (
     job_options,
     run_job,
 )
-from pipelines.retrain import (
-    RetrainConfig,
-    RetrainOptions,
-    micro_batching,
-    read_inputs,
-    run_retrain,
-)
-from pipelines.retrain_model import ARCHITECTURES
+from pipelines.retrain import RetrainConfig, RetrainOptions, run_retrain
+from pipelines.retrain.model import ARCHITECTURES
+from pipelines.retrain.stage import micro_batching, read_inputs
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,8 +12,8 @@ import torch
 from jobs.retrain import main
 from pipelines.io import manifest as mf
 from pipelines.io.storage import resolve
-from pipelines.retrain_model import build_model, load_retrained_model, logits
-from tests.pipelines.retrain_inputs import make_inputs
+from pipelines.retrain.model import build_model, load_retrained_model, logits
+from tests.pipelines.retrain.inputs import make_inputs
 
 
 def test_usage_errors_exit_2(tmp_path, capsys) -> None:

@@ -129,7 +129,7 @@ def test_retrain_loaders_refuse_every_bad_file(tmp_path: Path, reliability):
         "(`retrain_model.read_export`) and as backbone weights (`read_weights_file`)",
         checked="a ValueError naming the file every time; the sentinel never appears",
     )
-    retrain_model = pytest.importorskip("pipelines.retrain_model")
+    retrain_model = pytest.importorskip("pipelines.retrain.model")
     sentinel = tmp_path / "pickle-ran"
     for label, load in (
         ("model.pt", lambda p: retrain_model.read_export(str(p))),

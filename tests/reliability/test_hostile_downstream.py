@@ -114,13 +114,13 @@ def test_retrain_plan_quarantines_every_damaged_mask(tmp_path: Path, reliability
         name="retrain: pseudo-mask output with damaged masks",
         injected=(
             f"the same damaged pseudo_masks output ({', '.join(hostile.PSEUDO_MASK_DEFECTS)}) "
-            "through `pipelines.retrain.plan`, the join and mask check `run_retrain` does "
+            "through `pipelines.retrain.stage.plan`, the join and mask check `run_retrain` does "
             "before training"
         ),
         checked="every damaged row is quarantined with its reason (and written to the "
         "quarantine table); exactly the good images are planned for training, each once",
     )
-    retrain = pytest.importorskip("pipelines.retrain")
+    retrain = pytest.importorskip("pipelines.retrain.stage")
     source, masks, good = _inputs(tmp_path)
     out = resolve(str(tmp_path / "retrain"))
     lines: list[str] = []

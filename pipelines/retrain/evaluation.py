@@ -25,7 +25,7 @@ from pipelines.io import schema
 from pipelines.io.codecs import decode_image, decode_label_map
 from pipelines.io.storage import Location
 from pipelines.metrics import ConfusionAccumulator
-from pipelines.retrain_model import predict_labels
+from pipelines.retrain.model import predict_labels
 
 VAL_COLUMNS = [schema.IMAGE_ID, schema.IMAGE, schema.HEIGHT, schema.WIDTH, schema.GT]
 

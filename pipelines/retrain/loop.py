@@ -3,11 +3,11 @@
 Each step: per micro-batch (gradient accumulation when the worker's share of the global batch
 is larger), forward under autocast (bf16 on CUDA), pixel-wise cross-entropy against the pseudo
 masks (255 ignored; the mean over labelled pixels, 0 for a batch without any), backward; then
-AdamW and the warm-up + cosine schedule step (`train_worker.warmup_cosine_scheduler`). DDP
-averages the gradients over the workers. Checkpoints (`pipelines.training.checkpoint`: the
-whole state dict, optimizer, scheduler, iteration, logged rows, and the run signature a resume is
-checked against) are reported on every worker at the same iterations, the checkpoint from rank 0.
-After the last step the workers score the network on the val rows (`pipelines.retrain_eval`) and the
+AdamW and the warm-up + cosine schedule step (`pipelines.training.worker.warmup_cosine_scheduler`).
+DDP averages the gradients over the workers. Checkpoints (`pipelines.training.checkpoint`: the whole
+state dict, optimizer, scheduler, iteration, logged rows, and the run signature a resume is checked
+against) are reported on every worker at the same iterations, the checkpoint from rank 0. After the
+last step the workers score the network on the val rows (`pipelines.retrain.evaluation`) and the
 last checkpoint's `meta.json` carries the result under `evaluation`.
 """
 
@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.io.schema import IGNORE_INDEX
-from pipelines.retrain_eval import ids_of_rank, read_val_rows, score_worker
-from pipelines.retrain_model import build_model, load_backbone_weights, logits
+from pipelines.retrain.evaluation import ids_of_rank, read_val_rows, score_worker
+from pipelines.retrain.model import build_model, load_backbone_weights, logits
 from pipelines.training.worker import (
     LogWindow,
     autocast_for,
@@ -50,7 +50,7 @@ def masked_cross_entropy(scores: torch.Tensor, masks: torch.Tensor) -> torch.Ten
 
 
 def retrain_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train loop; `loop_config` is built by `pipelines.retrain.run_retrain`."""
+    """Ray Train loop; `loop_config` is built by `pipelines.retrain.stage.run_retrain`."""
     rank, world, device = worker_context(loop_config)
     config = loop_config["config"]
     class_names = list(loop_config["class_names"])

@@ -5,13 +5,13 @@ then reads only what manifests list: the pseudo-mask index and masks, and the im
 ground truth of the output the pseudo masks were made from (the pseudo-mask manifest's
 `inputs[0]`, whose manifest digest must still be the one recorded there).
 
-1. Join (`pipelines.retrain_data`): index rows with a usable mask are the training rows;
+1. Join (`pipelines.retrain.data`): index rows with a usable mask are the training rows;
    others are quarantined with their reason (`quarantine/masks.parquet`), counted, never
    fatal. Val rows: split `val` with ground truth, not in the index.
-2. Train (`pipelines.retrain_loop` on `pipelines.training.run.fit`): torchvision DeepLabV3
-   (`pipelines.retrain_model`), checkpoints under `<output>/checkpoints/`, resumable.
+2. Train (`pipelines.retrain.loop` on `pipelines.training.run.fit`): torchvision DeepLabV3
+   (`pipelines.retrain.model`), checkpoints under `<output>/checkpoints/`, resumable.
 3. Export `model.pt`, score it on the val rows at the original image size
-   (`pipelines.retrain_eval`), write `metrics.json`, the manifest (stage `retrain`, the same
+   (`pipelines.retrain.evaluation`), write `metrics.json`, the manifest (stage `retrain`, the same
    metrics without the loss history) and `_SUCCESS`.
 
 Re-running follows `pipelines.training.run.open_run`: the fingerprint is the config without
@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from pipelines import retrain_data as data
 from pipelines.io import manifest as mf
 from pipelines.io.storage import Location, StorageOptions, resolve, upload_file, write_bytes_atomic
-from pipelines.retrain_model import ARCHITECTURES, build_model, export_model
+from pipelines.retrain import data
+from pipelines.retrain.model import ARCHITECTURES, build_model, export_model
 from pipelines.training.augment import AugmentConfig
 from pipelines.training.run import (
     epochs_needed,
@@ -268,7 +268,7 @@ def run_retrain(
             what to do.
         manifest.StageConflictError: the output holds a different run (and not `overwrite`).
     """
-    from pipelines.retrain_loop import retrain_loop_per_worker
+    from pipelines.retrain.loop import retrain_loop_per_worker
 
     options = options or RetrainOptions()
     micro, accumulation = micro_batching(config, options)
@@ -379,7 +379,7 @@ def _finish(
 ) -> mf.Manifest:
     """Exports `model.pt` from the last checkpoint, writes `metrics.json` with the workers'
     val scores (in the checkpoint's meta), commits."""
-    from pipelines.retrain_eval import score_dict
+    from pipelines.retrain.evaluation import score_dict
     from pipelines.training import checkpoint as ckpt
 
     class_names = list(pseudo.class_names)

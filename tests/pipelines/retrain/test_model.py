@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipelines.retrain_model import (
+from pipelines.retrain.model import (
     build_model,
     export_model,
     load_backbone_weights,

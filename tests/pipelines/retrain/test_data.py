@@ -9,12 +9,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import retrain_data as data
 from pipelines.io import manifest as mf
 from pipelines.io.codecs import encode_label_png
 from pipelines.io.storage import resolve, write_bytes_atomic
-from pipelines.retrain import RetrainConfig, RetrainOptions, micro_batching, plan, read_inputs
-from tests.pipelines.retrain_inputs import make_inputs
+from pipelines.retrain import RetrainConfig, RetrainOptions, data
+from pipelines.retrain.stage import micro_batching, plan, read_inputs
+from tests.pipelines.retrain.inputs import make_inputs
 
 
 def _source(height: int = 4, width: int = 5, split: str | None = "train", gt: bool = True):
