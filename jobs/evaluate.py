@@ -42,8 +42,9 @@ from pipelines.cli import (
     run_job,
     storage_options,
 )
-from pipelines.evaluate import EvaluateConfig, requested_space, run_evaluate
-from pipelines.evaluate_scoring import format_table
+from pipelines.evaluate import EvaluateConfig, run_evaluate
+from pipelines.evaluate.scoring import format_table
+from pipelines.evaluate.stage import requested_space
 from pipelines.io.manifest import read_manifest
 from pipelines.io.storage import resolve
 

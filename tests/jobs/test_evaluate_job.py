@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 
 from jobs.evaluate import main
-from pipelines import evaluate
+from pipelines.evaluate import stage as evaluate
 from pipelines.io import schema
 from pipelines.io.codecs import decode_label_png
 from pipelines.io.manifest import read_manifest
 from pipelines.io.storage import exists, read_bytes, resolve
 from pipelines.metrics import confusion_matrix, score_from_confusion
+from tests.pipelines.evaluate.test_stage import refine_pairs, write_pseudo_masks
 from tests.pipelines.refine.test_stage import synthetic_row, write_ingest_output
-from tests.pipelines.test_evaluate import refine_pairs, write_pseudo_masks
 from tests.pipelines.train.inputs import make_refine_input
 
 

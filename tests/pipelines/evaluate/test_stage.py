@@ -15,9 +15,9 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from pipelines.evaluate import EvaluateConfig, resolve_class_space
-from pipelines.evaluate_plan import PredictionRef, make_plan, plan_units
-from pipelines.evaluate_scoring import (
+from pipelines.evaluate import EvaluateConfig
+from pipelines.evaluate.plan import PredictionRef, make_plan, plan_units
+from pipelines.evaluate.scoring import (
     EvaluationResult,
     RecordSum,
     convert_labels,
@@ -28,6 +28,7 @@ from pipelines.evaluate_scoring import (
     score_unit,
     select_classes,
 )
+from pipelines.evaluate.stage import resolve_class_space
 from pipelines.io import schema
 from pipelines.io.class_spaces import COCO81, COCO91, VOC, ClassSpace
 from pipelines.io.codecs import decode_label_png, decode_labels, encode_label_png

@@ -4,7 +4,7 @@ The driver reads the `image_id` column (and, for pseudo masks, `mask`) of every 
 manifest lists, never a label map or an image, and cuts the work into one unit per row group
 of the ground truth, each naming the predictions of its ids (`plan_units`). Duplicate ids,
 missing ids and mask paths the prediction manifest does not list are quarantined here; what
-a unit's task does is `pipelines.evaluate_scoring.score_unit`.
+a unit's task does is `pipelines.evaluate.scoring.score_unit`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipelines.evaluate_scoring import GT_STAGES, PRED_STAGES
+from pipelines.evaluate.scoring import GT_STAGES, PRED_STAGES
 from pipelines.io import schema
 from pipelines.io.manifest import Manifest
 from pipelines.io.storage import Location, safe_relpath

@@ -3,7 +3,7 @@
 Pure parts (class selection, label conversion, PNG checks, the table) take numpy arrays and
 strings; `score_unit` is what one Ray task runs (reads one ground-truth row group and the
 predictions of its ids, returns confusion matrices); `EvaluationResult` is what the driver sums.
-`pipelines.evaluate` plans the tasks and runs them.
+`pipelines.evaluate.stage` plans the tasks and runs them.
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ def score_unit(
     """Scores the predictions of one ground-truth row group (one Ray task).
 
     Args:
-        unit: from `pipelines.evaluate.plan_units`.
+        unit: from `pipelines.evaluate.plan.plan_units`.
 
     Returns:
         `scored`, `gt_null`, `gt_without_prediction` ({split: n}), `confusion` ({split:

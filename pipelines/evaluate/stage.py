@@ -8,8 +8,8 @@ files the manifests list are read, and an input without `_SUCCESS` is refused.
 The join, without images on the driver: the driver reads only the `image_id` column (and, for
 pseudo masks, the `mask` path) of every listed shard, a few MB of strings at COCO scale, and
 maps every row group of the ground truth to the predictions of its ids
-(`pipelines.evaluate_plan`). Ray Data runs one task per ground-truth row group (`score_units`
-via `map_batches`, calling `pipelines.evaluate_scoring.score_unit`): it reads that row group's
+(`pipelines.evaluate.plan`). Ray Data runs one task per ground-truth row group (`score_units`
+via `map_batches`, calling `pipelines.evaluate.scoring.score_unit`): it reads that row group's
 `image_id`, `gt` and `split` columns and exactly the predictions it needs (the `seed` column of
 the refine row groups holding them, or the listed mask PNGs), and returns one K x (K + 1)
 confusion matrix per split with counts and quarantine reasons; the driver sums them. A refine
@@ -40,8 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.evaluate_plan import make_plan
-from pipelines.evaluate_scoring import (
+from pipelines.evaluate.plan import make_plan
+from pipelines.evaluate.scoring import (
     EvaluationResult,
     RecordSum,
     label_conversion,
@@ -58,13 +58,7 @@ from pipelines.io.manifest import (
     StageState,
     read_manifest,
 )
-from pipelines.io.storage import (
-    Location,
-    StorageOptions,
-    read_bytes,
-    resolve,
-    write_bytes_atomic,
-)
+from pipelines.io.storage import Location, StorageOptions, read_bytes, resolve, write_bytes_atomic
 
 METRICS_FILE = "metrics.json"
 TARGET_TASKS = 512  # about this many tasks at most; bigger inputs give a task several units
