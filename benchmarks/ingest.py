@@ -98,7 +98,7 @@ def run_job(data_uri: str, cpus: int) -> dict:
 def run_one(num_images: int, height: int, width: int, cpus: int) -> dict:
     """One size, in this process: generate, plain loop, ingest job. Returns the figures."""
     from pipelines.io.storage import resolve
-    from pipelines.synthetic_io import write_dataset
+    from pipelines.synthetic.dataset import write_dataset
     from tests.s3server import S3Server
 
     os.environ.update(

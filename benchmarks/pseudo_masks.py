@@ -36,8 +36,8 @@ from pipelines.ingest.rows import SHARD_SCHEMA
 from pipelines.io.manifest import FileEntry, InputRef, StageOutput
 from pipelines.io.storage import Location, resolve, write_bytes_atomic
 from pipelines.pseudo_masks import PseudoMaskConfig, run_pseudo_masks
-from pipelines.synthetic import SYNTHETIC_CLASSES, generate_sample
-from pipelines.synthetic_io import ingest_row
+from pipelines.synthetic.dataset import ingest_row
+from pipelines.synthetic.shapes import SYNTHETIC_CLASSES, generate_sample
 
 
 def write_input(loc: Location, num_images: int, *, height: int, width: int) -> None:

@@ -50,8 +50,8 @@ from pipelines.io.manifest import FileEntry, InputRef, StageOutput, read_manifes
 from pipelines.io.storage import Location, resolve, write_bytes_atomic
 from pipelines.refine import RefineConfig, run_refine
 from pipelines.seeds import refine_seed
-from pipelines.synthetic import SYNTHETIC_CLASSES, generate_sample
-from pipelines.synthetic_io import ingest_row
+from pipelines.synthetic.dataset import ingest_row
+from pipelines.synthetic.shapes import SYNTHETIC_CLASSES, generate_sample
 
 VOC_NUM_CLASSES = 21
 

@@ -18,7 +18,7 @@ import sys
 
 from pipelines.cli import UsageError, run_job
 from pipelines.io.storage import StorageOptions, resolve
-from pipelines.synthetic_io import (
+from pipelines.synthetic.dataset import (
     BAD_INPUTS,
     CAMO_CLASS_SPACES,
     plant_bad_inputs,

@@ -26,7 +26,7 @@ from pipelines.io.storage import Location, StorageOptions, exists, resolve, writ
 from pipelines.pseudo_masks import PseudoMaskConfig, run_pseudo_masks
 from pipelines.refine import RefineConfig, run_refine
 from pipelines.retrain import RetrainConfig, RetrainOptions, run_retrain
-from pipelines.synthetic_io import write_dataset
+from pipelines.synthetic import write_dataset
 
 STAGES = ("ingest", "refine", "train", "pseudo_masks", "retrain", "evaluate")
 DEVICES = {"auto": None, "cpu": False, "gpu": True}

@@ -1,6 +1,6 @@
 """A deterministic corpus of hostile inputs for every stage (reliability tests, issue 8).
 
-`pipelines.synthetic_io.plant_bad_inputs` covers the raw dataset that ingest reads; this module
+`pipelines.synthetic.dataset.plant_bad_inputs` covers the raw dataset that ingest reads; this module
 covers what the later stages read and a few more raw-dataset defects:
 
 - raw dataset (ingest): `plant_more_bad_inputs` adds rows with a zero-sized image, ground
@@ -44,8 +44,7 @@ from pipelines.io.manifest import FileEntry, InputRef, StageOutput, write_parque
 from pipelines.io.manifest_format import MANIFEST
 from pipelines.io.safe_pickle import load_cls_labels
 from pipelines.io.storage import Location, write_bytes_atomic
-from pipelines.synthetic import SYNTHETIC_CLASSES, Sample, generate_sample
-from pipelines.synthetic_io import (
+from pipelines.synthetic.dataset import (
     CAM_DIR,
     CLS_LABELS,
     GT_DIR,
@@ -55,6 +54,7 @@ from pipelines.synthetic_io import (
     multihot,
     pixel_bomb_png,
 )
+from pipelines.synthetic.shapes import SYNTHETIC_CLASSES, Sample, generate_sample
 
 BOMB_SIDE = 16384  # 268M pixels, past every stage's pixel limit; ~35 kB as a 1-bit PNG
 

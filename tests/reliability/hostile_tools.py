@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 from pipelines.ingest.rows import SHARD_SCHEMA
 from pipelines.io.manifest import FileEntry, InputRef, StageOutput, read_manifest
 from pipelines.io.storage import Location, write_bytes_atomic
-from pipelines.synthetic import SYNTHETIC_CLASSES
+from pipelines.synthetic.shapes import SYNTHETIC_CLASSES
 
 
 def read_rows(loc: Location, prefix: str) -> list[dict]:

@@ -12,7 +12,7 @@ from pipelines.ingest import IngestConfig, run_ingest
 from pipelines.io import schema
 from pipelines.io.manifest import StageConflictError, read_manifest
 from pipelines.io.storage import resolve
-from pipelines.synthetic_io import write_dataset
+from pipelines.synthetic.dataset import write_dataset
 from tests.reliability import fault_tools as ft
 
 pytestmark = pytest.mark.slow

@@ -20,8 +20,8 @@ from pipelines.io.codecs import decode_label_png
 from pipelines.io.manifest import read_manifest
 from pipelines.io.storage import Location, resolve
 from pipelines.metrics import confusion_matrix, score_from_confusion
-from pipelines.synthetic import SYNTHETIC_CLASSES, generate_sample
-from pipelines.synthetic_io import ingest_row
+from pipelines.synthetic.dataset import ingest_row
+from pipelines.synthetic.shapes import SYNTHETIC_CLASSES, generate_sample
 from tests.reliability import hostile
 from tests.reliability.hostile_tools import read_parquet_file, read_rows, write_ingest_output
 

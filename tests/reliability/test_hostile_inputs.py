@@ -1,8 +1,8 @@
 """Hostile inputs to ingest and refine: every defect is quarantined with its reason or fails the
 job with a one-line error naming the problem; good rows come through exactly once, unchanged.
 
-The corpus is `tests.reliability.hostile` plus `pipelines.synthetic_io.plant_bad_inputs`; jobs run
-through their `main([...])` on the shared Ray session, as a user would run them.
+The corpus is `tests.reliability.hostile` plus `pipelines.synthetic.dataset.plant_bad_inputs`; jobs
+run through their `main([...])` on the shared Ray session, as a user would run them.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pipelines.io.manifest import read_manifest
 from pipelines.io.storage import resolve
 from pipelines.refine import RefineConfig
 from pipelines.refine.rows import refine_row
-from pipelines.synthetic import SYNTHETIC_CLASSES
-from pipelines.synthetic_io import BAD_INPUTS, plant_bad_inputs, write_dataset
+from pipelines.synthetic.dataset import BAD_INPUTS, plant_bad_inputs, write_dataset
+from pipelines.synthetic.shapes import SYNTHETIC_CLASSES
 from tests.reliability import hostile
 from tests.reliability.hostile_tools import one_error_line, read_rows, write_ingest_output
 

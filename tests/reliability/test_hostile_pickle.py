@@ -26,7 +26,7 @@ from hypothesis.extra import numpy as hnp
 from pipelines.ingest.rows import decode_cam
 from pipelines.io.class_spaces import ClassSpace
 from pipelines.io.rows import RowRejected
-from pipelines.synthetic import SYNTHETIC_CLASSES
+from pipelines.synthetic.shapes import SYNTHETIC_CLASSES
 from tests.pipelines.io.test_safe_pickle import attacks, npy_object_file, safe_values
 
 SPACE = ClassSpace("custom", tuple(SYNTHETIC_CLASSES.class_names))

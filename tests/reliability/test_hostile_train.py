@@ -15,7 +15,7 @@ from pipelines.io import manifest as mf
 from pipelines.io import schema
 from pipelines.io.storage import resolve
 from pipelines.refine.rows import REFINE_SCHEMA
-from pipelines.synthetic import SYNTHETIC_CLASSES
+from pipelines.synthetic.shapes import SYNTHETIC_CLASSES
 from tests.pipelines.train.inputs import refine_rows
 from tests.reliability.hostile_tools import one_error_line
 

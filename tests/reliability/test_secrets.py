@@ -15,7 +15,7 @@ import pytest
 
 from jobs.refine import main as refine_main
 from pipelines.io.storage import Location, resolve
-from pipelines.synthetic import SYNTHETIC_CLASSES
+from pipelines.synthetic.shapes import SYNTHETIC_CLASSES
 from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
 from tests.reliability import hostile
 from tests.reliability.hostile_tools import one_error_line, write_ingest_output

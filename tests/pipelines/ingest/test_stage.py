@@ -16,7 +16,7 @@ from pipelines.io.manifest import StageConflictError, read_manifest
 from pipelines.io.storage import resolve
 from pipelines.metrics import ConfusionAccumulator
 from pipelines.seeds import cam_argmax
-from pipelines.synthetic_io import plant_bad_inputs, write_dataset
+from pipelines.synthetic.dataset import plant_bad_inputs, write_dataset
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

@@ -19,8 +19,8 @@ from pipelines.io.codecs import encode_label_png
 from pipelines.io.storage import resolve, write_bytes_atomic
 from pipelines.refine.rows import REFINE_SCHEMA
 from pipelines.seeds import SeedConfig, refine_seed
-from pipelines.synthetic import SYNTHETIC_CLASSES, generate_sample
-from pipelines.synthetic_io import ingest_row
+from pipelines.synthetic.dataset import ingest_row
+from pipelines.synthetic.shapes import SYNTHETIC_CLASSES, generate_sample
 from pipelines.train.export import EXPORT_FORMAT, export_model
 from weakclip.build import build_weakclip
 from weakclip.config import InferenceConfig, WeakCLIPConfig, preset

@@ -1,7 +1,7 @@
 """Refine stage: pure row/unit functions without Ray, then the Ray Data stage on synthetic data.
 
-The input is a fixed synthetic set (`pipelines.synthetic`, seed 0) written as an ingest output
-(ingest columns, row groups of 4 rows, a committed `ingest` manifest), so these tests do not
+The input is a fixed synthetic set (`pipelines.synthetic.shapes`, seed 0) written as an ingest
+output (ingest columns, row groups of 4 rows, a committed `ingest` manifest), so these tests do not
 depend on the ingest stage's own code path.
 """
 
@@ -36,8 +36,8 @@ from pipelines.refine.rows import REFINE_SCHEMA, refine_row
 from pipelines.refine.stage import stage_config
 from pipelines.refine.units import WorkUnit, enumerate_units, process_unit, record_rel, shard_rel
 from pipelines.seeds import SeedConfig, cam_argmax, refine_seed
-from pipelines.synthetic import SYNTHETIC_CLASSES, generate_sample
-from pipelines.synthetic_io import ingest_row
+from pipelines.synthetic.dataset import ingest_row
+from pipelines.synthetic.shapes import SYNTHETIC_CLASSES, generate_sample
 
 NUM_IMAGES = 16
 HEIGHT, WIDTH = 128, 160

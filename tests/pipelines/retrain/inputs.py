@@ -19,8 +19,8 @@ from pipelines.io import schema
 from pipelines.io.codecs import encode_label_png
 from pipelines.io.storage import resolve, write_bytes_atomic
 from pipelines.seeds import cam_argmax
-from pipelines.synthetic import SYNTHETIC_CLASSES, generate_sample
-from pipelines.synthetic_io import ingest_row
+from pipelines.synthetic.dataset import ingest_row
+from pipelines.synthetic.shapes import SYNTHETIC_CLASSES, generate_sample
 
 CLASS_NAMES = SYNTHETIC_CLASSES.class_names
 INDEX_SCHEMA = pa.schema(

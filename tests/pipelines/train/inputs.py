@@ -13,7 +13,7 @@ from pipelines.io import schema
 from pipelines.io.storage import resolve
 from pipelines.refine.rows import REFINE_SCHEMA
 from pipelines.seeds import SeedConfig, refine_seed
-from pipelines.synthetic import SYNTHETIC_CLASSES, generate_sample
+from pipelines.synthetic.shapes import SYNTHETIC_CLASSES, generate_sample
 
 
 def _png(array: np.ndarray) -> bytes:

@@ -19,8 +19,8 @@ from pipelines.io.safe_pickle import (
     load_cls_labels,
     load_npy_pickle,
 )
-from pipelines.synthetic import SYNTHETIC_CLASSES, generate_sample
-from pipelines.synthetic_io import BAD_INPUTS, pixel_bomb_png, plant_bad_inputs, write_dataset
+from pipelines.synthetic.dataset import BAD_INPUTS, pixel_bomb_png, plant_bad_inputs, write_dataset
+from pipelines.synthetic.shapes import SYNTHETIC_CLASSES, generate_sample
 
 SIZE = {"height": 64, "width": 96}
 

@@ -13,8 +13,8 @@ train.txt, val.txt              one image id per line
 ```
 Split lists are written last: a directory without them is an interrupted write.
 
-Two families (`pipelines.synthetic` "shapes": six custom classes told apart by colour, at one
-fixed size; `pipelines.synthetic_camo` "camouflage": VOC or COCO-91 ids, shared colours, sizes
+Two families (`pipelines.synthetic.shapes` "shapes": six custom classes told apart by colour, at one
+fixed size; `pipelines.synthetic.camouflage` "camouflage": VOC or COCO-91 ids, shared colours, sizes
 drawn per image). In the camouflage family classes.txt lists the whole class space and the
 label vectors have its conventional length (VOC 20, COCO 90: entry class id - 1).
 """
@@ -41,8 +41,8 @@ from pipelines.io import schema
 from pipelines.io.class_spaces import COCO91, VOC, ClassSpace
 from pipelines.io.codecs import encode_label_png
 from pipelines.io.safe_pickle import load_cls_labels
-from pipelines.synthetic import SYNTHETIC_CLASSES, Sample, generate_sample
-from pipelines.synthetic_camo import generate_camo_sample
+from pipelines.synthetic.camouflage import generate_camo_sample
+from pipelines.synthetic.shapes import SYNTHETIC_CLASSES, Sample, generate_sample
 
 Layout = Literal["mctformer", "clip-es"]
 Family = Literal["shapes", "camouflage"]

@@ -14,7 +14,7 @@ context, blurred, upsampled bilinearly and min-max normalised, so that argmax at
 background threshold lands near 50% mIoU and CRF refinement has room to help.
 
 Everything is a pure function of (seed, index): generation order and worker count do not
-change a byte. Writing and planting of bad inputs: `pipelines.synthetic_io`.
+change a byte. Writing and planting of bad inputs: `pipelines.synthetic.dataset`.
 """
 
 from __future__ import annotations

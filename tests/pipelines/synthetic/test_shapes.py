@@ -7,7 +7,13 @@ import pytest
 
 from pipelines.io.class_spaces import ClassSpace
 from pipelines.metrics import ConfusionAccumulator
-from pipelines.synthetic import SYNTHETIC_CLASSES, Sample, _ignore_band, generate_sample, sample_id
+from pipelines.synthetic.shapes import (
+    SYNTHETIC_CLASSES,
+    Sample,
+    _ignore_band,
+    generate_sample,
+    sample_id,
+)
 
 BG_THRESHOLD = 0.4
 

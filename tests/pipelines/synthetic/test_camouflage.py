@@ -17,15 +17,15 @@ from pipelines.io.class_spaces import (
 from pipelines.io.safe_pickle import load_cls_labels, load_npy_pickle
 from pipelines.metrics import ConfusionAccumulator
 from pipelines.seeds import cam_argmax
-from pipelines.synthetic import Sample, generate_sample
-from pipelines.synthetic_camo import (
+from pipelines.synthetic.camouflage import (
     ANCHOR_CLASSES,
     SUBSET_SIZES,
     camo_classes,
     camo_sample_id,
     generate_camo_sample,
 )
-from pipelines.synthetic_io import write_dataset
+from pipelines.synthetic.dataset import write_dataset
+from pipelines.synthetic.shapes import Sample, generate_sample
 
 BG_THRESHOLD = 0.43  # the refine stage's default
 

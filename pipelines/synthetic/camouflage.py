@@ -1,7 +1,7 @@
 """A second synthetic WSSS family ("camouflage"): objects that only shape and texture give away.
 
-Written apart from `pipelines.synthetic` ("shapes": each class its own saturated colour) so that
-quality claims are also checked on data the recipe was not tuned on.
+Written apart from `pipelines.synthetic.shapes` ("shapes": each class its own saturated colour) so
+that quality claims are also checked on data the recipe was not tuned on.
 
 - Classes: VOC (21 ids) or COCO's 91-id space; a fixed subset per dataset, chosen by the seed
   (VOC 6, COCO 8, person, dog and bird always among them); unused COCO ids never occur.
@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines.io.class_spaces import VOC, ClassSpace
-from pipelines.synthetic import Sample
+from pipelines.synthetic.shapes import Sample
 
 CAM_STRIDE = 16  # CAM grid cell in pixels (ViT patch 16)
 IGNORE = 255
