@@ -1,4 +1,4 @@
-"""How much restricting the dense CRF to the present classes saves (SPEC.md §3, §5).
+"""How much restricting the dense CRF to the present classes saves (docs/METHOD.md).
 
 Seed refinement: `refine_seed` on VOC-size (375 x 500) synthetic images with 1-3 foreground
 classes (K = 2-4 CRF labels with background), restricted vs the whole 21-class VOC space, for

@@ -1,7 +1,7 @@
 """Segmentation quality: confusion matrix over valid ground-truth pixels, per-class IoU, mIoU.
 
 IoU_c = TP / (TP + FP + FN) over pixels whose ground truth is not 255; mIoU is the nan-mean over
-classes that occur in the ground truth or the prediction (SPEC.md §8). Pure numpy.
+classes that occur in the ground truth or the prediction (docs/METHOD.md). Pure numpy.
 """
 
 from __future__ import annotations

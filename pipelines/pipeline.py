@@ -6,8 +6,8 @@ already complete for the same config and inputs is skipped (the stage itself say
 whose config or inputs changed is re-run with `overwrite`, which changes its manifest digest,
 so every later stage sees new inputs and re-runs too. Training and retraining resume from their
 last checkpoint after an interruption. `<output>/summary.json` holds the mIoU rows of
-CONTRACTS.md: CAM argmax and CRF seeds (refine), pseudo masks (evaluate, on the images the masks
-were made for) and the retrained model (retrain, on the val split's ground truth).
+docs/CONTRACTS.md: CAM argmax and CRF seeds (refine), pseudo masks (evaluate, on the images the
+masks were made for) and the retrained model (retrain, on the val split's ground truth).
 """
 
 from __future__ import annotations
@@ -341,7 +341,7 @@ def _miou(block: Any) -> float | None:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    """The CONTRACTS.md table: one row per summary entry, mIoU in percent."""
+    """The docs/CONTRACTS.md table: one row per summary entry, mIoU in percent."""
     rows = [
         ("CAM argmax", "cam_argmax"),
         ("CRF seeds", "crf_seeds"),

@@ -1,4 +1,4 @@
-"""CAM -> seed labels: a background plane, argmax, then a dense CRF (SPEC.md §3). Pure numpy.
+"""CAM -> seed labels: a background plane, argmax, then a dense CRF (docs/METHOD.md). Pure numpy.
 
 Two recipes:
 - `weaktr` (WeakTr / MCTformer): a constant background plane at `bg_threshold`, argmax, then
@@ -12,7 +12,7 @@ Two recipes:
 Only background and the image's classes enter the CRF (K = 1 + number of CAM planes), which is
 several times cheaper than the whole class space; `restrict_to_present=False` runs it over the
 whole class space instead, for the benchmark. Labels come out in the dataset's full class space
-as uint8, 255 = ignore (CONTRACTS.md, "Label maps").
+as uint8, 255 = ignore (docs/CONTRACTS.md, "Label maps").
 """
 
 from __future__ import annotations

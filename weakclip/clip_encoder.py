@@ -1,4 +1,7 @@
-"""Frozen CLIP image encoder: multi-level ViT taps plus global and dense embeddings (SPEC §4)."""
+"""Frozen CLIP image encoder: multi-level ViT taps plus global and dense embeddings.
+
+The encoder of the method (docs/METHOD.md).
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Fully connected CRF (Krähenbühl & Koltun) through pydensecrf: pure numpy in, numpy out.
 
-Three CRFs in WeakCLIP share this code (SPEC.md §3, §5, §7): the offline seed refinement, the
+Three CRFs in WeakCLIP share this code (docs/METHOD.md): the offline seed refinement, the
 online CRF of the boundary loss (64 x 64 images, every training step) and the post-processing of
 pseudo masks. They differ only in the unary and the pairwise parameters.
 
@@ -169,7 +169,7 @@ def boundary_crf_target(
     prob_floor: float = 1e-4,
     absent_tolerance: float | None = None,
 ) -> np.ndarray:
-    """The boundary-loss CRF target Q for one image (SPEC.md §5 defaults).
+    """The boundary-loss CRF target Q for one image (docs/METHOD.md defaults).
 
     Args:
         image: h x w x 3 uint8 RGB, the training image resized to the loss resolution.

@@ -1,4 +1,4 @@
-"""Sliding-window and multi-scale + flip inference for pseudo masks (SPEC §7).
+"""Sliding-window and multi-scale + flip inference for pseudo masks (docs/METHOD.md).
 
 The model is any callable from a batch of normalised images to class logits at any resolution,
 so these functions serve the WeakCLIP segmentor and the retrained network alike. They build no
@@ -113,7 +113,7 @@ def multiscale_probabilities(
 
     With `class_mask`, logits of classes outside the mask are set to -inf before the softmax,
     so their probability is exactly 0 at every pixel and the allowed classes share all the
-    mass — the restriction to background + image-level classes of SPEC §7.
+    mass — the restriction to background + image-level classes (docs/METHOD.md).
 
     Args:
         model_fn: B x 3 x h x w -> B x K x h' x w' logits.

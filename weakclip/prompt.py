@@ -1,4 +1,4 @@
-"""Learnable prompt over CLIP's frozen text encoder: one text feature per class (SPEC §4)."""
+"""Learnable prompt over CLIP's frozen text encoder: one text feature per class (docs/METHOD.md)."""
 
 from __future__ import annotations
 

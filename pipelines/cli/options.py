@@ -27,7 +27,8 @@ class Resources:
 
     Attributes:
         num_cpus_per_task: CPUs reserved per Ray task/actor; fractional so that every stage of
-            a streaming pipeline can hold a slot at once on 2 cores (ENVIRONMENT.md).
+            a streaming pipeline can hold a slot at once on 2 cores (docs/ARCHITECTURE.md,
+            "Resources").
         actor_pool_size: actors in each model-holding actor pool.
         batch_size: global batch size across all workers; None means the stage's default.
         object_store_memory: bytes for the object store of a new local Ray instance.

@@ -1,4 +1,4 @@
-"""Scoring for the evaluate stage: class spaces, one task's work, and the result (SPEC §8).
+"""Scoring for the evaluate stage: class spaces, one task's work, and the result (docs/METHOD.md).
 
 Pure parts (class selection, label conversion, PNG checks, the table) take numpy arrays and
 strings; `score_unit` is what one Ray task runs (reads one ground-truth row group and the

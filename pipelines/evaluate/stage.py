@@ -1,4 +1,6 @@
-"""Evaluate stage: per-class IoU and mIoU of a stage's label maps against ground truth (SPEC §8).
+"""Evaluate stage: per-class IoU and mIoU of a stage's label maps against ground truth.
+
+The metric follows docs/METHOD.md; the output layout, docs/CONTRACTS.md.
 
 Predictions: a refine output (the `seed` PNG column of its shards) or a pseudo_masks output
 (index shards with `image_id` and `mask`, the relative path of `masks/<image_id>.png`). Ground

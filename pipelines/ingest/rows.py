@@ -159,7 +159,7 @@ def build_row(
     space: ClassSpace,
     limits: RowLimits,
 ) -> dict[str, Any]:
-    """Validates one raw row and returns the ingest shard row (CONTRACTS.md, ingest columns).
+    """Validates one raw row and returns the ingest shard row (docs/CONTRACTS.md, ingest columns).
 
     Raises:
         RowRejected: with the reason to quarantine the row.

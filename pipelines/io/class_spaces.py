@@ -1,8 +1,8 @@
 """Class spaces: VOC (21), COCO-2014 in category-id space (91) or contiguous (81), or custom.
 
 Every label map, seed and pseudo mask holds class ids of one space (index = class id,
-0 = background, 255 = ignore; CONTRACTS.md "Label maps"). COCO WSSS work uses two conventions
-(SPEC.md §2): the 91-id space keeps the original COCO category ids 1..90, ten of which never
+0 = background, 255 = ignore; docs/CONTRACTS.md "Label maps"). COCO WSSS work uses two conventions
+(docs/CONTRACTS.md): the 91-id space keeps the original COCO category ids 1..90, ten of which never
 occur; the 81-id space renumbers the 80 used categories contiguously. Converting between them
 goes through the explicit tables below and fails loudly on ids that have no counterpart.
 """

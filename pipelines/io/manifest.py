@@ -1,6 +1,6 @@
 """A stage's output directory: run record, resumable data files, manifest, `_SUCCESS` last.
 
-The layout and rules are CONTRACTS.md "A stage's output directory" and "Re-running". A stage:
+The layout and rules are docs/CONTRACTS.md "A stage's output directory" and "Re-running". A stage:
 
     out = StageOutput.open(loc, stage="refine", config=cfg, inputs=[input_ref(in_loc)],
                            overwrite=args.overwrite)

@@ -1,4 +1,4 @@
-"""What `manifest.json` holds, and how readers trust a stage output (CONTRACTS.md).
+"""What `manifest.json` holds, and how readers trust a stage output (docs/CONTRACTS.md).
 
 A directory is a result only once `_SUCCESS` exists; `read_manifest` then validates the JSON
 (types, known stage and class space, required counts) and refuses listed paths that could

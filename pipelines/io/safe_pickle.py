@@ -1,7 +1,7 @@
 """Safe decoding of `.npy` files that hold pickles (MCTformer/WeakTr/CLIP-ES CAMs, cls_labels).
 
 `np.save(path, some_dict)` writes a 0-d object array whose payload is a pickle, and loading an
-untrusted pickle runs arbitrary code (SPEC.md §2). This module never calls `np.load(...,
+untrusted pickle runs arbitrary code (docs/CONTRACTS.md). This module never calls `np.load(...,
 allow_pickle=True)`: it reads the npy header with numpy's non-pickling helpers and runs a
 restricted unpickler on the payload.
 

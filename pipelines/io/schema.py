@@ -1,4 +1,5 @@
-"""Column names of every Parquet shard the stages write (CONTRACTS.md, "What each stage writes").
+"""Column names of every Parquet shard the stages write (docs/CONTRACTS.md, "What each stage
+writes").
 
 One place for the names, so a stage's docstring can say which columns it reads and writes and a
 typo is an ImportError rather than a silently empty column. The format tag of train's

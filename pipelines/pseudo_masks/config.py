@@ -22,8 +22,8 @@ class PseudoMaskConfig:
     """Options of the pseudo-mask stage (CLI flags and `--config` fields).
 
     Inference fields left None take the checkpoint's own `inference` settings (its model
-    preset's); CRF fields left None take SPEC §7's values for the input's class space (COCO's
-    for coco91/coco81, VOC's otherwise).
+    preset's); CRF fields left None take the paper's values (docs/METHOD.md) for the input's class
+    space (COCO's for coco91/coco81, VOC's otherwise).
     """
 
     scales: tuple[float, ...] | None = None  # fractions of short_side, one pass (two with flip)

@@ -51,7 +51,7 @@ def predict_probabilities(
         model_fn: B x 3 x h x w normalised images -> B x K x h' x w' logits.
         image: H x W x 3 uint8 RGB.
         classes: C ascending class ids to keep; with C < K the other classes get -inf logits
-            before every softmax (SPEC §7 restriction), so the kept planes sum to 1.
+            before every softmax (the restriction of docs/METHOD.md), so the kept planes sum to 1.
         num_classes: K.
         inference: scales, short side, flip, window, stride.
         pixel_mean, pixel_std: RGB normalisation on the 0-255 scale.

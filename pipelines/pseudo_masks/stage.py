@@ -1,4 +1,4 @@
-"""Pseudo-mask stage: a trained WeakCLIP → one pseudo-mask PNG per training image (SPEC.md §7).
+"""Pseudo-mask stage: a trained WeakCLIP → one pseudo-mask PNG per training image (docs/METHOD.md).
 
 Reads an ingest or refine output (the columns of `pipelines.pseudo_masks.rows.read_columns`) through
 its manifest and train's `model.pt`; writes `masks/<image_id>.png` (VOC-palette PNG of class
@@ -19,7 +19,7 @@ pipeline streams three stages:
 Only small JSON rows come back to the driver, which assembles each unit once all of its rows are
 back: its index shard, quarantine file and last its completion record `_units/<unit>.json`.
 
-Re-running (CONTRACTS.md): the fingerprint holds the resolved inference/CRF settings, the
+Re-running (docs/CONTRACTS.md): the fingerprint holds the resolved inference/CRF settings, the
 splits, the class names and the checkpoint's SHA-256, so another checkpoint into the same
 output is refused unless `overwrite`. An interrupted run redoes exactly the units whose record
 is missing or whose listed files (masks included) are missing or changed; mask names depend only

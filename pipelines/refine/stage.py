@@ -1,4 +1,4 @@
-"""Refine stage: ingested CAMs → dense-CRF seed labels on Ray Data CPU workers (SPEC.md §3).
+"""Refine stage: ingested CAMs → dense-CRF seed labels on Ray Data CPU workers (docs/METHOD.md).
 
 Reads the ingest columns (`pipelines.io.schema.INGEST_COLUMNS`) of the shards the input manifest
 lists, and only those; writes the refine columns (`schema.REFINE_COLUMNS`: `image_id`, `image`,

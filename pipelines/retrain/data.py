@@ -1,6 +1,6 @@
 """Retraining data: pseudo-mask index ⋈ source images, mask checks, and the training stream.
 
-Inputs (CONTRACTS.md): a `pseudo_masks` output, whose index shards (`shards/`, columns
+Inputs (docs/CONTRACTS.md): a `pseudo_masks` output, whose index shards (`shards/`, columns
 `image_id`, `mask`, `height`, `width`, `split`) list one palette PNG per image, and its
 `inputs[0]`, the ingest or refine output the images came from (columns `image_id`, `image`,
 `height`, `width`, `gt`, `split` of the shards its manifest lists). Only listed files are read.

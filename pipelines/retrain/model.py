@@ -1,4 +1,4 @@
-"""The downstream segmentation network (SPEC §9): torchvision DeepLabV3, and its `model.pt`.
+"""The downstream segmentation network (docs/METHOD.md): torchvision DeepLabV3, and its `model.pt`.
 
 Architectures (`ARCHITECTURES`):
 - `resnet50`, `resnet101`, `mobilenet_v3_large`: torchvision's `deeplabv3_*` builders with

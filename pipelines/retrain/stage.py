@@ -1,9 +1,10 @@
-"""The retrain stage driver: pseudo masks → a fully supervised DeepLabV3 on Ray Train (SPEC §9).
+"""The retrain stage driver: pseudo masks → a fully supervised DeepLabV3 on Ray Train.
 
-A downstream job: it waits (up to `wait_timeout_s`) for the pseudo-mask output's `_SUCCESS`,
-then reads only what manifests list: the pseudo-mask index and masks, and the images and val
-ground truth of the output the pseudo masks were made from (the pseudo-mask manifest's
-`inputs[0]`, whose manifest digest must still be the one recorded there).
+The method's retraining step (docs/METHOD.md), as a downstream job: it waits (up to
+`wait_timeout_s`) for the pseudo-mask output's `_SUCCESS`, then reads only what manifests list: the
+pseudo-mask index and masks, and the images and val ground truth of the output the pseudo masks were
+made from (the pseudo-mask manifest's `inputs[0]`, whose manifest digest must still be the one
+recorded there).
 
 1. Join (`pipelines.retrain.data`): index rows with a usable mask are the training rows;
    others are quarantined with their reason (`quarantine/masks.parquet`), counted, never
@@ -264,7 +265,7 @@ def run_retrain(
     Raises:
         TimeoutError: the input did not complete in time.
         ValueError: bad input or settings (no usable pseudo masks, batch not splittable).
-        train_run.TrainRefused: an interrupted or finished run and options that do not say
+        TrainRefused: an interrupted or finished run and options that do not say
             what to do.
         manifest.StageConflictError: the output holds a different run (and not `overwrite`).
     """

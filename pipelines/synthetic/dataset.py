@@ -1,6 +1,6 @@
 """Writes the synthetic dataset in a real layout, and plants bad inputs for ingest tests.
 
-Layout (MCTformer/WeakTr, SPEC.md §2), under `root` of an fsspec filesystem (local or s3):
+Layout (MCTformer/WeakTr, docs/CONTRACTS.md), under `root` of an fsspec filesystem (local or s3):
 ```
 JPEGImages/<id>.jpg             RGB, JPEG quality 90
 cams/<id>.npy                   np.save of {fg index: H x W float32}  (layout "mctformer")

@@ -1,6 +1,6 @@
 """A process pool per training worker that computes the boundary-loss CRF targets Q.
 
-The boundary loss needs Q = CRF(P) of the *current* step's predictions P (SPEC.md §5), so the
+The boundary loss needs Q = CRF(P) of the *current* step's predictions P (docs/METHOD.md), so the
 CRF of step t cannot start before step t's forward pass, and step t's backward pass cannot
 finish before Q arrives. What can overlap with it, and does in `pipelines.train.loop`:
 - the CRF itself runs in parallel: the batch is cut into chunks, one per pool process

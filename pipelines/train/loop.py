@@ -55,7 +55,7 @@ from weakclip.losses import auxiliary_loss, boundary_loss, loss_probabilities, s
 def make_scheduler(
     optimizer: torch.optim.Optimizer, config: WeakCLIPConfig
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """The SPEC §6 schedule (warm-up capped at `max_warmup_fraction` of the run)."""
+    """The paper's schedule, warm-up capped at `max_warmup_fraction` of the run (docs/METHOD.md)."""
     train = config.train
     return warmup_cosine_scheduler(
         optimizer,

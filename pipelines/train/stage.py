@@ -7,7 +7,7 @@ location's pyarrow filesystem is Ray Train's storage filesystem), and at the end
 `<output>/model.pt` (`pipelines.train.export.export_model`), `<output>/metrics.jsonl`, the
 manifest and `_SUCCESS` (`pipelines.io.manifest`).
 
-Re-running (CONTRACTS.md; the rules live in `pipelines.training.run`, shared with retrain): the
+Re-running (docs/CONTRACTS.md; the rules live in `pipelines.training.run`, shared with retrain): the
 run's fingerprint is the model config without `train.iterations`, the class names, the CLIP
 weights (source and SHA-256) and the input manifest digest. Same fingerprint and finished with
 the same iterations: nothing to do. A different fingerprint: refused unless `overwrite`. An
@@ -18,8 +18,8 @@ over.
 
 Resources: one GPU per worker when the cluster has GPUs (NCCL), else gloo on fractional CPUs
 (`cpus_per_worker`, 0.5 by default) so that Ray Data keeps CPUs for decoding and augmentation
-(ENVIRONMENT.md). The global batch is split evenly over the workers; a worker whose share is
-larger than `micro_batch_size` accumulates gradients.
+(docs/ARCHITECTURE.md, "Resources"). The global batch is split evenly over the workers; a worker
+whose share is larger than `micro_batch_size` accumulates gradients.
 """
 
 from __future__ import annotations

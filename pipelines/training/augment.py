@@ -1,4 +1,4 @@
-"""Training augmentation and evaluation preprocessing on numpy arrays (SPEC §6).
+"""Training augmentation and evaluation preprocessing on numpy arrays (docs/METHOD.md).
 
 The training chain reproduces the one the released WeakCLIP config ran through mmseg 0.x, in
 the same order: random rescale → random crop with the category-ratio rule → horizontal flip →

@@ -1,6 +1,6 @@
 """Driver-side pieces every Ray Train stage of this project shares (train and retrain).
 
-- `open_run`: the re-running rules of CONTRACTS.md for a training output. The run's
+- `open_run`: the re-running rules of docs/CONTRACTS.md for a training output. The run's
   fingerprint (`signature`) leaves out the iteration count. Same fingerprint and finished
   with the same iterations: nothing to do. A different fingerprint: refused unless
   `overwrite` (`manifest.StageConflictError`). An interrupted run, or a finished one asked for
@@ -9,8 +9,8 @@
   refuses (`TrainRefused`) rather than silently continuing or starting over.
 - `fit`: a `TorchTrainer` with one GPU per worker when the cluster has GPUs (NCCL), else gloo
   on fractional CPUs so that Ray Data keeps CPUs for decoding and augmentation
-  (ENVIRONMENT.md); checkpoints under `<output>/checkpoints/run/` through the output
-  location's pyarrow filesystem (s3:// included); `FailureConfig` restarts from the last
+  (docs/ARCHITECTURE.md, "Resources"); checkpoints under `<output>/checkpoints/run/` through the
+  output location's pyarrow filesystem (s3:// included); `FailureConfig` restarts from the last
   checkpoint.
 """
 
@@ -149,7 +149,7 @@ def open_run(
 
 
 def failure_injection(output: Location) -> dict[str, Any]:
-    """The test-only failure switch's loop-config entries (`train_worker.maybe_fail`)."""
+    """The test-only failure switch's loop-config entries (`worker.maybe_fail`)."""
     fail_at = os.environ.get(FAIL_ENV)
     return {
         "fail_at_iteration": int(fail_at) if fail_at else None,

@@ -1,7 +1,7 @@
 """Worker-side pieces every Ray Train loop of this project shares (train and retrain).
 
 - `worker_context`: rank, world size and device (CPU threads set for CPU workers);
-- the learning-rate schedule (linear warm-up, then cosine to a floor; SPEC §6);
+- the learning-rate schedule (linear warm-up, then cosine to a floor; docs/METHOD.md);
 - `fetch_weights`: a local, digest-checked copy of a weights file named by a `Location`;
 - `restore_checkpoint`: what Ray Train hands a restarted or resumed worker, signature-checked;
 - `train_batches`: the worker's micro-batch stream (`Batches`, with the time spent waiting);

@@ -1,4 +1,4 @@
-"""Confusion matrix and mIoU against hand-counted examples (SPEC.md §8)."""
+"""Confusion matrix and mIoU against hand-counted examples (docs/METHOD.md)."""
 
 from __future__ import annotations
 

@@ -123,7 +123,7 @@ def malicious_npy(sentinel: str) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------
-# Raw dataset (ingest input): defects beyond synthetic_io.BAD_INPUTS
+# Raw dataset (ingest input): defects beyond synthetic.dataset.BAD_INPUTS
 
 # kind -> (image id, keyword its quarantine reason contains, case-insensitively)
 MORE_BAD_INPUTS: dict[str, tuple[str, str]] = {

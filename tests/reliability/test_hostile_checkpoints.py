@@ -82,7 +82,7 @@ def test_checkpoint_loaders_refuse_every_bad_file(tmp_path: Path, reliability):
         kind="input",
         name="train checkpoints and model.pt export: malicious or foreign files",
         injected=(
-            f"each of {', '.join(KINDS)} as `model.pt` (`export.load_exported_model`), as "
+            f"each of {', '.join(KINDS)} as `model.pt` (`train.export.load_exported_model`), as "
             "a resume checkpoint's `train_state.pt` (`read_train_state`) and `clip_state.pt` "
             "(`read_clip_state`)"
         ),
@@ -126,7 +126,7 @@ def test_retrain_loaders_refuse_every_bad_file(tmp_path: Path, reliability):
         kind="input",
         name="retrain: malicious or foreign model.pt / backbone weights",
         injected=f"each of {', '.join(KINDS)} as a retrained `model.pt` "
-        "(`retrain_model.read_export`) and as backbone weights (`read_weights_file`)",
+        "(`retrain.model.read_export`) and as backbone weights (`read_weights_file`)",
         checked="a ValueError naming the file every time; the sentinel never appears",
     )
     retrain_model = pytest.importorskip("pipelines.retrain.model")

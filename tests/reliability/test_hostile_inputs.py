@@ -38,10 +38,10 @@ def test_ingest_quarantines_every_raw_defect(tmp_path: Path, capfd, reliability)
         name="ingest: every kind of defective raw row",
         injected=(
             "a 6-image synthetic dataset plus one defective row per kind: "
-            f"{len(BAD_INPUTS)} kinds of `synthetic_io.BAD_INPUTS` (truncated/non-npy/malicious "
-            "pickle/non-finite/mis-shaped CAMs, unlabelled CAM class, empty or wrong-length "
-            "label vector, missing/undecodable image, duplicate id, path-traversal id, "
-            "decompression-bomb PNG) and "
+            f"{len(BAD_INPUTS)} kinds of `synthetic.dataset.BAD_INPUTS` (truncated/non-npy/"
+            "malicious pickle/non-finite/mis-shaped CAMs, unlabelled CAM class, empty or "
+            "wrong-length label vector, missing/undecodable image, duplicate id, path-traversal "
+            "id, decompression-bomb PNG) and "
             f"{len(hostile.MORE_BAD_INPUTS)} of `hostile.MORE_BAD_INPUTS` (zero-sized image, GT "
             "class ids outside the class space, CAM key outside the label vector, CAM values "
             "outside [0, 1], GT of another size); run `jobs.ingest` with --max-error-fraction 1"

@@ -2,12 +2,12 @@
 ever give arrays or a clear rejection.
 
 The restricted unpickler's own properties live in tests/pipelines/io/test_safe_pickle.py (its
-strategies are reused here). This case drives the stage's entry point, `ingest_rows.decode_cam`
-(what ingest calls on every `.npy`), with four generators: random bytes, random bytes behind a
-valid `.npy` object header, random pickle opcode streams, and pickles of plain values with an
-exploit (os.system, subprocess, eval, exec, open, import) hidden anywhere in them, some of them
-byte-mutated. The only allowed outcomes: (class ids, C x H x W float32 planes in [0, 1]) or
-`RowRejected`; any other exception, or the sentinel file appearing, fails the case.
+strategies are reused here). This case drives the stage's entry point,
+`pipelines.ingest.rows.decode_cam` (what ingest calls on every `.npy`), with four generators: random
+bytes, random bytes behind a valid `.npy` object header, random pickle opcode streams, and pickles
+of plain values with an exploit (os.system, subprocess, eval, exec, open, import) hidden anywhere in
+them, some of them byte-mutated. The only allowed outcomes: (class ids, C x H x W float32 planes in
+[0, 1]) or `RowRejected`; any other exception, or the sentinel file appearing, fails the case.
 """
 
 from __future__ import annotations
@@ -55,11 +55,11 @@ def test_cam_loader_property(tmp_path_factory, reliability) -> None:
         kind="input",
         name="CAM loader: arbitrary bytes and arbitrary pickles (property-based)",
         injected=(
-            "hypothesis-generated `.npy` payloads into `ingest_rows.decode_cam`: random bytes, "
-            "random bytes behind a valid object-array header, random pickle opcode streams, "
-            "valid CAM dicts, and pickles of plain values carrying one of 8 exploits "
-            "(os.system, subprocess.call/Popen, eval, exec, getattr, open, import_module) at "
-            "a random place, optionally with 1-4 random byte edits"
+            "hypothesis-generated `.npy` payloads into `pipelines.ingest.rows.decode_cam`: random "
+            "bytes, random bytes behind a valid object-array header, random pickle opcode streams, "
+            "valid CAM dicts, and pickles of plain values carrying one of 8 exploits (os.system, "
+            "subprocess.call/Popen, eval, exec, getattr, open, import_module) at a random place, "
+            "optionally with 1-4 random byte edits"
         ),
         checked="every example returns class ids + finite C x H x W float32 planes in [0, 1] or "
         "raises RowRejected (nothing else); the exploits' sentinel file never appears",

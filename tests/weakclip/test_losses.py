@@ -1,4 +1,4 @@
-"""WeakCLIP losses against values computed by hand (SPEC.md §5)."""
+"""WeakCLIP losses against values computed by hand (docs/METHOD.md)."""
 
 from __future__ import annotations
 

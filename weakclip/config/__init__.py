@@ -1,4 +1,4 @@
-"""Configuration of the WeakCLIP model, its losses, inference and training (SPEC §4-§7).
+"""Configuration of the WeakCLIP model, its losses, inference and training (docs/METHOD.md).
 
 One frozen dataclass per component and a root `WeakCLIPConfig` (`components`). Defaults
 reproduce the paper (ViT-B/16 at 512 x 512 on VOC); `preset("tiny")` is a few-million-parameter

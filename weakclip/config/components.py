@@ -214,7 +214,7 @@ class CRFConfig:
             _non_negative(name, getattr(self, name))
 
 
-# The online CRF of the boundary loss (SPEC §5).
+# The online CRF of the boundary loss (docs/METHOD.md).
 BOUNDARY_CRF = CRFConfig(
     gaussian_sxy=3.0,
     gaussian_compat=3.0,
@@ -222,7 +222,7 @@ BOUNDARY_CRF = CRFConfig(
     bilateral_srgb=13.0,
     bilateral_compat=10.0,
 )
-# CRF post-processing of the pseudo masks (SPEC §7).
+# CRF post-processing of the pseudo masks (docs/METHOD.md).
 VOC_POST_CRF = CRFConfig(
     gaussian_sxy=3.0,
     gaussian_compat=3.0,
@@ -241,7 +241,7 @@ COCO_POST_CRF = CRFConfig(
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Seeding + boundary + auxiliary losses (SPEC §5)."""
+    """Seeding + boundary + auxiliary losses (docs/METHOD.md)."""
 
     tau: float = 0.07  # temperature of the score map in the auxiliary loss
     aux_weight: float = 0.4  # weight of the auxiliary loss
@@ -269,7 +269,7 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    """Multi-scale + flip sliding-window inference and CRF post-processing (SPEC §7)."""
+    """Multi-scale + flip sliding-window inference and CRF post-processing (docs/METHOD.md)."""
 
     scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # fractions of short_side
     short_side: int = 512  # reference short side the scales apply to
@@ -294,7 +294,7 @@ class InferenceConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation and augmentation (SPEC §6). The crop side is `CLIPConfig.input_size`."""
+    """Optimisation and augmentation (docs/METHOD.md). The crop side is `CLIPConfig.input_size`."""
 
     iterations: int = 20_000  # optimizer steps (COCO: 40k)
     batch_size: int = 16  # global batch, whatever the number of workers (COCO: 24)

@@ -1,7 +1,7 @@
 """Evaluate stage without Ray: class spaces, one pair, the join plan, and whole units on files.
 
 The prediction fixtures are a refine output (`tests.pipelines.train.inputs`) and a hand-made
-pseudo_masks output (`write_pseudo_masks`: masks + index + manifest per CONTRACTS.md), so these
+pseudo_masks output (`write_pseudo_masks`: masks + index + manifest per docs/CONTRACTS.md), so these
 tests do not depend on the pseudo-mask stage's own code.
 """
 

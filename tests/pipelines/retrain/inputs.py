@@ -1,6 +1,6 @@
 """Small retrain inputs: an ingest output of synthetic images and a pseudo-mask output on it.
 
-The pseudo-mask output is written here in the CONTRACTS.md format (palette PNG masks, an index
+The pseudo-mask output is written here in the docs/CONTRACTS.md format (palette PNG masks, an index
 shard, a `pseudo_masks` manifest whose `inputs[0]` is the ingest output), independently of the
 pseudo-mask stage's code. Masks are the ground truth (`masks="gt"`, a sanity check that the
 network learns) or the CAM argmax (`masks="cam"`, weaker labels).
