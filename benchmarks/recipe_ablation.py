@@ -96,6 +96,7 @@ def _train(
     absent_tolerance: float | None,
     plain_ce: bool,
     simple_head: bool,
+    targets: str,
     seed: int,
 ) -> tuple[torch.nn.Module, list[dict[str, float]]]:
     torch.manual_seed(config.train.seed)
@@ -126,7 +127,7 @@ def _train(
                     prepare_row(
                         image_id=row[schema.IMAGE_ID],
                         image_bytes=row[schema.IMAGE],
-                        seed_bytes=row[schema.SEED],
+                        seed_bytes=row[schema.SEED if targets == "seeds" else schema.GT],
                         labels=row[schema.LABELS],
                         height=row[schema.HEIGHT],
                         width=row[schema.WIDTH],
@@ -240,7 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="NAME or NAME=JSON override; special keys: _boundary (a boundary weight instead "
         "of loss.boundary_weight; 0 skips the CRF), _workers (BatchNorm groups), "
         "_absent_tolerance (boundary CRF restriction), _loss (seeding | ce), "
-        "_simple_head (a control head on the frozen taps)",
+        "_simple_head (a control head on the frozen taps), _targets (seeds | gt: train on the "
+        "ground truth instead, a ceiling of what the features allow)",
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="write the rows to this file")
@@ -260,6 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         absent = override.pop("_absent_tolerance", None)
         plain_ce = override.pop("_loss", "seeding") == "ce"
         simple_head = bool(override.pop("_simple_head", False))
+        targets = str(override.pop("_targets", "seeds"))
+        if targets not in ("seeds", "gt"):
+            raise SystemExit(f"_targets: expected seeds or gt, got {targets!r}")
         config = from_dict(override, base=preset(args.model))
         boundary = float(
             config.loss.boundary_weight if boundary_override is None else boundary_override
@@ -274,6 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             absent_tolerance=absent,
             plain_ce=plain_ce,
             simple_head=simple_head,
+            targets=targets,
             seed=0,
         )
         score = _score(model, config, train_rows, len(class_names))
