@@ -169,6 +169,21 @@ def run_refine(
     }
     timing = _run_units(todo, records, fn_kwargs, num_cpus_per_task, progress_every, report)
 
+    return _gate_and_commit(out, source, units, records, config, timing, started, report)
+
+
+def _gate_and_commit(
+    out: StageOutput,
+    source: Manifest,
+    units: Sequence[WorkUnit],
+    records: Mapping[str, dict[str, Any]],
+    config: RefineConfig,
+    timing: dict[str, Any],
+    started: float,
+    report: Callable[[str], Any],
+) -> RefineResult:
+    """Sums the units' records and their metrics, gates on the quarantined share, commits."""
+    output_loc, total_rows = out.location, sum(u.rows for u in units)
     ordered = [records[u.name] for u in units]
     tally = tally_records(ordered)
     counts = {"input": total_rows, "output": tally.output, "quarantined": tally.quarantined}
@@ -178,7 +193,7 @@ def run_refine(
         ordered,
         class_names=source.class_names,
         class_space=source.class_space,
-        bg_threshold=seed_config.bg_threshold,
+        bg_threshold=config.seed_config().bg_threshold,
     )
     timing["seconds"] = time.monotonic() - started
     failure = error_gate(
