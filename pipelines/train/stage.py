@@ -146,23 +146,13 @@ def run_train(config: TrainJobConfig, *, log: Any = print) -> TrainResult:
         manifest.StageConflictError: the output holds a different run (and not `overwrite`).
         ValueError: bad input (not a refine output, no training rows).
     """
-    from pipelines.train import data as train_data
     from pipelines.train.loop import train_loop_per_worker
 
-    source = resolve(config.input, config.storage)
     output = resolve(config.output, config.storage)
-    input_manifest = mf.read_manifest(source)
-    if input_manifest.stage != "refine":
-        raise ValueError(f"--input must be a refine output, {source.uri} is {input_manifest.stage}")
+    input_manifest, files = _read_input(config)
     class_names = list(input_manifest.class_names)
-    files = [source.child(entry.path) for entry in input_manifest.entries("shards/")]
-    if not files:
-        raise ValueError(f"{source.uri}: the manifest lists no shards/")
-
-    clip_location = resolve(config.clip_weights, config.storage) if config.clip_weights else None
-    clip_sha256 = sha256_of(clip_location) if clip_location else None
-    clip_uri = clip_location.uri if clip_location else None
-    signature = run_signature(config.model, class_names, clip_uri, clip_sha256)
+    clip = _Clip.resolve(config)
+    signature = run_signature(config.model, class_names, clip.uri, clip.sha256)
     iterations = config.model.train.iterations
     run = open_run(
         output,
@@ -179,47 +169,12 @@ def run_train(config: TrainJobConfig, *, log: Any = print) -> TrainResult:
         assert stage.manifest is not None
         return TrainResult(stage.manifest, start_iteration, iterations, skipped=True)
 
-    rows, train_only = train_data.count_training_rows(files)
-    epochs = epochs_needed(
-        rows=rows,
-        batch_size=config.model.train.batch_size,
-        start_iteration=start_iteration,
-        iterations=iterations,
-    )
-    start_epoch = (start_iteration * config.model.train.batch_size) // rows
-    dataset = train_data.build_train_dataset(
-        files,
-        model_config=config.model,
-        num_classes=len(class_names),
-        train_only=train_only,
-        start_epoch=start_epoch,
-        epochs=epochs,
-        num_cpus_per_task=config.num_cpus_per_task,
-    )
     gpu = use_gpu(config.use_gpu)
-    crf_processes = config.crf_processes
-    if crf_processes is None:
-        crf_processes = min(config.micro_batch, 4) if gpu else 1
-    loop_config = {
-        "model_config": to_dict(config.model),
-        "class_names": class_names,
-        "clip_weights": clip_location,
-        "clip_uri": clip_uri,
-        "clip_sha256": clip_sha256,
-        "signature": signature,
-        "micro_batch_size": config.micro_batch,
-        "accumulation_steps": config.per_worker_batch // config.micro_batch,
-        "checkpoint_every": config.checkpoint_every,
-        "log_every": config.log_every,
-        "crf_processes": crf_processes,
-        "absent_tolerance": config.absent_tolerance,
-        "torch_threads": None if gpu else max(1, int(config.cpus_per_worker)),
-        **failure_injection(output),
-    }
+    rows, dataset = _dataset(config, files, len(class_names), start_iteration)
     started = time.perf_counter()
     checkpoint = fit(
         train_loop_per_worker,
-        loop_config,
+        _loop_config(config, class_names, clip, signature, gpu, output),
         output=output,
         num_workers=config.num_workers,
         gpu=gpu,
@@ -232,14 +187,99 @@ def run_train(config: TrainJobConfig, *, log: Any = print) -> TrainResult:
         stage=stage,
         output=output,
         checkpoint=checkpoint,
-        clip_location=clip_location,
-        clip_sha256=clip_sha256,
+        clip_location=clip.location,
+        clip_sha256=clip.sha256,
         class_names=class_names,
         class_space=input_manifest.class_space,
         rows=rows,
         seconds=time.perf_counter() - started,
     )
     return TrainResult(manifest, start_iteration, iterations)
+
+
+def _read_input(config: TrainJobConfig) -> tuple[mf.Manifest, list[Location]]:
+    """The input refine manifest and the shards it lists.
+
+    Raises:
+        ValueError: not a refine output, or no shards listed.
+    """
+    source = resolve(config.input, config.storage)
+    input_manifest = mf.read_manifest(source)
+    if input_manifest.stage != "refine":
+        raise ValueError(f"--input must be a refine output, {source.uri} is {input_manifest.stage}")
+    files = [source.child(entry.path) for entry in input_manifest.entries("shards/")]
+    if not files:
+        raise ValueError(f"{source.uri}: the manifest lists no shards/")
+    return input_manifest, files
+
+
+@dataclass(frozen=True)
+class _Clip:
+    """The CLIP weights a run starts from (all None: random initialisation)."""
+
+    location: Location | None
+    sha256: str | None
+    uri: str | None
+
+    @classmethod
+    def resolve(cls, config: TrainJobConfig) -> _Clip:
+        if not config.clip_weights:
+            return cls(None, None, None)
+        location = resolve(config.clip_weights, config.storage)
+        return cls(location, sha256_of(location), location.uri)
+
+
+def _dataset(
+    config: TrainJobConfig, files: list[Location], num_classes: int, start_iteration: int
+) -> tuple[int, Any]:
+    """The training rows and the Ray Data pipeline of the epochs still to run."""
+    from pipelines.train import data as train_data
+
+    rows, train_only = train_data.count_training_rows(files)
+    iterations, batch_size = config.model.train.iterations, config.model.train.batch_size
+    epochs = epochs_needed(
+        rows=rows, batch_size=batch_size, start_iteration=start_iteration, iterations=iterations
+    )
+    dataset = train_data.build_train_dataset(
+        files,
+        model_config=config.model,
+        num_classes=num_classes,
+        train_only=train_only,
+        start_epoch=(start_iteration * batch_size) // rows,
+        epochs=epochs,
+        num_cpus_per_task=config.num_cpus_per_task,
+    )
+    return rows, dataset
+
+
+def _loop_config(
+    config: TrainJobConfig,
+    class_names: list[str],
+    clip: _Clip,
+    signature: dict[str, Any],
+    gpu: bool,
+    output: Location,
+) -> dict[str, Any]:
+    """What every worker's `train_loop_per_worker` receives."""
+    crf_processes = config.crf_processes
+    if crf_processes is None:
+        crf_processes = min(config.micro_batch, 4) if gpu else 1
+    return {
+        "model_config": to_dict(config.model),
+        "class_names": class_names,
+        "clip_weights": clip.location,
+        "clip_uri": clip.uri,
+        "clip_sha256": clip.sha256,
+        "signature": signature,
+        "micro_batch_size": config.micro_batch,
+        "accumulation_steps": config.per_worker_batch // config.micro_batch,
+        "checkpoint_every": config.checkpoint_every,
+        "log_every": config.log_every,
+        "crf_processes": crf_processes,
+        "absent_tolerance": config.absent_tolerance,
+        "torch_threads": None if gpu else max(1, int(config.cpus_per_worker)),
+        **failure_injection(output),
+    }
 
 
 def _finish(
