@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipelines.io import manifest as mf
-from pipelines.io.storage import Location, StorageOptions, redact, resolve, upload_file
+from pipelines.io.storage import Location, StorageOptions, resolve, upload_file
 from pipelines.io.storage import write_bytes_atomic as _write_atomic
 from pipelines.train import export
 from pipelines.training.run import (
@@ -350,11 +350,6 @@ def _finish(
     )
 
 
-def describe_error(error: BaseException) -> str:
-    """One line for stderr, credentials scrubbed."""
-    return redact(" ".join(str(error).split()) or type(error).__name__)
-
-
 __all__ = [
     "CHECKPOINTS",
     "FAIL_ENV",
@@ -363,7 +358,6 @@ __all__ = [
     "TrainJobConfig",
     "TrainRefused",
     "TrainResult",
-    "describe_error",
     "latest_checkpoint_iteration",
     "run_signature",
     "run_train",
