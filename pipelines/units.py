@@ -201,7 +201,6 @@ def error_gate(
     stage: str,
     tally: Tally,
     total: int,
-    *,
     max_error_fraction: float,
     output_loc: Location,
     report: Callable[[str], Any],

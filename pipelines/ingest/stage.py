@@ -150,12 +150,7 @@ def _gate_and_commit(
         report(f"ingest: FAILED: {message}")
         return IngestResult(output_loc.uri, counts, dict(tally.reasons), False, message)
     failure = error_gate(
-        "ingest",
-        tally,
-        counts["input"],
-        max_error_fraction=config.max_error_fraction,
-        output_loc=output_loc,
-        report=report,
+        "ingest", tally, counts["input"], config.max_error_fraction, output_loc, report
     )
     if failure is not None:
         return IngestResult(output_loc.uri, counts, dict(tally.reasons), False, failure)

@@ -234,12 +234,7 @@ def _gate_and_commit(
     timing = dict(seconds=time.monotonic() - started, **run_timing)
     uri = run.output_loc.uri
     failure = error_gate(
-        STAGE,
-        tally,
-        selected,
-        max_error_fraction=config.max_error_fraction,
-        output_loc=run.output_loc,
-        report=run.report,
+        STAGE, tally, selected, config.max_error_fraction, run.output_loc, run.report
     )
     if failure is not None:
         return PseudoMaskResult(uri, counts, metrics, False, failure, **timing)

@@ -196,14 +196,7 @@ def _gate_and_commit(
         bg_threshold=config.seed_config().bg_threshold,
     )
     timing["seconds"] = time.monotonic() - started
-    failure = error_gate(
-        "refine",
-        tally,
-        total_rows,
-        max_error_fraction=config.max_error_fraction,
-        output_loc=output_loc,
-        report=report,
-    )
+    failure = error_gate("refine", tally, total_rows, config.max_error_fraction, output_loc, report)
     if failure is not None:
         return RefineResult(output_loc.uri, counts, metrics, False, failure, **timing)
     out.commit(

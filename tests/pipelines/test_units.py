@@ -110,10 +110,9 @@ def test_error_gate(tmp_path: Path) -> None:
     loc = resolve(str(tmp_path))
     tally = u.Tally(output=98, quarantined=2)
     tally.reasons.update({"bad": 2})
-    kw = dict(output_loc=loc, report=lines.append)
-    assert u.error_gate("refine", tally, 100, max_error_fraction=0.02, **kw) is None
+    assert u.error_gate("refine", tally, 100, 0.02, loc, lines.append) is None
     assert lines == []
-    message = u.error_gate("refine", tally, 100, max_error_fraction=0.01, **kw)
+    message = u.error_gate("refine", tally, 100, 0.01, loc, lines.append)
     assert message is not None
     assert message.startswith("2 of 100 rows quarantined (2.0% > max_error_fraction 1.0%): bad: 2")
     assert message.endswith("(outputs kept, no _SUCCESS written)")
