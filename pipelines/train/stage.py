@@ -182,18 +182,8 @@ def run_train(config: TrainJobConfig, *, log: Any = print) -> TrainResult:
         max_failures=config.max_failures,
         datasets={"train": dataset},
     )
-    manifest = _finish(
-        config,
-        stage=stage,
-        output=output,
-        checkpoint=checkpoint,
-        clip_location=clip.location,
-        clip_sha256=clip.sha256,
-        class_names=class_names,
-        class_space=input_manifest.class_space,
-        rows=rows,
-        seconds=time.perf_counter() - started,
-    )
+    seconds = time.perf_counter() - started
+    manifest = _finish(config, stage, output, checkpoint, clip, input_manifest, rows, seconds)
     return TrainResult(manifest, start_iteration, iterations)
 
 
@@ -284,18 +274,16 @@ def _loop_config(
 
 def _finish(
     config: TrainJobConfig,
-    *,
     stage: mf.StageOutput,
     output: Location,
     checkpoint: Any,
-    clip_location: Location | None,
-    clip_sha256: str | None,
-    class_names: list[str],
-    class_space: str,
+    clip: _Clip,
+    input_manifest: mf.Manifest,
     rows: int,
     seconds: float,
 ) -> mf.Manifest:
     """Exports `model.pt` and `metrics.jsonl` from the last checkpoint, then commits."""
+    class_names = list(input_manifest.class_names)
     from pipelines.train.loop import fetch_clip_weights
     from pipelines.training import checkpoint as ckpt
 
@@ -309,7 +297,7 @@ def _finish(
         history = ckpt.read_metrics(directory)
         clip_path = None
         if ckpt.read_clip_state(directory) is None:
-            clip_path = fetch_clip_weights(clip_location, clip_sha256)
+            clip_path = fetch_clip_weights(clip.location, clip.sha256)
         model = export.load_checkpoint_model(directory, clip_weights=clip_path)
     with tempfile.TemporaryDirectory(prefix="weakclip-export-") as tmp:
         local = os.path.join(tmp, MODEL_FILE)
@@ -339,7 +327,7 @@ def _finish(
             "images_seen": iterations * config.model.train.batch_size,
         },
         class_names=class_names,
-        class_space=class_space,
+        class_space=input_manifest.class_space,
         metrics={k: v for k, v in last.items() if k.startswith("loss")},
         extra={
             "iterations": iterations,
