@@ -6,7 +6,10 @@ classes that occur in the ground truth or the prediction (docs/METHOD.md). Pure 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -100,3 +103,78 @@ class ConfusionAccumulator:
 
     def score(self) -> SegmentationScore:
         return score_from_confusion(self.matrix)
+
+
+NO_SPLIT = "(none)"  # metrics key of rows without a split
+
+
+def finite(value: float) -> float | None:
+    """None for NaN (JSON has no NaN: a score nobody could compute)."""
+    return None if math.isnan(value) else value
+
+
+def sum_by_split(
+    records: Iterable[Mapping[str, Any]],
+    keys: Sequence[str],
+    num_classes: int,
+    add: Callable[[np.ndarray, Any], None],
+) -> dict[str, dict[str, Any]]:
+    """The units' per-split confusion summed: {split: {"images": n, key: K x (K + 1) matrix}}.
+
+    Args:
+        records: completion records with `confusion` ({split: {"images", key: counts}}).
+        keys: the scored predictions (e.g. `cam_argmax`, `seeds`).
+        add: adds one record's counts of a key (dense or sparse) into a matrix in place.
+    """
+    shape = (num_classes, num_classes + 1)
+    totals: dict[str, dict[str, Any]] = {}
+    for record in records:
+        for split, conf in record["confusion"].items():
+            acc = totals.setdefault(
+                split, {"images": 0, **{key: np.zeros(shape, np.int64) for key in keys}}
+            )
+            acc["images"] += conf["images"]
+            for key in keys:
+                add(acc[key], conf[key])
+    return totals
+
+
+def metrics_by_split(
+    totals: Mapping[str, Mapping[str, Any]],
+    keys: Sequence[str],
+    class_names: Sequence[str],
+    *,
+    class_space: str,
+    ground_truth: str,
+    headline: str,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Manifest metrics from `sum_by_split`'s (non-empty) totals.
+
+    Returns:
+        `class_space`, `num_classes`, `ground_truth` (which rows were scored), `gt_images`,
+        `extra`, one score per key over all splits (`miou` None when undefined), `miou` and
+        `per_class_iou` of `headline`, and `by_split` ({split: {"images", key: mIoU}}).
+    """
+    result: dict[str, Any] = {
+        "class_space": class_space,
+        "num_classes": len(class_names),
+        "ground_truth": ground_truth,
+        "gt_images": sum(acc["images"] for acc in totals.values()),
+        **(extra or {}),
+    }
+    for key in keys:
+        overall = np.sum([acc[key] for acc in totals.values()], axis=0)
+        entry = score_from_confusion(overall).as_dict(list(class_names))
+        entry["miou"] = finite(entry["miou"])
+        result[key] = entry
+    result["miou"] = result[headline]["miou"]
+    result["per_class_iou"] = result[headline]["per_class_iou"]
+    result["by_split"] = {
+        split: {
+            "images": acc["images"],
+            **{key: finite(score_from_confusion(acc[key]).miou) for key in keys},
+        }
+        for split, acc in sorted(totals.items())
+    }
+    return result

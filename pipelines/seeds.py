@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydensecrf.utils import unary_from_labels
@@ -96,14 +96,23 @@ class SeedConfig:
         return replace(base, **overrides)  # type: ignore[arg-type]
 
     def crf_params(self) -> dict[str, float]:
-        return {
-            "iterations": self.iterations,
-            "gaussian_sxy": self.gaussian_sxy,
-            "gaussian_compat": self.gaussian_compat,
-            "bilateral_sxy": self.bilateral_sxy,
-            "bilateral_srgb": self.bilateral_srgb,
-            "bilateral_compat": self.bilateral_compat,
-        }
+        return crf_kwargs(self)
+
+
+CRF_KWARGS = (
+    "iterations",
+    "gaussian_sxy",
+    "gaussian_compat",
+    "bilateral_sxy",
+    "bilateral_srgb",
+    "bilateral_compat",
+)
+
+
+def crf_kwargs(params: Any) -> dict[str, float]:
+    """The dense-CRF keyword arguments (`weakclip.crf.dense_crf` and the boundary CRF) of any
+    settings object with those fields: a `SeedConfig`, a `weakclip.config.CRFConfig`."""
+    return {name: getattr(params, name) for name in CRF_KWARGS}
 
 
 def _check_cams(cams: np.ndarray) -> np.ndarray:

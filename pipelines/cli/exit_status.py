@@ -96,11 +96,6 @@ def _root_exception_line(traceback_text: str) -> str | None:
     return None
 
 
-def _unwrap_ray(error: BaseException) -> BaseException:
-    """Ray wraps task failures (RayTaskError, UserCodeException); report the cause."""
-    return _ray_chain(error)[-1]
-
-
 def _ray_chain(error: BaseException) -> list[BaseException]:
     """`error` and the causes inside Ray's wrappers, outermost first: task errors (`cause`),
     Ray Train's worker-group errors (the lowest rank's failure) and controller errors."""

@@ -10,7 +10,6 @@ a unit's task does is `pipelines.evaluate.scoring.score_unit`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,8 +19,8 @@ from pipelines.evaluate.scoring import GT_STAGES, PRED_STAGES
 from pipelines.io import schema
 from pipelines.io.manifest import Manifest
 from pipelines.io.storage import Location, safe_relpath
+from pipelines.units import listed_shards, map_shards
 
-_INDEX_THREADS = 16
 MAX_MASK_BYTES = 64 * 1024 * 1024  # a listed mask PNG larger than this is quarantined
 
 
@@ -70,7 +69,7 @@ def read_id_index(
 
 
 def _shards(manifest: Manifest) -> list[str]:
-    shards = [f.path for f in manifest.entries("shards/") if f.path.endswith(".parquet")]
+    shards = listed_shards(manifest)
     if not shards:
         raise ValueError(f"{manifest.location.uri} lists no shards/*.parquet")
     return shards
@@ -79,11 +78,8 @@ def _shards(manifest: Manifest) -> list[str]:
 def _index_all(
     location: Location, shards: list[str], columns: Sequence[str], required: Sequence[str]
 ) -> list[tuple[str, list[tuple[int, dict[str, list[Any]]]]]]:
-    with ThreadPoolExecutor(max_workers=min(_INDEX_THREADS, len(shards))) as pool:
-        found = pool.map(
-            lambda rel: read_id_index(location, rel, columns, required=required), shards
-        )
-        return list(zip(shards, found, strict=True))
+    found = map_shards(lambda rel: read_id_index(location, rel, columns, required=required), shards)
+    return list(zip(shards, found, strict=True))
 
 
 def prediction_index(

@@ -28,11 +28,10 @@ from pipelines.io.codecs import decode_labels
 from pipelines.io.manifest import InputRef, Manifest
 from pipelines.io.rows import RowRejected
 from pipelines.io.storage import Location
-from pipelines.metrics import confusion_matrix, score_from_confusion
+from pipelines.metrics import NO_SPLIT, confusion_matrix, finite, score_from_confusion
 
 PRED_STAGES = ("refine", "pseudo_masks")
 GT_STAGES = ("ingest", "refine")
-NO_SPLIT = "(none)"  # split key of rows without a split
 DEFINITION = (
     "IoU_c = TP / (TP + FP + FN) over pixels whose ground truth is not 255; mIoU = nan-mean of "
     "IoU over the averaged classes (a class absent from both GT and prediction has no IoU)"
@@ -368,7 +367,7 @@ class EvaluationResult:
         return {
             "miou": self.miou,
             "per_class_iou": {
-                name: _finite(value) for name, value in zip(self.class_names, iou, strict=True)
+                name: finite(value) for name, value in zip(self.class_names, iou, strict=True)
             },
             "class_space": self.class_space,
             "num_classes": len(self.class_names),
@@ -396,10 +395,6 @@ class EvaluationResult:
             "prediction": {"uri": self.prediction_uri, "stage": self.prediction_stage},
             "ground_truth": {"uri": self.gt_uri, "stage": self.gt_stage},
         }
-
-
-def _finite(value: float) -> float | None:
-    return None if math.isnan(value) else value
 
 
 def _printable(text: str, limit: int = 40) -> str:

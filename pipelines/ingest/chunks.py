@@ -3,14 +3,14 @@
 Runs in a Ray Data task per chunk (`ingest_chunk`); `write_chunk` is the pure-Python body.
 File names depend only on the chunk index (`part-<chunk>`), the completion record
 `_chunks/part-<chunk>.json` is written last, so a resumed run redoes exactly the chunks
-without a record and no row appears twice.
+without a valid record (`record_matches`, `pipelines.units.resume`) and no row appears twice.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -26,6 +26,7 @@ from pipelines.io.class_spaces import ClassSpace
 from pipelines.io.manifest import Quarantine
 from pipelines.io.rows import RowRejected
 from pipelines.io.storage import Location, open_atomic, write_bytes_atomic
+from pipelines.units import reason_kind, record_rel, shard_rel
 
 _FETCH_GROUP = 16  # rows fetched concurrently and written as one Parquet row group
 CHUNK_DIR = "_chunks"  # completion records of finished chunks (bookkeeping, not data files)
@@ -69,10 +70,10 @@ def write_chunk(
     """Fetches, validates and writes one chunk; returns its completion record."""
     limits = RowLimits(max_pixels=config.max_pixels)
     fs = input_loc.fs
-    shard_rel = f"shards/{chunk_name(chunk)}.parquet"
+    shard = shard_rel(chunk_name(chunk))
     good = 0
     bad: list[dict[str, str]] = []
-    with open_atomic(output_loc, shard_rel) as writer_file:
+    with open_atomic(output_loc, shard) as writer_file:
         with pq.ParquetWriter(writer_file, SHARD_SCHEMA, compression="zstd") as writer:
             for start in range(0, len(entries), _FETCH_GROUP):
                 group = entries[start : start + _FETCH_GROUP]
@@ -98,10 +99,10 @@ def write_chunk(
     record: dict[str, Any] = {
         "chunk": chunk,
         "input_rows": len(entries),
-        "files": [_file_entry(output_loc, shard_rel, good)],
+        "files": [_file_entry(output_loc, shard, good)],
         "output": good,
         "quarantined": len(bad),
-        "reasons": dict(Counter(reason_kind(b[schema.REASON]) for b in bad)),
+        "reasons": dict(Counter(reason_kind(b[schema.REASON], drop_parenthesis=True) for b in bad)),
     }
     if bad:
         quarantine = Quarantine(output_loc)
@@ -109,9 +110,7 @@ def write_chunk(
             quarantine.add(b[schema.IMAGE_ID], b[schema.SOURCE], b[schema.REASON])
         entry = quarantine.flush(chunk_name(chunk))
         record["files"].append(asdict(entry))
-    write_bytes_atomic(
-        output_loc, f"{CHUNK_DIR}/{chunk_name(chunk)}.json", json.dumps(record).encode()
-    )
+    write_bytes_atomic(output_loc, chunk_record_rel(chunk), json.dumps(record).encode())
     return record
 
 
@@ -175,10 +174,6 @@ def _fetch(
     return blobs
 
 
-def reason_kind(reason: str) -> str:
-    return reason.split(":")[0].split(" (")[0]
-
-
 def _file_entry(loc: Location, rel: str, rows: int) -> dict[str, Any]:
     size = loc.fs.size(loc.join(*rel.split("/")))
     return {"path": rel, "rows": rows, "bytes": int(size)}
@@ -189,18 +184,11 @@ def chunk_entries(entries: Sequence[Entry], rows_per_shard: int) -> list[list[En
     return [ordered[i : i + rows_per_shard] for i in range(0, len(ordered), rows_per_shard)]
 
 
-def read_records(output_loc: Location, chunks: Iterable[int]) -> dict[int, dict[str, Any]]:
-    """Completion records of chunks finished by an earlier attempt (one batched read)."""
-    paths = {output_loc.join(CHUNK_DIR, f"{chunk_name(c)}.json"): c for c in chunks}
-    if not paths:
-        return {}
-    got = output_loc.fs.cat(list(paths), on_error="return")
-    records = {}
-    for path, chunk in paths.items():
-        value = got.get(path)
-        if isinstance(value, bytes):
-            try:
-                records[chunk] = json.loads(value)
-            except json.JSONDecodeError:
-                continue  # a torn record: redo the chunk
-    return records
+def chunk_record_rel(chunk: int) -> str:
+    """`_chunks/part-<chunk>.json`: where the completion record of a chunk lives."""
+    return record_rel(chunk_name(chunk), CHUNK_DIR)
+
+
+def record_matches(entries: Sequence[Entry], record: Mapping[str, Any]) -> bool:
+    """Whether a record found on disk is this chunk's (as many input rows)."""
+    return record.get("input_rows") == len(entries)

@@ -21,15 +21,30 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pipelines.ingest.chunks import chunk_entries, ingest_chunk, read_records, reason_kind
+from pipelines.ingest.chunks import (
+    chunk_entries,
+    chunk_record_rel,
+    ingest_chunk,
+    record_matches,
+)
 from pipelines.ingest.config import IngestConfig
-from pipelines.ingest.listing import enumerate_inputs
+from pipelines.ingest.listing import Enumeration, enumerate_inputs
 from pipelines.io import schema
-from pipelines.io.manifest import FileEntry, InputRef, Quarantine, StageOutput, StageState
-from pipelines.io.storage import StorageOptions, resolve
+from pipelines.io.manifest import InputRef, Quarantine, StageOutput, StageState
+from pipelines.io.storage import Location, StorageOptions, resolve
+from pipelines.units import (
+    Tally,
+    already_done,
+    error_gate,
+    reason_kind,
+    resume,
+    run_tasks,
+    tally_records,
+)
 
 
 @dataclass(frozen=True)
@@ -67,10 +82,7 @@ def run_ingest(
     Returns:
         The counts; `ok` False (and no `_SUCCESS`) when too many rows were quarantined.
     """
-    import ray
-
-    input_loc = resolve(input_uri, storage)
-    output_loc = resolve(output_uri, storage)
+    input_loc, output_loc = resolve(input_uri, storage), resolve(output_uri, storage)
     started = time.monotonic()
     found = enumerate_inputs(input_loc, config)
     report(
@@ -79,94 +91,99 @@ def run_ingest(
     )
     for note in found.notes:
         report(f"ingest: note: {note}")
-    stage_config = asdict(config) | {"input_listing_sha256": found.digest}
     out = StageOutput.open(
         output_loc,
         stage="ingest",
-        config=stage_config,
+        config=asdict(config) | {"input_listing_sha256": found.digest},
         inputs=[InputRef(uri=input_loc.uri)],
         overwrite=overwrite,
     )
     if out.state is StageState.DONE:
-        report(out.done_message())
-        assert out.manifest is not None
-        counts = dict(out.manifest.counts)
-        return IngestResult(output_loc.uri, counts, {}, True, out.done_message())
+        done = already_done(out, report)
+        return IngestResult(output_loc.uri, done["counts"], {}, True, done["message"])
 
     chunks = chunk_entries(found.entries, config.rows_per_shard)
-    records = read_records(output_loc, range(len(chunks))) if out.state is StageState.RESUME else {}
-    records = {c: r for c, r in records.items() if isinstance(r, dict)}
-    if records:  # a record whose files vanished, changed or were cut short is redone
-        listed = [f["path"] for r in records.values() for f in r["files"]]
-        sizes = out.existing(listed, check_parquet=False)
-        records = {
-            c: r
-            for c, r in records.items()
-            if r.get("input_rows") == len(chunks[c])
-            and all(sizes.get(f["path"]) == f["bytes"] for f in r["files"])
-        }
-    todo = [i for i in range(len(chunks)) if i not in records]
+    records = resume(out, dict(enumerate(chunks)), record_matches, chunk_record_rel)
     if records:
         report(f"ingest: resuming: {len(records)} of {len(chunks)} chunks already written")
-    if todo:
-        items = [{"chunk": i, "entries": json.dumps([asdict(e) for e in chunks[i]])} for i in todo]
-        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            ingest_chunk,
-            batch_size=1,
-            num_cpus=num_cpus_per_task,
-            fn_kwargs={
-                "input_loc": input_loc,
-                "output_loc": output_loc,
-                "config": config,
-                "class_names": list(found.space.class_names),
-                "space_name": found.space.name,
-            },
+    items = [
+        {"chunk": i, "entries": json.dumps([asdict(e) for e in chunk])}
+        for i, chunk in enumerate(chunks)
+        if i not in records
+    ]
+    fn_kwargs = {
+        "input_loc": input_loc,
+        "output_loc": output_loc,
+        "config": config,
+        "class_names": list(found.space.class_names),
+        "space_name": found.space.name,
+    }
+    for row in run_tasks(items, ingest_chunk, num_cpus=num_cpus_per_task, fn_kwargs=fn_kwargs):
+        record = json.loads(row["record"])
+        records[int(row["chunk"])] = record
+        report(
+            f"ingest: chunk {len(records)}/{len(chunks)}: {record['output']} rows, "
+            f"{record['quarantined']} quarantined ({time.monotonic() - started:.0f} s)"
         )
-        for row in ds.iter_rows():
-            record = json.loads(row["record"])
-            records[int(row["chunk"])] = record
-            report(
-                f"ingest: chunk {len(records)}/{len(chunks)}: {record['output']} rows, "
-                f"{record['quarantined']} quarantined ({time.monotonic() - started:.0f} s)"
-            )
+    ordered = [records[i] for i in sorted(records)]
+    return _gate_and_commit(out, found, ordered, config, input_loc.uri, report, started)
 
-    files = [FileEntry(**f) for i in sorted(records) for f in records[i]["files"]]
-    quarantine = Quarantine(output_loc)
-    for r in found.rejects:
-        quarantine.add(r[schema.IMAGE_ID], r[schema.SOURCE], r[schema.REASON])
-    driver_entry = quarantine.flush("part-driver")
-    if driver_entry is not None:
-        files.append(driver_entry)
-    reasons: Counter[str] = Counter(reason_kind(r[schema.REASON]) for r in found.rejects)
-    for record in records.values():
-        reasons.update(record["reasons"])
-    good = sum(r["output"] for r in records.values())
-    bad = sum(r["quarantined"] for r in records.values()) + len(found.rejects)
+
+def _gate_and_commit(
+    out: StageOutput,
+    found: Enumeration,
+    records: Sequence[Mapping[str, Any]],
+    config: IngestConfig,
+    input_uri: str,
+    report: Callable[[str], Any],
+    started: float,
+) -> IngestResult:
+    """Sums the chunks' records and the rows refused by name, gates on the quarantined share,
+    and commits the manifest."""
+    output_loc = out.location
+    tally = _tally(records, found.rejects, output_loc)
+    good, bad = tally.output, tally.quarantined
     counts = {"input": len(found.entries) + len(found.rejects), "output": good, "quarantined": bad}
     assert counts["input"] == good + bad, counts
-    fraction = bad / counts["input"] if counts["input"] else 0.0
-    summary = ", ".join(f"{k}: {v}" for k, v in reasons.most_common(5))
-    if counts["input"] == 0 or fraction > config.max_error_fraction:
-        message = (
-            f"{bad} of {counts['input']} rows quarantined ({fraction:.1%} > "
-            f"max_error_fraction {config.max_error_fraction:.1%}): {summary or 'no input rows'}; "
-            f"see {output_loc.child('quarantine').uri} (outputs kept, no _SUCCESS written)"
-            if counts["input"]
-            else f"no input rows found in {input_loc.uri}"
-        )
+    if counts["input"] == 0:
+        message = f"no input rows found in {input_uri}"
         report(f"ingest: FAILED: {message}")
-        return IngestResult(output_loc.uri, counts, dict(reasons), False, message)
+        return IngestResult(output_loc.uri, counts, dict(tally.reasons), False, message)
+    failure = error_gate(
+        "ingest", tally, counts["input"], config.max_error_fraction, output_loc, report
+    )
+    if failure is not None:
+        return IngestResult(output_loc.uri, counts, dict(tally.reasons), False, failure)
     out.commit(
-        files=files,
+        files=tally.files,
         counts=counts,
         class_names=found.space.class_names,
         class_space=found.space.name,
-        extra={"quarantine_reasons": dict(reasons)},
+        extra={"quarantine_reasons": dict(tally.reasons)},
     )
     message = (
-        f"ingest: {good} rows in {sum(1 for f in files if f.path.startswith('shards/'))} shards, "
-        f"{bad} quarantined{(' (' + summary + ')') if summary else ''}; "
+        f"ingest: {good} rows in {sum(1 for f in tally.files if f.path.startswith('shards/'))} "
+        f"shards, {bad} quarantined{tally.summary_suffix()}; "
         f"{output_loc.uri} ({time.monotonic() - started:.0f} s)"
     )
     report(message)
-    return IngestResult(output_loc.uri, counts, dict(reasons), True, message)
+    return IngestResult(output_loc.uri, counts, dict(tally.reasons), True, message)
+
+
+def _tally(
+    records: Sequence[Mapping[str, Any]], rejects: Sequence[Mapping[str, str]], loc: Location
+) -> Tally:
+    """The chunks' records summed, with the rows refused by name (their quarantine file
+    `quarantine/part-driver.parquet` listed after the chunks' files)."""
+    tally = tally_records(records)
+    quarantine = Quarantine(loc)
+    for r in rejects:
+        quarantine.add(r[schema.IMAGE_ID], r[schema.SOURCE], r[schema.REASON])
+    driver_entry = quarantine.flush("part-driver")
+    if driver_entry is not None:
+        tally.files.append(driver_entry)
+    reasons = Counter(reason_kind(r[schema.REASON], drop_parenthesis=True) for r in rejects)
+    reasons.update(tally.reasons)
+    tally.reasons = reasons
+    tally.quarantined += len(rejects)
+    return tally

@@ -40,7 +40,7 @@ from pipelines.io.codecs import (
 from pipelines.io.rows import RowRejected, check_image_id
 from pipelines.io.storage import Location, write_bytes_atomic
 from pipelines.metrics import confusion_matrix
-from pipelines.seeds import cam_argmax
+from pipelines.seeds import cam_argmax, crf_kwargs
 from weakclip.config import CRFConfig
 
 MASK_DIR = "masks"
@@ -306,12 +306,7 @@ def postprocess(
         probs = dense_crf(
             image,
             np.asarray(probs, dtype=np.float32),
-            iterations=crf.iterations,
-            gaussian_sxy=crf.gaussian_sxy,
-            gaussian_compat=crf.gaussian_compat,
-            bilateral_sxy=crf.bilateral_sxy,
-            bilateral_srgb=crf.bilateral_srgb,
-            bilateral_compat=crf.bilateral_compat,
+            **crf_kwargs(crf),
         )
     return lookup[np.asarray(probs).argmax(axis=0)]
 

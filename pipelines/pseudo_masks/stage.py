@@ -30,21 +30,20 @@ this fingerprint — never reused from another run.
 from __future__ import annotations
 
 import json
-import math
 import time
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from pipelines.io.manifest import FileEntry, Manifest, StageOutput, StageState, read_manifest
-from pipelines.io.storage import StorageOptions, redact, resolve
+from pipelines.io.storage import Location, StorageOptions, resolve
 from pipelines.pseudo_masks import units as units_mod
 from pipelines.pseudo_masks.checkpoint import VerifiedCheckpoint, verify_checkpoint
 from pipelines.pseudo_masks.config import PseudoMaskConfig, stage_config
 from pipelines.pseudo_masks.report import write_stage_report
 from pipelines.pseudo_masks.rows import PseudoUnit, RowSpec
+from pipelines.units import already_done, error_gate, pct, resume, tally_records
 from weakclip.config import CRFConfig, InferenceConfig
 
 STAGE = "pseudo_masks"
@@ -132,20 +131,12 @@ def run_pseudo_masks(
         StageConflictError: the output holds another run (and not `overwrite`).
     """
     started = time.monotonic()
-    input_loc = resolve(input_uri, storage)
-    output_loc = resolve(output_uri, storage)
-    source = read_manifest(input_loc)
-    if source.stage not in ("ingest", "refine"):
-        raise ValueError(
-            f"{input_loc.uri} is a {source.stage!r} output, not an ingest or refine output"
-        )
+    input_loc, output_loc = resolve(input_uri, storage), resolve(output_uri, storage)
+    source = _read_source(input_loc)
     if not isinstance(checkpoint, VerifiedCheckpoint):
         checkpoint = verify_checkpoint(checkpoint, storage)
     check_class_names(source, checkpoint)
-    from weakclip.config import WeakCLIPConfig, from_dict
-
-    model_config = from_dict(checkpoint.config, WeakCLIPConfig)
-    inference = config.inference(model_config.inference, source.class_space)
+    inference = _resolve_inference(config, checkpoint, source)
     out = StageOutput.open(
         output_loc,
         stage=STAGE,
@@ -154,119 +145,126 @@ def run_pseudo_masks(
         overwrite=overwrite,
     )
     if out.state is StageState.DONE:
-        assert out.manifest is not None
-        report(out.done_message())
-        return PseudoMaskResult(
-            output_loc.uri,
-            dict(out.manifest.counts),
-            dict(out.manifest.metrics) if out.manifest.metrics else None,
-            True,
-            out.done_message(),
-            skipped=True,
-            seconds=time.monotonic() - started,
-        )
+        return PseudoMaskResult(**already_done(out, report), seconds=time.monotonic() - started)
 
-    spec = RowSpec(
-        num_classes=len(source.class_names),
-        input_stage=source.stage,
-        splits=config.splits,
-        cam_bg_threshold=config.cam_bg_threshold,
-    )
+    run = _Run(config, inference, checkpoint, source, input_loc, output_loc, report)
     units = units_mod.enumerate_units(input_loc, source, splits=config.splits)
-    total_rows = sum(u.rows for u in units)
-    selected = sum(u.selected for u in units)
-    if selected == 0:
+    if sum(u.selected for u in units) == 0:
         raise ValueError(
             f"{input_loc.uri} holds no rows in split(s) {list(config.splits or [])} "
-            f"({total_rows} rows in all)"
+            f"({sum(u.rows for u in units)} rows in all)"
         )
-    records = units_mod.read_valid_records(out, units) if out.state is StageState.RESUME else {}
+    records = resume(out, {u.name: u for u in units}, units_mod.record_matches)
+    report(run.start_line(units, records))
+    pool = _Pool(actor_pool_size, cpus_per_actor, num_cpus_per_task, batch_size, use_gpu)
     todo = [u for u in units if u.name not in records]
-    report(
-        f"pseudo_masks: {selected} of {total_rows} rows in split(s) "
-        f"{'all' if config.splits is None else ','.join(config.splits)} from {input_loc.uri}; "
-        f"{len(inference.scales)} scale(s){' x flip' if inference.flip else ''}, "
-        f"{'restricted to image classes' if inference.restrict_to_image_classes else 'all classes'}"
-        f", CRF {'on' if config.use_crf else 'off'}; checkpoint {checkpoint.sha256[:12]}"
-        + (f"; resuming: {len(records)} of {len(units)} units already done" if records else "")
-    )
-    run = _run_units(
-        todo,
-        records,
-        input_loc=input_loc,
-        output_loc=output_loc,
-        checkpoint=checkpoint,
-        spec=spec,
-        inference=inference,
-        crf=inference.crf if config.use_crf else None,
-        actor_pool_size=actor_pool_size,
-        cpus_per_actor=cpus_per_actor,
-        num_cpus_per_task=num_cpus_per_task,
-        batch_size=batch_size,
-        use_gpu=use_gpu,
-        progress_every=progress_every,
-        report=report,
-    )
+    timing = _run_units(run, todo, records, pool, progress_every)
+    return _gate_and_commit(run, out, units, records, timing, started)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every step of one run reads: options, model, input and output."""
+
+    config: PseudoMaskConfig
+    inference: InferenceConfig
+    checkpoint: VerifiedCheckpoint
+    source: Manifest
+    input_loc: Location
+    output_loc: Location
+    report: Callable[[str], Any]
+
+    @property
+    def spec(self) -> RowSpec:
+        return RowSpec(
+            num_classes=len(self.source.class_names),
+            input_stage=self.source.stage,
+            splits=self.config.splits,
+            cam_bg_threshold=self.config.cam_bg_threshold,
+        )
+
+    @property
+    def crf(self) -> CRFConfig | None:
+        return self.inference.crf if self.config.use_crf else None
+
+    def start_line(self, units: Sequence[PseudoUnit], records: Mapping[str, Any]) -> str:
+        config, inference = self.config, self.inference
+        classes = "restricted to image" if inference.restrict_to_image_classes else "all"
+        total_rows, selected = sum(u.rows for u in units), sum(u.selected for u in units)
+        return (
+            f"pseudo_masks: {selected} of {total_rows} rows in split(s) "
+            f"{'all' if config.splits is None else ','.join(config.splits)} from "
+            f"{self.input_loc.uri}; {len(inference.scales)} scale(s)"
+            f"{' x flip' if inference.flip else ''}, "
+            f"{classes} classes, CRF {'on' if config.use_crf else 'off'}; "
+            f"checkpoint {self.checkpoint.sha256[:12]}"
+            + (f"; resuming: {len(records)} of {len(units)} units already done" if records else "")
+        )
+
+
+def _gate_and_commit(
+    run: _Run,
+    out: StageOutput,
+    units: Sequence[PseudoUnit],
+    records: Mapping[str, dict[str, Any]],
+    run_timing: Mapping[str, Any],
+    started: float,
+) -> PseudoMaskResult:
+    """Sums the units' records, applies the error gate, writes the report and commits."""
     ordered = [records[u.name] for u in units]
+    tally = tally_records(ordered)
+    total_rows, selected = sum(u.rows for u in units), sum(u.selected for u in units)
     counts = {
         "input": total_rows,
         "selected": selected,
         "skipped": total_rows - selected,
-        "output": sum(r["output"] for r in ordered),
-        "quarantined": sum(r["quarantined"] for r in ordered),
+        "output": tally.output,
+        "quarantined": tally.quarantined,
     }
-    if counts["output"] + counts["quarantined"] != selected:
+    if tally.output + tally.quarantined != selected:
         raise RuntimeError(f"row counts do not add up: {counts}")
-    reasons: Counter[str] = Counter()
-    for r in ordered:
-        reasons.update(r["reasons"])
+    source, config, baseline = run.source, run.config, run.spec.baseline
     metrics = units_mod.build_metrics(
         ordered,
         class_names=source.class_names,
         class_space=source.class_space,
-        baseline=spec.baseline,
+        baseline=baseline,
         bg_threshold=config.cam_bg_threshold,
     )
-    timing = dict(seconds=time.monotonic() - started, **run)
-    fraction = counts["quarantined"] / selected
-    summary = ", ".join(f"{k}: {v}" for k, v in reasons.most_common(5))
-    if fraction > config.max_error_fraction:
-        message = (
-            f"{counts['quarantined']} of {selected} rows quarantined ({fraction:.1%} > "
-            f"max_error_fraction {config.max_error_fraction:.1%}): {summary}; see "
-            f"{output_loc.child('quarantine').uri} (outputs kept, no _SUCCESS written)"
-        )
-        report(f"pseudo_masks: FAILED: {redact(message)}")
-        return PseudoMaskResult(output_loc.uri, counts, metrics, False, message, **timing)
-
+    timing = dict(seconds=time.monotonic() - started, **run_timing)
+    uri = run.output_loc.uri
+    failure = error_gate(
+        STAGE, tally, selected, config.max_error_fraction, run.output_loc, run.report
+    )
+    if failure is not None:
+        return PseudoMaskResult(uri, counts, metrics, False, failure, **timing)
     report_files: list[FileEntry] = []
     if config.report_images:
         report_files = write_stage_report(
             ordered,
             count=config.report_images,
-            input_loc=input_loc,
+            input_loc=run.input_loc,
             source=source,
-            output_loc=output_loc,
+            output_loc=run.output_loc,
             bg_threshold=config.cam_bg_threshold,
-            checkpoint_sha256=checkpoint.sha256,
+            checkpoint_sha256=run.checkpoint.sha256,
             metrics=metrics,
-            report=report,
+            report=run.report,
         )
-    files = [FileEntry(**f) for r in ordered for f in r["files"]] + report_files
     out.commit(
-        files=files,
+        files=tally.files + report_files,
         counts=counts,
         class_names=source.class_names,
         class_space=source.class_space,
         metrics=metrics,
         extra={
             "checkpoint": {
-                "uri": checkpoint.uri,
-                "sha256": checkpoint.sha256,
-                "iteration": checkpoint.iteration,
+                "uri": run.checkpoint.uri,
+                "sha256": run.checkpoint.sha256,
+                "iteration": run.checkpoint.iteration,
             },
             "report": [f.path for f in report_files],
-            "quarantine_reasons": dict(reasons),
+            "quarantine_reasons": dict(tally.reasons),
             "units": len(units),
         },
     )
@@ -274,37 +272,63 @@ def run_pseudo_masks(
     if metrics is not None:
         scores = (
             f"; mIoU ({source.class_space}, {metrics['gt_images']} images with GT): "
-            f"{spec.baseline.replace('_', ' ')} {_pct(metrics[spec.baseline]['miou'])}, "
-            f"pseudo masks {_pct(metrics['pseudo_masks']['miou'])}"
+            f"{baseline.replace('_', ' ')} {pct(metrics[baseline]['miou'])}, "
+            f"pseudo masks {pct(metrics['pseudo_masks']['miou'])}"
         )
     message = (
         f"pseudo_masks: {counts['output']} masks, {counts['quarantined']} quarantined"
-        f"{(' (' + summary + ')') if summary else ''}, {counts['skipped']} rows of other splits "
-        f"skipped{scores}; {output_loc.uri} ({timing['seconds']:.0f} s)"
+        f"{tally.summary_suffix()}, {counts['skipped']} rows of other splits "
+        f"skipped{scores}; {uri} ({timing['seconds']:.0f} s)"
     )
-    report(message)
-    return PseudoMaskResult(output_loc.uri, counts, metrics, True, message, **timing)
+    run.report(message)
+    return PseudoMaskResult(uri, counts, metrics, True, message, **timing)
+
+
+def _read_source(input_loc: Location) -> Manifest:
+    source = read_manifest(input_loc)
+    if source.stage not in ("ingest", "refine"):
+        raise ValueError(
+            f"{input_loc.uri} is a {source.stage!r} output, not an ingest or refine output"
+        )
+    return source
+
+
+def _resolve_inference(
+    config: PseudoMaskConfig, checkpoint: VerifiedCheckpoint, source: Manifest
+) -> InferenceConfig:
+    """The checkpoint's inference settings with the stage's options over them."""
+    from weakclip.config import WeakCLIPConfig, from_dict
+
+    model_config = from_dict(checkpoint.config, WeakCLIPConfig)
+    return config.inference(model_config.inference, source.class_space)
+
+
+@dataclass(frozen=True)
+class _Pool:
+    """How the pipeline is spread over the cluster (see `run_pseudo_masks`' arguments)."""
+
+    actor_pool_size: int
+    cpus_per_actor: float
+    num_cpus_per_task: float
+    batch_size: int | None
+    use_gpu: bool | None
 
 
 def _run_units(
+    run: _Run,
     todo: Sequence[PseudoUnit],
     records: dict[str, dict[str, Any]],
-    *,
-    input_loc: Any,
-    output_loc: Any,
-    checkpoint: VerifiedCheckpoint,
-    spec: RowSpec,
-    inference: InferenceConfig,
-    crf: CRFConfig | None,
-    actor_pool_size: int,
-    cpus_per_actor: float,
-    num_cpus_per_task: float,
-    batch_size: int | None,
-    use_gpu: bool | None,
+    pool_config: _Pool,
     progress_every: int | None,
-    report: Callable[[str], Any],
 ) -> dict[str, Any]:
     """Streams the units without a record through the three stages; fills `records`."""
+    input_loc, output_loc, checkpoint, report = (
+        run.input_loc,
+        run.output_loc,
+        run.checkpoint,
+        run.report,
+    )
+    spec, inference, crf = run.spec, run.inference, run.crf
     timing: dict[str, Any] = dict(
         pipeline_seconds=0.0, infer_seconds=0.0, crf_seconds=0.0, images_run=0
     )
@@ -319,6 +343,9 @@ def _run_units(
     from pipelines.pseudo_masks.infer import MaskPredictor
     from pipelines.pseudo_masks.rows import postprocess_rows, read_unit
 
+    actor_pool_size, cpus_per_actor = pool_config.actor_pool_size, pool_config.cpus_per_actor
+    num_cpus_per_task, batch_size = pool_config.num_cpus_per_task, pool_config.batch_size
+    use_gpu = pool_config.use_gpu
     if use_gpu is None:
         use_gpu = float(ray.cluster_resources().get("GPU", 0)) > 0
     checkpoint_ref = ray.put(checkpoint.data)
@@ -401,11 +428,3 @@ def _run_units(
     timing["images_run"] = done
     timing["actor_memory_mb"] = memory
     return timing
-
-
-def _pct(value: float | None) -> str:
-    return (
-        "n/a"
-        if value is None or (isinstance(value, float) and math.isnan(value))
-        else (f"{100 * value:.1f}")
-    )

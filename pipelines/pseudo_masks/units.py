@@ -6,18 +6,16 @@ that gives every unit's number of rows in the chosen splits (what the unit must 
 it is complete) and finds repeated image ids, whose later copies are quarantined rather than
 written over the first one's mask. When all rows of a unit are back, `finish_unit` writes its
 index shard and quarantine file, and last its record `_units/<unit>.json`, which lists every
-file of the unit (masks included) with its size; a resumed run trusts a record only when all
-of those files are still there with those sizes.
+file of the unit (masks included) with its size; a resumed run trusts a record only when it
+`record_matches` its unit and all of those files are still there with those sizes
+(`pipelines.units.resume`).
 """
 
 from __future__ import annotations
 
 import json
-import math
-import posixpath
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any
 
@@ -26,9 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.io import schema
-from pipelines.io.manifest import Manifest, Quarantine, StageOutput, write_parquet
-from pipelines.io.storage import Location, read_json_objects, safe_relpath, write_bytes_atomic
-from pipelines.metrics import ConfusionAccumulator, score_from_confusion
+from pipelines.io.manifest import Manifest, Quarantine, write_parquet
+from pipelines.io.storage import Location, write_bytes_atomic
+from pipelines.metrics import NO_SPLIT, metrics_by_split, sum_by_split
 from pipelines.pseudo_masks.rows import (
     PseudoUnit,
     RowSpec,
@@ -37,10 +35,16 @@ from pipelines.pseudo_masks.rows import (
     mask_rel,
     to_sparse,
 )
+from pipelines.units import (
+    check_unit_names,
+    listed_shards,
+    map_shards,
+    reason_kind,
+    record_rel,
+    shard_rel,
+    unit_name,
+)
 
-UNIT_DIR = "_units"  # completion records (bookkeeping, not data files)
-SHARD_DIR = "shards"
-NO_SPLIT = "(none)"  # metrics key of rows without a split
 PSEUDO_MASK_SCHEMA = pa.schema(
     [
         (schema.IMAGE_ID, pa.string()),
@@ -57,21 +61,6 @@ _REQUIRED = {
     "ingest": (schema.IMAGE_ID, schema.IMAGE, schema.HEIGHT, schema.WIDTH, schema.CAM),
     "refine": (schema.IMAGE_ID, schema.IMAGE, schema.HEIGHT, schema.WIDTH, schema.SEED),
 }
-_THREADS = 16
-
-
-def unit_name(shard_path: str, row_group: int) -> str:
-    stem = posixpath.basename(shard_path)
-    stem = stem[: -len(".parquet")] if stem.endswith(".parquet") else stem
-    return f"{stem}-rg{row_group:04d}"
-
-
-def shard_rel(unit: str) -> str:
-    return f"{SHARD_DIR}/{unit}.parquet"
-
-
-def record_rel(unit: str) -> str:
-    return f"{UNIT_DIR}/{unit}.json"
 
 
 def enumerate_units(
@@ -82,7 +71,7 @@ def enumerate_units(
     Raises:
         ValueError: a shard lacks a required column, or two shards share a file name.
     """
-    shards = [f.path for f in manifest.entries(f"{SHARD_DIR}/") if f.path.endswith(".parquet")]
+    shards = listed_shards(manifest)
     required = _REQUIRED[manifest.stage]
 
     def scan(path: str) -> list[tuple[int, list[Any], list[Any]]]:
@@ -107,8 +96,7 @@ def enumerate_units(
                 groups.append((group, ids, split))
             return groups
 
-    with ThreadPoolExecutor(max_workers=min(_THREADS, max(1, len(shards)))) as pool:
-        scanned = list(pool.map(scan, shards))
+    scanned = map_shards(scan, shards)
     seen: set[str] = set()
     units = []
     for path, groups in zip(shards, scanned, strict=True):
@@ -125,40 +113,17 @@ def enumerate_units(
             units.append(
                 PseudoUnit(unit_name(path, group), path, group, len(ids), selected, duplicates)
             )
-    repeated = [n for n, c in Counter(u.name for u in units).items() if c > 1]
-    if repeated:
-        raise ValueError(
-            f"input shards share file names (units {repeated[:3]}): cannot name outputs"
-        )
-    for u in units:
-        safe_relpath(shard_rel(u.name))
+    check_unit_names(u.name for u in units)
     return units
 
 
-def read_valid_records(out: StageOutput, units: Iterable[PseudoUnit]) -> dict[str, dict[str, Any]]:
-    """Records of units an earlier attempt finished whose files are all still intact.
-
-    A torn record, one for another unit layout, or one whose files are missing or changed size
-    is ignored: that unit is redone (its masks overwritten under the same names).
-    """
-    wanted = {u.name: u for u in units}
-    found = read_json_objects(out.location, {name: record_rel(name) for name in wanted})
-    records = {}
-    for name, record in found.items():
-        layout = {key: field for key, field in asdict(wanted[name]).items() if key != "name"}
-        if record.get("unit") == name and all(
-            record.get(key) == field for key, field in layout.items()
-        ):
-            records[name] = record
-    if records:
-        listed = [f["path"] for r in records.values() for f in r["files"]]
-        sizes = out.existing(listed, check_parquet=False)
-        records = {
-            n: r
-            for n, r in records.items()
-            if all(sizes.get(f["path"]) == f["bytes"] for f in r["files"])
-        }
-    return records
+def record_matches(unit: PseudoUnit, record: Mapping[str, Any]) -> bool:
+    """Whether a record found on disk is this unit's (same name, shard, group, rows, splits,
+    duplicates); `pipelines.units.resume` then checks its files (masks included) are intact."""
+    layout = {key: field for key, field in asdict(unit).items() if key != "name"}
+    return record.get("unit") == unit.name and all(
+        record.get(key) == field for key, field in layout.items()
+    )
 
 
 def finish_unit(
@@ -235,7 +200,7 @@ def finish_unit(
         "quarantined": len(bad),
         "files": files,
         "images": [[r["image_id"], int(r["row"])] for r in good],
-        "reasons": dict(Counter(r["reason"].split(":")[0] for r in bad)),
+        "reasons": dict(Counter(reason_kind(r["reason"]) for r in bad)),
         "confusion": {
             split: {
                 key: (value if key == "images" else to_sparse(value)) for key, value in acc.items()
@@ -247,10 +212,6 @@ def finish_unit(
     }
     write_bytes_atomic(output_loc, record_rel(unit.name), json.dumps(record).encode())
     return record
-
-
-def _finite(value: float) -> float | None:
-    return None if math.isnan(value) else value
 
 
 def build_metrics(
@@ -266,41 +227,16 @@ def build_metrics(
     `pseudo_masks` and the baseline (`cam_argmax` for an ingest input, `seeds` for a refine
     input) are scored on the same images: every processed row with ground truth.
     """
-    k = len(class_names)
     keys = ("pseudo_masks", baseline)
-    totals: dict[str, dict[str, Any]] = {}
-    for record in records:
-        for split, conf in record["confusion"].items():
-            acc = totals.setdefault(
-                split, {"images": 0, **{key: ConfusionAccumulator(k) for key in keys}}
-            )
-            acc["images"] += conf["images"]
-            for key in keys:
-                add_sparse(acc[key].matrix, conf[key])
+    totals = sum_by_split(records, keys, len(class_names), add_sparse)
     if not totals:
         return None
-    result: dict[str, Any] = {
-        "class_space": class_space,
-        "num_classes": k,
-        "ground_truth": "every processed row with ground truth (per split under by_split)",
-        "gt_images": sum(acc["images"] for acc in totals.values()),
-    }
-    if baseline == "cam_argmax":
-        result["cam_argmax_bg_threshold"] = bg_threshold
-    for key in keys:
-        overall = np.zeros((k, k + 1), np.int64)
-        for acc in totals.values():
-            overall += acc[key].matrix
-        entry = score_from_confusion(overall).as_dict(list(class_names))
-        entry["miou"] = _finite(entry["miou"])
-        result[key] = entry
-    result["miou"] = result["pseudo_masks"]["miou"]
-    result["per_class_iou"] = result["pseudo_masks"]["per_class_iou"]
-    result["by_split"] = {
-        split: {
-            "images": acc["images"],
-            **{key: _finite(acc[key].score().miou) for key in keys},
-        }
-        for split, acc in sorted(totals.items())
-    }
-    return result
+    return metrics_by_split(
+        totals,
+        keys,
+        class_names,
+        class_space=class_space,
+        ground_truth="every processed row with ground truth (per split under by_split)",
+        headline="pseudo_masks",
+        extra={"cam_argmax_bg_threshold": bg_threshold} if baseline == "cam_argmax" else None,
+    )

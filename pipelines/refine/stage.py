@@ -28,15 +28,21 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pipelines.io.manifest import FileEntry, StageOutput, StageState, read_manifest
-from pipelines.io.storage import StorageOptions, redact, resolve
-from pipelines.refine.units import build_metrics, enumerate_units, read_records, refine_units
+from pipelines.io.manifest import Manifest, StageOutput, StageState, read_manifest
+from pipelines.io.storage import Location, StorageOptions, resolve
+from pipelines.refine.units import (
+    WorkUnit,
+    build_metrics,
+    enumerate_units,
+    record_matches,
+    refine_units,
+)
 from pipelines.seeds import METHODS, SeedConfig
+from pipelines.units import Tally, already_done, error_gate, pct, resume, run_tasks, tally_records
 
 log = logging.getLogger(__name__)
 
@@ -130,14 +136,9 @@ def run_refine(
         ValueError: the input is not an ingest output, or holds no rows.
         StageConflictError: the output holds another run (and not `overwrite`).
     """
-    import ray
-
     started = time.monotonic()
-    input_loc = resolve(input_uri, storage)
-    output_loc = resolve(output_uri, storage)
-    source = read_manifest(input_loc)
-    if source.stage != "ingest":
-        raise ValueError(f"{input_loc.uri} is a {source.stage!r} output, not an ingest output")
+    input_loc, output_loc = resolve(input_uri, storage), resolve(output_uri, storage)
+    source = _read_ingest_manifest(input_loc)
     seed_config = config.seed_config()
     out = StageOutput.open(
         output_loc,
@@ -147,123 +148,117 @@ def run_refine(
         overwrite=overwrite,
     )
     if out.state is StageState.DONE:
-        assert out.manifest is not None
-        report(out.done_message())
-        return RefineResult(
-            output_loc.uri,
-            dict(out.manifest.counts),
-            dict(out.manifest.metrics) if out.manifest.metrics else None,
-            True,
-            out.done_message(),
-            skipped=True,
-            seconds=time.monotonic() - started,
-        )
+        return RefineResult(**already_done(out, report), seconds=time.monotonic() - started)
 
     units = enumerate_units(input_loc, source)
     total_rows = sum(u.rows for u in units)
     if total_rows == 0:
         raise ValueError(f"{input_loc.uri} lists no rows to refine")
-    records = read_records(output_loc, units) if out.state is StageState.RESUME else {}
-    if records:  # a record whose files vanished or changed is redone
-        listed = [f["path"] for r in records.values() for f in r["files"]]
-        sizes = out.existing(listed, check_parquet=False)
-        records = {
-            n: r
-            for n, r in records.items()
-            if all(sizes.get(f["path"]) == f["bytes"] for f in r["files"])
-        }
+    records = resume(out, {u.name: u for u in units}, record_matches)
     todo = [u for u in units if u.name not in records]
     report(
         f"refine: {total_rows} rows in {len(units)} units from {input_loc.uri}; method "
         f"{seed_config.method}, class space {source.class_space} ({len(source.class_names)})"
         + (f"; resuming: {len(records)} of {len(units)} units already done" if records else "")
     )
-    every = progress_every or max(1, len(todo) // 20)
-    crf_s = task_s = 0.0
-    rows_run = 0
-    run_started = time.monotonic()
-    if todo:
-        items = [{"unit": json.dumps(asdict(u))} for u in todo]
-        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            refine_units,
-            batch_size=1,
-            num_cpus=num_cpus_per_task,
-            fn_kwargs={
-                "input_loc": input_loc,
-                "output_loc": output_loc,
-                "config": seed_config,
-                "num_classes": len(source.class_names),
-            },
-        )
-        done = 0
-        for row in ds.iter_rows():
-            record = json.loads(row["record"])
-            records[record["unit"]] = record
-            done += 1
-            rows_run += record["input_rows"]
-            crf_s += record["crf_s"]
-            task_s += record["task_s"]
-            if done % every == 0 or done == len(todo):
-                elapsed = time.monotonic() - run_started
-                report(
-                    f"refine: {done}/{len(todo)} units, {rows_run} images, "
-                    f"{rows_run / max(elapsed, 1e-9):.2f} images/s ({elapsed:.0f} s)"
-                )
+    fn_kwargs = {
+        "input_loc": input_loc,
+        "output_loc": output_loc,
+        "config": seed_config,
+        "num_classes": len(source.class_names),
+    }
+    timing = _run_units(todo, records, fn_kwargs, num_cpus_per_task, progress_every, report)
 
+    return _gate_and_commit(out, source, units, records, config, timing, started, report)
+
+
+def _gate_and_commit(
+    out: StageOutput,
+    source: Manifest,
+    units: Sequence[WorkUnit],
+    records: Mapping[str, dict[str, Any]],
+    config: RefineConfig,
+    timing: dict[str, Any],
+    started: float,
+    report: Callable[[str], Any],
+) -> RefineResult:
+    """Sums the units' records and their metrics, gates on the quarantined share, commits."""
+    output_loc, total_rows = out.location, sum(u.rows for u in units)
     ordered = [records[u.name] for u in units]
-    files = [FileEntry(**f) for r in ordered for f in r["files"]]
-    good = sum(r["output"] for r in ordered)
-    bad = sum(r["quarantined"] for r in ordered)
-    counts = {"input": total_rows, "output": good, "quarantined": bad}
-    if good + bad != total_rows:
+    tally = tally_records(ordered)
+    counts = {"input": total_rows, "output": tally.output, "quarantined": tally.quarantined}
+    if tally.output + tally.quarantined != total_rows:
         raise RuntimeError(f"row counts do not add up: {counts}")
-    reasons: Counter[str] = Counter()
-    for r in ordered:
-        reasons.update(r["reasons"])
     metrics = build_metrics(
         ordered,
         class_names=source.class_names,
         class_space=source.class_space,
-        bg_threshold=seed_config.bg_threshold,
+        bg_threshold=config.seed_config().bg_threshold,
     )
-    timing = dict(
-        seconds=time.monotonic() - started,
-        crf_seconds=crf_s,
-        task_seconds=task_s,
-        units_run=len(todo),
-        rows_run=rows_run,
-    )
-    fraction = bad / total_rows
-    summary = ", ".join(f"{k}: {v}" for k, v in reasons.most_common(5))
-    if fraction > config.max_error_fraction:
-        message = (
-            f"{bad} of {total_rows} rows quarantined ({fraction:.1%} > max_error_fraction "
-            f"{config.max_error_fraction:.1%}): {summary}; see "
-            f"{output_loc.child('quarantine').uri} (outputs kept, no _SUCCESS written)"
-        )
-        report(f"refine: FAILED: {redact(message)}")
-        return RefineResult(output_loc.uri, counts, metrics, False, message, **timing)
+    timing["seconds"] = time.monotonic() - started
+    failure = error_gate("refine", tally, total_rows, config.max_error_fraction, output_loc, report)
+    if failure is not None:
+        return RefineResult(output_loc.uri, counts, metrics, False, failure, **timing)
     out.commit(
-        files=files,
+        files=tally.files,
         counts=counts,
         class_names=source.class_names,
         class_space=source.class_space,
         metrics=metrics,
-        extra={"quarantine_reasons": dict(reasons), "units": len(units)},
+        extra={"quarantine_reasons": dict(tally.reasons), "units": len(units)},
     )
-    scores = ""
-    if metrics is not None:
-        scores = (
-            f"; mIoU ({source.class_space}, {metrics['gt_images']} images with GT): CAM argmax "
-            f"{_pct(metrics['cam_argmax']['miou'])}, seeds {_pct(metrics['seeds']['miou'])}"
-        )
-    message = (
-        f"refine: {good} rows, {bad} quarantined{(' (' + summary + ')') if summary else ''}"
-        f"{scores}; {output_loc.uri} ({timing['seconds']:.0f} s)"
-    )
+    message = _done_line(tally, metrics, source.class_space, output_loc.uri, timing["seconds"])
     report(message)
     return RefineResult(output_loc.uri, counts, metrics, True, message, **timing)
 
 
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}"
+def _read_ingest_manifest(input_loc: Location) -> Manifest:
+    source = read_manifest(input_loc)
+    if source.stage != "ingest":
+        raise ValueError(f"{input_loc.uri} is a {source.stage!r} output, not an ingest output")
+    return source
+
+
+def _run_units(
+    todo: Sequence[WorkUnit],
+    records: dict[str, dict[str, Any]],
+    fn_kwargs: Mapping[str, Any],
+    num_cpus_per_task: float,
+    progress_every: int | None,
+    report: Callable[[str], Any],
+) -> dict[str, Any]:
+    """One Ray task per unit without a record; fills `records`, returns this call's timings."""
+    every = progress_every or max(1, len(todo) // 20)
+    crf_s = task_s = 0.0
+    rows_run = done = 0
+    run_started = time.monotonic()
+    items = [{"unit": json.dumps(asdict(u))} for u in todo]
+    for row in run_tasks(items, refine_units, num_cpus=num_cpus_per_task, fn_kwargs=fn_kwargs):
+        record = json.loads(row["record"])
+        records[record["unit"]] = record
+        done += 1
+        rows_run += record["input_rows"]
+        crf_s += record["crf_s"]
+        task_s += record["task_s"]
+        if done % every == 0 or done == len(todo):
+            elapsed = time.monotonic() - run_started
+            report(
+                f"refine: {done}/{len(todo)} units, {rows_run} images, "
+                f"{rows_run / max(elapsed, 1e-9):.2f} images/s ({elapsed:.0f} s)"
+            )
+    return dict(crf_seconds=crf_s, task_seconds=task_s, units_run=len(todo), rows_run=rows_run)
+
+
+def _done_line(
+    tally: Tally, metrics: Mapping[str, Any] | None, space: str, uri: str, seconds: float
+) -> str:
+    scores = ""
+    if metrics is not None:
+        scores = (
+            f"; mIoU ({space}, {metrics['gt_images']} images with GT): CAM argmax "
+            f"{pct(metrics['cam_argmax']['miou'])}, seeds {pct(metrics['seeds']['miou'])}"
+        )
+    return (
+        f"refine: {tally.output} rows, {tally.quarantined} quarantined{tally.summary_suffix()}"
+        f"{scores}; {uri} ({seconds:.0f} s)"
+    )

@@ -4,19 +4,17 @@
 (shard, row group). `process_unit` refines its rows (`pipelines.refine.rows`) and writes
 `shards/<unit>.parquet`, `quarantine/<unit>.parquet` for rows it could not refine, and last
 the completion record `_units/<unit>.json` (rows, files, per-split confusion matrices,
-timings); `read_records` reads back what an earlier attempt finished, and `build_metrics`
-sums the records' confusion matrices into the manifest's metrics.
+timings); `record_matches` tells whether an earlier attempt's record is for this unit
+(`pipelines.units.resume`), and `build_metrics` sums the records' confusion matrices into the
+manifest's metrics. Names, records and resumption are `pipelines.units`'.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import posixpath
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -27,14 +25,21 @@ import pyarrow.parquet as pq
 from pipelines.io import schema
 from pipelines.io.manifest import Manifest, Quarantine, write_parquet
 from pipelines.io.rows import RowRejected
-from pipelines.io.storage import Location, read_json_objects, safe_relpath, write_bytes_atomic
-from pipelines.metrics import ConfusionAccumulator
+from pipelines.io.storage import Location, write_bytes_atomic
+from pipelines.metrics import NO_SPLIT, ConfusionAccumulator, metrics_by_split, sum_by_split
 from pipelines.refine.rows import REFINE_SCHEMA, refine_row
 from pipelines.seeds import SeedConfig
+from pipelines.units import (
+    check_unit_names,
+    listed_shards,
+    map_shards,
+    reason_kind,
+    record_rel,
+    shard_rel,
+    unit_name,
+)
 
-UNIT_DIR = "_units"  # completion records of finished units (bookkeeping, not data files)
-SHARD_DIR = "shards"
-NO_SPLIT = "(none)"  # metrics key of rows without a split
+__all__ = ["WorkUnit", "enumerate_units", "process_unit", "record_rel", "shard_rel"]
 _REQUIRED_COLUMNS = (
     schema.IMAGE_ID,
     schema.IMAGE,
@@ -45,7 +50,6 @@ _REQUIRED_COLUMNS = (
     schema.CAM_CLASSES,
     schema.GT,
 )
-_FOOTER_THREADS = 16
 
 
 @dataclass(frozen=True)
@@ -56,20 +60,6 @@ class WorkUnit:
     path: str  # input shard, relative to the input directory
     row_group: int
     rows: int
-
-
-def unit_name(shard_path: str, row_group: int) -> str:
-    stem = posixpath.basename(shard_path)
-    stem = stem[: -len(".parquet")] if stem.endswith(".parquet") else stem
-    return f"{stem}-rg{row_group:04d}"
-
-
-def shard_rel(unit: str) -> str:
-    return f"{SHARD_DIR}/{unit}.parquet"
-
-
-def record_rel(unit: str) -> str:
-    return f"{UNIT_DIR}/{unit}.json"
 
 
 def _read_row_group(input_loc: Location, unit: WorkUnit) -> pa.Table:
@@ -113,7 +103,7 @@ def process_unit(
         except RowRejected as exc:
             source = row.get(schema.SOURCE) or f"{unit.path}#rg{unit.row_group}"
             quarantine.add(str(row.get(schema.IMAGE_ID)), str(source), exc.reason)
-            reasons[_reason_kind(exc.reason)] += 1
+            reasons[reason_kind(exc.reason)] += 1
             bad += 1
             continue
         rows.append(refined.columns)
@@ -184,17 +174,12 @@ def refine_units(
     return {"record": np.asarray(records, dtype=object)}
 
 
-def _reason_kind(reason: str) -> str:
-    return reason.split(":")[0]
-
-
 def enumerate_units(input_loc: Location, manifest: Manifest) -> list[WorkUnit]:
     """One unit per row group of every shard the ingest manifest lists (footers only).
 
     Raises:
         ValueError: a listed shard lacks an ingest column, or two shards share a file name.
     """
-    shards = [f.path for f in manifest.entries(f"{SHARD_DIR}/") if f.path.endswith(".parquet")]
 
     def footer(path: str) -> list[WorkUnit]:
         try:
@@ -211,16 +196,8 @@ def enumerate_units(input_loc: Location, manifest: Manifest) -> list[WorkUnit]:
             for i in range(meta.num_row_groups)
         ]
 
-    with ThreadPoolExecutor(max_workers=min(_FOOTER_THREADS, max(1, len(shards)))) as pool:
-        units = [u for found in pool.map(footer, shards) for u in found]
-    names = Counter(u.name for u in units)
-    repeated = [n for n, c in names.items() if c > 1]
-    if repeated:
-        raise ValueError(
-            f"input shards share file names (units {repeated[:3]}): cannot name outputs"
-        )
-    for u in units:
-        safe_relpath(shard_rel(u.name))
+    units = [u for found in map_shards(footer, listed_shards(manifest)) for u in found]
+    check_unit_names(u.name for u in units)
     return units
 
 
@@ -235,28 +212,14 @@ def _unreadable(input_loc: Location, path: str, exc: BaseException, where: str =
     return OSError(message) if isinstance(exc, OSError) else ValueError(message)
 
 
-def read_records(output_loc: Location, units: Iterable[WorkUnit]) -> dict[str, dict[str, Any]]:
-    """Completion records of units an earlier attempt finished (one batched read).
-
-    A record that is torn or does not match its unit is ignored: the unit is redone.
-    """
-    wanted = {u.name: u for u in units}
-    found = read_json_objects(output_loc, {name: record_rel(name) for name in wanted})
-    records = {}
-    for name, record in found.items():
-        unit = wanted[name]
-        if (
-            record.get("unit") == name
-            and record.get("path") == unit.path
-            and record.get("row_group") == unit.row_group
-            and record.get("input_rows") == unit.rows
-        ):
-            records[name] = record
-    return records
-
-
-def _finite(value: float) -> float | None:
-    return None if math.isnan(value) else value
+def record_matches(unit: WorkUnit, record: Mapping[str, Any]) -> bool:
+    """Whether a completion record found on disk is this unit's (same shard, group, rows)."""
+    return (
+        record.get("unit") == unit.name
+        and record.get("path") == unit.path
+        and record.get("row_group") == unit.row_group
+        and record.get("input_rows") == unit.rows
+    )
 
 
 def build_metrics(
@@ -267,47 +230,23 @@ def build_metrics(
     bg_threshold: float,
 ) -> dict[str, Any] | None:
     """Manifest metrics from the units' confusion matrices; None when no row has GT."""
-    k = len(class_names)
-    totals: dict[str, dict[str, Any]] = {}
-    for record in records:
-        for split, conf in record["confusion"].items():
-            acc = totals.setdefault(
-                split,
-                {
-                    "images": 0,
-                    "cam_argmax": ConfusionAccumulator(k),
-                    "seeds": ConfusionAccumulator(k),
-                },
-            )
-            acc["images"] += conf["images"]
-            for key in ("cam_argmax", "seeds"):
-                acc[key].merge(np.asarray(conf[key], dtype=np.int64))
+    keys = ("cam_argmax", "seeds")
+    totals = sum_by_split(records, keys, len(class_names), _add_dense)
     if not totals:
         return None
-    overall = {key: ConfusionAccumulator(k) for key in ("cam_argmax", "seeds")}
-    for acc in totals.values():
-        for key in overall:
-            overall[key].merge(acc[key].matrix)
-    scores = {key: acc.score() for key, acc in overall.items()}
-    result: dict[str, Any] = {
-        "class_space": class_space,
-        "num_classes": k,
-        "ground_truth": "every row with ground truth, all splits (per split under by_split)",
-        "gt_images": sum(acc["images"] for acc in totals.values()),
-        "cam_argmax_bg_threshold": bg_threshold,
-    }
-    for key, score in scores.items():
-        entry = score.as_dict(list(class_names))
-        entry["miou"] = _finite(entry["miou"])
-        result[key] = entry
-    result["miou"] = result["seeds"]["miou"]
-    result["per_class_iou"] = result["seeds"]["per_class_iou"]
-    result["by_split"] = {
-        split: {
-            "images": acc["images"],
-            "cam_argmax": _finite(acc["cam_argmax"].score().miou),
-            "seeds": _finite(acc["seeds"].score().miou),
-        }
-        for split, acc in sorted(totals.items())
-    }
-    return result
+    return metrics_by_split(
+        totals,
+        keys,
+        class_names,
+        class_space=class_space,
+        ground_truth="every row with ground truth, all splits (per split under by_split)",
+        headline="seeds",
+        extra={"cam_argmax_bg_threshold": bg_threshold},
+    )
+
+
+def _add_dense(matrix: np.ndarray, counts: Sequence[Sequence[int]]) -> None:
+    dense = np.asarray(counts, dtype=np.int64)
+    if dense.shape != matrix.shape:
+        raise ValueError(f"confusion matrix of shape {dense.shape}, expected {matrix.shape}")
+    matrix += dense

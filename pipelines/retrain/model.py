@@ -34,7 +34,7 @@ from torchvision.models.resnet import BasicBlock, conv1x1
 from torchvision.models.segmentation.deeplabv3 import ASPP, DeepLabV3
 
 from pipelines.training.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
-from pipelines.training.checkpoint import load_weights_only
+from pipelines.training.checkpoint import load_weights_only, read_export_payload
 
 ARCHITECTURES = ("small", "resnet50", "resnet101", "mobilenet_v3_large")
 EXPORT_FORMAT = "weakclip-retrain-v1"
@@ -220,12 +220,9 @@ def export_model(
 
 def read_export(path: str) -> dict[str, Any]:
     """The `model.pt` payload, read with `weights_only=True` and checked."""
-    payload = load_weights_only(path, what="retrained-model export")
-    if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{path!r} is not a retrained-model export ({EXPORT_FORMAT})")
-    names = payload.get("class_names")
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise ValueError(f"{path!r}: class_names must be a list of strings")
+    payload = read_export_payload(
+        path, fmt=EXPORT_FORMAT, kind="retrained-model", loading_as="retrained-model export"
+    )
     if payload.get("architecture") not in ARCHITECTURES:
         raise ValueError(f"{path!r}: unknown architecture {payload.get('architecture')!r}")
     return payload

@@ -302,23 +302,7 @@ def run_retrain(
             f"quarantined, see {output.child('quarantine').uri})"
         )
     start = run.start_iteration
-    epochs = epochs_needed(
-        rows=len(rows.train),
-        batch_size=config.batch_size,
-        start_iteration=start,
-        iterations=config.iterations,
-    )
-    dataset = data.build_retrain_dataset(
-        source,
-        masks=pseudo.location,
-        train=rows.train,
-        groups=rows.groups,
-        augment=config.augment(),
-        seed=config.seed,
-        start_epoch=(start * config.batch_size) // len(rows.train),
-        epochs=epochs,
-        num_cpus_per_task=options.num_cpus_per_task,
-    )
+    dataset = _dataset(config, options, pseudo, source, rows, start)
     gpu = use_gpu(options.use_gpu)
     loop_config = {
         "config": config,
@@ -362,6 +346,34 @@ def run_retrain(
         log=log,
     )
     return RetrainResult(manifest, dict(manifest.metrics or {}), start, config.iterations)
+
+
+def _dataset(
+    config: RetrainConfig,
+    options: RetrainOptions,
+    pseudo: mf.Manifest,
+    source: mf.Manifest,
+    rows: Any,
+    start: int,
+) -> Any:
+    """The Ray Data pipeline of the epochs still to run from iteration `start`."""
+    epochs = epochs_needed(
+        rows=len(rows.train),
+        batch_size=config.batch_size,
+        start_iteration=start,
+        iterations=config.iterations,
+    )
+    return data.build_retrain_dataset(
+        source,
+        masks=pseudo.location,
+        train=rows.train,
+        groups=rows.groups,
+        augment=config.augment(),
+        seed=config.seed,
+        start_epoch=(start * config.batch_size) // len(rows.train),
+        epochs=epochs,
+        num_cpus_per_task=options.num_cpus_per_task,
+    )
 
 
 def _finish(

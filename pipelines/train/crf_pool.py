@@ -29,21 +29,14 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.seeds import crf_kwargs
 from weakclip.config import CRFConfig
 from weakclip.crf import boundary_crf_targets
 
 
 def crf_params(crf: CRFConfig, *, prob_floor: float) -> dict[str, float]:
     """Keyword arguments of `boundary_crf_targets` for a CRF config."""
-    return {
-        "iterations": crf.iterations,
-        "gaussian_sxy": crf.gaussian_sxy,
-        "gaussian_compat": crf.gaussian_compat,
-        "bilateral_sxy": crf.bilateral_sxy,
-        "bilateral_srgb": crf.bilateral_srgb,
-        "bilateral_compat": crf.bilateral_compat,
-        "prob_floor": prob_floor,
-    }
+    return {**crf_kwargs(crf), "prob_floor": prob_floor}
 
 
 def _noop() -> int:

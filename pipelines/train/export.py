@@ -17,8 +17,8 @@ from torch import nn
 from pipelines.io.schema import EXPORT_FORMAT
 from pipelines.training.checkpoint import (
     frozen_parameter_names,
-    load_weights_only,
     read_clip_state,
+    read_export_payload,
     read_meta,
     read_train_state,
 )
@@ -106,13 +106,7 @@ def export_model(
 
 def read_export(path: str) -> dict[str, Any]:
     """The `model.pt` payload, read with `weights_only=True` and checked."""
-    payload = load_weights_only(path, what="model export")
-    if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{path!r} is not a WeakCLIP export ({EXPORT_FORMAT})")
-    names = payload.get("class_names")
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise ValueError(f"{path!r}: class_names must be a list of strings")
-    return payload
+    return read_export_payload(path, fmt=EXPORT_FORMAT, kind="WeakCLIP", loading_as="model export")
 
 
 def load_exported_model(path: str) -> WeakCLIP:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipelines.io import manifest as mf
-from pipelines.io.storage import Location, StorageOptions, redact, resolve, upload_file
+from pipelines.io.storage import Location, StorageOptions, resolve, upload_file
 from pipelines.io.storage import write_bytes_atomic as _write_atomic
 from pipelines.train import export
 from pipelines.training.run import (
@@ -146,23 +146,13 @@ def run_train(config: TrainJobConfig, *, log: Any = print) -> TrainResult:
         manifest.StageConflictError: the output holds a different run (and not `overwrite`).
         ValueError: bad input (not a refine output, no training rows).
     """
-    from pipelines.train import data as train_data
     from pipelines.train.loop import train_loop_per_worker
 
-    source = resolve(config.input, config.storage)
     output = resolve(config.output, config.storage)
-    input_manifest = mf.read_manifest(source)
-    if input_manifest.stage != "refine":
-        raise ValueError(f"--input must be a refine output, {source.uri} is {input_manifest.stage}")
+    input_manifest, files = _read_input(config)
     class_names = list(input_manifest.class_names)
-    files = [source.child(entry.path) for entry in input_manifest.entries("shards/")]
-    if not files:
-        raise ValueError(f"{source.uri}: the manifest lists no shards/")
-
-    clip_location = resolve(config.clip_weights, config.storage) if config.clip_weights else None
-    clip_sha256 = sha256_of(clip_location) if clip_location else None
-    clip_uri = clip_location.uri if clip_location else None
-    signature = run_signature(config.model, class_names, clip_uri, clip_sha256)
+    clip = _Clip.resolve(config)
+    signature = run_signature(config.model, class_names, clip.uri, clip.sha256)
     iterations = config.model.train.iterations
     run = open_run(
         output,
@@ -179,33 +169,97 @@ def run_train(config: TrainJobConfig, *, log: Any = print) -> TrainResult:
         assert stage.manifest is not None
         return TrainResult(stage.manifest, start_iteration, iterations, skipped=True)
 
-    rows, train_only = train_data.count_training_rows(files)
-    epochs = epochs_needed(
-        rows=rows,
-        batch_size=config.model.train.batch_size,
-        start_iteration=start_iteration,
-        iterations=iterations,
+    gpu = use_gpu(config.use_gpu)
+    rows, dataset = _dataset(config, files, len(class_names), start_iteration)
+    started = time.perf_counter()
+    checkpoint = fit(
+        train_loop_per_worker,
+        _loop_config(config, class_names, clip, signature, gpu, output),
+        output=output,
+        num_workers=config.num_workers,
+        gpu=gpu,
+        cpus_per_worker=config.cpus_per_worker,
+        max_failures=config.max_failures,
+        datasets={"train": dataset},
     )
-    start_epoch = (start_iteration * config.model.train.batch_size) // rows
+    seconds = time.perf_counter() - started
+    manifest = _finish(config, stage, output, checkpoint, clip, input_manifest, rows, seconds)
+    return TrainResult(manifest, start_iteration, iterations)
+
+
+def _read_input(config: TrainJobConfig) -> tuple[mf.Manifest, list[Location]]:
+    """The input refine manifest and the shards it lists.
+
+    Raises:
+        ValueError: not a refine output, or no shards listed.
+    """
+    source = resolve(config.input, config.storage)
+    input_manifest = mf.read_manifest(source)
+    if input_manifest.stage != "refine":
+        raise ValueError(f"--input must be a refine output, {source.uri} is {input_manifest.stage}")
+    files = [source.child(entry.path) for entry in input_manifest.entries("shards/")]
+    if not files:
+        raise ValueError(f"{source.uri}: the manifest lists no shards/")
+    return input_manifest, files
+
+
+@dataclass(frozen=True)
+class _Clip:
+    """The CLIP weights a run starts from (all None: random initialisation)."""
+
+    location: Location | None
+    sha256: str | None
+    uri: str | None
+
+    @classmethod
+    def resolve(cls, config: TrainJobConfig) -> _Clip:
+        if not config.clip_weights:
+            return cls(None, None, None)
+        location = resolve(config.clip_weights, config.storage)
+        return cls(location, sha256_of(location), location.uri)
+
+
+def _dataset(
+    config: TrainJobConfig, files: list[Location], num_classes: int, start_iteration: int
+) -> tuple[int, Any]:
+    """The training rows and the Ray Data pipeline of the epochs still to run."""
+    from pipelines.train import data as train_data
+
+    rows, train_only = train_data.count_training_rows(files)
+    iterations, batch_size = config.model.train.iterations, config.model.train.batch_size
+    epochs = epochs_needed(
+        rows=rows, batch_size=batch_size, start_iteration=start_iteration, iterations=iterations
+    )
     dataset = train_data.build_train_dataset(
         files,
         model_config=config.model,
-        num_classes=len(class_names),
+        num_classes=num_classes,
         train_only=train_only,
-        start_epoch=start_epoch,
+        start_epoch=(start_iteration * batch_size) // rows,
         epochs=epochs,
         num_cpus_per_task=config.num_cpus_per_task,
     )
-    gpu = use_gpu(config.use_gpu)
+    return rows, dataset
+
+
+def _loop_config(
+    config: TrainJobConfig,
+    class_names: list[str],
+    clip: _Clip,
+    signature: dict[str, Any],
+    gpu: bool,
+    output: Location,
+) -> dict[str, Any]:
+    """What every worker's `train_loop_per_worker` receives."""
     crf_processes = config.crf_processes
     if crf_processes is None:
         crf_processes = min(config.micro_batch, 4) if gpu else 1
-    loop_config = {
+    return {
         "model_config": to_dict(config.model),
         "class_names": class_names,
-        "clip_weights": clip_location,
-        "clip_uri": clip_uri,
-        "clip_sha256": clip_sha256,
+        "clip_weights": clip.location,
+        "clip_uri": clip.uri,
+        "clip_sha256": clip.sha256,
         "signature": signature,
         "micro_batch_size": config.micro_batch,
         "accumulation_steps": config.per_worker_batch // config.micro_batch,
@@ -216,46 +270,20 @@ def run_train(config: TrainJobConfig, *, log: Any = print) -> TrainResult:
         "torch_threads": None if gpu else max(1, int(config.cpus_per_worker)),
         **failure_injection(output),
     }
-    started = time.perf_counter()
-    checkpoint = fit(
-        train_loop_per_worker,
-        loop_config,
-        output=output,
-        num_workers=config.num_workers,
-        gpu=gpu,
-        cpus_per_worker=config.cpus_per_worker,
-        max_failures=config.max_failures,
-        datasets={"train": dataset},
-    )
-    manifest = _finish(
-        config,
-        stage=stage,
-        output=output,
-        checkpoint=checkpoint,
-        clip_location=clip_location,
-        clip_sha256=clip_sha256,
-        class_names=class_names,
-        class_space=input_manifest.class_space,
-        rows=rows,
-        seconds=time.perf_counter() - started,
-    )
-    return TrainResult(manifest, start_iteration, iterations)
 
 
 def _finish(
     config: TrainJobConfig,
-    *,
     stage: mf.StageOutput,
     output: Location,
     checkpoint: Any,
-    clip_location: Location | None,
-    clip_sha256: str | None,
-    class_names: list[str],
-    class_space: str,
+    clip: _Clip,
+    input_manifest: mf.Manifest,
     rows: int,
     seconds: float,
 ) -> mf.Manifest:
     """Exports `model.pt` and `metrics.jsonl` from the last checkpoint, then commits."""
+    class_names = list(input_manifest.class_names)
     from pipelines.train.loop import fetch_clip_weights
     from pipelines.training import checkpoint as ckpt
 
@@ -269,7 +297,7 @@ def _finish(
         history = ckpt.read_metrics(directory)
         clip_path = None
         if ckpt.read_clip_state(directory) is None:
-            clip_path = fetch_clip_weights(clip_location, clip_sha256)
+            clip_path = fetch_clip_weights(clip.location, clip.sha256)
         model = export.load_checkpoint_model(directory, clip_weights=clip_path)
     with tempfile.TemporaryDirectory(prefix="weakclip-export-") as tmp:
         local = os.path.join(tmp, MODEL_FILE)
@@ -299,7 +327,7 @@ def _finish(
             "images_seen": iterations * config.model.train.batch_size,
         },
         class_names=class_names,
-        class_space=class_space,
+        class_space=input_manifest.class_space,
         metrics={k: v for k, v in last.items() if k.startswith("loss")},
         extra={
             "iterations": iterations,
@@ -310,11 +338,6 @@ def _finish(
     )
 
 
-def describe_error(error: BaseException) -> str:
-    """One line for stderr, credentials scrubbed."""
-    return redact(" ".join(str(error).split()) or type(error).__name__)
-
-
 __all__ = [
     "CHECKPOINTS",
     "FAIL_ENV",
@@ -323,7 +346,6 @@ __all__ = [
     "TrainJobConfig",
     "TrainRefused",
     "TrainResult",
-    "describe_error",
     "latest_checkpoint_iteration",
     "run_signature",
     "run_train",

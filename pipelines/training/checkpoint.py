@@ -59,6 +59,23 @@ def load_weights_only(path: str, *, what: str) -> Any:
         ) from None
 
 
+def read_export_payload(path: str, *, fmt: str, kind: str, loading_as: str) -> dict[str, Any]:
+    """A `model.pt` payload (train's or retrain's), read with `weights_only=True` and checked:
+    a dict with the format tag `fmt` and `class_names` a list of strings.
+
+    Raises:
+        ValueError: unloadable (`load_weights_only`, as `loading_as`), not a `kind` export,
+            or bad class names.
+    """
+    payload = load_weights_only(path, what=loading_as)
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        raise ValueError(f"{path!r} is not a {kind} export ({fmt})")
+    names = payload.get("class_names")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{path!r}: class_names must be a list of strings")
+    return payload
+
+
 def frozen_parameter_names(model: nn.Module) -> set[str]:
     """Names of the frozen CLIP parameters; call on a freshly built model.
 
