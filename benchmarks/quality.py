@@ -2,7 +2,7 @@
 
     python -m benchmarks.quality --output outputs/quality --num-images 60 --json quality.json
 
-For every family (`--family`, default all three): writes a dataset with `jobs.make_synthetic`,
+For every family (`--family`, default all five): writes a dataset with `jobs.make_synthetic`,
 runs `python -m jobs.pipeline --input ... --demo-settings` on it in its own process (its own
 local Ray instance, as a user would), and prints one table: CAM argmax, CRF seeds and pseudo
 masks (train split), the retrained model (val split), the pseudo masks' gain over the seeds,
@@ -14,7 +14,9 @@ Families:
   at 375 x 500;
 - `camouflage-voc`, `camouflage-coco91`: the second, independent generator (classes share
   colours and differ by shape and texture, camouflaged backgrounds, VOC-like sizes) in the VOC
-  21-class and COCO 91-id spaces.
+  21-class and COCO 91-id spaces;
+- `colours-voc`, `colours-coco91`: the camouflage scenes with each class in its own colour (the
+  colour-separable counterpart in the same class spaces and sizes).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ FAMILIES = {
         Family("shapes-voc-size", ("--height", "375", "--width", "500"), None),
         Family("camouflage-voc", ("--family", "camouflage", "--classes", "voc"), "voc"),
         Family("camouflage-coco91", ("--family", "camouflage", "--classes", "coco91"), "coco91"),
+        Family("colours-voc", ("--family", "colours", "--classes", "voc"), "voc"),
+        Family("colours-coco91", ("--family", "colours", "--classes", "coco91"), "coco91"),
     )
 }
 

@@ -4,9 +4,10 @@
     python -m jobs.make_synthetic --output out/camo --num-images 40 --seed 0 \
         --family camouflage --classes coco91
 
-Families: `shapes` (six custom classes, each its own colour, at --height x --width) and
+Families: `shapes` (six custom classes, each its own colour, at --height x --width),
 `camouflage` (VOC or COCO-91 class ids told apart by shape and texture only, in shared colours,
-VOC-like sizes drawn per image: --height/--width do not apply).
+VOC-like sizes drawn per image: --height/--width do not apply) and `colours` (the camouflage
+scenes with each class in its own colour: colour-separable, in the VOC or COCO-91 space).
 
 Exit status: 0 success; 1 failure with a one-line reason on stderr; 2 usage error.
 """
@@ -21,6 +22,7 @@ from pipelines.io.storage import StorageOptions, resolve
 from pipelines.synthetic.dataset import (
     BAD_INPUTS,
     CAMO_CLASS_SPACES,
+    FAMILIES,
     plant_bad_inputs,
     write_dataset,
 )
@@ -35,12 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--height", type=int, default=320, help="shapes family only")
     parser.add_argument("--width", type=int, default=448, help="shapes family only")
-    parser.add_argument("--family", choices=("shapes", "camouflage"), default="shapes")
+    parser.add_argument("--family", choices=FAMILIES, default="shapes")
     parser.add_argument(
         "--classes",
         choices=tuple(CAMO_CLASS_SPACES),
         default=None,
-        help="class space of the camouflage family (default voc)",
+        help="class space of the camouflage and colours families (default voc)",
     )
     parser.add_argument("--val-fraction", type=float, default=0.25)
     parser.add_argument("--layout", choices=("mctformer", "clip-es"), default="mctformer")
@@ -67,8 +69,8 @@ def _main(argv: list[str]) -> int:
     if not 0 <= args.val_fraction < 1 or args.workers < 1:
         raise UsageError("need 0 <= --val-fraction < 1 and --workers >= 1")
     if args.family == "shapes" and args.classes is not None:
-        raise UsageError("--classes applies to --family camouflage only")
-    if args.family == "camouflage" and args.bad:
+        raise UsageError("--classes applies to --family camouflage or colours only")
+    if args.family != "shapes" and args.bad:
         raise UsageError("--plant-bad-inputs applies to --family shapes only")
     try:
         location = resolve(args.output, StorageOptions(endpoint_url=args.storage_endpoint))

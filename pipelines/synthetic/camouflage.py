@@ -1,5 +1,10 @@
 """A second synthetic WSSS family ("camouflage"): objects that only shape and texture give away.
 
+With `class_colours=True` the same scenes become a third, colour-separable family ("colours"):
+each class is drawn in its own saturated colour, which neither the background nor any other
+class uses, so the class space, sizes and CAMs are the camouflage family's but colour alone
+tells the classes (and objects from background) apart.
+
 Written apart from `pipelines.synthetic.shapes` ("shapes": each class its own saturated colour) so
 that quality claims are also checked on data the recipe was not tuned on.
 
@@ -52,6 +57,13 @@ _CAM_CLUTTER = (0.35, 0.65)  # peak range of false positives on background clutt
 PALETTE = np.array(
     [(118, 128, 72), (150, 96, 64), (92, 108, 138), (176, 160, 120), (84, 132, 120),
      (128, 92, 120)],
+    np.float32,
+)  # fmt: skip
+
+# One saturated colour per present class in the "colours" variant (ascending class id order).
+CLASS_COLOURS = np.array(
+    [(220, 40, 40), (40, 200, 60), (40, 80, 230), (230, 210, 30), (200, 40, 210),
+     (30, 210, 220), (240, 130, 20), (245, 245, 245)],
     np.float32,
 )  # fmt: skip
 
@@ -302,13 +314,17 @@ def _finish_cam(rng: np.random.Generator, low: np.ndarray, height: int, width: i
     return ((cam - low_value) / max(high_value - low_value, 1e-6)).astype(np.float32)
 
 
-def generate_camo_sample(index: int, *, seed: int, class_space: ClassSpace = VOC) -> Sample:
+def generate_camo_sample(
+    index: int, *, seed: int, class_space: ClassSpace = VOC, class_colours: bool = False
+) -> Sample:
     """Generates sample `index` of the camouflage dataset `seed`; a pure function of its arguments.
 
     Args:
         index: sample number (>= 0); the image id is `camo_sample_id(index)`.
         seed: dataset seed (>= 0); it also fixes the present classes (`camo_classes`).
         class_space: VOC or COCO91; labels and GT hold ids of that space.
+        class_colours: draw every object in its class's own colour (`CLASS_COLOURS`) instead
+            of the shared palette: the colour-separable "colours" family.
 
     Returns:
         The sample at its drawn size H x W; `cams` is keyed by class id - 1, which is the
@@ -343,6 +359,8 @@ def generate_camo_sample(index: int, *, seed: int, class_space: ClassSpace = VOC
             colour = plain[int(centre[1]), int(centre[0])]
         else:
             colour = PALETTE[rng.integers(len(PALETTE))] * rng.uniform(0.85, 1.15)
+        if class_colours:  # the same draws as above, so the scenes stay the same
+            colour = CLASS_COLOURS[sorted(looks).index(class_id)]
         beneath = float(image[mask].mean())
         # slight contrast: brightness shifted away from what lies beneath, so edges exist
         offset = rng.uniform(10, 22) * (1 if colour.mean() >= beneath else -1)

@@ -45,7 +45,8 @@ from pipelines.synthetic.camouflage import generate_camo_sample
 from pipelines.synthetic.shapes import SYNTHETIC_CLASSES, Sample, generate_sample
 
 Layout = Literal["mctformer", "clip-es"]
-Family = Literal["shapes", "camouflage"]
+Family = Literal["shapes", "camouflage", "colours"]
+FAMILIES: tuple[Family, ...] = ("shapes", "camouflage", "colours")
 CAMO_CLASS_SPACES: dict[str, ClassSpace] = {"voc": VOC, "coco91": COCO91}
 IMAGE_DIR = "JPEGImages"
 CAM_DIR = "cams"
@@ -142,9 +143,14 @@ _Task = tuple[int, int, int, int, Layout, Family, str | None]
 
 def _encode_one(task: _Task) -> tuple[str, dict[str, bytes], tuple[int, ...]]:
     index, seed, height, width, layout, family, classes = task
-    if family == "camouflage":
+    if family in ("camouflage", "colours"):
         assert classes is not None  # write_dataset resolves it
-        sample = generate_camo_sample(index, seed=seed, class_space=CAMO_CLASS_SPACES[classes])
+        sample = generate_camo_sample(
+            index,
+            seed=seed,
+            class_space=CAMO_CLASS_SPACES[classes],
+            class_colours=family == "colours",
+        )
     else:
         sample = generate_sample(index, seed=seed, height=height, width=width)
     return sample.image_id, _sample_files(sample, layout), sample.labels
@@ -194,15 +200,16 @@ def write_dataset(
         val_fraction: share of the images listed in val.txt (chosen by the seed), in [0, 1).
         layout: CAM file format, "mctformer" or "clip-es".
         workers: processes generating samples (1 = in this process).
-        family: "shapes" (six custom classes, colour tells them apart) or "camouflage"
-            (shape and texture only, in a real class space).
-        classes: camouflage only: "voc" (default) or "coco91"; must be None for shapes.
+        family: "shapes" (six custom classes, colour tells them apart), "camouflage"
+            (shape and texture only, in a real class space) or "colours" (the camouflage
+            scenes with one colour per class).
+        classes: camouflage and colours only: "voc" (default) or "coco91"; None for shapes.
     """
-    if family not in ("shapes", "camouflage"):
-        raise ValueError(f"family: expected 'shapes' or 'camouflage', got {family!r}")
+    if family not in FAMILIES:
+        raise ValueError(f"family: expected one of {list(FAMILIES)}, got {family!r}")
     if family == "shapes" and classes is not None:
-        raise ValueError("classes: only the camouflage family takes a class space")
-    if family == "camouflage":
+        raise ValueError("classes: only the camouflage and colours families take a class space")
+    if family != "shapes":
         classes = "voc" if classes is None else classes
         if classes not in CAMO_CLASS_SPACES:
             raise ValueError(f"classes: expected one of {list(CAMO_CLASS_SPACES)}, got {classes!r}")

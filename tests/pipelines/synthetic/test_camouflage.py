@@ -147,6 +147,18 @@ def test_colour_does_not_give_the_class_away(voc_samples: list[Sample]) -> None:
     assert colour_separability(voc_samples) < 1.5
 
 
+def test_colours_family_is_the_same_scenes_with_one_colour_per_class(
+    voc_samples: list[Sample],
+) -> None:
+    coloured = [
+        generate_camo_sample(i, seed=0, class_space=VOC, class_colours=True) for i in range(24)
+    ]
+    assert colour_separability(coloured) > 3  # colour alone now separates the classes
+    for plain, colour in zip(voc_samples, coloured, strict=True):
+        assert colour.image.shape == plain.image.shape and colour.labels == plain.labels
+        np.testing.assert_array_equal(colour.gt, plain.gt)  # same objects, other colours
+
+
 def test_objects_keep_an_edge(voc_samples: list[Sample]) -> None:
     """What a CRF on colours still has: a step across object borders, above the clutter's."""
     across, within = [], []
