@@ -12,6 +12,7 @@ masks were made for) and the retrained model (retrain, on the val split's ground
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import time
@@ -19,6 +20,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from pipelines.cli.options import (
+    CLASSES_METAVAR,
+    DEVICES,
+    UsageError,
+    add_common_args,
+    given,
+)
 from pipelines.evaluate import EvaluateConfig, run_evaluate
 from pipelines.ingest import IngestConfig, run_ingest
 from pipelines.io.manifest import StageConflictError, read_manifest
@@ -29,7 +37,7 @@ from pipelines.retrain import RetrainConfig, RetrainOptions, run_retrain
 from pipelines.synthetic import write_dataset
 
 STAGES = ("ingest", "refine", "train", "pseudo_masks", "retrain", "evaluate")
-DEVICES = {"auto": None, "cpu": False, "gpu": True}
+DEFAULT_DEMO_OUTPUT = "outputs/demo"
 _T = TypeVar("_T")
 
 
@@ -103,6 +111,68 @@ class PipelineConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.num_cpus_per_task <= 0:
             raise ValueError(f"num_cpus_per_task must be > 0, got {self.num_cpus_per_task}")
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """The options of `jobs.pipeline`: the input (or `--demo`), the shared ones, its own."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", metavar="URI", help="dataset root (MCTformer/WeakTr layout)")
+    source.add_argument("--demo", action="store_true", help="generate the synthetic dataset")
+    parser.add_argument(
+        "--demo-settings",
+        action="store_true",
+        help="with --input: the demo's settings (tiny model, short schedules) under the config "
+        "file and flags",
+    )
+    add_common_args(parser, model=True, input=False)
+    for action in parser._actions:  # --output is optional for the demo
+        if action.dest == "output":
+            action.required = False
+    stage = parser.add_argument_group("pipeline options")
+    stage.add_argument("--classes", metavar=CLASSES_METAVAR, help="ingest class space")
+    stage.add_argument("--split", action="append", metavar="[NAME=]FILE", help="ingest split")
+    stage.add_argument("--method", choices=("weaktr", "clip-es"), help="seed recipe")
+    stage.add_argument("--iterations", type=int, metavar="N", help="training iterations")
+    stage.add_argument("--num-workers", type=int, metavar="W", help="Ray Train workers")
+    stage.add_argument("--clip-weights", metavar="URI", help="CLIP weights (default random)")
+    stage.add_argument(
+        "--device",
+        choices=sorted(DEVICES),
+        help="training, pseudo masks and retraining on GPU or CPU (default auto: GPU when the "
+        "cluster has one)",
+    )
+    stage.add_argument("--num-images", type=int, metavar="N", help="--demo dataset size (40)")
+
+
+def config_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields the flags set (None: not given); dotted keys are stage fields."""
+    return {
+        "ingest.classes": args.classes,
+        "ingest.splits": tuple(args.split) if args.split else None,
+        "refine.method": args.method,
+        **given(args, "model", "iterations", "batch_size", "num_workers", "num_cpus_per_task"),
+        **given(args, "actor_pool_size", "clip_weights", "device"),
+    }
+
+
+def demo_data(args: argparse.Namespace) -> tuple[DemoData | None, Mapping[str, Any] | None]:
+    """`--demo`'s dataset (None without it) and the settings under the file and flags
+    (`DEMO_CONFIG` with `--demo` or `--demo-settings`); a demo's `--output` defaults to
+    `DEFAULT_DEMO_OUTPUT`.
+
+    Raises:
+        UsageError: no `--output` with `--input`, or a demo option without the demo.
+    """
+    if args.output is None:
+        if not args.demo:
+            raise UsageError("--output is required with --input")
+        args.output = DEFAULT_DEMO_OUTPUT
+    if args.num_images is not None and not args.demo:
+        raise UsageError("--num-images: only with --demo")
+    if args.demo_settings and args.demo:
+        raise UsageError("--demo-settings: only with --input (--demo already uses them)")
+    demo = DemoData(num_images=args.num_images or DemoData.num_images) if args.demo else None
+    return demo, DEMO_CONFIG if args.demo or args.demo_settings else None
 
 
 def run_pipeline(

@@ -21,6 +21,7 @@ from pipelines.io.storage import StorageOptions, read_bytes, redact, resolve
 from weakclip.config import from_dict
 
 MAX_CONFIG_BYTES = 1024 * 1024
+NULL: Any = object()  # an override that sets its field to None (a plain None is "not given")
 
 _C = TypeVar("_C")
 
@@ -38,7 +39,8 @@ def build_config(
         config_type: the stage's (frozen) config dataclass; nested dataclass fields are filled
             from nested mappings.
         args: parsed arguments (`args.config` may be None).
-        overrides: field → flag value; None values mean "flag not given" and are skipped.
+        overrides: field → flag value; None values mean "flag not given" and are skipped,
+            `NULL` sets the field to None.
             A dotted key (`"crf.iterations"`) sets a field of a nested config.
         base: field values under the file's (e.g. a demo's smaller settings); nested mappings
             merge field by field.
@@ -57,7 +59,7 @@ def build_config(
             continue
         if not _has_field(config_type, key.split(".")):
             raise TypeError(f"{config_type.__name__} has no field {key!r}")
-        _set_dotted(values, key.split("."), value)
+        _set_dotted(values, key.split("."), None if value is NULL else value)
     try:
         return from_dict(values, config_type)
     except (TypeError, ValueError) as e:

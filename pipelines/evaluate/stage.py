@@ -33,19 +33,23 @@ have no IoU and drop out).
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
+from pipelines.cli.options import CLASSES_METAVAR, JobOptions, UsageError, resolve_arg
 from pipelines.evaluate.plan import make_plan
 from pipelines.evaluate.scoring import (
     EvaluationResult,
     RecordSum,
+    format_table,
     label_conversion,
     manifest_space,
     score_unit,
@@ -86,6 +90,71 @@ class EvaluateConfig:
 
 # ---------------------------------------------------------------------------------------------
 # Driver: class space and the join plan
+
+
+def add_options(parser: argparse.ArgumentParser, stage: argparse._ArgumentGroup) -> None:
+    """The job's own options (`jobs.evaluate`); its `--output` is optional."""
+    for action in parser._actions:
+        if action.dest == "output":
+            action.required = False
+            action.help = "optional: also write an evaluate stage directory here"
+        elif action.dest == "input":
+            action.help = "refine or pseudo_masks output holding the label maps to score"
+    stage.add_argument(
+        "--gt", required=True, metavar="URI", help="ingest or refine output holding `gt`"
+    )
+    stage.add_argument(
+        "--classes",
+        metavar=CLASSES_METAVAR,
+        help="class space to score in (default: the manifests'); converts coco91 <-> coco81",
+    )
+    stage.add_argument(
+        "--average-over",
+        metavar="NAMES",
+        help="comma-separated class names or ids the mIoU averages over (default: all)",
+    )
+    stage.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+
+def config_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields the flags set (None: not given)."""
+    names = args.average_over
+    average_over = tuple(c.strip() for c in names.split(",") if c.strip()) if names else None
+    return {"classes": args.classes, "average_over": average_over}
+
+
+def check_inputs(
+    options: JobOptions, gt: str, config: EvaluateConfig
+) -> tuple[str, str, str | None]:
+    """The URIs of the prediction, the ground truth and the output (if any), once both inputs
+    are known complete and `classes` readable (before Ray starts).
+
+    Raises:
+        UsageError: an unusable `--gt` or `--classes`.
+        IncompleteOutputError: an input without `_SUCCESS`.
+    """
+    gt_loc = resolve_arg("--gt", gt, options.storage)
+    if config.classes is not None:
+        try:
+            requested_space(config.classes, options.storage)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--classes: {e}") from None
+    assert options.input is not None
+    read_manifest(options.input)
+    read_manifest(gt_loc)
+    return options.input.uri, gt_loc.uri, options.output.uri if options.output else None
+
+
+def print_metrics(metrics: Mapping[str, Any], *, as_json: bool) -> int:
+    """Prints the table (or the metrics as JSON) on stdout; the job's exit status."""
+    print(json.dumps(metrics, indent=2, allow_nan=False) if as_json else format_table(metrics))
+    if metrics.get("images"):
+        return 0
+    print(
+        "error: no image had both a prediction and ground truth (see the counts above)",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def resolve_class_space(
