@@ -279,9 +279,7 @@ class Quarantine:
     `counts["quarantined"]`.
     """
 
-    SCHEMA = pa.schema(
-        [(schema.IMAGE_ID, pa.string()), (schema.SOURCE, pa.string()), (schema.REASON, pa.string())]
-    )
+    SCHEMA = schema.arrow_schema(schema.QUARANTINE_COLUMNS)
 
     def __init__(self, location: Location) -> None:
         self.location = location
