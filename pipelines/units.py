@@ -124,7 +124,7 @@ def read_records(
     loc: Location,
     units: Mapping[K, U],
     matches: Callable[[U, Record], bool],
-    rel: Callable[[K], str] = record_rel,  # type: ignore[assignment]
+    rel: Callable[[K], str],
 ) -> dict[K, Record]:
     """Completion records of `units` (key -> unit; the record of key `k` at `rel(k)` below
     `loc`) in one batched read.
@@ -157,6 +157,7 @@ def resume(
     out: StageOutput,
     units: Mapping[K, U],
     matches: Callable[[U, Record], bool],
+    *,
     rel: Callable[[K], str] = record_rel,  # type: ignore[assignment]
 ) -> dict[K, Record]:
     """Which units an earlier attempt finished: records that match their unit and whose files

@@ -88,7 +88,7 @@ def run_ingest(
     if out.state is StageState.DONE:
         return IngestResult(**already_done(out, report))
     chunks = chunk_entries(found.entries, config.rows_per_shard)
-    records = resume(out, dict(enumerate(chunks)), record_matches, chunk_record_rel)
+    records = resume(out, dict(enumerate(chunks)), record_matches, rel=chunk_record_rel)
     if records:
         report(f"ingest: resuming: {len(records)} of {len(chunks)} chunks already written")
     todo = [

@@ -80,10 +80,10 @@ def run_refine(
     output_uri: str,
     config: RefineConfig,
     *,
+    progress_every: int | None = None,
     storage: StorageOptions | None = None,
     num_cpus_per_task: float = 1.0,
     overwrite: bool = False,
-    progress_every: int | None = None,
     report: Callable[[str], Any] = print,
 ) -> RefineResult:
     """Runs the refine stage on the current Ray instance (see the module docstring).
