@@ -1,27 +1,12 @@
 """What every job shares: its options, its config file, Ray, and how it exits.
 
-A job module is parse → config → pipeline, wrapped by `run_job` for the exit status:
-
-    def build_parser() -> argparse.ArgumentParser:
-        parser = argparse.ArgumentParser(prog="weakclip-refine")
-        add_common_args(parser)
-        parser.add_argument("--crf-iterations", type=int)       # default None = "not given"
-        return parser
-
-    def _main(argv: list[str]) -> int:
-        args = build_parser().parse_args(argv)
-        config = build_config(RefineConfig, args, {"crf_iterations": args.crf_iterations})
-        options = job_options(args)
-        init_ray(args)
-        run_refine(options, config)
-        return 0
-
-    def main(argv: list[str] | None = None) -> int:
-        return run_job(_main, argv)
-
-Exit status: 0 success; 1 failure with one line on stderr (credentials redacted; the traceback
-too with `--debug` or `WEAKCLIP_DEBUG=1`); 2 usage error (argparse's own, a bad config file,
-a config value refused by the config dataclass, a bad location).
+A job module is parse → config → `run_<stage>` (see `jobs/refine.py`): `job_parser` (the shared
+options and the job's group), `stage_options` (the shared options resolved), `build_config`
+(`--config FILE` under the flags given), `init_ray`, `result_status`, and `entry_points` for
+`main(argv)` and the console script (`run_job`: the exit status). Exit status: 0 success; 1
+failure with one line on stderr (credentials redacted; the traceback too with `--debug` or
+`WEAKCLIP_DEBUG=1`); 2 usage error (argparse's own, a bad config file, a config value refused by
+the config dataclass, a bad location).
 """
 
 from pipelines.cli.config import build_config, load_config_file
