@@ -28,119 +28,33 @@ Exit status: 0 success; 1 failure (also: no image had both a prediction and grou
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
-from pipelines.cli import (
-    Resources,
-    UsageError,
-    add_common_args,
-    build_config,
-    init_ray,
-    reject_unused,
-    resources,
-    run_job,
-    storage_options,
-)
+from pipelines import cli as job
 from pipelines.evaluate import EvaluateConfig, run_evaluate
-from pipelines.evaluate.scoring import format_table
-from pipelines.evaluate.stage import requested_space
-from pipelines.io.manifest import read_manifest
-from pipelines.io.storage import resolve
+from pipelines.evaluate.stage import add_options, check_inputs, config_fields, print_metrics
 
-# Scoring is light numpy work: half a CPU per task leaves room for Ray Data on 2 cores.
-DEFAULT_RESOURCES = Resources(num_cpus_per_task=0.5)
+DEFAULT_RESOURCES = job.Resources(num_cpus_per_task=0.5)  # light numpy work: room for Ray Data
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__)
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    add_common_args(parser)
-    for action in parser._actions:  # the evaluate stage directory is optional
-        if action.dest == "output":
-            action.required = False
-            action.help = "optional: also write an evaluate stage directory here"
-        elif action.dest == "input":
-            action.help = "refine or pseudo_masks output holding the label maps to score"
-    stage = parser.add_argument_group("evaluate options")
-    stage.add_argument(
-        "--gt", required=True, metavar="URI", help="ingest or refine output holding `gt`"
-    )
-    stage.add_argument(
-        "--classes",
-        metavar="voc|coco91|coco81|FILE",
-        help="class space to score in (default: the manifests'); converts coco91 <-> coco81",
-    )
-    stage.add_argument(
-        "--average-over",
-        metavar="NAMES",
-        help="comma-separated class names or ids the mIoU averages over (default: all)",
-    )
-    stage.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    parser, stage = job.job_parser("jobs.evaluate", __doc__, "evaluate options")
+    add_options(parser, stage)
     return parser
 
 
 def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    reject_unused(args, "evaluate", "actor_pool_size", "batch_size")
-    average_over = None
-    if args.average_over is not None:
-        average_over = tuple(c.strip() for c in args.average_over.split(",") if c.strip())
-    config = build_config(
-        EvaluateConfig, args, {"classes": args.classes, "average_over": average_over}
-    )
-    try:
-        storage = storage_options(args).with_env_defaults()
-    except ValueError as e:
-        raise UsageError(f"AWS_ENDPOINT_URL: {e}") from None
-    locations = {}
-    for flag, value in (("--input", args.input), ("--gt", args.gt), ("--output", args.output)):
-        if value is not None:
-            try:
-                locations[flag] = resolve(value, storage)
-            except ValueError as e:
-                raise UsageError(f"{flag}: {e}") from None
-    if config.classes is not None:
-        try:
-            requested_space(config.classes, storage)
-        except (OSError, ValueError) as e:
-            raise UsageError(f"--classes: {e}") from None
-    # an unfinished or missing input fails before Ray starts
-    read_manifest(locations["--input"])
-    read_manifest(locations["--gt"])
-    init_ray(args)
-    output = locations.get("--output")
+    options = job.stage_options(args, "evaluate", DEFAULT_RESOURCES)
+    config = job.build_config(EvaluateConfig, args, config_fields(args))
+    pred, gt, output = check_inputs(options, args.gt, config)  # before Ray starts
+    job.init_ray(args)
     metrics = run_evaluate(
-        locations["--input"].uri,
-        locations["--gt"].uri,
-        output.uri if output is not None else None,
-        config,
-        storage=storage,
-        num_cpus_per_task=resources(args, DEFAULT_RESOURCES).num_cpus_per_task,
-        overwrite=bool(args.overwrite),
-        report=lambda line: print(line, file=sys.stderr),
+        pred, gt, output, config, report=job.to_stderr, **job.stage_kwargs(options)
     )
-    if args.json:
-        print(json.dumps(metrics, indent=2, allow_nan=False))
-    else:
-        print(format_table(metrics))
-    if not metrics.get("images"):
-        print(
-            "error: no image had both a prediction and ground truth (see the counts above)",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    return print_metrics(metrics, as_json=args.json)
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_job(_main, argv)
-
-
-def cli() -> None:
-    """Console-script entry point."""
-    sys.exit(main())
-
+main, cli = job.entry_points(_main)
 
 if __name__ == "__main__":
     cli()

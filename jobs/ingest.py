@@ -10,28 +10,17 @@ their share exceeds `--max-error-fraction` (outputs kept, no `_SUCCESS`).
 from __future__ import annotations
 
 import argparse
-import sys
 
-from pipelines.cli import (
-    add_common_args,
-    build_config,
-    init_ray,
-    job_options,
-    reject_unused,
-    run_job,
-)
+from pipelines import cli as job
 from pipelines.ingest import IngestConfig, run_ingest
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jobs.ingest", description=__doc__)
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    add_common_args(parser)
-    stage = parser.add_argument_group("ingest options")
+    parser, stage = job.job_parser("jobs.ingest", __doc__, "ingest options")
     stage.add_argument("--layout", choices=("mctformer", "clip-es"), help="CAM file layout")
     stage.add_argument(
         "--classes",
-        metavar="voc|coco91|coco81|FILE",
+        metavar=job.CLASSES_METAVAR,
         help="class space, or a classes.txt (default: the input's classes.txt)",
     )
     stage.add_argument(
@@ -41,12 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="split list (one id per line), relative to --input or a URI; repeatable. "
         "Without it every image of the input is ingested, with no split",
     )
-    stage.add_argument(
-        "--max-error-fraction",
-        type=float,
-        metavar="F",
-        help="fail when more than this share of rows is quarantined (default 0.01)",
-    )
+    job.add_max_error_fraction(stage)
     stage.add_argument("--max-pixels", type=int, metavar="N", help="per image (default 50e6)")
     stage.add_argument("--rows-per-shard", type=int, metavar="N", help="default 256")
     return parser
@@ -54,44 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    reject_unused(args, "ingest", "actor_pool_size", "batch_size")
-    config = build_config(
-        IngestConfig,
-        args,
-        {
-            "layout": args.layout,
-            "classes": args.classes,
-            "splits": tuple(args.split) if args.split else None,
-            "max_error_fraction": args.max_error_fraction,
-            "max_pixels": args.max_pixels,
-            "rows_per_shard": args.rows_per_shard,
-        },
+    options = job.stage_options(args, "ingest")
+    fields = job.given(
+        args, "layout", "classes", "max_error_fraction", "max_pixels", "rows_per_shard"
     )
-    options = job_options(args)
-    init_ray(args)
-    assert options.input is not None
-    result = run_ingest(
-        options.input.uri,
-        options.output.uri,
-        config,
-        storage=options.storage,
-        num_cpus_per_task=options.resources.num_cpus_per_task,
-        overwrite=options.overwrite,
-    )
-    if not result.ok:
-        print(f"error: {result.message}", file=sys.stderr)
-        return 1
-    return 0
+    fields["splits"] = tuple(args.split) if args.split else None
+    config = job.build_config(IngestConfig, args, fields)
+    job.init_ray(args)
+    return job.result_status(run_ingest(*options.uris, config, **job.stage_kwargs(options)))
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_job(_main, argv)
-
-
-def cli() -> None:
-    """Console-script entry point."""
-    sys.exit(main())
-
+main, cli = job.entry_points(_main)
 
 if __name__ == "__main__":
     cli()

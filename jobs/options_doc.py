@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.cli import run_job
+from pipelines.cli import entry_points
 
 REGENERATE = "python -m jobs.options_doc --output docs/OPTIONS.md"
 # Pipeline order first; jobs not listed follow alphabetically.
@@ -217,14 +217,7 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_job(_main, argv)
-
-
-def cli() -> None:
-    """Console-script entry point."""
-    sys.exit(main())
-
+main, cli = entry_points(_main)
 
 if __name__ == "__main__":
     cli()

@@ -14,31 +14,18 @@ Exit status: 0 success; 1 failure with a one-line reason on stderr; 2 usage erro
 from __future__ import annotations
 
 import argparse
-import sys
 
-from pipelines.cli import (
-    Resources,
-    UsageError,
-    add_common_args,
-    build_config,
-    init_ray,
-    job_options,
-    reject_unused,
-    run_job,
-)
+from pipelines import cli as job
 from pipelines.io.manifest import read_manifest
 from pipelines.refine import RefineConfig, run_refine
 from pipelines.seeds import METHODS
 
 # pydensecrf is single-threaded: one CPU per task runs one CRF per core.
-DEFAULT_RESOURCES = Resources(num_cpus_per_task=1.0)
+DEFAULT_RESOURCES = job.Resources(num_cpus_per_task=1.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jobs.refine", description=__doc__)
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    add_common_args(parser)
-    stage = parser.add_argument_group("refine options")
+    parser, stage = job.job_parser("jobs.refine", __doc__, "refine options")
     stage.add_argument("--method", choices=METHODS, help="seed recipe (default weaktr)")
     stage.add_argument(
         "--bg-threshold",
@@ -46,59 +33,25 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="T",
         help="background plane value, in (0, 1) (default 0.43, WeakTr VOC)",
     )
-    stage.add_argument(
-        "--max-error-fraction",
-        type=float,
-        metavar="F",
-        help="fail when more than this share of rows is quarantined (default 0.01)",
-    )
-    stage.add_argument(
-        "--progress-every", type=int, metavar="N", help="a progress line every N units"
-    )
+    job.add_max_error_fraction(stage)
+    job.add_progress_every(stage, "a progress line every N units")
     return parser
 
 
 def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    reject_unused(args, "refine", "actor_pool_size", "batch_size")
-    if args.progress_every is not None and args.progress_every < 1:
-        raise UsageError("--progress-every: must be at least 1")
-    config = build_config(
-        RefineConfig,
-        args,
-        {
-            "method": args.method,
-            "bg_threshold": args.bg_threshold,
-            "max_error_fraction": args.max_error_fraction,
-        },
-    )
-    options = job_options(args, DEFAULT_RESOURCES)
-    assert options.input is not None
+    options = job.stage_options(args, "refine", DEFAULT_RESOURCES)
+    fields = job.given(args, "method", "bg_threshold", "max_error_fraction")
+    config = job.build_config(RefineConfig, args, fields)
     read_manifest(options.input)  # an unfinished or missing input fails before Ray starts
-    init_ray(args)
+    job.init_ray(args)
     result = run_refine(
-        options.input.uri,
-        options.output.uri,
-        config,
-        storage=options.storage,
-        num_cpus_per_task=options.resources.num_cpus_per_task,
-        overwrite=options.overwrite,
-        progress_every=args.progress_every,
+        *options.uris, config, progress_every=args.progress_every, **job.stage_kwargs(options)
     )
-    if not result.ok:
-        print(f"error: {result.message}", file=sys.stderr)
-        return 1
-    return 0
+    return job.result_status(result)
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_job(_main, argv)
-
-
-def cli() -> None:
-    """Console-script entry point."""
-    sys.exit(main())
-
+main, cli = job.entry_points(_main)
 
 if __name__ == "__main__":
     cli()

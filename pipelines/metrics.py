@@ -178,3 +178,18 @@ def metrics_by_split(
         for split, acc in sorted(totals.items())
     }
     return result
+
+
+def summed_metrics(
+    records: Iterable[Mapping[str, Any]],
+    keys: Sequence[str],
+    class_names: Sequence[str],
+    add: Callable[[np.ndarray, Any], None],
+    **block: Any,
+) -> dict[str, Any] | None:
+    """`metrics_by_split` (with `block`'s keywords; `headline` defaults to the last key) of the
+    records' `sum_by_split`; None when no record scored an image."""
+    totals = sum_by_split(records, keys, len(class_names), add)
+    if not totals:
+        return None
+    return metrics_by_split(totals, keys, class_names, **{"headline": keys[-1], **block})

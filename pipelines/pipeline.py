@@ -12,16 +12,25 @@ masks were made for) and the retrained model (retrain, on the val split's ground
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
+from pipelines.cli.options import (
+    CLASSES_METAVAR,
+    DEVICES,
+    UsageError,
+    add_common_args,
+    given,
+)
 from pipelines.evaluate import EvaluateConfig, run_evaluate
 from pipelines.ingest import IngestConfig, run_ingest
-from pipelines.io.manifest import StageConflictError, read_manifest
+from pipelines.io.manifest import Manifest, StageConflictError, read_manifest
 from pipelines.io.storage import Location, StorageOptions, exists, resolve, write_bytes_atomic
 from pipelines.pseudo_masks import PseudoMaskConfig, run_pseudo_masks
 from pipelines.refine import RefineConfig, run_refine
@@ -29,7 +38,7 @@ from pipelines.retrain import RetrainConfig, RetrainOptions, run_retrain
 from pipelines.synthetic import write_dataset
 
 STAGES = ("ingest", "refine", "train", "pseudo_masks", "retrain", "evaluate")
-DEVICES = {"auto": None, "cpu": False, "gpu": True}
+DEFAULT_DEMO_OUTPUT = "outputs/demo"
 _T = TypeVar("_T")
 
 
@@ -105,6 +114,68 @@ class PipelineConfig:
             raise ValueError(f"num_cpus_per_task must be > 0, got {self.num_cpus_per_task}")
 
 
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """The options of `jobs.pipeline`: the input (or `--demo`), the shared ones, its own."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", metavar="URI", help="dataset root (MCTformer/WeakTr layout)")
+    source.add_argument("--demo", action="store_true", help="generate the synthetic dataset")
+    parser.add_argument(
+        "--demo-settings",
+        action="store_true",
+        help="with --input: the demo's settings (tiny model, short schedules) under the config "
+        "file and flags",
+    )
+    add_common_args(parser, model=True, input=False)
+    for action in parser._actions:  # --output is optional for the demo
+        if action.dest == "output":
+            action.required = False
+    stage = parser.add_argument_group("pipeline options")
+    stage.add_argument("--classes", metavar=CLASSES_METAVAR, help="ingest class space")
+    stage.add_argument("--split", action="append", metavar="[NAME=]FILE", help="ingest split")
+    stage.add_argument("--method", choices=("weaktr", "clip-es"), help="seed recipe")
+    stage.add_argument("--iterations", type=int, metavar="N", help="training iterations")
+    stage.add_argument("--num-workers", type=int, metavar="W", help="Ray Train workers")
+    stage.add_argument("--clip-weights", metavar="URI", help="CLIP weights (default random)")
+    stage.add_argument(
+        "--device",
+        choices=sorted(DEVICES),
+        help="training, pseudo masks and retraining on GPU or CPU (default auto: GPU when the "
+        "cluster has one)",
+    )
+    stage.add_argument("--num-images", type=int, metavar="N", help="--demo dataset size (40)")
+
+
+def config_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields the flags set (None: not given); dotted keys are stage fields."""
+    return {
+        "ingest.classes": args.classes,
+        "ingest.splits": tuple(args.split) if args.split else None,
+        "refine.method": args.method,
+        **given(args, "model", "iterations", "batch_size", "num_workers", "num_cpus_per_task"),
+        **given(args, "actor_pool_size", "clip_weights", "device"),
+    }
+
+
+def demo_data(args: argparse.Namespace) -> tuple[DemoData | None, Mapping[str, Any] | None]:
+    """`--demo`'s dataset (None without it) and the settings under the file and flags
+    (`DEMO_CONFIG` with `--demo` or `--demo-settings`); a demo's `--output` defaults to
+    `DEFAULT_DEMO_OUTPUT`.
+
+    Raises:
+        UsageError: no `--output` with `--input`, or a demo option without the demo.
+    """
+    if args.output is None:
+        if not args.demo:
+            raise UsageError("--output is required with --input")
+        args.output = DEFAULT_DEMO_OUTPUT
+    if args.num_images is not None and not args.demo:
+        raise UsageError("--num-images: only with --demo")
+    if args.demo_settings and args.demo:
+        raise UsageError("--demo-settings: only with --input (--demo already uses them)")
+    demo = DemoData(num_images=args.num_images or DemoData.num_images) if args.demo else None
+    return demo, DEMO_CONFIG if args.demo or args.demo_settings else None
+
+
 def run_pipeline(
     input_uri: str | None,
     output_uri: str,
@@ -117,12 +188,10 @@ def run_pipeline(
     """Runs the chain on the current Ray instance and writes `<output>/summary.json`.
 
     Args:
-        input_uri: dataset root (ingest's input); None with `demo`.
+        input_uri: dataset root (ingest's input); None with `demo`, which generates the
+            synthetic dataset under `<output>/data-*/` and uses it.
         output_uri: the pipeline's output directory (one sub-directory per stage).
-        config: options of every stage.
-        demo: generate the synthetic dataset under `<output>/data-*/` and use it as input.
-        storage: object-store endpoint/region.
-        report: progress sink.
+        config, storage, report: options of every stage, the object store, a progress sink.
 
     Returns:
         The summary dict (also written to `summary.json`).
@@ -130,150 +199,31 @@ def run_pipeline(
     Raises:
         RuntimeError: a stage failed (its message says which and why).
     """
-    from pipelines.train import TrainJobConfig, run_train
-    from weakclip.config import preset
-
-    started = time.monotonic()
+    started, seconds = time.monotonic(), {}
     storage = storage or StorageOptions()
     out = resolve(output_uri, storage)
     ingest_config = config.ingest
     if demo is not None:
-        data = out.child(f"data-n{demo.num_images}-s{demo.seed}-{demo.height}x{demo.width}")
-        _ensure_demo_data(data, demo, report)
-        input_uri = data.uri
+        input_uri = _ensure_demo_data(out, demo, report)
         ingest_config = dataclasses.replace(ingest_config, splits=("train.txt", "val.txt"))
     if input_uri is None:
         raise ValueError("give --input, or --demo to generate the synthetic dataset")
     uri = {s: out.child(s).uri for s in STAGES}
-    use_gpu = DEVICES[config.device]
-    seconds: dict[str, float] = {}
-
-    def stage(name: str, run: Callable[[bool], _T]) -> _T:
-        report(f"== {name} ==")
-        t0 = time.monotonic()
-        result = _rerun_on_change(name, run, report)
-        seconds[name] = round(time.monotonic() - t0, 1)
-        if getattr(result, "ok", True) is False:
-            raise RuntimeError(f"{name} failed: {result.message}")  # type: ignore[attr-defined]
-        return result
-
-    stage(
-        "ingest",
-        lambda overwrite: run_ingest(
-            input_uri,
-            uri["ingest"],
-            ingest_config,
-            storage=storage,
-            num_cpus_per_task=config.num_cpus_per_task,
-            overwrite=overwrite,
-            report=report,
-        ),
-    )
-    stage(
-        "refine",
-        lambda overwrite: run_refine(
-            uri["ingest"],
-            uri["refine"],
-            config.refine,
-            storage=storage,
-            num_cpus_per_task=config.num_cpus_per_task,
-            overwrite=overwrite,
-            report=report,
-        ),
-    )
-    base = preset(config.model)
-    model = dataclasses.replace(
-        base,
-        train=dataclasses.replace(
-            base.train,
-            iterations=config.iterations or base.train.iterations,
-            batch_size=config.batch_size or base.train.batch_size,
-            lr=config.lr or base.train.lr,
-        ),
-    )
-    stage(
-        "train",
-        lambda overwrite: run_train(
-            TrainJobConfig(
-                input=uri["refine"],
-                output=uri["train"],
-                model=model,
-                num_workers=config.num_workers,
-                clip_weights=config.clip_weights,
-                resume=True,  # an interrupted run continues from its last checkpoint
-                overwrite=overwrite,
-                checkpoint_every=config.checkpoint_every,
-                log_every=config.log_every,
-                use_gpu=use_gpu,
-                num_cpus_per_task=config.num_cpus_per_task,
-                storage=storage,
-            ),
-            log=report,
-        ),
-    )
-    stage(
-        "pseudo_masks",
-        lambda overwrite: run_pseudo_masks(
-            uri["refine"],
-            uri["pseudo_masks"],
-            out.child("train").child("model.pt").uri,
-            config.pseudo_masks,
-            storage=storage,
-            actor_pool_size=config.actor_pool_size,
-            num_cpus_per_task=config.num_cpus_per_task,
-            use_gpu=use_gpu,
-            overwrite=overwrite,
-            report=report,
-        ),
-    )
-    retrained = stage(
-        "retrain",
-        lambda overwrite: run_retrain(
-            uri["pseudo_masks"],
-            uri["retrain"],
-            config.retrain,
-            options=RetrainOptions(
-                num_workers=config.num_workers,
-                resume=True,
-                overwrite=overwrite,
-                checkpoint_every=config.checkpoint_every,
-                log_every=config.log_every,
-                use_gpu=use_gpu,
-                num_cpus_per_task=config.num_cpus_per_task,
-            ),
-            storage=storage,
-            log=report,
-        ),
-    )
-    evaluated = stage(
-        "evaluate",
-        lambda overwrite: run_evaluate(
-            uri["pseudo_masks"],
-            uri["refine"],
-            uri["evaluate"],
-            config.evaluate,
-            storage=storage,
-            num_cpus_per_task=config.num_cpus_per_task,
-            overwrite=overwrite,
-            report=report,
-        ),
-    )
-    refine_manifest = read_manifest(uri["refine"])
-    summary: dict[str, Any] = {
-        **_seed_rows(refine_manifest.metrics, config.pseudo_masks.splits),
-        "pseudo_masks": _miou(evaluated),
-        "retrained": _miou(retrained.metrics),
-        "class_space": refine_manifest.class_space,
-        "measured_on": {
-            "cam_argmax": _where(refine_manifest.metrics, config.pseudo_masks.splits),
-            "crf_seeds": _where(refine_manifest.metrics, config.pseudo_masks.splits),
-            "pseudo_masks": _images(evaluated, "images"),
-            "retrained": _images(retrained.metrics, "num_val_images", "val split (not trained on)"),
-        },
-        "stages": uri,
-        "report": out.child("pseudo_masks").child("report").child("index.html").uri,
-        "seconds": {**seconds, "total": round(time.monotonic() - started, 1)},
-    }
+    stage = partial(_run_stage, seconds=seconds, report=report)
+    data = dict(storage=storage, num_cpus_per_task=config.num_cpus_per_task, report=report)
+    stage("ingest", partial(run_ingest, input_uri, uri["ingest"], ingest_config, **data))
+    stage("refine", partial(run_refine, uri["ingest"], uri["refine"], config.refine, **data))
+    stage("train", partial(_train, config, uri, storage, report))
+    model_pt = out.child("train", "model.pt").uri
+    masks = (uri["refine"], uri["pseudo_masks"], model_pt, config.pseudo_masks)
+    pool = dict(actor_pool_size=config.actor_pool_size, use_gpu=DEVICES[config.device])
+    stage("pseudo_masks", partial(run_pseudo_masks, *masks, **pool, **data))
+    retrained = stage("retrain", partial(_retrain, uri, config, report, storage))
+    scored = (uri["pseudo_masks"], uri["refine"], uri["evaluate"], config.evaluate)
+    evaluated = stage("evaluate", partial(run_evaluate, *scored, **data))
+    summary = _summary(read_manifest(uri["refine"]), config, evaluated, retrained.metrics)
+    summary |= {"stages": uri, "report": out.child("pseudo_masks", "report", "index.html").uri}
+    summary["seconds"] = {**seconds, "total": round(time.monotonic() - started, 1)}
     write_bytes_atomic(out, "summary.json", json.dumps(summary, indent=2).encode())
     report(format_summary(summary))
     report(f"visual report: {summary['report']}")
@@ -281,20 +231,118 @@ def run_pipeline(
     return summary
 
 
-def _rerun_on_change(stage: str, run: Callable[[bool], _T], report: Callable[[str], Any]) -> _T:
-    """Runs a stage; if its output holds another config or inputs, re-runs it over them."""
+def _run_stage(
+    name: str, run: Callable[..., _T], *, seconds: dict[str, float], report: Callable[[str], Any]
+) -> _T:
+    """Runs stage `name` (`run(overwrite=...)`), re-running it over an output that holds
+    another config or inputs; its wall time goes to `seconds`.
+
+    Raises:
+        RuntimeError: the stage's result is not `ok`.
+    """
+    report(f"== {name} ==")
+    t0 = time.monotonic()
     try:
-        return run(False)
+        result = run(overwrite=False)
     except StageConflictError as error:
-        report(f"{stage}: config or inputs changed ({error}); re-running it and what follows")
-        return run(True)
+        report(f"{name}: config or inputs changed ({error}); re-running it and what follows")
+        result = run(overwrite=True)
+    seconds[name] = round(time.monotonic() - t0, 1)
+    if getattr(result, "ok", True) is False:
+        raise RuntimeError(f"{name} failed: {result.message}")  # type: ignore[attr-defined]
+    return result
 
 
-def _ensure_demo_data(data: Location, demo: DemoData, report: Callable[[str], Any]) -> None:
+def _train(
+    config: PipelineConfig,
+    uri: Mapping[str, str],
+    storage: StorageOptions,
+    report: Callable[[str], Any],
+    *,
+    overwrite: bool,
+) -> Any:
+    """Train in the chain: the preset's schedule with the pipeline's over it."""
+    from pipelines.train import TrainJobConfig, run_train
+    from weakclip.config import preset
+
+    base = preset(config.model)
+    train = dataclasses.replace(
+        base.train,
+        iterations=config.iterations or base.train.iterations,
+        batch_size=config.batch_size or base.train.batch_size,
+        lr=config.lr or base.train.lr,
+    )
+    job = TrainJobConfig(
+        input=uri["refine"],
+        output=uri["train"],
+        model=dataclasses.replace(base, train=train),
+        num_workers=config.num_workers,
+        clip_weights=config.clip_weights,
+        resume=True,  # an interrupted run continues from its last checkpoint
+        overwrite=overwrite,
+        checkpoint_every=config.checkpoint_every,
+        log_every=config.log_every,
+        use_gpu=DEVICES[config.device],
+        num_cpus_per_task=config.num_cpus_per_task,
+        storage=storage,
+    )
+    return run_train(job, log=report)
+
+
+def _retrain(
+    uri: Mapping[str, str],
+    config: PipelineConfig,
+    report: Callable[[str], Any],
+    storage: StorageOptions,
+    *,
+    overwrite: bool,
+) -> Any:
+    """Retrain in the chain, on the pseudo masks."""
+    options = RetrainOptions(
+        num_workers=config.num_workers,
+        resume=True,
+        overwrite=overwrite,
+        checkpoint_every=config.checkpoint_every,
+        log_every=config.log_every,
+        use_gpu=DEVICES[config.device],
+        num_cpus_per_task=config.num_cpus_per_task,
+    )
+    return run_retrain(
+        uri["pseudo_masks"],
+        uri["retrain"],
+        config.retrain,
+        options=options,
+        storage=storage,
+        log=report,
+    )
+
+
+def _summary(
+    refine: Manifest, config: PipelineConfig, evaluated: Mapping[str, Any], retrained: Any
+) -> dict[str, Any]:
+    """The mIoU rows of docs/CONTRACTS.md and what each was measured on."""
+    splits = config.pseudo_masks.splits
+    return {
+        **_seed_rows(refine.metrics, splits),
+        "pseudo_masks": _miou(evaluated),
+        "retrained": _miou(retrained),
+        "class_space": refine.class_space,
+        "measured_on": {
+            "cam_argmax": _where(refine.metrics, splits),
+            "crf_seeds": _where(refine.metrics, splits),
+            "pseudo_masks": _images(evaluated, "images"),
+            "retrained": _images(retrained, "num_val_images", "val split (not trained on)"),
+        },
+    }
+
+
+def _ensure_demo_data(out: Location, demo: DemoData, report: Callable[[str], Any]) -> str:
+    """The URI of `demo`'s dataset under `out`, generated unless it is there."""
+    data = out.child(f"data-n{demo.num_images}-s{demo.seed}-{demo.height}x{demo.width}")
     # write_dataset writes the split lists last: their presence means a complete dataset.
     if exists(data, "val.txt") and exists(data, "train.txt"):
         report(f"demo data: reusing {data.uri}")
-        return
+        return data.uri
     report(f"demo data: generating {demo.num_images} synthetic images into {data.uri}")
     write_dataset(
         data.fs,
@@ -305,6 +353,7 @@ def _ensure_demo_data(data: Location, demo: DemoData, report: Callable[[str], An
         width=demo.width,
         val_fraction=demo.val_fraction,
     )
+    return data.uri
 
 
 def _seed_rows(metrics: Mapping[str, Any] | None, splits: tuple[str, ...] | None) -> dict:

@@ -1,46 +1,43 @@
 """The unit of work every data stage shares (docs/ARCHITECTURE.md, "The unit of work").
 
-A stage cuts its input into *units*, each named only by the input, run as one Ray task, and
-finished by a *completion record* written last. The driver of a stage reads as:
-
-    units = <stage>.enumerate_units(...)             # names from metadata only
-    records = resume(out, {name: unit}, matches)      # units an earlier attempt finished
-    for row in run_tasks(items_of(todo), fn, ...):    # the missing ones, one task each
-        records[name] = json.loads(row["record"])
-    tally = tally_records(records in unit order)      # rows, quarantined, reasons, files
-    failure = error_gate(stage, tally, total, ...)     # the message, or None
-    out.commit(files=tally.files, ...)                # only when the gate passes
-
-Names: a row-group unit is `unit_name(shard, row_group)` = `<shard stem>-rg<NNNN>`; it writes
-`shard_rel(unit)` = `shards/<unit>.parquet`, `quarantine/<unit>.parquet` and last its record
-`record_rel(unit)` = `_units/<unit>.json` (ingest's chunks keep `_chunks/part-<NNNNN>.json`).
-
-Enumeration: `listed_shards` (the data shards an input manifest lists), `map_shards` (one call
-per shard on a thread pool: footers, a few columns) and `check_unit_names` (no two units share
-a name, and every name is a safe relative path).
-
-Records and resume: `read_records` reads the records of `units` ({key: unit}) in one batched
-request and keeps those that `matches` their unit (a torn record, or one for another layout of
-units, is redone); `keep_intact` keeps those whose listed files all still have their recorded
-sizes; `resume` is both, and nothing unless the output is being resumed. A record is a JSON
-object with at least `files` ([{"path", "rows", "bytes"}]), `output`, `quarantined` and
-`reasons` ({kind: count}).
-
-Gate: `tally_records` sums the records; `error_gate` returns the one-line failure message when
-the quarantined share exceeds `max_error_fraction` (outputs kept, no `_SUCCESS`), else None.
+A stage cuts its input into units, each named only by the input (`unit_name`: `<shard
+stem>-rg<NNNN>`), run as one Ray task (`run_tasks`, `each_unit`), whose outputs and completion
+record are written by `write_unit` (`shards/<unit>.parquet`, `quarantine/<unit>.parquet`,
+last `_units/<unit>.json`). On the driver: `listed_shards`, `map_shards` and
+`check_unit_names` enumerate; `resume` (`read_records`, `keep_intact`) skips what an earlier
+attempt finished; `tally_records` and `error_gate` sum the records and gate on errors;
+`already_done` is the result of an output that is already complete. A record is a JSON object
+with at least `files` ([{"path", "rows", "bytes"}]), `output`, `quarantined` and `reasons`.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import posixpath
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
-from pipelines.io.manifest import FileEntry, Manifest, StageOutput, StageState
-from pipelines.io.storage import Location, read_json_objects, redact, safe_relpath
+import numpy as np
+
+from pipelines.io.manifest import (
+    FileEntry,
+    Manifest,
+    Quarantine,
+    StageOutput,
+    StageState,
+    write_parquet,
+)
+from pipelines.io.storage import (
+    Location,
+    read_json_objects,
+    redact,
+    safe_relpath,
+    write_bytes_atomic,
+)
 
 UNIT_DIR = "_units"  # completion records of finished units (bookkeeping, not data files)
 SHARD_DIR = "shards"
@@ -60,11 +57,39 @@ def unit_name(shard_path: str, row_group: int) -> str:
 
 
 def shard_rel(unit: str) -> str:
+    """`shards/<unit>.parquet`: where a unit writes its rows."""
     return f"{SHARD_DIR}/{unit}.parquet"
 
 
 def record_rel(unit: str, record_dir: str = UNIT_DIR) -> str:
+    """`_units/<unit>.json`: where a unit's completion record lives."""
     return f"{record_dir}/{unit}.json"
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What a run of a data stage did; `ok` is False when the quarantined share exceeded the
+    limit (outputs kept, no `_SUCCESS`)."""
+
+    output_uri: str
+    counts: dict[str, int]
+    metrics: dict[str, Any] | None
+    ok: bool
+    message: str
+    skipped: bool = False  # the output was already complete
+    seconds: float = 0.0  # driver wall time of this call
+
+
+def unit_fields(unit: Any) -> dict[str, Any]:
+    """A row-group unit (a dataclass with `name`) as the fields of its record: `unit` (the
+    name) and the others as they are."""
+    return {"unit": unit.name, **{k: v for k, v in asdict(unit).items() if k != "name"}}
+
+
+def record_matches(unit: Any, record: Mapping[str, Any]) -> bool:
+    """Whether a record found on disk is this unit's: the same `unit_fields` (shard, row group,
+    rows, ...); `resume` then checks that its files are intact."""
+    return all(record.get(key) == value for key, value in unit_fields(unit).items())
 
 
 def listed_shards(manifest: Manifest) -> list[str]:
@@ -99,7 +124,7 @@ def read_records(
     loc: Location,
     units: Mapping[K, U],
     matches: Callable[[U, Record], bool],
-    rel: Callable[[K], str] = record_rel,  # type: ignore[assignment]
+    rel: Callable[[K], str],
 ) -> dict[K, Record]:
     """Completion records of `units` (key -> unit; the record of key `k` at `rel(k)` below
     `loc`) in one batched read.
@@ -132,6 +157,7 @@ def resume(
     out: StageOutput,
     units: Mapping[K, U],
     matches: Callable[[U, Record], bool],
+    *,
     rel: Callable[[K], str] = record_rel,  # type: ignore[assignment]
 ) -> dict[K, Record]:
     """Which units an earlier attempt finished: records that match their unit and whose files
@@ -142,22 +168,78 @@ def resume(
 
 
 def run_tasks(
-    items: Sequence[Mapping[str, Any]],
+    units: Sequence[Mapping[str, Any]],
     fn: Callable[..., Any],
     *,
     num_cpus: float,
     fn_kwargs: Mapping[str, Any],
-) -> Iterator[dict[str, Any]]:
-    """One Ray Data task per item (`map_batches(fn, batch_size=1)`); yields `fn`'s rows as
-    they come back. Nothing starts when `items` is empty."""
-    if not items:
+    batch_size: int = 1,
+) -> Iterator[Record]:
+    """One Ray Data task per `batch_size` units (JSON in column `unit`, `map_batches(fn)`);
+    yields the records `fn` returns (JSON in column `record`) as they come back. Nothing
+    starts when `units` is empty."""
+    if not units:
         return
     import ray
 
-    ds = ray.data.from_items(list(items), override_num_blocks=len(items)).map_batches(
-        fn, batch_size=1, num_cpus=num_cpus, fn_kwargs=dict(fn_kwargs)
+    items = [{"unit": json.dumps(unit)} for unit in units]
+    blocks = math.ceil(len(items) / batch_size)
+    ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+        fn, batch_size=batch_size, num_cpus=num_cpus, fn_kwargs=dict(fn_kwargs)
     )
-    yield from ds.iter_rows()
+    for row in ds.iter_rows():
+        yield json.loads(row["record"])
+
+
+def each_unit(
+    batch: Mapping[str, np.ndarray], process: Callable[..., Mapping[str, Any]], **kwargs: Any
+) -> dict[str, np.ndarray]:
+    """The body of a unit task: `process(unit, **kwargs)` for every JSON unit of the batch's
+    column `unit`; their records as JSON in column `record`."""
+    records = [json.dumps(process(json.loads(unit), **kwargs)) for unit in batch["unit"]]
+    return {"record": np.asarray(records, dtype=object)}
+
+
+def write_unit(
+    loc: Location,
+    unit: str,
+    record: Mapping[str, Any],
+    *,
+    table: Any = None,
+    rejected: Sequence[tuple[str, str, str]] = (),
+    files: Sequence[Mapping[str, Any]] = (),
+    record_dir: str = UNIT_DIR,
+    drop_parenthesis: bool = False,
+) -> Record:
+    """Writes what a unit made and, last, its completion record; returns the record.
+
+    Args:
+        loc: the stage output.
+        unit: the unit's name.
+        record: the stage's own fields of the record.
+        table: the unit's rows (a `pyarrow.Table`), written to `shard_rel(unit)` unless empty.
+        rejected: (image id, source, reason) of its quarantined rows, written to
+            `quarantine/<unit>.parquet`.
+        files: files the unit wrote itself (FileEntry dicts), listed first.
+        record_dir: where the record goes (`record_rel(unit, record_dir)`).
+        drop_parenthesis: how reasons are counted (`reason_kind`).
+
+    Returns:
+        `record` with `files`, `quarantined` and `reasons` ({kind: count}).
+    """
+    listed = [dict(f) for f in files]
+    if table is not None and table.num_rows:
+        listed.append(asdict(write_parquet(loc, shard_rel(unit), table)))
+    quarantine = Quarantine(loc)
+    for image_id, source, reason in rejected:
+        quarantine.add(image_id, source, reason)
+    entry = quarantine.flush(unit)
+    if entry is not None:
+        listed.append(asdict(entry))
+    reasons = Counter(reason_kind(r[2], drop_parenthesis=drop_parenthesis) for r in rejected)
+    done = {**record, "files": listed, "quarantined": len(rejected), "reasons": dict(reasons)}
+    write_bytes_atomic(loc, record_rel(unit, record_dir), json.dumps(done).encode())
+    return done
 
 
 def reason_kind(reason: str, *, drop_parenthesis: bool = False) -> str:
@@ -221,8 +303,8 @@ def error_gate(
 
 
 def already_done(out: StageOutput, report: Callable[[str], Any]) -> dict[str, Any]:
-    """Reports that a complete output with this fingerprint exists; the stage result's
-    `output_uri`, `counts`, `metrics`, `ok`, `message` and `skipped` fields from its manifest."""
+    """Reports that a complete output with this fingerprint exists; the `StageResult` fields
+    from its manifest."""
     assert out.manifest is not None
     message = out.done_message()
     report(message)

@@ -1,7 +1,7 @@
 """Config dataclasses from `--config FILE` (YAML or JSON, local or in object storage) and flags.
 
-The file first, explicit flags over it; nested dataclass fields are filled from nested
-mappings, and anything the dataclass does not know or refuses is a usage error.
+The file first, explicit flags over it; `weakclip.config.from_dict` turns the merged mapping into
+the dataclass, and anything it does not know or refuses is a usage error.
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ import yaml
 
 from pipelines.cli.options import UsageError, storage_options
 from pipelines.io.storage import StorageOptions, read_bytes, redact, resolve
+from weakclip.config import from_dict
 
 MAX_CONFIG_BYTES = 1024 * 1024
+NULL: Any = object()  # an override that sets its field to None (a plain None is "not given")
 
 _C = TypeVar("_C")
 
@@ -37,7 +39,8 @@ def build_config(
         config_type: the stage's (frozen) config dataclass; nested dataclass fields are filled
             from nested mappings.
         args: parsed arguments (`args.config` may be None).
-        overrides: field → flag value; None values mean "flag not given" and are skipped.
+        overrides: field → flag value; None values mean "flag not given" and are skipped,
+            `NULL` sets the field to None.
             A dotted key (`"crf.iterations"`) sets a field of a nested config.
         base: field values under the file's (e.g. a demo's smaller settings); nested mappings
             merge field by field.
@@ -56,11 +59,9 @@ def build_config(
             continue
         if not _has_field(config_type, key.split(".")):
             raise TypeError(f"{config_type.__name__} has no field {key!r}")
-        _set_dotted(values, key.split("."), value)
+        _set_dotted(values, key.split("."), None if value is NULL else value)
     try:
-        return _from_mapping(config_type, values, "")
-    except UsageError:
-        raise
+        return from_dict(values, config_type)
     except (TypeError, ValueError) as e:
         raise UsageError(f"config: {e}") from None
 
@@ -98,85 +99,6 @@ def load_config_file(path: str, storage: StorageOptions | None = None) -> dict[s
     return parsed
 
 
-def _from_mapping(config_type: type[_C], values: Mapping[str, Any], where: str) -> _C:
-    if not dataclasses.is_dataclass(config_type):
-        raise TypeError(f"{config_type!r} is not a dataclass")
-    fields = {f.name: f for f in dataclasses.fields(config_type) if f.init}
-    unknown = sorted(str(k) for k in values if k not in fields)
-    if unknown:
-        raise UsageError(
-            f"unknown config key(s) {', '.join(where + k for k in unknown)} for "
-            f"{config_type.__name__}; known: {', '.join(sorted(fields))}"
-        )
-    hints = typing.get_type_hints(config_type)
-    kwargs: dict[str, Any] = {}
-    for name, value in values.items():
-        hint = hints[name]
-        nested = _dataclass_in(hint)
-        if nested is not None and isinstance(value, Mapping):
-            base = _default_as_dict(fields[name])
-            value = _from_mapping(nested, {**base, **value}, f"{where}{name}.")
-        else:
-            value = _coerce(value, hint, f"{where}{name}")
-        kwargs[name] = value
-    return config_type(**kwargs)
-
-
-def _coerce(value: Any, hint: Any, name: str) -> Any:
-    """Lists → tuples for tuple fields; refuse plainly wrong scalar types."""
-    options = _union_members(hint)
-    if value is None:
-        if type(None) in options or hint is Any:
-            return None
-        raise UsageError(f"config field {name} must not be null")
-    for option in options:
-        origin = typing.get_origin(option) or option
-        if origin is tuple and isinstance(value, list | tuple):
-            return tuple(value)
-        if origin is list and isinstance(value, list | tuple):
-            return list(value)
-    simple = [o for o in options if o in (int, float, str, bool)]
-    if simple and len(simple) == len([o for o in options if o is not type(None)]):
-        ok = any(
-            (o is bool and isinstance(value, bool))
-            or (o is int and isinstance(value, int) and not isinstance(value, bool))
-            or (o is float and isinstance(value, int | float) and not isinstance(value, bool))
-            or (o is str and isinstance(value, str))
-            for o in simple
-        )
-        if not ok:
-            wanted = " or ".join(o.__name__ for o in simple)
-            raise UsageError(f"config field {name} must be {wanted}, got {value!r}")
-        if float in simple and int not in simple and isinstance(value, int):
-            return float(value)
-    return value
-
-
-def _union_members(hint: Any) -> tuple[Any, ...]:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return typing.get_args(hint)
-    return (hint,)
-
-
-def _dataclass_in(hint: Any) -> type | None:
-    for option in _union_members(hint):
-        if isinstance(option, type) and dataclasses.is_dataclass(option):
-            return option
-    return None
-
-
-def _default_as_dict(f: dataclasses.Field[Any]) -> dict[str, Any]:
-    if f.default is not dataclasses.MISSING and dataclasses.is_dataclass(f.default):
-        default = f.default
-    elif f.default_factory is not dataclasses.MISSING:
-        default = f.default_factory()
-    else:
-        return {}
-    if not dataclasses.is_dataclass(default) or isinstance(default, type):
-        return {}
-    return {g.name: getattr(default, g.name) for g in dataclasses.fields(default) if g.init}
-
-
 def _has_field(config_type: type, path: list[str]) -> bool:
     current: Any = config_type
     for part in path:
@@ -185,7 +107,9 @@ def _has_field(config_type: type, path: list[str]) -> bool:
         names = {f.name for f in dataclasses.fields(current)}
         if part not in names:
             return False
-        current = _dataclass_in(typing.get_type_hints(current)[part])
+        hint = typing.get_type_hints(current)[part]
+        members = typing.get_args(hint) if typing.get_origin(hint) is types.UnionType else (hint,)
+        current = next((m for m in members if dataclasses.is_dataclass(m)), None)
     return True
 
 

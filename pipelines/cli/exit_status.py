@@ -10,6 +10,7 @@ import re
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from pipelines.cli.options import DEBUG_ENV, UsageError
 from pipelines.io.storage import redact
@@ -42,6 +43,33 @@ def run_job(fn: Callable[[list[str]], int | None], argv: Sequence[str] | None = 
         _report(e, debug)
         return 1
     return 0 if result is None else int(result)
+
+
+def entry_points(
+    fn: Callable[[list[str]], int | None],
+) -> tuple[Callable[..., int], Callable[[], None]]:
+    """A job's `main(argv=None) -> status` (`run_job` around `fn`) and its console script."""
+
+    def main(argv: Sequence[str] | None = None) -> int:
+        return run_job(fn, argv)
+
+    def cli() -> None:
+        sys.exit(main())
+
+    return main, cli
+
+
+def result_status(result: Any) -> int:
+    """0 for a stage result that is `ok`; else its one-line `message` on stderr and 1."""
+    if result.ok:
+        return 0
+    print(f"error: {result.message}", file=sys.stderr)
+    return 1
+
+
+def to_stderr(line: str) -> None:
+    """A progress sink for jobs whose stdout is their result."""
+    print(line, file=sys.stderr)
 
 
 def one_line(text: str) -> str:

@@ -10,11 +10,14 @@ import argparse
 import dataclasses
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from pipelines.io.storage import Location, StorageOptions, resolve
 
 DEBUG_ENV = "WEAKCLIP_DEBUG"
 MODEL_PRESETS = ("tiny", "vit-b-16")
+CLASSES_METAVAR = "voc|coco91|coco81|FILE"
+DEVICES = {"auto": None, "cpu": False, "gpu": True}  # --device → use_gpu (None: when present)
 
 
 class UsageError(Exception):
@@ -42,10 +45,11 @@ class Resources:
 
 @dataclass(frozen=True)
 class JobOptions:
-    """The shared options of a job, parsed and resolved."""
+    """The shared options of a job, parsed and resolved (`output` None only where the job's
+    `--output` is optional)."""
 
     input: Location | None
-    output: Location
+    output: Location | None
     storage: StorageOptions
     resources: Resources
     ray_address: str | None
@@ -53,6 +57,12 @@ class JobOptions:
     allow_local_output: bool
     model: str | None
     debug: bool
+
+    @property
+    def uris(self) -> tuple[str, str]:
+        """`(input, output)` URIs, for a stage job that has both."""
+        assert self.input is not None and self.output is not None
+        return self.input.uri, self.output.uri
 
 
 def add_common_args(
@@ -117,6 +127,70 @@ def add_common_args(
     )
 
 
+def job_parser(
+    module: str, doc: str | None, title: str, **common: bool
+) -> tuple[argparse.ArgumentParser, argparse._ArgumentGroup]:
+    """A job's parser (`python -m <module>`, `doc` as its description) with the shared options,
+    and its own option group `title`; `common` goes to `add_common_args`."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {module}",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_common_args(parser, **common)
+    return parser, parser.add_argument_group(title)
+
+
+def add_max_error_fraction(group: argparse._ArgumentGroup) -> None:
+    """`--max-error-fraction` of the stages that quarantine rows."""
+    group.add_argument(
+        "--max-error-fraction",
+        type=float,
+        metavar="F",
+        help="fail when more than this share of rows is quarantined (default 0.01)",
+    )
+
+
+def add_progress_every(group: argparse._ArgumentGroup, help: str) -> None:
+    """`--progress-every N` (checked by `stage_options`)."""
+    group.add_argument("--progress-every", type=int, metavar="N", help=help)
+
+
+def given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """`{name: args.<name>}`: flags that set config fields of the same name (None: not given)."""
+    return {name: getattr(args, name) for name in names}
+
+
+def stage_options(
+    args: argparse.Namespace,
+    stage: str,
+    defaults: Resources | None = None,
+    *,
+    unused: tuple[str, ...] = ("actor_pool_size", "batch_size"),
+) -> JobOptions:
+    """`job_options` of a data stage's job, after refusing the shared options it has no use
+    for (`unused`) and a `--progress-every` below 1.
+
+    Raises:
+        UsageError: one of those, or an unusable location.
+    """
+    reject_unused(args, stage, *unused)
+    check_positive(args, progress_every="must be at least 1")
+    return job_options(args, defaults)
+
+
+def check_positive(args: argparse.Namespace, **messages: str) -> None:
+    """Refuse a given option (by destination) that is not positive: `messages[dest]` says why.
+
+    Raises:
+        UsageError: `--<dest>: <message>` for the first option given that is not > 0.
+    """
+    for name, message in messages.items():
+        value = getattr(args, name, None)
+        if value is not None and not value > 0:
+            raise UsageError(f"--{name.replace('_', '-')}: {message}")
+
+
 def reject_unused(args: argparse.Namespace, stage: str, *names: str) -> None:
     """Refuse shared options this stage has no use for, rather than silently ignoring them.
 
@@ -167,7 +241,7 @@ def job_options(args: argparse.Namespace, defaults: Resources | None = None) -> 
     raw_input = getattr(args, "input", None)
     return JobOptions(
         input=resolve_arg("--input", raw_input, storage) if raw_input is not None else None,
-        output=resolve_arg("--output", args.output, storage),
+        output=resolve_arg("--output", args.output, storage) if args.output is not None else None,
         storage=storage,
         resources=resources(args, defaults),
         ray_address=getattr(args, "ray_address", None),
@@ -178,7 +252,17 @@ def job_options(args: argparse.Namespace, defaults: Resources | None = None) -> 
     )
 
 
+def stage_kwargs(options: JobOptions) -> dict[str, Any]:
+    """The keyword arguments every `run_<stage>` of a data stage takes from the shared options."""
+    return {
+        "storage": options.storage,
+        "num_cpus_per_task": options.resources.num_cpus_per_task,
+        "overwrite": options.overwrite,
+    }
+
+
 def resolve_arg(flag: str, value: str, storage: StorageOptions) -> Location:
+    """`value` of option `flag` as a location; a bad one is a usage error naming the flag."""
     try:
         return resolve(value, storage)
     except ValueError as e:

@@ -1,51 +1,35 @@
 """Evaluate stage: per-class IoU and mIoU of a stage's label maps against ground truth.
 
-The metric follows docs/METHOD.md; the output layout, docs/CONTRACTS.md.
-
-Predictions: a refine output (the `seed` PNG column of its shards) or a pseudo_masks output
-(index shards with `image_id` and `mask`, the relative path of `masks/<image_id>.png`). Ground
-truth: an ingest or refine output (the `gt` PNG column, null where an image has none). Only
-files the manifests list are read, and an input without `_SUCCESS` is refused.
-
-The join, without images on the driver: the driver reads only the `image_id` column (and, for
-pseudo masks, the `mask` path) of every listed shard, a few MB of strings at COCO scale, and
-maps every row group of the ground truth to the predictions of its ids
-(`pipelines.evaluate.plan`). Ray Data runs one task per ground-truth row group (`score_units`
-via `map_batches`, calling `pipelines.evaluate.scoring.score_unit`): it reads that row group's
-`image_id`, `gt` and `split` columns and exactly the predictions it needs (the `seed` column of
-the refine row groups holding them, or the listed mask PNGs), and returns one K x (K + 1)
-confusion matrix per split with counts and quarantine reasons; the driver sums them. A refine
-output made from the ground truth's ingest output shares its row groups, so each file is read
-once.
-
-Counted and reported, never fatal: predictions whose id the ground truth lacks
-(`prediction_without_gt`) or whose GT is null (`gt_null`), GT images without a prediction
-(`gt_without_prediction`, per split), and quarantined pairs with the reason (size mismatch,
-undecodable PNG, GT ids outside the class space, duplicate ids, mask paths the manifest does
-not list).
-
-Class space: `classes` when given, else the ground truth manifest's, else the prediction's; a
-side in another space is converted explicitly where that is defined (coco91 <-> coco81) and
-refused otherwise. mIoU is the nan-mean of per-class IoU over `average_over` (default: every
-class of the space; classes absent from both GT and prediction, such as coco91's 10 unused ids,
-have no IoU and drop out).
+The metric follows docs/METHOD.md; the output layout, docs/CONTRACTS.md. Predictions: a refine
+output (its `seed` column) or a pseudo_masks output (its index shards and `masks/*.png`); ground
+truth: an ingest or refine output (its `gt` column). Only listed files are read. The driver
+joins the two on `image_id` from the id columns alone (`pipelines.evaluate.plan`); one Ray task
+per ground-truth row group (or several) reads its GT and exactly the predictions it needs and
+returns per-split confusion matrices (`pipelines.evaluate.scoring.score_unit`), which the
+driver sums. Unmatched ids, null GT and pairs that cannot be scored are counted and reported,
+never fatal. Class space: `classes`, else the GT manifest's, else the prediction's, converted
+coco91 <-> coco81 where needed; mIoU is the nan-mean over `average_over` (default: every class).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
+from pipelines.cli.options import CLASSES_METAVAR, JobOptions, UsageError, resolve_arg
 from pipelines.evaluate.plan import make_plan
 from pipelines.evaluate.scoring import (
     EvaluationResult,
     RecordSum,
+    format_table,
     label_conversion,
     manifest_space,
     score_unit,
@@ -60,7 +44,8 @@ from pipelines.io.manifest import (
     StageState,
     read_manifest,
 )
-from pipelines.io.storage import Location, StorageOptions, read_bytes, resolve, write_bytes_atomic
+from pipelines.io.storage import StorageOptions, read_bytes, resolve, write_bytes_atomic
+from pipelines.units import already_done, run_tasks
 
 METRICS_FILE = "metrics.json"
 TARGET_TASKS = 512  # about this many tasks at most; bigger inputs give a task several units
@@ -86,6 +71,71 @@ class EvaluateConfig:
 
 # ---------------------------------------------------------------------------------------------
 # Driver: class space and the join plan
+
+
+def add_options(parser: argparse.ArgumentParser, stage: argparse._ArgumentGroup) -> None:
+    """The job's own options (`jobs.evaluate`); its `--output` is optional."""
+    for action in parser._actions:
+        if action.dest == "output":
+            action.required = False
+            action.help = "optional: also write an evaluate stage directory here"
+        elif action.dest == "input":
+            action.help = "refine or pseudo_masks output holding the label maps to score"
+    stage.add_argument(
+        "--gt", required=True, metavar="URI", help="ingest or refine output holding `gt`"
+    )
+    stage.add_argument(
+        "--classes",
+        metavar=CLASSES_METAVAR,
+        help="class space to score in (default: the manifests'); converts coco91 <-> coco81",
+    )
+    stage.add_argument(
+        "--average-over",
+        metavar="NAMES",
+        help="comma-separated class names or ids the mIoU averages over (default: all)",
+    )
+    stage.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+
+def config_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields the flags set (None: not given)."""
+    names = args.average_over
+    average_over = tuple(c.strip() for c in names.split(",") if c.strip()) if names else None
+    return {"classes": args.classes, "average_over": average_over}
+
+
+def check_inputs(
+    options: JobOptions, gt: str, config: EvaluateConfig
+) -> tuple[str, str, str | None]:
+    """The URIs of the prediction, the ground truth and the output (if any), once both inputs
+    are known complete and `classes` readable (before Ray starts).
+
+    Raises:
+        UsageError: an unusable `--gt` or `--classes`.
+        IncompleteOutputError: an input without `_SUCCESS`.
+    """
+    gt_loc = resolve_arg("--gt", gt, options.storage)
+    if config.classes is not None:
+        try:
+            requested_space(config.classes, options.storage)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--classes: {e}") from None
+    assert options.input is not None
+    read_manifest(options.input)
+    read_manifest(gt_loc)
+    return options.input.uri, gt_loc.uri, options.output.uri if options.output else None
+
+
+def print_metrics(metrics: Mapping[str, Any], *, as_json: bool) -> int:
+    """Prints the table (or the metrics as JSON) on stdout; the job's exit status."""
+    print(json.dumps(metrics, indent=2, allow_nan=False) if as_json else format_table(metrics))
+    if metrics.get("images"):
+        return 0
+    print(
+        "error: no image had both a prediction and ground truth (see the counts above)",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def resolve_class_space(
@@ -131,28 +181,13 @@ def requested_space(classes: str, storage: StorageOptions | None = None) -> Clas
 
 
 def score_units(
-    batch: dict[str, np.ndarray],
-    *,
-    gt_loc: Location,
-    pred_loc: Location,
-    num_classes: int,
-    pred_conversion: str | None,
-    gt_conversion: str | None,
+    batch: dict[str, np.ndarray], *, num_classes: int, **kwargs: Any
 ) -> dict[str, np.ndarray]:
-    """Ray Data batch wrapper of `score_unit`: column `unit` (JSON) in, one `record` (JSON) out,
-    the sum over the batch's units (so the driver receives one matrix per task)."""
+    """Ray Data batch wrapper of `score_unit` (`kwargs` are its locations and conversions):
+    JSON units in column `unit`, their sum out as one JSON `record` (one matrix per task)."""
     total = RecordSum(num_classes)
     for unit_json in batch["unit"]:
-        total.add(
-            score_unit(
-                json.loads(unit_json),
-                gt_loc=gt_loc,
-                pred_loc=pred_loc,
-                num_classes=num_classes,
-                pred_conversion=pred_conversion,
-                gt_conversion=gt_conversion,
-            )
-        )
+        total.add(score_unit(json.loads(unit_json), num_classes=num_classes, **kwargs))
     return {"record": np.asarray([json.dumps(total.record())], dtype=object)}
 
 
@@ -181,8 +216,6 @@ def evaluate_outputs(
         IncompleteOutputError: an input has no `_SUCCESS`.
         ValueError: wrong stages, missing columns, or incompatible class spaces.
     """
-    import ray
-
     config = config or EvaluateConfig()
     started = time.monotonic()
     pred = read_manifest(resolve(pred_uri, storage))
@@ -203,24 +236,16 @@ def evaluate_outputs(
         )
     )
     total = RecordSum(space.num_classes)
-    if plan.units:
-        per_task = max(1, math.ceil(len(plan.units) / TARGET_TASKS))
-        items = [{"unit": json.dumps(u)} for u in plan.units]
-        blocks = math.ceil(len(items) / per_task)
-        ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-            score_units,
-            batch_size=per_task,
-            num_cpus=num_cpus_per_task,
-            fn_kwargs={
-                "gt_loc": gt.location,
-                "pred_loc": pred.location,
-                "num_classes": space.num_classes,
-                "pred_conversion": pred_conversion,
-                "gt_conversion": gt_conversion,
-            },
-        )
-        for row in ds.iter_rows():
-            total.add(json.loads(row["record"]))
+    fn_kwargs = dict(gt_loc=gt.location, pred_loc=pred.location, num_classes=space.num_classes)
+    tasks = run_tasks(
+        plan.units,
+        score_units,
+        num_cpus=num_cpus_per_task,
+        fn_kwargs=fn_kwargs | dict(pred_conversion=pred_conversion, gt_conversion=gt_conversion),
+        batch_size=max(1, math.ceil(len(plan.units) / TARGET_TASKS)),
+    )
+    for record in tasks:
+        total.add(record)
     quarantine = [*plan.quarantine, *(tuple(q) for q in total.quarantine)]
     counts = {
         "predictions": plan.predictions,
@@ -306,28 +331,18 @@ def run_evaluate(
     Raises:
         StageConflictError: the output holds another run (and not `overwrite`).
     """
-    if output_uri is None:
-        return evaluate_outputs(
-            pred_uri,
-            gt_uri,
-            storage=storage,
-            config=config,
-            num_cpus_per_task=num_cpus_per_task,
-            report=report,
-        ).metrics()
-    pred = read_manifest(resolve(pred_uri, storage))
-    gt = read_manifest(resolve(gt_uri, storage))
-    out = StageOutput.open(
-        resolve(output_uri, storage),
-        stage="evaluate",
-        config=asdict(config),
-        inputs=[pred.input_ref(), gt.input_ref()],
-        overwrite=overwrite,
-    )
-    if out.state is StageState.DONE:
-        assert out.manifest is not None
-        report(out.done_message())
-        return dict(out.manifest.metrics or {})
+    out = None
+    if output_uri is not None:
+        pred, gt = (read_manifest(resolve(uri, storage)) for uri in (pred_uri, gt_uri))
+        out = StageOutput.open(
+            resolve(output_uri, storage),
+            stage="evaluate",
+            config=asdict(config),
+            inputs=[pred.input_ref(), gt.input_ref()],
+            overwrite=overwrite,
+        )
+        if out.state is StageState.DONE:
+            return dict(already_done(out, report)["metrics"] or {})
     result = evaluate_outputs(
         pred_uri,
         gt_uri,
@@ -336,7 +351,7 @@ def run_evaluate(
         num_cpus_per_task=num_cpus_per_task,
         report=report,
     )
-    if result.counts["scored"]:  # an evaluation of nothing is a failure, not a result
+    if out is not None and result.counts["scored"]:  # an evaluation of nothing is a failure
         write_evaluation(out, result)
         report(f"evaluate: wrote {out.location.uri}")
     return result.metrics()

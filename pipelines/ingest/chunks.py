@@ -1,17 +1,10 @@
-"""One ingest chunk: fetch its files, validate every row, write its shard, quarantine and record.
-
-Runs in a Ray Data task per chunk (`ingest_chunk`); `write_chunk` is the pure-Python body.
-File names depend only on the chunk index (`part-<chunk>`), the completion record
-`_chunks/part-<chunk>.json` is written last, so a resumed run redoes exactly the chunks
-without a valid record (`record_matches`, `pipelines.units.resume`) and no row appears twice.
+"""One ingest chunk per Ray task: fetch its files, validate every row, write its shard
+`shards/part-<chunk>.parquet`, its quarantine and last its record `_chunks/part-<chunk>.json`.
 """
 
 from __future__ import annotations
 
-import json
-from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -21,12 +14,10 @@ import pyarrow.parquet as pq
 from pipelines.ingest.config import IngestConfig
 from pipelines.ingest.listing import Entry
 from pipelines.ingest.rows import SHARD_SCHEMA, RowLimits, build_row
-from pipelines.io import schema
 from pipelines.io.class_spaces import ClassSpace
-from pipelines.io.manifest import Quarantine
 from pipelines.io.rows import RowRejected
-from pipelines.io.storage import Location, open_atomic, write_bytes_atomic
-from pipelines.units import reason_kind, record_rel, shard_rel
+from pipelines.io.storage import Location, open_atomic
+from pipelines.units import each_unit, record_rel, shard_rel, write_unit
 
 _FETCH_GROUP = 16  # rows fetched concurrently and written as one Parquet row group
 CHUNK_DIR = "_chunks"  # completion records of finished chunks (bookkeeping, not data files)
@@ -36,27 +27,18 @@ def chunk_name(index: int) -> str:
     return f"part-{index:05d}"
 
 
-def ingest_chunk(
-    batch: dict[str, np.ndarray],
-    *,
-    input_loc: Location,
-    output_loc: Location,
-    config: IngestConfig,
-    class_names: Sequence[str],
-    space_name: str,
-) -> dict[str, np.ndarray]:
-    """Ray Data batch wrapper: validates and writes the chunks in `batch`.
+def ingest_chunk(batch: dict[str, np.ndarray], **kwargs: Any) -> dict[str, np.ndarray]:
+    """Ray Data task body (`pipelines.units.each_unit`) of `write_chunk`: JSON chunks
+    (`{"chunk", "entries"}`) in column `unit`, their records out."""
+    return each_unit(batch, _write_json_chunk, **kwargs)
 
-    Reads columns `chunk` (int) and `entries` (JSON list of `Entry`); returns one summary row
-    per chunk (`chunk`, `record`: the JSON completion record).
-    """
+
+def _write_json_chunk(
+    unit: Mapping[str, Any], *, class_names: Sequence[str], space_name: str, **kwargs: Any
+) -> dict[str, Any]:
+    entries = [Entry(**e) for e in unit["entries"]]
     space = ClassSpace(space_name, tuple(class_names))
-    records = []
-    for chunk, entries_json in zip(batch["chunk"], batch["entries"], strict=True):
-        entries = [Entry(**e) for e in json.loads(entries_json)]
-        record = write_chunk(int(chunk), entries, input_loc, output_loc, config, space)
-        records.append(json.dumps(record))
-    return {"chunk": np.asarray(batch["chunk"]), "record": np.asarray(records, dtype=object)}
+    return write_chunk(int(unit["chunk"]), entries, space=space, **kwargs)
 
 
 def write_chunk(
@@ -72,7 +54,7 @@ def write_chunk(
     fs = input_loc.fs
     shard = shard_rel(chunk_name(chunk))
     good = 0
-    bad: list[dict[str, str]] = []
+    rejected: list[tuple[str, str, str]] = []
     with open_atomic(output_loc, shard) as writer_file:
         with pq.ParquetWriter(writer_file, SHARD_SCHEMA, compression="zstd") as writer:
             for start in range(0, len(entries), _FETCH_GROUP):
@@ -84,34 +66,23 @@ def write_chunk(
                     try:
                         rows.append(_row(entry, images, blobs, config, space, limits))
                     except RowRejected as exc:
-                        bad.append(
-                            {
-                                schema.IMAGE_ID: entry.image_id,
-                                schema.SOURCE: entry.cam or entry.image or entry.image_id,
-                                schema.REASON: exc.reason,
-                            }
-                        )
+                        source = entry.cam or entry.image or entry.image_id
+                        rejected.append((entry.image_id, source, exc.reason))
                 if rows:
                     writer.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA))
                     good += len(rows)
             if good == 0:
                 writer.write_table(SHARD_SCHEMA.empty_table())
-    record: dict[str, Any] = {
-        "chunk": chunk,
-        "input_rows": len(entries),
-        "files": [_file_entry(output_loc, shard, good)],
-        "output": good,
-        "quarantined": len(bad),
-        "reasons": dict(Counter(reason_kind(b[schema.REASON], drop_parenthesis=True) for b in bad)),
-    }
-    if bad:
-        quarantine = Quarantine(output_loc)
-        for b in bad:
-            quarantine.add(b[schema.IMAGE_ID], b[schema.SOURCE], b[schema.REASON])
-        entry = quarantine.flush(chunk_name(chunk))
-        record["files"].append(asdict(entry))
-    write_bytes_atomic(output_loc, chunk_record_rel(chunk), json.dumps(record).encode())
-    return record
+    size = int(output_loc.fs.size(output_loc.join(*shard.split("/"))))
+    return write_unit(
+        output_loc,
+        chunk_name(chunk),
+        {"chunk": chunk, "input_rows": len(entries), "output": good},
+        rejected=rejected,
+        files=[{"path": shard, "rows": good, "bytes": size}],
+        record_dir=CHUNK_DIR,
+        drop_parenthesis=True,
+    )
 
 
 def _row(
@@ -172,11 +143,6 @@ def _fetch(
         else:  # a transient storage error must fail the task (Ray retries it), not the row
             raise OSError(f"reading {rel} failed: {type(value).__name__}: {value}")
     return blobs
-
-
-def _file_entry(loc: Location, rel: str, rows: int) -> dict[str, Any]:
-    size = loc.fs.size(loc.join(*rel.split("/")))
-    return {"path": rel, "rows": rows, "bytes": int(size)}
 
 
 def chunk_entries(entries: Sequence[Entry], rows_per_shard: int) -> list[list[Entry]]:

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from pipelines.io import schema
 from pipelines.io.class_spaces import ClassSpace, labels_from_multihot
@@ -22,20 +21,7 @@ from pipelines.io.safe_pickle import CamDecodeError, UnsafePickleError, load_npy
 
 _CAM_RANGE_TOLERANCE = 1e-3  # float16 storage and min-max normalisation round slightly past [0,1]
 LAYOUTS = ("mctformer", "clip-es")
-SHARD_SCHEMA = pa.schema(
-    [
-        (schema.IMAGE_ID, pa.string()),
-        (schema.IMAGE, pa.binary()),
-        (schema.HEIGHT, pa.int32()),
-        (schema.WIDTH, pa.int32()),
-        (schema.LABELS, pa.list_(pa.int16())),
-        (schema.CAM, pa.large_binary()),
-        (schema.CAM_CLASSES, pa.list_(pa.int16())),
-        (schema.GT, pa.binary()),
-        (schema.SOURCE, pa.string()),
-        (schema.SPLIT, pa.string()),
-    ]
-)
+SHARD_SCHEMA = schema.arrow_schema(schema.INGEST_COLUMNS)
 
 
 @dataclass(frozen=True)

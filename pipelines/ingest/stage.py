@@ -1,28 +1,20 @@
 """Ingest stage: raw WSSS inputs in object storage → canonical Parquet shards + quarantine.
 
 Reads the MCTformer/WeakTr layout (`JPEGImages/<id>.jpg`, `cams/<id>.npy`, `cls_labels.npy`,
-optional `SegmentationClassAug/<id>.png`, optional split lists and `classes.txt`) or the CLIP-ES
-CAM layout, from a local directory or `s3://`.
-
-How the work is cut: the driver enumerates image ids (from split lists when given, so millions of
-keys are never listed; else one listing per folder), rejects what it can see from names alone
-(unsafe ids, duplicates, ids without a label), then cuts the sorted ids into fixed chunks. Ray
-Data runs one task per chunk: it fetches the chunk's files concurrently, validates every row
-(`pipelines.ingest.rows`) and writes `shards/part-<chunk>.parquet` and, for bad rows,
-`quarantine/part-<chunk>.parquet`, then a small completion record `_chunks/part-<chunk>.json`.
-File names depend only on the chunk, so a resumed run redoes only chunks without a record and
-no row can appear twice. The driver commits `manifest.json` and `_SUCCESS` last.
-
-Writes the ingest columns of `pipelines.io.schema.INGEST_COLUMNS`.
+optional `SegmentationClassAug/<id>.png`, split lists and `classes.txt`) or the CLIP-ES CAM
+layout, local or `s3://`. The driver enumerates image ids (from split lists when given, else one
+listing per folder), refuses what names alone show (`pipelines.ingest.listing`), and cuts the
+sorted ids into chunks of `rows_per_shard`, one Ray task each (`pipelines.ingest.chunks`);
+the rest is docs/ARCHITECTURE.md "The unit of work". Writes `schema.INGEST_COLUMNS`.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 from pipelines.ingest.chunks import (
@@ -37,6 +29,7 @@ from pipelines.io import schema
 from pipelines.io.manifest import InputRef, Quarantine, StageOutput, StageState
 from pipelines.io.storage import Location, StorageOptions, resolve
 from pipelines.units import (
+    StageResult,
     Tally,
     already_done,
     error_gate,
@@ -48,14 +41,10 @@ from pipelines.units import (
 
 
 @dataclass(frozen=True)
-class IngestResult:
-    """What a run did; `ok` is False when the quarantined share exceeded the limit."""
+class IngestResult(StageResult):
+    """`StageResult` with the quarantine reasons."""
 
-    output_uri: str
-    counts: dict[str, int]
-    reasons: dict[str, int]
-    ok: bool
-    message: str
+    reasons: dict[str, int] = field(default_factory=dict)
 
 
 def run_ingest(
@@ -71,13 +60,11 @@ def run_ingest(
     """Runs the ingest stage on the current Ray instance (see the module docstring).
 
     Args:
-        input_uri: dataset root (MCTformer/WeakTr or CLIP-ES layout).
-        output_uri: the stage's output directory.
-        config: stage options.
-        storage: endpoint/region of the object store (credentials come from the AWS chain).
+        input_uri, output_uri: dataset root (MCTformer/WeakTr or CLIP-ES layout); this stage's
+            output directory.
+        config, storage: stage options; endpoint/region of the object store.
         num_cpus_per_task: CPUs reserved per chunk task (fractional on small machines).
-        overwrite: replace an output made with another config or input.
-        report: progress sink, one line per call.
+        overwrite, report: replace an output made with another config or input; progress sink.
 
     Returns:
         The counts; `ok` False (and no `_SUCCESS`) when too many rows were quarantined.
@@ -99,28 +86,21 @@ def run_ingest(
         overwrite=overwrite,
     )
     if out.state is StageState.DONE:
-        done = already_done(out, report)
-        return IngestResult(output_loc.uri, done["counts"], {}, True, done["message"])
-
+        return IngestResult(**already_done(out, report))
     chunks = chunk_entries(found.entries, config.rows_per_shard)
-    records = resume(out, dict(enumerate(chunks)), record_matches, chunk_record_rel)
+    records = resume(out, dict(enumerate(chunks)), record_matches, rel=chunk_record_rel)
     if records:
         report(f"ingest: resuming: {len(records)} of {len(chunks)} chunks already written")
-    items = [
-        {"chunk": i, "entries": json.dumps([asdict(e) for e in chunk])}
+    todo = [
+        {"chunk": i, "entries": [asdict(e) for e in chunk]}
         for i, chunk in enumerate(chunks)
         if i not in records
     ]
-    fn_kwargs = {
-        "input_loc": input_loc,
-        "output_loc": output_loc,
-        "config": config,
-        "class_names": list(found.space.class_names),
-        "space_name": found.space.name,
-    }
-    for row in run_tasks(items, ingest_chunk, num_cpus=num_cpus_per_task, fn_kwargs=fn_kwargs):
-        record = json.loads(row["record"])
-        records[int(row["chunk"])] = record
+    fn_kwargs = dict(input_loc=input_loc, output_loc=output_loc, config=config)
+    space = dict(class_names=list(found.space.class_names), space_name=found.space.name)
+    tasks = run_tasks(todo, ingest_chunk, num_cpus=num_cpus_per_task, fn_kwargs=fn_kwargs | space)
+    for record in tasks:
+        records[int(record["chunk"])] = record
         report(
             f"ingest: chunk {len(records)}/{len(chunks)}: {record['output']} rows, "
             f"{record['quarantined']} quarantined ({time.monotonic() - started:.0f} s)"
@@ -145,15 +125,16 @@ def _gate_and_commit(
     good, bad = tally.output, tally.quarantined
     counts = {"input": len(found.entries) + len(found.rejects), "output": good, "quarantined": bad}
     assert counts["input"] == good + bad, counts
+    result = partial(IngestResult, output_loc.uri, counts, None, reasons=dict(tally.reasons))
     if counts["input"] == 0:
         message = f"no input rows found in {input_uri}"
         report(f"ingest: FAILED: {message}")
-        return IngestResult(output_loc.uri, counts, dict(tally.reasons), False, message)
+        return result(False, message)
     failure = error_gate(
         "ingest", tally, counts["input"], config.max_error_fraction, output_loc, report
     )
     if failure is not None:
-        return IngestResult(output_loc.uri, counts, dict(tally.reasons), False, failure)
+        return result(False, failure)
     out.commit(
         files=tally.files,
         counts=counts,
@@ -167,7 +148,7 @@ def _gate_and_commit(
         f"{output_loc.uri} ({time.monotonic() - started:.0f} s)"
     )
     report(message)
-    return IngestResult(output_loc.uri, counts, dict(tally.reasons), True, message)
+    return result(True, message)
 
 
 def _tally(

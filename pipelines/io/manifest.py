@@ -1,24 +1,12 @@
 """A stage's output directory: run record, resumable data files, manifest, `_SUCCESS` last.
 
-The layout and rules are docs/CONTRACTS.md "A stage's output directory" and "Re-running". A stage:
-
-    out = StageOutput.open(loc, stage="refine", config=cfg, inputs=[input_ref(in_loc)],
-                           overwrite=args.overwrite)
-    if out.state is StageState.DONE:
-        print(out.done_message()); return out.manifest
-    done = out.existing(expected_files)        # RESUME: skip what an earlier attempt finished
-    ... write the missing data files (deterministic names, each written atomically) ...
-    manifest = out.commit(files=entries, counts={...}, class_names=..., class_space="voc")
-
-`open` records the run's fingerprint (stage + config + inputs) in `_RUN.json` before any data
-is written. Same fingerprint and `_SUCCESS` present: DONE. Same fingerprint, no `_SUCCESS`:
-RESUME. Empty directory: FRESH. A different fingerprint raises `StageConflictError` unless
-`overwrite`, which deletes the whole directory first. Every manifest carries its run's unique
-`run_id`, so a re-run stage has a new manifest digest and the stages after it (whose inputs
-name that digest) see a different fingerprint and refuse to reuse stale outputs.
-
-Readers (`read_manifest`, `wait_for_success`, re-exported here from `manifest_format`) trust
-a directory only once `_SUCCESS` exists and read only the files its manifest lists.
+The layout and rules are docs/CONTRACTS.md "A stage's output directory" and "Re-running"; how a
+stage uses it, docs/ARCHITECTURE.md "The unit of work". `StageOutput.open` records the run's
+fingerprint (stage + config + inputs) in `_RUN.json` before any data: DONE, RESUME, FRESH, or
+`StageConflictError` for another fingerprint unless `overwrite` (which deletes the directory).
+Every manifest carries a unique `run_id`, so a re-run stage has a new digest and the stages
+after it see a different fingerprint. Readers (`read_manifest`, `wait_for_success`, from
+`manifest_format`) trust a directory only once `_SUCCESS` exists and read only what it lists.
 """
 
 from __future__ import annotations
@@ -279,9 +267,7 @@ class Quarantine:
     `counts["quarantined"]`.
     """
 
-    SCHEMA = pa.schema(
-        [(schema.IMAGE_ID, pa.string()), (schema.SOURCE, pa.string()), (schema.REASON, pa.string())]
-    )
+    SCHEMA = schema.arrow_schema(schema.QUARANTINE_COLUMNS)
 
     def __init__(self, location: Location) -> None:
         self.location = location

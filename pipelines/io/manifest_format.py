@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,12 +104,13 @@ class Manifest:
         return InputRef(uri=self.location.uri, manifest_sha256=self.sha256)
 
 
-def read_manifest(location: Location | str) -> Manifest:
-    """Read and validate the manifest of a completed stage output.
+def read_manifest(location: Location | str, stages: Sequence[str] = ()) -> Manifest:
+    """Read and validate the manifest of a completed stage output (of one of `stages`, if any).
 
     Raises:
         IncompleteOutputError: no `_SUCCESS` (the run is unfinished or failed).
         ManifestError: malformed JSON or fields, or listed paths escaping the directory.
+        ValueError: the output is not one of `stages`.
     """
     loc = resolve(location) if isinstance(location, str) else location
     if not exists(loc, SUCCESS):
@@ -120,7 +121,11 @@ def read_manifest(location: Location | str) -> Manifest:
         data = read_bytes(loc, MANIFEST, max_bytes=MAX_MANIFEST_BYTES)
     except FileNotFoundError:
         raise ManifestError(f"{loc.uri} has {SUCCESS} but no {MANIFEST}") from None
-    return parse_manifest(loc, data)
+    manifest = parse_manifest(loc, data)
+    if stages and manifest.stage not in stages:
+        wanted = " or ".join(stages)
+        raise ValueError(f"{loc.uri} is a {manifest.stage!r} output, not an {wanted} output")
+    return manifest
 
 
 def manifest_sha256(location: Location | str) -> str:

@@ -8,6 +8,9 @@ typo is an ImportError rather than a silently empty column. The format tag of tr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 # ingest shards
 IMAGE_ID = "image_id"  # string, unique per dataset
 IMAGE = "image"  # encoded image bytes exactly as given (JPEG/PNG)
@@ -34,6 +37,17 @@ INGEST_COLUMNS = (IMAGE_ID, IMAGE, HEIGHT, WIDTH, LABELS, CAM, CAM_CLASSES, GT, 
 REFINE_COLUMNS = (IMAGE_ID, IMAGE, HEIGHT, WIDTH, LABELS, SEED, GT, SPLIT)
 QUARANTINE_COLUMNS = (IMAGE_ID, SOURCE, REASON)
 PSEUDO_MASK_COLUMNS = (IMAGE_ID, MASK, HEIGHT, WIDTH, LABELS, CHECKPOINT_SHA256, SPLIT)
+
+
+def arrow_schema(columns: Sequence[str]) -> Any:
+    """The `pyarrow.Schema` of a shard holding `columns`, in that order (the types above)."""
+    import pyarrow as pa
+
+    labels, binary = pa.list_(pa.int16()), pa.binary()
+    types = {IMAGE: binary, HEIGHT: pa.int32(), WIDTH: pa.int32(), LABELS: labels, GT: binary}
+    types |= {CAM: pa.large_binary(), CAM_CLASSES: labels, SEED: binary}
+    return pa.schema([(c, types.get(c, pa.string())) for c in columns])
+
 
 # train's model.pt (pipelines.train.export)
 EXPORT_FORMAT = "weakclip-export-v1"

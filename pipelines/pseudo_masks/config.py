@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from pipelines.cli.config import NULL
+from pipelines.cli.options import (
+    DEVICES,
+    JobOptions,
+    add_max_error_fraction,
+    add_progress_every,
+    stage_kwargs,
+)
 from pipelines.pseudo_masks.checkpoint import VerifiedCheckpoint
 from weakclip.config import COCO_POST_CRF, VOC_POST_CRF, InferenceConfig
 
@@ -99,4 +108,69 @@ def stage_config(
         "report_images": config.report_images,
         "class_names": list(checkpoint.class_names),
         "checkpoint_sha256": checkpoint.sha256,
+    }
+
+
+def _scales(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one scale")
+    return values
+
+
+def add_options(stage: argparse._ArgumentGroup) -> None:
+    """The job's own options (`jobs.pseudo_masks`); `config_fields` maps them to the config."""
+    stage.add_argument(
+        "--checkpoint", required=True, metavar="URI", help="train's model.pt (s3://, file://)"
+    )
+    stage.add_argument(
+        "--scales", type=_scales, metavar="S,S,...", help="default: the checkpoint preset's"
+    )
+    stage.add_argument("--no-flip", action="store_true", help="no mirrored passes")
+    stage.add_argument(
+        "--no-restrict", action="store_true", help="all classes, not just the image's labels"
+    )
+    stage.add_argument("--no-crf", action="store_true", help="argmax without CRF")
+    stage.add_argument(
+        "--splits", metavar="S,S|all", help="splits to process (default train; all = every row)"
+    )
+    stage.add_argument("--report-images", type=int, metavar="N", help="images in report/ (8)")
+    add_max_error_fraction(stage)
+    stage.add_argument(
+        "--cpus-per-actor", type=float, default=1.0, metavar="N", help="CPUs per model replica"
+    )
+    stage.add_argument(
+        "--device", choices=("auto", "cpu", "gpu"), default="auto", help="gpu when present (auto)"
+    )
+    add_progress_every(stage, "a line every N images")
+
+
+def config_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields the flags set (None: not given; `--splits all` sets `splits` to None)."""
+    fields: dict[str, Any] = {
+        "scales": args.scales,
+        "flip": False if args.no_flip else None,
+        "restrict_to_image_classes": False if args.no_restrict else None,
+        "use_crf": False if args.no_crf else None,
+        "report_images": args.report_images,
+        "max_error_fraction": args.max_error_fraction,
+    }
+    if args.splits is not None:
+        names = tuple(s.strip() for s in args.splits.split(",") if s.strip())
+        fields["splits"] = NULL if args.splits == "all" else names
+    return fields
+
+
+def run_options(args: argparse.Namespace, options: JobOptions) -> dict[str, Any]:
+    """The keyword arguments of `run_pseudo_masks` that the job's flags give."""
+    return {
+        "actor_pool_size": options.resources.actor_pool_size,
+        "cpus_per_actor": args.cpus_per_actor,
+        "batch_size": options.resources.batch_size,
+        "use_gpu": DEVICES[args.device],
+        "progress_every": args.progress_every,
+        **stage_kwargs(options),
     }

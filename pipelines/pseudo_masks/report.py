@@ -55,12 +55,15 @@ def _ingest_cams(ingest: Manifest, ids: set[str], *, bg_threshold: float) -> dic
                     image_id = row[schema.IMAGE_ID]
                     if image_id not in ids or image_id in found:
                         continue
-                    classes = [int(c) for c in row[schema.CAM_CLASSES] or []]
-                    cams = decode_cam_column(
-                        row[schema.CAM], len(classes), row[schema.HEIGHT], row[schema.WIDTH]
-                    )
-                    found[image_id] = cam_argmax(cams, classes, bg_threshold=bg_threshold)
+                    found[image_id] = _cam_argmax(row, bg_threshold)
     return found
+
+
+def _cam_argmax(row: Mapping[str, Any], bg_threshold: float) -> np.ndarray:
+    """H x W CAM argmax of an ingest row."""
+    classes = [int(c) for c in row[schema.CAM_CLASSES] or []]
+    planes = decode_cam_column(row[schema.CAM], len(classes), row[schema.HEIGHT], row[schema.WIDTH])
+    return cam_argmax(planes, classes, bg_threshold=bg_threshold)
 
 
 def build_report_rows(
@@ -86,16 +89,8 @@ def build_report_rows(
     by_group: dict[tuple[str, int], list[tuple[str, int]]] = defaultdict(list)
     for image_id, (path, group, row) in sample.items():
         by_group[(path, group)].append((image_id, row))
-    columns = [
-        schema.IMAGE_ID,
-        schema.IMAGE,
-        schema.HEIGHT,
-        schema.WIDTH,
-        schema.GT,
-        schema.SEED,
-        schema.CAM,
-        schema.CAM_CLASSES,
-    ]
+    columns = [schema.IMAGE_ID, schema.IMAGE, schema.HEIGHT, schema.WIDTH, schema.GT]
+    columns += [schema.SEED, schema.CAM, schema.CAM_CLASSES]
     inputs: dict[str, dict] = {}
     for (path, group), wanted in by_group.items():
         rows = _read_rows(input_loc, path, group, columns)
@@ -105,12 +100,7 @@ def build_report_rows(
             inputs[image_id] = rows[index]
     cams: dict[str, np.ndarray] = {}
     if source.stage == "ingest":
-        for image_id, row in inputs.items():
-            classes = [int(c) for c in row[schema.CAM_CLASSES] or []]
-            planes = decode_cam_column(
-                row[schema.CAM], len(classes), row[schema.HEIGHT], row[schema.WIDTH]
-            )
-            cams[image_id] = cam_argmax(planes, classes, bg_threshold=bg_threshold)
+        cams = {image_id: _cam_argmax(row, bg_threshold) for image_id, row in inputs.items()}
     elif source.inputs:
         try:
             ingest = read_manifest(resolve(source.inputs[0].uri, input_loc.options))
@@ -136,33 +126,6 @@ def build_report_rows(
     return rows
 
 
-def write_pseudo_report(
-    sample: Mapping[str, tuple[str, int, int]],
-    *,
-    input_loc: Location,
-    source: Manifest,
-    output_loc: Location,
-    bg_threshold: float,
-    title: str,
-    metrics: Mapping[str, Any] | None,
-    report: Callable[[str], Any] = print,
-) -> list[FileEntry]:
-    """Writes `report/` for the sampled images; returns its files for the manifest."""
-    from pipelines.report import write_report
-
-    rows = build_report_rows(
-        sample,
-        input_loc=input_loc,
-        source=source,
-        output_loc=output_loc,
-        bg_threshold=bg_threshold,
-        report=report,
-    )
-    return write_report(
-        output_loc, rows, class_names=source.class_names, title=title, metrics=metrics
-    )
-
-
 def write_stage_report(
     records: Sequence[Mapping[str, Any]],
     *,
@@ -175,8 +138,9 @@ def write_stage_report(
     metrics: Mapping[str, Any] | None,
     report: Callable[[str], Any] = print,
 ) -> list[FileEntry]:
-    """The report of a finished run: `count` images sampled from the units' records."""
-    from pipelines.report import sample_ids
+    """Writes `report/` for `count` images sampled from the units' records; returns its files
+    for the manifest."""
+    from pipelines.report import sample_ids, write_report
 
     where = {
         image_id: (r["path"], r["row_group"], index)
@@ -192,13 +156,15 @@ def write_stage_report(
             if key in metrics
         }
         shown["images with ground truth"] = metrics["gt_images"]
-    return write_pseudo_report(
+    rows = build_report_rows(
         {i: where[i] for i in chosen},
         input_loc=input_loc,
         source=source,
         output_loc=output_loc,
         bg_threshold=bg_threshold,
-        title=f"Pseudo masks ({source.class_space}), checkpoint {checkpoint_sha256[:12]}",
-        metrics=shown,
         report=report,
+    )
+    title = f"Pseudo masks ({source.class_space}), checkpoint {checkpoint_sha256[:12]}"
+    return write_report(
+        output_loc, rows, class_names=source.class_names, title=title, metrics=shown
     )

@@ -1,30 +1,15 @@
 """Pseudo-mask stage: a trained WeakCLIP → one pseudo-mask PNG per training image (docs/METHOD.md).
 
-Reads an ingest or refine output (the columns of `pipelines.pseudo_masks.rows.read_columns`) through
-its manifest and train's `model.pt`; writes `masks/<image_id>.png` (VOC-palette PNG of class
-ids in the full class space, original size), the index `shards/<unit>.parquet`
-(`schema.PSEUDO_MASK_COLUMNS`), `quarantine/`, `report/`, `manifest.json` and `_SUCCESS` last.
-
-The checkpoint is read, hashed and loaded with `weights_only=True` before any Ray work
-(`pipelines.pseudo_masks.checkpoint`); its class names must equal the input's. Then one Ray Data
-pipeline streams three stages:
-1. CPU tasks, one per unit (an input row group): read, keep the chosen splits, validate
-   (id, size, labels, bytes; bad rows flow on with their reason), score the baseline (CAM
-   argmax for an ingest input, seeds for a refine input) against the GT;
-2. a fixed-size actor pool of model replicas (`ActorPoolStrategy`; one GPU each when the
-   cluster has GPUs, else CPUs): multi-scale + flip sliding-window inference restricted to
-   background + the image's classes, planes of those classes handed on as float16;
-3. CPU tasks: dense-CRF post-processing, the mask written straight to storage, sparse
-   confusion counts against the GT.
-Only small JSON rows come back to the driver, which assembles each unit once all of its rows are
-back: its index shard, quarantine file and last its completion record `_units/<unit>.json`.
-
-Re-running (docs/CONTRACTS.md): the fingerprint holds the resolved inference/CRF settings, the
-splits, the class names and the checkpoint's SHA-256, so another checkpoint into the same
-output is refused unless `overwrite`. An interrupted run redoes exactly the units whose record
-is missing or whose listed files (masks included) are missing or changed; mask names depend only
-on the image id, so no image ends up with two masks, and a mask is only listed from a record of
-this fingerprint — never reused from another run.
+Reads an ingest or refine output and train's `model.pt` (verified before any Ray work, its class
+names equal to the input's); writes `masks/<image_id>.png` (VOC palette, full class space,
+original size), the index `shards/<unit>.parquet`, `quarantine/`, `report/`, `manifest.json` and
+`_SUCCESS` last. One Ray Data pipeline streams three operators: CPU tasks that read and validate
+a unit (an input row group) and score the baseline (CAM argmax for an ingest input, seeds for a
+refine input); a fixed pool of model replicas (one GPU each when the cluster has GPUs) for
+multi-scale + flip sliding-window inference restricted to background + the image's classes;
+CPU tasks for the dense CRF, the mask written straight to storage. Only small JSON rows come
+back to the driver, which writes each unit once all its rows are back. The fingerprint holds
+the resolved inference/CRF settings, the splits, the class names and the checkpoint's SHA-256.
 """
 
 from __future__ import annotations
@@ -43,27 +28,28 @@ from pipelines.pseudo_masks.checkpoint import VerifiedCheckpoint, verify_checkpo
 from pipelines.pseudo_masks.config import PseudoMaskConfig, stage_config
 from pipelines.pseudo_masks.report import write_stage_report
 from pipelines.pseudo_masks.rows import PseudoUnit, RowSpec
-from pipelines.units import already_done, error_gate, pct, resume, tally_records
+from pipelines.units import (
+    StageResult,
+    already_done,
+    error_gate,
+    pct,
+    record_matches,
+    resume,
+    tally_records,
+)
 from weakclip.config import CRFConfig, InferenceConfig
 
 STAGE = "pseudo_masks"
 
 
 @dataclass(frozen=True)
-class PseudoMaskResult:
-    """What a run did; `ok` is False when the quarantined share exceeded the limit."""
+class PseudoMaskResult(StageResult):
+    """`StageResult` with the timings of this call."""
 
-    output_uri: str
-    counts: dict[str, int]
-    metrics: dict[str, Any] | None
-    ok: bool
-    message: str
-    skipped: bool = False  # the output was already complete
-    seconds: float = 0.0  # driver wall time of this call
     pipeline_seconds: float = 0.0  # wall time of the Ray Data pipeline (0 when nothing ran)
-    infer_seconds: float = 0.0  # Σ model time per image in the actors (this call)
-    crf_seconds: float = 0.0  # Σ CRF + mask time per image in the CRF tasks (this call)
-    images_run: int = 0  # rows this call sent through the pipeline
+    infer_seconds: float = 0.0  # Σ model time per image in the actors
+    crf_seconds: float = 0.0  # Σ CRF + mask time per image in the CRF tasks
+    images_run: int = 0  # rows sent through the pipeline
     actor_memory_mb: dict[str, float] | None = None  # actor → peak RSS (MB; + CUDA on GPU)
 
 
@@ -95,8 +81,8 @@ def run_pseudo_masks(
     checkpoint: str | VerifiedCheckpoint,
     config: PseudoMaskConfig,
     *,
-    storage: StorageOptions | None = None,
     actor_pool_size: int = 1,
+    storage: StorageOptions | None = None,
     cpus_per_actor: float = 1.0,
     num_cpus_per_task: float = 0.5,
     batch_size: int | None = None,
@@ -108,34 +94,29 @@ def run_pseudo_masks(
     """Runs the pseudo-mask stage on the current Ray instance (see the module docstring).
 
     Args:
-        input_uri: a completed ingest or refine output.
-        output_uri: this stage's output directory.
-        checkpoint: train's `model.pt` (URI), or one already verified.
-        config: inference, CRF, splits, report and error tolerance.
-        storage: endpoint/region of the object store (credentials come from the AWS chain).
-        actor_pool_size: model replicas (fixed pool).
-        cpus_per_actor: CPUs per replica (also its torch threads); on 2 cores 1 leaves room
-            for the read and CRF tasks.
+        input_uri, output_uri: a completed ingest or refine output; this stage's output.
+        checkpoint, config: train's `model.pt` (URI, or one already verified); the options.
+        storage: endpoint/region of the object store.
+        actor_pool_size, cpus_per_actor: model replicas (a fixed pool) and CPUs (torch
+            threads) of each; on 2 cores 1 CPU leaves room for the read and CRF tasks.
         num_cpus_per_task: CPUs per CRF task (read tasks take half of it).
-        batch_size: images per model call batch; None = 8 on GPU, 2 on CPU.
+        batch_size: images per model call; None = 8 on GPU, 2 on CPU.
         use_gpu: one GPU per replica; None = when the cluster has GPUs.
         overwrite: replace an output made with another checkpoint, config or input.
-        progress_every: a progress line every this many images (default: about 20 lines).
-        report: progress sink, one line per call.
+        progress_every, report: a progress line every this many images (default: about 20
+            lines), and where it goes.
 
     Raises:
         CheckpointRefused: the checkpoint is unsafe, unreadable or not an export (before Ray).
         IncompleteOutputError: the input has no `_SUCCESS`.
-        ValueError: the input is not an ingest/refine output, its class names differ from the
-            checkpoint's, or it holds no row in the chosen splits.
+        ValueError: not an ingest/refine input, other class names, or no row in the splits.
         StageConflictError: the output holds another run (and not `overwrite`).
     """
     started = time.monotonic()
     input_loc, output_loc = resolve(input_uri, storage), resolve(output_uri, storage)
-    source = _read_source(input_loc)
+    source = read_manifest(input_loc, stages=("ingest", "refine"))
     if not isinstance(checkpoint, VerifiedCheckpoint):
         checkpoint = verify_checkpoint(checkpoint, storage)
-    check_class_names(source, checkpoint)
     inference = _resolve_inference(config, checkpoint, source)
     out = StageOutput.open(
         output_loc,
@@ -146,15 +127,9 @@ def run_pseudo_masks(
     )
     if out.state is StageState.DONE:
         return PseudoMaskResult(**already_done(out, report), seconds=time.monotonic() - started)
-
     run = _Run(config, inference, checkpoint, source, input_loc, output_loc, report)
     units = units_mod.enumerate_units(input_loc, source, splits=config.splits)
-    if sum(u.selected for u in units) == 0:
-        raise ValueError(
-            f"{input_loc.uri} holds no rows in split(s) {list(config.splits or [])} "
-            f"({sum(u.rows for u in units)} rows in all)"
-        )
-    records = resume(out, {u.name: u for u in units}, units_mod.record_matches)
+    records = resume(out, {u.name: u for u in units}, record_matches)
     report(run.start_line(units, records))
     pool = _Pool(actor_pool_size, cpus_per_actor, num_cpus_per_task, batch_size, use_gpu)
     todo = [u for u in units if u.name not in records]
@@ -284,19 +259,12 @@ def _gate_and_commit(
     return PseudoMaskResult(uri, counts, metrics, True, message, **timing)
 
 
-def _read_source(input_loc: Location) -> Manifest:
-    source = read_manifest(input_loc)
-    if source.stage not in ("ingest", "refine"):
-        raise ValueError(
-            f"{input_loc.uri} is a {source.stage!r} output, not an ingest or refine output"
-        )
-    return source
-
-
 def _resolve_inference(
     config: PseudoMaskConfig, checkpoint: VerifiedCheckpoint, source: Manifest
 ) -> InferenceConfig:
-    """The checkpoint's inference settings with the stage's options over them."""
+    """The checkpoint's inference settings with the stage's options over them, once its class
+    names are known to be the input's (`check_class_names`)."""
+    check_class_names(source, checkpoint)
     from weakclip.config import WeakCLIPConfig, from_dict
 
     model_config = from_dict(checkpoint.config, WeakCLIPConfig)
@@ -318,77 +286,27 @@ def _run_units(
     run: _Run,
     todo: Sequence[PseudoUnit],
     records: dict[str, dict[str, Any]],
-    pool_config: _Pool,
+    pool: _Pool,
     progress_every: int | None,
 ) -> dict[str, Any]:
-    """Streams the units without a record through the three stages; fills `records`."""
-    input_loc, output_loc, checkpoint, report = (
-        run.input_loc,
-        run.output_loc,
-        run.checkpoint,
-        run.report,
-    )
-    spec, inference, crf = run.spec, run.inference, run.crf
+    """Streams the units without a record through the three operators; fills `records`."""
     timing: dict[str, Any] = dict(
         pipeline_seconds=0.0, infer_seconds=0.0, crf_seconds=0.0, images_run=0
     )
-    empty = [u for u in todo if u.selected == 0]
-    for unit in empty:  # every row in other splits: nothing to run
-        records[unit.name] = units_mod.finish_unit(unit, [], output_loc, checkpoint.sha256, spec)
-    work = [u for u in todo if u.selected > 0]
+    sha256, spec = run.checkpoint.sha256, run.spec
+    for unit in (u for u in todo if u.selected == 0):  # every row in other splits
+        records[unit.name] = units_mod.finish_unit(unit, [], run.output_loc, sha256, spec)
+    work = {u.name: u for u in todo if u.selected > 0}
     if not work:
         return timing
-    import ray
-
-    from pipelines.pseudo_masks.infer import MaskPredictor
-    from pipelines.pseudo_masks.rows import postprocess_rows, read_unit
-
-    actor_pool_size, cpus_per_actor = pool_config.actor_pool_size, pool_config.cpus_per_actor
-    num_cpus_per_task, batch_size = pool_config.num_cpus_per_task, pool_config.batch_size
-    use_gpu = pool_config.use_gpu
-    if use_gpu is None:
-        use_gpu = float(ray.cluster_resources().get("GPU", 0)) > 0
-    checkpoint_ref = ray.put(checkpoint.data)
-    items = [{"unit": json.dumps(asdict(u))} for u in work]
-    ds = (
-        ray.data.from_items(items, override_num_blocks=len(items))
-        .map_batches(
-            read_unit,
-            batch_size=1,
-            num_cpus=num_cpus_per_task / 2,
-            fn_kwargs={"input_loc": input_loc, "spec": spec},
-        )
-        .map_batches(
-            MaskPredictor,
-            batch_size=batch_size or (8 if use_gpu else 2),
-            compute=ray.data.ActorPoolStrategy(size=actor_pool_size),
-            num_cpus=cpus_per_actor,
-            num_gpus=1 if use_gpu else 0,
-            fn_constructor_kwargs={
-                "checkpoint": [checkpoint_ref],
-                "sha256": checkpoint.sha256,
-                "inference": inference,
-                "use_gpu": use_gpu,
-                "threads": max(1, int(cpus_per_actor)),
-            },
-        )
-        .map_batches(
-            postprocess_rows,
-            batch_size=1,
-            num_cpus=num_cpus_per_task,
-            fn_kwargs={"output_loc": output_loc, "crf": crf, "num_classes": spec.num_classes},
-        )
-    )
-    total = sum(u.selected for u in work)
+    total = sum(u.selected for u in work.values())
     every = progress_every or max(1, total // 20)
-    by_name = {u.name: u for u in work}
-    pending: dict[str, dict[int, dict[str, Any]]] = {u.name: {} for u in work}
+    pending: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in work}
     memory: dict[str, float] = {}
     writes: list[Future[dict[str, Any]]] = []
-    done = 0
-    run_started = time.monotonic()
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        for row in ds.iter_rows():
+    done, run_started = 0, time.monotonic()
+    with ThreadPoolExecutor(max_workers=4) as threads:
+        for row in _dataset(run, list(work.values()), pool).iter_rows():
             meta = json.loads(row["meta"])
             rows = pending.get(meta["unit"])
             if rows is None or int(meta["row"]) in rows:
@@ -397,25 +315,17 @@ def _run_units(
             done += 1
             timing["infer_seconds"] += meta.get("infer_s", 0.0)
             timing["crf_seconds"] += meta.get("crf_s", 0.0)
-            actor = meta.get("actor")
-            if actor:
+            if actor := meta.get("actor"):
                 peak = actor["rss_mb"] + actor.get("cuda_mb", 0.0)
                 memory[actor["id"]] = max(memory.get(actor["id"], 0.0), peak)
-            unit = by_name[meta["unit"]]
+            unit = work[meta["unit"]]
             if len(rows) == unit.selected:
-                writes.append(
-                    pool.submit(
-                        units_mod.finish_unit,
-                        unit,
-                        list(pending.pop(unit.name).values()),
-                        output_loc,
-                        checkpoint.sha256,
-                        spec,
-                    )
-                )
+                back = list(pending.pop(unit.name).values())
+                finish = units_mod.finish_unit
+                writes.append(threads.submit(finish, unit, back, run.output_loc, sha256, spec))
             if done % every == 0 or done == total:
                 elapsed = time.monotonic() - run_started
-                report(
+                run.report(
                     f"pseudo_masks: {done}/{total} images, {done / max(elapsed, 1e-9):.2f} "
                     f"images/s ({elapsed:.0f} s)"
                 )
@@ -424,7 +334,53 @@ def _run_units(
             records[record["unit"]] = record
     if pending:
         raise RuntimeError(f"{len(pending)} unit(s) did not return all their rows")
-    timing["pipeline_seconds"] = time.monotonic() - run_started
-    timing["images_run"] = done
-    timing["actor_memory_mb"] = memory
+    timing.update(
+        pipeline_seconds=time.monotonic() - run_started, images_run=done, actor_memory_mb=memory
+    )
     return timing
+
+
+def _dataset(run: _Run, work: Sequence[PseudoUnit], pool: _Pool) -> Any:
+    """The Ray Data pipeline over `work`: read and validate, the model actors, the CRF."""
+    import ray
+
+    from pipelines.pseudo_masks.infer import MaskPredictor
+    from pipelines.pseudo_masks.rows import postprocess_rows, read_unit
+
+    use_gpu = pool.use_gpu
+    if use_gpu is None:
+        use_gpu = float(ray.cluster_resources().get("GPU", 0)) > 0
+    items = [{"unit": json.dumps(asdict(u))} for u in work]
+    return (
+        ray.data.from_items(items, override_num_blocks=len(items))
+        .map_batches(
+            read_unit,
+            batch_size=1,
+            num_cpus=pool.num_cpus_per_task / 2,
+            fn_kwargs={"input_loc": run.input_loc, "spec": run.spec},
+        )
+        .map_batches(
+            MaskPredictor,
+            batch_size=pool.batch_size or (8 if use_gpu else 2),
+            compute=ray.data.ActorPoolStrategy(size=pool.actor_pool_size),
+            num_cpus=pool.cpus_per_actor,
+            num_gpus=1 if use_gpu else 0,
+            fn_constructor_kwargs={
+                "checkpoint": [ray.put(run.checkpoint.data)],
+                "sha256": run.checkpoint.sha256,
+                "inference": run.inference,
+                "use_gpu": use_gpu,
+                "threads": max(1, int(pool.cpus_per_actor)),
+            },
+        )
+        .map_batches(
+            postprocess_rows,
+            batch_size=1,
+            num_cpus=pool.num_cpus_per_task,
+            fn_kwargs={
+                "output_loc": run.output_loc,
+                "crf": run.crf,
+                "num_classes": run.spec.num_classes,
+            },
+        )
+    )

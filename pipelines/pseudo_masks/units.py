@@ -1,22 +1,15 @@
-"""Units of the pseudo-mask stage: enumeration, completion records, resumption and metrics.
+"""Units of the pseudo-mask stage: one row group of an input shard each.
 
-A unit is one row group of an input shard. The driver enumerates them from the shards the
-input manifest lists, reading only each shard's footer and its `image_id` and `split` columns:
-that gives every unit's number of rows in the chosen splits (what the unit must return before
-it is complete) and finds repeated image ids, whose later copies are quarantined rather than
-written over the first one's mask. When all rows of a unit are back, `finish_unit` writes its
-index shard and quarantine file, and last its record `_units/<unit>.json`, which lists every
-file of the unit (masks included) with its size; a resumed run trusts a record only when it
-`record_matches` its unit and all of those files are still there with those sizes
-(`pipelines.units.resume`).
+`enumerate_units` reads each listed shard's footer and its `image_id` and `split` columns: the
+rows of every unit in the chosen splits (what the unit must return before it is complete) and
+repeated image ids, whose later copies are quarantined rather than written over the first one's
+mask. `finish_unit` writes a unit once all its rows are back; its record lists every file of
+the unit, masks included, so that `pipelines.units.resume` redoes a unit whose mask changed.
 """
 
 from __future__ import annotations
 
-import json
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -24,9 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.io import schema
-from pipelines.io.manifest import Manifest, Quarantine, write_parquet
-from pipelines.io.storage import Location, write_bytes_atomic
-from pipelines.metrics import NO_SPLIT, metrics_by_split, sum_by_split
+from pipelines.io.manifest import Manifest
+from pipelines.io.storage import Location
+from pipelines.metrics import NO_SPLIT, summed_metrics
 from pipelines.pseudo_masks.rows import (
     PseudoUnit,
     RowSpec,
@@ -39,24 +32,12 @@ from pipelines.units import (
     check_unit_names,
     listed_shards,
     map_shards,
-    reason_kind,
-    record_rel,
-    shard_rel,
+    unit_fields,
     unit_name,
+    write_unit,
 )
 
-PSEUDO_MASK_SCHEMA = pa.schema(
-    [
-        (schema.IMAGE_ID, pa.string()),
-        (schema.MASK, pa.string()),
-        (schema.HEIGHT, pa.int32()),
-        (schema.WIDTH, pa.int32()),
-        (schema.LABELS, pa.list_(pa.int16())),
-        (schema.CHECKPOINT_SHA256, pa.string()),
-        (schema.SPLIT, pa.string()),
-    ]
-)
-assert tuple(PSEUDO_MASK_SCHEMA.names) == schema.PSEUDO_MASK_COLUMNS
+PSEUDO_MASK_SCHEMA = schema.arrow_schema(schema.PSEUDO_MASK_COLUMNS)
 _REQUIRED = {
     "ingest": (schema.IMAGE_ID, schema.IMAGE, schema.HEIGHT, schema.WIDTH, schema.CAM),
     "refine": (schema.IMAGE_ID, schema.IMAGE, schema.HEIGHT, schema.WIDTH, schema.SEED),
@@ -69,7 +50,8 @@ def enumerate_units(
     """One unit per row group of every listed shard, with its selected rows and duplicates.
 
     Raises:
-        ValueError: a shard lacks a required column, or two shards share a file name.
+        ValueError: a shard lacks a required column, two shards share a file name, or no row
+            is in `splits`.
     """
     shards = listed_shards(manifest)
     required = _REQUIRED[manifest.stage]
@@ -114,16 +96,12 @@ def enumerate_units(
                 PseudoUnit(unit_name(path, group), path, group, len(ids), selected, duplicates)
             )
     check_unit_names(u.name for u in units)
+    if sum(u.selected for u in units) == 0:
+        raise ValueError(
+            f"{input_loc.uri} holds no rows in split(s) {list(splits or [])} "
+            f"({sum(u.rows for u in units)} rows in all)"
+        )
     return units
-
-
-def record_matches(unit: PseudoUnit, record: Mapping[str, Any]) -> bool:
-    """Whether a record found on disk is this unit's (same name, shard, group, rows, splits,
-    duplicates); `pipelines.units.resume` then checks its files (masks included) are intact."""
-    layout = {key: field for key, field in asdict(unit).items() if key != "name"}
-    return record.get("unit") == unit.name and all(
-        record.get(key) == field for key, field in layout.items()
-    )
 
 
 def finish_unit(
@@ -143,7 +121,7 @@ def finish_unit(
         spec: class space and baseline name.
 
     Returns:
-        The record: the unit's fields, `output`, `quarantined`, `files` (FileEntry dicts),
+        The record: the unit's fields, `output`, `quarantined`, `files` (masks first),
         `images` ([image id, row index] of written masks), `reasons`, `confusion` ({split:
         {"images", "pseudo_masks", <baseline>}} as sparse counts), `infer_s`, `crf_s`.
     """
@@ -151,67 +129,49 @@ def finish_unit(
     if len(by_row) != unit.selected:
         raise RuntimeError(f"unit {unit.name}: {len(by_row)} rows back, {unit.selected} expected")
     good = sorted((r for r in by_row.values() if not r.get("reason")), key=lambda r: r["image_id"])
-    bad = [r for r in by_row.values() if r.get("reason")]
-    files: list[dict[str, Any]] = [
-        {"path": mask_rel(r["image_id"]), "rows": None, "bytes": int(r["mask_bytes"])} for r in good
+    source = f"{unit.path}#rg{unit.row_group}"
+    rejected = [
+        (str(r.get("image_id")), source, r["reason"]) for r in by_row.values() if r.get("reason")
     ]
-    if good:
-        index = [
-            {
-                schema.IMAGE_ID: r["image_id"],
-                schema.MASK: mask_rel(r["image_id"]),
-                schema.HEIGHT: r["height"],
-                schema.WIDTH: r["width"],
-                schema.LABELS: r["labels"],
-                schema.CHECKPOINT_SHA256: checkpoint_sha256,
-                schema.SPLIT: r.get("split"),
-            }
-            for r in good
-        ]
-        table = pa.Table.from_pylist(index, schema=PSEUDO_MASK_SCHEMA)
-        files.append(asdict(write_parquet(output_loc, shard_rel(unit.name), table)))
-    quarantine = Quarantine(output_loc)
-    for r in bad:
-        quarantine.add(str(r.get("image_id")), f"{unit.path}#rg{unit.row_group}", r["reason"])
-    entry = quarantine.flush(unit.name)
-    if entry is not None:
-        files.append(asdict(entry))
-    k = spec.num_classes
+    index = [
+        {
+            schema.IMAGE_ID: r["image_id"],
+            schema.MASK: mask_rel(r["image_id"]),
+            schema.HEIGHT: r["height"],
+            schema.WIDTH: r["width"],
+            schema.LABELS: r["labels"],
+            schema.CHECKPOINT_SHA256: checkpoint_sha256,
+            schema.SPLIT: r.get("split"),
+        }
+        for r in good
+    ]
+    shape = (spec.num_classes, spec.num_classes + 1)
+    keys = ("pseudo_masks", spec.baseline)
     confusion: dict[str, dict[str, Any]] = {}
-    for r in good:
-        if "pseudo_masks" not in r:
-            continue
-        split = r.get("split") or NO_SPLIT
+    for r in (r for r in good if "pseudo_masks" in r):
         acc = confusion.setdefault(
-            split,
-            {
-                "images": 0,
-                "pseudo_masks": np.zeros((k, k + 1), np.int64),
-                spec.baseline: np.zeros((k, k + 1), np.int64),
-            },
+            r.get("split") or NO_SPLIT,
+            {"images": 0, **{k: np.zeros(shape, np.int64) for k in keys}},
         )
         acc["images"] += 1
         add_sparse(acc["pseudo_masks"], r["pseudo_masks"])
         add_sparse(acc[spec.baseline], r["baseline"])
     record = {
-        **{key: value for key, value in asdict(unit).items() if key != "name"},
-        "unit": unit.name,
+        **unit_fields(unit),
         "output": len(good),
-        "quarantined": len(bad),
-        "files": files,
         "images": [[r["image_id"], int(r["row"])] for r in good],
-        "reasons": dict(Counter(reason_kind(r["reason"]) for r in bad)),
         "confusion": {
-            split: {
-                key: (value if key == "images" else to_sparse(value)) for key, value in acc.items()
-            }
+            split: {k: v if k == "images" else to_sparse(v) for k, v in acc.items()}
             for split, acc in confusion.items()
         },
         "infer_s": sum(r.get("infer_s", 0.0) for r in good),
         "crf_s": sum(r.get("crf_s", 0.0) for r in good),
     }
-    write_bytes_atomic(output_loc, record_rel(unit.name), json.dumps(record).encode())
-    return record
+    masks = [
+        {"path": mask_rel(r["image_id"]), "rows": None, "bytes": int(r["mask_bytes"])} for r in good
+    ]
+    table = pa.Table.from_pylist(index, schema=PSEUDO_MASK_SCHEMA)
+    return write_unit(output_loc, unit.name, record, table=table, rejected=rejected, files=masks)
 
 
 def build_metrics(
@@ -227,14 +187,11 @@ def build_metrics(
     `pseudo_masks` and the baseline (`cam_argmax` for an ingest input, `seeds` for a refine
     input) are scored on the same images: every processed row with ground truth.
     """
-    keys = ("pseudo_masks", baseline)
-    totals = sum_by_split(records, keys, len(class_names), add_sparse)
-    if not totals:
-        return None
-    return metrics_by_split(
-        totals,
-        keys,
+    return summed_metrics(
+        records,
+        ("pseudo_masks", baseline),
         class_names,
+        add_sparse,
         class_space=class_space,
         ground_truth="every processed row with ground truth (per split under by_split)",
         headline="pseudo_masks",

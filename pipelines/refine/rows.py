@@ -12,7 +12,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from pipelines.io import schema
 from pipelines.io.codecs import (
@@ -25,19 +24,7 @@ from pipelines.io.codecs import (
 from pipelines.io.rows import RowRejected, check_image_id
 from pipelines.seeds import SeedConfig, cam_argmax, refine_seed
 
-REFINE_SCHEMA = pa.schema(
-    [
-        (schema.IMAGE_ID, pa.string()),
-        (schema.IMAGE, pa.binary()),
-        (schema.HEIGHT, pa.int32()),
-        (schema.WIDTH, pa.int32()),
-        (schema.LABELS, pa.list_(pa.int16())),
-        (schema.SEED, pa.binary()),
-        (schema.GT, pa.binary()),
-        (schema.SPLIT, pa.string()),
-    ]
-)
-assert tuple(REFINE_SCHEMA.names) == schema.REFINE_COLUMNS
+REFINE_SCHEMA = schema.arrow_schema(schema.REFINE_COLUMNS)
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ def test_demo_settings_apply_the_demo_config_to_any_input(tmp_path, monkeypatch)
     from pipelines.pipeline import DEMO_CONFIG
 
     seen = {}
-    monkeypatch.setattr(job, "init_ray", lambda args: None)
+    monkeypatch.setattr("pipelines.cli.init_ray", lambda args: None)
     monkeypatch.setattr(job, "run_pipeline", lambda *a, **k: seen.update(args=a, kwargs=k))
     base = ["--input", str(tmp_path / "data"), "--output", str(tmp_path / "out")]
     assert pipeline([*base, "--demo-settings", "--iterations", "7"]) == 0

@@ -27,7 +27,7 @@ from tests.pipelines.pseudo_masks.inputs import (
 def no_ray(monkeypatch) -> list[str]:
     """Records any attempt of the job to start Ray."""
     calls: list[str] = []
-    monkeypatch.setattr(job, "init_ray", lambda *a, **k: calls.append("init_ray"))
+    monkeypatch.setattr("pipelines.cli.init_ray", lambda *a, **k: calls.append("init_ray"))
     monkeypatch.setattr(job, "run_pseudo_masks", lambda *a, **k: calls.append("run_pseudo_masks"))
     return calls
 

@@ -65,7 +65,7 @@ def test_resume_keeps_only_matching_records_with_intact_files(tmp_path: Path) ->
     write_bytes_atomic(loc, u.record_rel("d"), json.dumps(_record("other", files("d"))).encode())
     units = {"a": "a", "b": "b", "c": "c", "d": "d", "e": "e"}
     matches = lambda unit, record: record.get("unit") == unit  # noqa: E731
-    found = u.read_records(loc, units, matches)
+    found = u.read_records(loc, units, matches, u.record_rel)
     assert sorted(found) == ["a", "b"]
     assert sorted(u.keep_intact(out, found)) == ["a"]  # b's shard has another size
     resumed = _open(tmp_path)

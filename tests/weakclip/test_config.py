@@ -227,3 +227,27 @@ def test_coco_settings() -> None:
 def test_config_module_does_not_import_torch() -> None:
     code = "import sys, weakclip.config; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inner:
+    a: int = 1
+    b: float = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stage:
+    ratio: tuple[float, float] = (0.5, 2.0)
+    splits: tuple[str, ...] | None = ("train",)
+    inner: _Inner = dataclasses.field(default_factory=lambda: _Inner(a=5))
+
+
+def test_from_dict_loads_any_config_dataclass() -> None:
+    """The pipelines' stage configs load through the same `from_dict`: fixed-length tuples,
+    optional fields and a nested `default_factory` value as the base of a partial mapping."""
+    config = from_dict({"ratio": [1, 3], "splits": None, "inner": {"b": 4}}, _Stage)
+    assert config == _Stage(ratio=(1.0, 3.0), splits=None, inner=_Inner(a=5, b=4.0))
+    with pytest.raises(ValueError, match=re.escape("ratio must hold 2 values")):
+        from_dict({"ratio": [1, 2, 3]}, _Stage)
+    with pytest.raises(ValueError, match=re.escape("splits[0] must be a string")):
+        from_dict({"splits": [3]}, _Stage)

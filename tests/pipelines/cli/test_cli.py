@@ -78,11 +78,11 @@ def test_json_file(tmp_path: Path):
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("alpha: 1\nbogus: 2\n", "unknown config key"),
+        ("alpha: 1\nbogus: 2\n", "unknown field.*bogus"),
         ("crf: {bogus: 1}\n", "crf.bogus"),
-        ("alpha: fast\n", "alpha must be float"),
-        ("name: 3\n", "name must be str"),
-        ("crf: {iterations: true}\n", "iterations must be int"),
+        ("alpha: fast\n", "alpha must be a number"),
+        ("name: 3\n", "name must be a string"),
+        ("crf: {iterations: true}\n", "crf.iterations must be an integer"),
         ("alpha: -1\n", "alpha must be >= 0"),
         ("- a\n- b\n", "mapping"),
         ("alpha: [unclosed\n", "not valid"),
