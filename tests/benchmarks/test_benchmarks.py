@@ -33,4 +33,10 @@ def test_quality_table_shows_the_gain_and_zero_iou_classes() -> None:
     ]  # fmt: skip
     table = format_table(rows).splitlines()
     assert table[1].split() == ["camouflage-voc", "50.0", "60.0", "70.0", "10.0", "-", "12", "dog"]
-    assert set(FAMILIES) == {"shapes-voc-size", "camouflage-voc", "camouflage-coco91"}
+    assert set(FAMILIES) == {
+        "shapes-voc-size",
+        "camouflage-voc",
+        "camouflage-coco91",
+        "colours-voc",
+        "colours-coco91",
+    }
