@@ -29,8 +29,10 @@ from PIL import Image
 
 from pipelines.io import schema
 from pipelines.io.codecs import MAX_PIXELS, decode_image, decode_label_map
+from pipelines.io.manifest import Manifest
 from pipelines.io.storage import Location
 from pipelines.training.augment import AugmentConfig, augment_sample, denormalize, row_seed
+from pipelines.training.run import epochs_needed
 
 TRAIN_COLUMNS = ("image", "seed", "crf_image", "class_mask")
 TRAIN_SPLIT = "train"
@@ -223,3 +225,31 @@ def build_train_dataset(
             )
         )
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def train_dataset(
+    source: Manifest, model_config: Any, num_cpus_per_task: float, start_iteration: int
+) -> tuple[int, Any]:
+    """(training rows, the Ray Data pipeline of the epochs still to run from `start_iteration`).
+
+    Raises:
+        ValueError: the refine manifest lists no shards, or no training rows.
+    """
+    files = [source.location.child(entry.path) for entry in source.entries("shards/")]
+    if not files:
+        raise ValueError(f"{source.location.uri}: the manifest lists no shards/")
+    rows, train_only = count_training_rows(files)
+    iterations, batch_size = model_config.train.iterations, model_config.train.batch_size
+    epochs = epochs_needed(
+        rows=rows, batch_size=batch_size, start_iteration=start_iteration, iterations=iterations
+    )
+    dataset = build_train_dataset(
+        files,
+        model_config=model_config,
+        num_classes=len(source.class_names),
+        train_only=train_only,
+        start_epoch=(start_iteration * batch_size) // rows,
+        epochs=epochs,
+        num_cpus_per_task=num_cpus_per_task,
+    )
+    return rows, dataset
