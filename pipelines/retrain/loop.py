@@ -9,6 +9,7 @@ the result under `evaluation`.
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -51,10 +52,8 @@ def retrain_loop_per_worker(loop_config: dict[str, Any]) -> None:
     restored = restore_checkpoint(loop_config["signature"])
     if restored is not None:
         model.load_state_dict(restored.state["model"], strict=True)
-    elif loop_config["backbone_weights"] is not None:
-        path = fetch_weights(
-            loop_config["backbone_weights"], loop_config["backbone_sha256"], what="backbone weights"
-        )
+    elif (weights := loop_config["weights"]).location is not None:
+        path = fetch_weights(weights.location, weights.sha256, what="backbone weights")
         assert path is not None
         load_backbone_weights(model, path, architecture=config.architecture)
     autocast = autocast_for(device)
@@ -91,7 +90,7 @@ def retrain_loop_per_worker(loop_config: dict[str, Any]) -> None:
         ),
         seed=config.seed,
         meta={
-            "config": loop_config["stage_config"],
+            "config": asdict(config),
             "class_names": class_names,
             "signature": loop_config["signature"],
         },

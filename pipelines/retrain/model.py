@@ -220,9 +220,7 @@ def export_model(
 
 def read_export(path: str) -> dict[str, Any]:
     """The `model.pt` payload, read with `weights_only=True` and checked."""
-    payload = read_export_payload(
-        path, fmt=EXPORT_FORMAT, kind="retrained-model", loading_as="retrained-model export"
-    )
+    payload = read_export_payload(path, fmt=EXPORT_FORMAT, kind="retrained-model")
     if payload.get("architecture") not in ARCHITECTURES:
         raise ValueError(f"{path!r}: unknown architecture {payload.get('architecture')!r}")
     return payload
@@ -238,16 +236,3 @@ def load_retrained_model(path: str) -> tuple[DeepLabV3, list[str]]:
     model = build_model(payload["architecture"], len(payload["class_names"]))
     model.load_state_dict(payload["state_dict"], strict=True)
     return model.eval(), list(payload["class_names"])
-
-
-__all__ = [
-    "ARCHITECTURES",
-    "SmallResNet",
-    "build_model",
-    "export_model",
-    "load_backbone_weights",
-    "load_retrained_model",
-    "logits",
-    "predict_labels",
-    "read_export",
-]

@@ -13,9 +13,8 @@ input manifests' digests.
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -113,7 +112,7 @@ def micro_batching(config: RetrainConfig, options: RetrainOptions) -> tuple[int,
 
 
 def run_signature(
-    config: RetrainConfig, class_names: list[str], weights: tr.Weights
+    config: RetrainConfig, class_names: Sequence[str], weights: tr.Weights
 ) -> dict[str, Any]:
     """What a resume must not change: the config but `iterations`, weights, class names."""
     fields = asdict(config)
@@ -194,10 +193,8 @@ def run_retrain(
     """Runs (or resumes, or skips) the retrain stage on the current Ray instance.
 
     Raises:
-        TimeoutError: the input did not complete in time.
-        ValueError: bad input or settings (no usable pseudo masks, batch not splittable).
-        TrainRefused: an interrupted or finished run and options that do not say what to do.
-        manifest.StageConflictError: the output holds a different run (and not `overwrite`).
+        TimeoutError, ValueError (bad input or settings), TrainRefused, StageConflictError: as
+            `read_inputs`, `micro_batching` and `pipelines.training.run.open_run` say.
     """
     from pipelines.retrain.loop import retrain_loop_per_worker
 
@@ -205,53 +202,31 @@ def run_retrain(
     micro_batching(config, options)
     output = resolve(output_uri, storage)
     pseudo, source = read_inputs(input_uri, storage=storage, wait_timeout_s=options.wait_timeout_s)
-    class_names = list(pseudo.class_names)
     weights = tr.resolve_weights(config.backbone_weights, storage)
-    signature = run_signature(config, class_names, weights)
+    signature = run_signature(config, pseudo.class_names, weights)
+    inputs = [pseudo.input_ref(), source.input_ref()]
     run = tr.open_run(
-        output,
-        stage=STAGE,
-        signature=signature,
-        inputs=[pseudo.input_ref(), source.input_ref()],
-        iterations=config.iterations,
-        options=options,
-        log=log,
+        output, STAGE, signature, inputs, iterations=config.iterations, options=options, log=log
     )
     if run.skipped:
         return tr.skipped_result(run, config.iterations)
     rows, quarantine_entry = plan(pseudo, source, output, log)
-    if not rows.train:
-        raise ValueError(
-            f"{pseudo.location.uri}: no usable pseudo masks ({len(rows.quarantined)} "
-            f"quarantined, see {output.child('quarantine').uri})"
-        )
-    gpu = tr.use_gpu(options.use_gpu)
-    loop_config = tr.loop_config(
-        options,
-        config.batch_size,
-        gpu=gpu,
-        output=output,
-        min_micro=2,
-        config=config,
-        stage_config=asdict(config),
-        class_names=class_names,
-        signature=signature,
-        backbone_weights=weights.location,
-        backbone_sha256=weights.sha256,
-        source=source.location,
-        val_rows=rows.val,
-    )
-    dataset = _dataset(config, options, pseudo, source, rows, run.start_iteration)
-    started = time.perf_counter()
-    checkpoint = tr.fit(
+    checkpoint, seconds = tr.fit(
         retrain_loop_per_worker,
-        loop_config,
+        {
+            "config": config,
+            "class_names": list(pseudo.class_names),
+            "signature": signature,
+            "weights": weights,
+            "source": source.location,
+            "val_rows": rows.val,
+        },
         output=output,
         options=options,
-        gpu=gpu,
-        dataset=dataset,
+        batch_size=config.batch_size,
+        dataset=_dataset(config, options, pseudo, source, output, rows, run.start_iteration),
+        min_micro=2,
     )
-    seconds = time.perf_counter() - started
     manifest = _finish(
         config,
         options,
@@ -273,10 +248,20 @@ def _dataset(
     options: RetrainOptions,
     pseudo: mf.Manifest,
     source: mf.Manifest,
-    rows: Any,
+    output: Location,
+    rows: data.RowPlan,
     start: int,
 ) -> Any:
-    """The Ray Data pipeline of the epochs still to run from iteration `start`."""
+    """The Ray Data pipeline of the epochs still to run from iteration `start`.
+
+    Raises:
+        ValueError: no usable pseudo masks.
+    """
+    if not rows.train:
+        raise ValueError(
+            f"{pseudo.location.uri}: no usable pseudo masks ({len(rows.quarantined)} "
+            f"quarantined, see {output.child('quarantine').uri})"
+        )
     epochs = tr.epochs_needed(
         rows=len(rows.train),
         batch_size=config.batch_size,

@@ -85,14 +85,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world, device = context = worker_context(loop_config)
     config = from_dict(loop_config["model_config"], WeakCLIPConfig)
     class_names = list(loop_config["class_names"])
+    processes = loop_config["crf_processes"]
+    if processes is None:  # auto: parallel CRFs on GPU workers, one process on CPU workers
+        processes = min(int(loop_config["micro_batch_size"]), 4) if device.type == "cuda" else 1
     # Fork the CRF processes before the model exists: the children stay small.
     pool = CRFPool(
-        processes=int(loop_config["crf_processes"]),
+        processes=int(processes),
         params=crf_params(config.loss.boundary_crf, prob_floor=config.loss.prob_clamp),
         absent_tolerance=loop_config.get("absent_tolerance"),
     )
     try:
-        clip_path = fetch_clip_weights(loop_config["clip_weights"], loop_config["clip_sha256"])
+        clip = loop_config["clip"]
+        clip_path = fetch_clip_weights(clip.location, clip.sha256)
         # Same seed on every rank: a random-init CLIP is then the same everywhere.
         torch.manual_seed(config.train.seed)
         model = build_weakclip(config, class_names, clip_weights=clip_path)
@@ -103,9 +107,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             export.load_model_weights(
                 model, trainable=restored.state["model"], clip=restored.clip, frozen=frozen
             )
-        clip_sha256 = loop_config["clip_sha256"] or ckpt.state_digest(
-            ckpt.frozen_state_dict(model, frozen)
-        )
+        clip_sha256 = clip.sha256 or ckpt.state_digest(ckpt.frozen_state_dict(model, frozen))
         autocast, size = autocast_for(device), config.loss.resolution
         train_steps(
             loop_config,
@@ -117,7 +119,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             meta={
                 "config": loop_config["model_config"],
                 "class_names": class_names,
-                "clip_weights": {"source": loop_config["clip_uri"], "sha256": clip_sha256},
+                "clip_weights": {**clip.source, "sha256": clip_sha256},
                 "signature": loop_config["signature"],
             },
             step=lambda ddp, batch, batches, accumulation: _micro_step(

@@ -9,7 +9,6 @@ class names, the CLIP weights (source and SHA-256) and the input manifest digest
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,44 +70,32 @@ def run_train(config: TrainJobConfig, *, log: Any = print) -> RunResult:
     class_names = list(input_manifest.class_names)
     clip = tr.resolve_weights(config.clip_weights, config.storage)
     signature = run_signature(config.model, class_names, clip)
-    iterations, batch_size = config.model.train.iterations, config.model.train.batch_size
+    iterations = config.model.train.iterations
+    inputs = [input_manifest.input_ref()]
     run = tr.open_run(
-        output,
-        stage="train",
-        signature=signature,
-        inputs=[input_manifest.input_ref()],
-        iterations=iterations,
-        options=config,
-        log=log,
+        output, "train", signature, inputs, iterations=iterations, options=config, log=log
     )
     if run.skipped:
         return tr.skipped_result(run, iterations)
-    gpu = tr.use_gpu(config.use_gpu)
     rows, dataset = data.train_dataset(
         input_manifest, config.model, config.num_cpus_per_task, run.start_iteration
     )
-    crf_processes = config.crf_processes
-    if crf_processes is None:
-        crf_processes = min(tr.micro_batching(batch_size, config)[0], 4) if gpu else 1
-    loop_config = tr.loop_config(
-        config,
-        batch_size,
-        gpu=gpu,
+    entries = {
+        "model_config": to_dict(config.model),
+        "class_names": class_names,
+        "clip": clip,
+        "signature": signature,
+        "crf_processes": config.crf_processes,
+        "absent_tolerance": config.absent_tolerance,
+    }
+    checkpoint, seconds = tr.fit(
+        train_loop_per_worker,
+        entries,
         output=output,
-        model_config=to_dict(config.model),
-        class_names=class_names,
-        clip_weights=clip.location,
-        clip_uri=clip.source["source"],
-        clip_sha256=clip.sha256,
-        signature=signature,
-        crf_processes=crf_processes,
-        absent_tolerance=config.absent_tolerance,
+        options=config,
+        batch_size=config.model.train.batch_size,
+        dataset=dataset,
     )
-    started = time.perf_counter()
-    checkpoint = tr.fit(
-        train_loop_per_worker, loop_config, output=output, options=config, gpu=gpu, dataset=dataset
-    )
-    seconds = time.perf_counter() - started
     manifest = _finish(config, run.stage, output, checkpoint, clip, input_manifest, rows, seconds)
     return RunResult(manifest, run.start_iteration, iterations)
 

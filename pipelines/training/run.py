@@ -18,6 +18,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -186,10 +187,10 @@ def use_gpu(requested: bool | None) -> bool:
 
 def open_run(
     output: Location,
-    *,
     stage: str,
     signature: Mapping[str, Any],
     inputs: Sequence[mf.InputRef],
+    *,
     iterations: int,
     options: RunOptions,
     log: Callable[[str], Any],
@@ -245,23 +246,35 @@ def skipped_result(run: RunStart, iterations: int) -> RunResult:
     return RunResult(run.stage.manifest, run.start_iteration, iterations, skipped=True)
 
 
-def loop_config(
+def fit(
+    loop: Callable[[dict[str, Any]], None],
+    entries: Mapping[str, Any],
+    *,
+    output: Location,
     options: RunOptions,
     batch_size: int,
-    *,
-    gpu: bool,
-    output: Location,
+    dataset: Any,
     min_micro: int = 1,
-    **entries: Any,
-) -> dict[str, Any]:
-    """What every worker's loop receives: batching, cadence, threads, failure switch, `entries`."""
+) -> tuple[Any, float]:
+    """Runs `loop` on a `TorchTrainer` (module docstring): (last checkpoint, seconds it took).
+
+    The loop's config holds `entries` and the batching, cadence, threads and failure switch.
+
+    Raises:
+        ValueError: the batch does not split (`micro_batching`).
+        RuntimeError: training finished without a checkpoint.
+    """
+    import ray.train
+    import ray.train.torch
+
     micro, accumulation = micro_batching(batch_size, options, min_micro=min_micro)
+    gpu = use_gpu(options.use_gpu)
     fail_at = os.environ.get(FAIL_ENV)
     marker = os.path.join(
         tempfile.gettempdir(),
         "weakclip-fail-" + hashlib.sha256(output.uri.encode()).hexdigest()[:16],
     )
-    return {
+    config = {
         "micro_batch_size": micro,
         "accumulation_steps": accumulation,
         "checkpoint_every": options.checkpoint_every,
@@ -271,25 +284,6 @@ def loop_config(
         "fail_marker": os.environ.get(FAIL_MARKER_ENV) or marker,
         **entries,
     }
-
-
-def fit(
-    loop: Callable[[dict[str, Any]], None],
-    config: dict[str, Any],
-    *,
-    output: Location,
-    options: RunOptions,
-    gpu: bool,
-    dataset: Any,
-) -> Any:
-    """Runs `loop` on a `TorchTrainer` (module docstring) and returns the last checkpoint.
-
-    Raises:
-        RuntimeError: training finished without a checkpoint.
-    """
-    import ray.train
-    import ray.train.torch
-
     trainer = ray.train.torch.TorchTrainer(
         loop,
         train_loop_config=config,
@@ -308,10 +302,11 @@ def fit(
         ),
         datasets={"train": dataset},
     )
+    started = time.perf_counter()
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
-    return result.checkpoint
+    return result.checkpoint, time.perf_counter() - started
 
 
 @contextmanager
