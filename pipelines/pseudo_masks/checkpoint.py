@@ -28,23 +28,14 @@ class CheckpointRefused(ValueError):
 
 @dataclass(frozen=True)
 class VerifiedCheckpoint:
-    """A checkpoint that loaded with `weights_only=True` and passed the export checks.
+    """A checkpoint that loaded with `weights_only=True` and passed the export checks."""
 
-    Attributes:
-        uri: where it was read from (credentials never included).
-        sha256: SHA-256 of the file's bytes.
-        data: the file's bytes (handed to the actors unchanged).
-        class_names: K class names of the model, index = class id.
-        config: the model config as a dict (`weakclip.config.to_dict`).
-        iteration: training iterations of the exported weights.
-    """
-
-    uri: str
-    sha256: str
-    data: bytes
-    class_names: tuple[str, ...]
-    config: dict[str, Any]
-    iteration: int
+    uri: str  # where it was read from (credentials never included)
+    sha256: str  # of the file's bytes
+    data: bytes  # the file's bytes (handed to the actors unchanged)
+    class_names: tuple[str, ...]  # K class names, index = class id
+    config: dict[str, Any]  # the model config (`weakclip.config.to_dict`)
+    iteration: int  # training iterations of the exported weights
 
     def __repr__(self) -> str:  # keep the bytes out of logs and error messages
         return f"VerifiedCheckpoint({self.uri!r}, sha256={self.sha256[:12]}…)"

@@ -1,23 +1,12 @@
 """Retraining data: pseudo-mask index ⋈ source images, mask checks, and the training stream.
 
-Inputs (docs/CONTRACTS.md): a `pseudo_masks` output, whose index shards (`shards/`, columns
-`image_id`, `mask`, `height`, `width`, `split`) list one palette PNG per image, and its
-`inputs[0]`, the ingest or refine output the images came from (columns `image_id`, `image`,
-`height`, `width`, `gt`, `split` of the shards its manifest lists). Only listed files are read.
-
-`plan_rows` is the join (pure): training rows are the index rows whose mask is usable, val
-rows the source rows of split `val` with ground truth that are not in the index at all (the
-network is scored on images it never saw). An index row is quarantined with its reason when
-its id repeats, its image is not in the source, its size disagrees with the source row, its
-mask path is not a file of the pseudo-mask manifest, or the mask is missing, undecodable, of
-another size or holds class ids outside the class space (`check_masks`).
-
-`build_retrain_dataset` streams augmented training rows through Ray Data CPU tasks, one per
-(epoch, source row group holding training rows): the task reads its row group, decodes the
-training rows with their masks (fetched in one batched read) and augments them
-(`pipelines.training.augment.augment_sample`); each row's randomness depends on (seed, epoch,
-image id) only, and each epoch visits the row groups in its own order. Batches (`TRAIN_COLUMNS`):
-`image` B x 3 x S x S float32 normalised crops and `mask` B x S x S uint8 (255 = ignore).
+Inputs (docs/CONTRACTS.md): a `pseudo_masks` output (index shards: `image_id`, `mask`, `height`,
+`width`, `split`; one palette PNG per image) and its `inputs[0]`, the ingest or refine output
+the images came from. Only listed files are read. `plan_rows` is the join (pure): training rows
+are the index rows whose mask is usable (else quarantined with the reason), val rows the source
+rows of split `val` with ground truth that are not in the index at all. The stream follows
+`pipelines.training.data`; batches (`TRAIN_COLUMNS`): `image` B x 3 x S x S float32 normalised
+crops and `mask` B x S x S uint8 (255 = ignore).
 """
 
 from __future__ import annotations
@@ -175,15 +164,9 @@ def plan_rows(
     listed: set[str],
     mask_problems: Mapping[str, str | None] | None = None,
 ) -> RowPlan:
-    """The join (module docstring). Pure: `mask_problems` comes from `check_masks`.
-
-    Args:
-        index: the pseudo-mask index rows.
-        source: `read_source_rows` of the source.
-        listed: files of the pseudo-mask manifest (relative paths).
-        mask_problems: image id → reason or None for masks checked in storage; ids absent
-            here are taken as usable (the structural checks still apply).
-    """
+    """The join (module docstring) of the index with `read_source_rows`; pure. `listed`: files
+    of the pseudo-mask manifest; `mask_problems` (`check_masks`): id → reason or None, ids
+    absent there taken as usable (the structural checks still apply)."""
     problems = mask_problems or {}
     train: dict[str, str] = {}
     quarantined: list[tuple[str, str, str]] = []
@@ -311,14 +294,8 @@ def build_retrain_dataset(
     num_cpus_per_task: float,
     rows_per_block: int = 8,
 ) -> Any:
-    """The Ray Dataset of augmented training rows for `epochs` epochs from `start_epoch`, one
-    task per (epoch, row group of `groups`) unit (`pipelines.training.data`).
-
-    Args:
-        source: manifest of the images' stage output (pseudo masks' `inputs[0]`).
-        masks: the pseudo-mask output directory.
-        train: image id → mask path, from `plan_rows`.
-    """
+    """The Ray Dataset of augmented training rows (`train`: id → mask path under `masks`) of
+    `source` for `epochs` epochs from `start_epoch`, one task per (epoch, group) unit."""
     units = shared.epoch_units(groups, seed=seed, start_epoch=start_epoch, epochs=epochs)
     fn = functools.partial(
         augment_units,

@@ -1,18 +1,11 @@
-"""The checkpoint directory both training stages report: what it holds, written and read here.
+"""The checkpoint directory both training stages report (one per `ray.train.report`), and the
+`model.pt` reader both exports share (`read_export_payload`).
 
-A checkpoint directory (one per `ray.train.report`) holds:
-- `train_state.pt`: the trainable state (every state-dict entry except the frozen CLIP
-  parameters: prompt context, adapter, co-attention, decoder, BatchNorm statistics), the
-  optimizer and LR-scheduler states and the iteration, written with `torch.save` and read
-  with `weights_only=True`;
-- `clip_state.pt`: only when CLIP was randomly initialised (no weights file to rebuild it
-  from): its frozen parameters, so a resumed run and the export see the same backbone;
-- `meta.json`: iteration, model config, class names, the CLIP weights source (URI or null)
-  and SHA-256, and the run signature a resume is checked against;
-- `metrics.jsonl`: every logged iteration so far, so the final `metrics.jsonl` is complete
-  and consistent whatever failures and resumes happened.
-
-The trained model's export (`model.pt`) is `pipelines.train.export`.
+- `train_state.pt`: the state dict without the frozen CLIP parameters, the optimizer and
+  LR-scheduler states and the iteration (`torch.save`, read with `weights_only=True`);
+- `clip_state.pt`: only for a randomly initialised CLIP (no weights file to rebuild it from);
+- `meta.json`: iteration, config, class names, weights source and SHA-256, run signature;
+- `metrics.jsonl`: every logged row so far, so the final metrics survive failures and resumes.
 """
 
 from __future__ import annotations
@@ -147,18 +140,8 @@ def save_checkpoint(
     metrics: Sequence[Mapping[str, Any]],
     include_clip: bool,
 ) -> None:
-    """Writes a checkpoint directory (see the module docstring).
-
-    Args:
-        directory: an existing local directory.
-        model: the (unwrapped) model.
-        frozen: `frozen_parameter_names` of the model.
-        optimizer, scheduler: their states are saved.
-        iteration: optimizer steps done.
-        meta: config, class names, CLIP source/digest, run signature.
-        metrics: every logged iteration so far.
-        include_clip: also save the frozen CLIP weights (random initialisation).
-    """
+    """Writes a checkpoint into the existing local `directory` (see the module docstring);
+    `frozen` are the model's `frozen_parameter_names`, saved only with `include_clip`."""
     frozen = set(frozen)
     state = {
         "model": trainable_state_dict(model, frozen),

@@ -13,6 +13,8 @@ from pipelines.training.run import RunResult
 
 Flag = tuple[str, dict[str, Any]]
 _MICRO_HELP = "per-worker micro-batch; smaller than the worker's share means gradient accumulation"
+_CPUS_HELP = "CPUs per training worker"
+_DEVICE_HELP = "gpu when the cluster has GPUs (auto)"
 _DEVICES = {"auto": None, "cpu": False, "gpu": True}
 
 
@@ -35,14 +37,6 @@ def training_parser(
     )
     add_common_args(parser, model=model)
     target = parser.add_argument_group(f"{job} options") if group else parser
-    add_run_args(target, checkpoint_every=checkpoint_every, extra=extra)
-    return parser
-
-
-def add_run_args(
-    group: Any, *, checkpoint_every: int, extra: Mapping[str, Sequence[Flag]] | None = None
-) -> None:
-    """Adds the Ray Train flags to `group` with a job's own (`training_parser`)."""
     flags: list[Flag] = [
         ("--iterations", {"type": int, "metavar": "N", "help": "optimizer steps in total"}),
         ("--num-workers", {"type": int, "default": 2, "metavar": "W", "help": "Ray Train workers"}),
@@ -51,25 +45,16 @@ def add_run_args(
         ("--checkpoint-every", {"type": int, "default": checkpoint_every, "metavar": "N"}),
         ("--log-every", {"type": int, "default": 50, "metavar": "N"}),
         ("--max-failures", {"type": int, "default": 3, "metavar": "N"}),
-        (
-            "--cpus-per-worker",
-            {"type": float, "default": 0.5, "metavar": "N", "help": "CPUs per training worker"},
-        ),
-        (
-            "--device",
-            {
-                "choices": tuple(_DEVICES),
-                "default": "auto",
-                "help": "gpu when the cluster has GPUs (auto)",
-            },
-        ),
+        ("--cpus-per-worker", {"type": float, "default": 0.5, "metavar": "N", "help": _CPUS_HELP}),
+        ("--device", {"choices": tuple(_DEVICES), "default": "auto", "help": _DEVICE_HELP}),
         ("", {}),
     ]
     for name, kwargs in flags:
-        for own, own_kwargs in (extra or {}).get(name, ()):
-            group.add_argument(own, **own_kwargs)
+        for own, own_kwargs in extra.get(name, ()):
+            target.add_argument(own, **own_kwargs)
         if name:
-            group.add_argument(name, **kwargs)
+            target.add_argument(name, **kwargs)
+    return parser
 
 
 def run_kwargs(args: argparse.Namespace, job: Any) -> dict[str, Any]:

@@ -174,25 +174,6 @@ class Batches:
             self.wait_seconds += time.perf_counter() - start
 
 
-def train_batches(micro: int, *, seed: int, start_iteration: int, rank: int) -> Batches:
-    """The worker's shard of the `train` dataset in micro-batches (CPU tensors)."""
-    import ray.train
-
-    shard = ray.train.get_dataset_shard("train")
-    return Batches(
-        iter(
-            shard.iter_torch_batches(
-                batch_size=micro,
-                drop_last=True,
-                device="cpu",
-                prefetch_batches=2,
-                local_shuffle_buffer_size=max(micro * 4, 16),
-                local_shuffle_seed=seed + start_iteration + rank,
-            )
-        )
-    )
-
-
 class NoSync(nn.Module):
     """Single-process stand-in for DDP with the same `no_sync` API."""
 
@@ -219,19 +200,6 @@ def wrap_ddp(model: nn.Module, device: torch.device, world: int) -> nn.Module:
         )
     device_ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-
-
-def mean_over_workers(
-    window: Mapping[str, float], steps: int, device: torch.device, world: int
-) -> dict[str, float]:
-    """Window means (`window[k] / steps`) of logged scalars, averaged over the workers."""
-    keys = sorted(window)
-    values = torch.tensor([window[k] / steps for k in keys], dtype=torch.float64)
-    if world > 1 and dist.is_initialized():
-        values = values.to(device if device.type == "cuda" else "cpu")
-        dist.all_reduce(values)
-        values = values.cpu() / world
-    return {k: float(v) for k, v in zip(keys, values.tolist(), strict=True)}
 
 
 class LogWindow:
@@ -265,8 +233,13 @@ class LogWindow:
         self, *, iteration: int, lr: float, global_batch: int, device: torch.device, world: int
     ) -> dict[str, Any]:
         """The window's row (means over steps and workers, rates, timings); starts a new one."""
-        steps = max(self.steps, 1)
-        row: dict[str, Any] = mean_over_workers(self.sums, steps, device, world)
+        steps, keys = max(self.steps, 1), sorted(self.sums)
+        values = torch.tensor([self.sums[k] / steps for k in keys], dtype=torch.float64)
+        if world > 1 and dist.is_initialized():
+            values = values.to(device if device.type == "cuda" else "cpu")
+            dist.all_reduce(values)
+            values = values.cpu() / world
+        row: dict[str, Any] = dict(zip(keys, values.tolist(), strict=True))
         elapsed = time.perf_counter() - self._start
         row.update(
             iteration=iteration,
@@ -346,6 +319,8 @@ def train_steps(
     `final_meta()` in the meta: a collective, called on every rank). A run restored at its
     last iteration reports again (an export interrupted after training).
     """
+    import ray.train
+
     rank, world, device = context
     history: list[dict[str, Any]] = list(restored.history) if restored else []
     start = restored.iteration if restored else 0
@@ -367,7 +342,18 @@ def train_steps(
     ddp = wrap_ddp(model, device, world)
     micro = int(loop_config["micro_batch_size"])
     accumulation = int(loop_config["accumulation_steps"])
-    batches = train_batches(micro, seed=seed, start_iteration=start, rank=rank)
+    batches = Batches(  # this worker's shard of the `train` dataset, CPU tensors
+        iter(
+            ray.train.get_dataset_shard("train").iter_torch_batches(
+                batch_size=micro,
+                drop_last=True,
+                device="cpu",
+                prefetch_batches=2,
+                local_shuffle_buffer_size=max(micro * 4, 16),
+                local_shuffle_seed=seed + start + rank,
+            )
+        )
+    )
     window = LogWindow(keys, waits={**(waits or {}), "data_wait_s": lambda: batches.wait_seconds})
 
     def report(iteration: int) -> None:
