@@ -19,15 +19,7 @@ from torch import nn
 from pipelines.io.schema import IGNORE_INDEX
 from pipelines.retrain.evaluation import ids_of_rank, read_val_rows, score_worker
 from pipelines.retrain.model import build_model, load_backbone_weights, logits
-from pipelines.training.worker import (
-    Batches,
-    Schedule,
-    autocast_for,
-    fetch_weights,
-    restore_checkpoint,
-    train_steps,
-    worker_context,
-)
+from pipelines.training import worker
 
 
 def masked_cross_entropy(scores: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -44,22 +36,22 @@ def masked_cross_entropy(scores: torch.Tensor, masks: torch.Tensor) -> torch.Ten
 
 def retrain_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train loop; `loop_config` is built by `pipelines.retrain.stage.run_retrain`."""
-    rank, world, device = context = worker_context(loop_config)
+    rank, world, device = context = worker.worker_context(loop_config)
     config = loop_config["config"]
     class_names = list(loop_config["class_names"])
     torch.manual_seed(config.seed)
     model = build_model(config.architecture, len(class_names))
-    restored = restore_checkpoint(loop_config["signature"])
+    restored = worker.restore_checkpoint(loop_config["signature"])
     if restored is not None:
         model.load_state_dict(restored.state["model"], strict=True)
     elif (weights := loop_config["weights"]).location is not None:
-        path = fetch_weights(weights.location, weights.sha256, what="backbone weights")
+        path = worker.fetch_weights(weights.location, weights.sha256, what="backbone weights")
         assert path is not None
         load_backbone_weights(model, path, architecture=config.architecture)
-    autocast = autocast_for(device)
+    autocast = worker.autocast_for(device)
 
     def step(
-        ddp: nn.Module, batch: dict[str, torch.Tensor], batches: Batches, accumulation: int
+        ddp: nn.Module, batch: dict[str, torch.Tensor], batches: worker.Batches, accumulation: int
     ) -> tuple[dict[str, float], dict[str, torch.Tensor] | None]:
         images = batch["image"].to(device, non_blocking=True)
         masks = batch["mask"].to(device, non_blocking=True).long()
@@ -76,12 +68,12 @@ def retrain_loop_per_worker(loop_config: dict[str, Any]) -> None:
         result = score_worker(model, rows, num_classes=len(class_names), device=device, world=world)
         return {"evaluation": {**result, "seconds": time.perf_counter() - started}}
 
-    train_steps(
+    worker.train_steps(
         loop_config,
         context=context,
         model=model,
         restored=restored,
-        schedule=Schedule(
+        schedule=worker.Schedule(
             lr=config.lr,
             min_lr=config.min_lr,
             warmup=config.effective_warmup_iterations,

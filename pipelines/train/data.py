@@ -27,6 +27,7 @@ from pipelines.training.run import epochs_needed
 
 TRAIN_COLUMNS = ("image", "seed", "crf_image", "class_mask")
 TRAIN_SPLIT = "train"
+ROWS_PER_BLOCK = 8  # rows per prepared block
 READ_COLUMNS = [
     schema.IMAGE_ID,
     schema.IMAGE,
@@ -140,11 +141,7 @@ def augment_units(
 
 
 def train_dataset(
-    source: Manifest,
-    model_config: Any,
-    num_cpus_per_task: float,
-    start_iteration: int,
-    rows_per_block: int = 8,
+    source: Manifest, model_config: Any, start_iteration: int, *, num_cpus_per_task: float
 ) -> tuple[int, Any]:
     """(training rows, the Ray Dataset of the epochs still to run from `start_iteration`).
 
@@ -178,6 +175,6 @@ def train_dataset(
         model_config=model_config,
         num_classes=len(source.class_names),
         train_only=train_only,
-        rows_per_block=rows_per_block,
+        rows_per_block=ROWS_PER_BLOCK,
     )
     return rows, shared.unit_dataset(units, fn, num_cpus_per_task=num_cpus_per_task)

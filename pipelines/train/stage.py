@@ -78,7 +78,10 @@ def run_train(config: TrainJobConfig, *, log: Any = print) -> RunResult:
     if run.skipped:
         return tr.skipped_result(run, iterations)
     rows, dataset = data.train_dataset(
-        input_manifest, config.model, config.num_cpus_per_task, run.start_iteration
+        input_manifest,
+        config.model,
+        run.start_iteration,
+        num_cpus_per_task=config.num_cpus_per_task,
     )
     entries = {
         "model_config": to_dict(config.model),

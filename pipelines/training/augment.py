@@ -28,8 +28,9 @@ from PIL import Image
 
 from pipelines.io.schema import IGNORE_INDEX
 
-IMAGENET_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)  # RGB, 0–255 scale
-IMAGENET_STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
+RGB = tuple[float, float, float]
+IMAGENET_MEAN: RGB = (123.675, 116.28, 103.53)  # RGB, 0–255 scale
+IMAGENET_STD: RGB = (58.395, 57.12, 57.375)
 
 # PIL stores hue on 0..255 for the full circle; OpenCV (whose units mmseg's hue_delta uses)
 # stores it on 0..179.
@@ -147,10 +148,7 @@ def photometric_distortion(
 
 
 def normalize(
-    image: np.ndarray,
-    *,
-    mean: tuple[float, float, float] = IMAGENET_MEAN,
-    std: tuple[float, float, float] = IMAGENET_STD,
+    image: np.ndarray, *, mean: RGB = IMAGENET_MEAN, std: RGB = IMAGENET_STD
 ) -> np.ndarray:
     """(image − mean) / std per RGB channel (0–255 scale): H x W x 3 uint8 → 3 x H x W float32."""
     if image.ndim != 3 or image.shape[2] != 3:
@@ -162,10 +160,7 @@ def normalize(
 
 
 def denormalize(
-    image: np.ndarray,
-    *,
-    mean: tuple[float, float, float] = IMAGENET_MEAN,
-    std: tuple[float, float, float] = IMAGENET_STD,
+    image: np.ndarray, *, mean: RGB = IMAGENET_MEAN, std: RGB = IMAGENET_STD
 ) -> np.ndarray:
     """Inverts `normalize`: 3 x H x W float → H x W x 3 uint8 RGB (rounded, clipped)."""
     if image.ndim != 3 or image.shape[0] != 3:
