@@ -12,125 +12,48 @@ files its manifest (and its input's manifest) lists, and writes `model.pt`, `met
 it. Exit status: 0 success; 1 failure with a one-line reason on stderr; 2 usage error.
 """
 
-from __future__ import annotations
+import functools
 
-import argparse
-import sys
-
-from pipelines.cli import (
-    UsageError,
-    add_common_args,
-    build_config,
-    init_ray,
-    job_options,
-    run_job,
-)
+from pipelines import cli as common
 from pipelines.retrain import RetrainConfig, RetrainOptions, run_retrain
-from pipelines.retrain.model import ARCHITECTURES
-from pipelines.retrain.stage import micro_batching, read_inputs
+from pipelines.retrain.stage import ARCHITECTURES, micro_batching, read_inputs
+from pipelines.training import options as opts
+
+WAIT = "how long to wait for the input's _SUCCESS (default 600; 0 = check once)"
+WEIGHTS = "backbone weights file (default: random init)"
+FLAGS = {
+    "--iterations": [
+        ("--architecture", {"choices": ARCHITECTURES, "help": "network (default small)"}),
+        ("--backbone-weights", {"metavar": "URI", "help": WEIGHTS}),
+    ],
+    "--num-workers": [
+        ("--lr", {"type": float, "metavar": "LR", "help": "AdamW peak learning rate"}),
+        ("--crop-size", {"type": int, "metavar": "S", "help": "square training crop side"}),
+    ],
+    "": [("--wait-timeout", {"type": float, "default": 600.0, "metavar": "SECONDS", "help": WAIT})],
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jobs.retrain", description=__doc__)
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    add_common_args(parser)
-    stage = parser.add_argument_group("retrain options")
-    stage.add_argument("--architecture", choices=ARCHITECTURES, help="network (default small)")
-    stage.add_argument(
-        "--backbone-weights", metavar="URI", help="backbone weights file (default: random init)"
-    )
-    stage.add_argument("--iterations", type=int, metavar="N", help="optimizer steps in total")
-    stage.add_argument("--lr", type=float, metavar="LR", help="AdamW peak learning rate")
-    stage.add_argument("--crop-size", type=int, metavar="S", help="square training crop side")
-    stage.add_argument("--num-workers", type=int, default=2, metavar="W", help="Ray Train workers")
-    stage.add_argument(
-        "--micro-batch-size",
-        type=int,
-        metavar="N",
-        help="per-worker micro-batch; smaller than the worker's share means gradient accumulation",
-    )
-    stage.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    stage.add_argument("--checkpoint-every", type=int, default=500, metavar="N")
-    stage.add_argument("--log-every", type=int, default=50, metavar="N")
-    stage.add_argument("--max-failures", type=int, default=3, metavar="N")
-    stage.add_argument(
-        "--cpus-per-worker", type=float, default=0.5, metavar="N", help="CPUs per training worker"
-    )
-    stage.add_argument(
-        "--device",
-        choices=("auto", "cpu", "gpu"),
-        default="auto",
-        help="gpu when the cluster has GPUs (auto)",
-    )
-    stage.add_argument(
-        "--wait-timeout",
-        type=float,
-        default=600.0,
-        metavar="SECONDS",
-        help="how long to wait for the input's _SUCCESS (default 600; 0 = check once)",
-    )
-    return parser
+def build_parser() -> opts.argparse.ArgumentParser:
+    return opts.training_parser("retrain", __doc__, 500, FLAGS, group=True)
 
 
 def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    config = build_config(
-        RetrainConfig,
-        args,
-        {
-            "architecture": args.architecture,
-            "backbone_weights": args.backbone_weights,
-            "iterations": args.iterations,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-            "crop_size": args.crop_size,
-        },
-    )
-    options = job_options(args)
-    assert options.input is not None
-    try:
-        run_options = RetrainOptions(
-            num_workers=args.num_workers,
-            micro_batch_size=args.micro_batch_size,
-            resume=args.resume,
-            overwrite=options.overwrite,
-            checkpoint_every=args.checkpoint_every,
-            log_every=args.log_every,
-            max_failures=args.max_failures,
-            use_gpu={"auto": None, "cpu": False, "gpu": True}[args.device],
-            cpus_per_worker=args.cpus_per_worker,
-            num_cpus_per_task=options.resources.num_cpus_per_task,
-            wait_timeout_s=args.wait_timeout,
-        )
-        micro_batching(config, run_options)
-    except ValueError as error:
-        raise UsageError(f"config: {error}") from None
-    # Wait for (and check) the input before Ray starts.
-    read_inputs(options.input.uri, storage=options.storage, wait_timeout_s=args.wait_timeout)
-    init_ray(args)
-    result = run_retrain(
-        options.input.uri,
-        options.output.uri,
-        config,
-        options=run_options,
-        storage=options.storage,
-    )
-    if not result.skipped:
-        print(
-            f"retrained {result.iterations - result.start_iteration} iterations "
-            f"({result.start_iteration} -> {result.iterations}); wrote {options.output.uri}"
-        )
-    return 0
+    names = ("architecture", "backbone_weights", "iterations", "batch_size", "lr", "crop_size")
+    config = common.build_config(RetrainConfig, args, {name: getattr(args, name) for name in names})
+    job = common.job_options(args)
+    with opts.usage_errors():
+        run = RetrainOptions(wait_timeout_s=args.wait_timeout, **opts.run_kwargs(args, job))
+        micro_batching(config, run)
+    read_inputs(job.input.uri, storage=job.storage, wait_timeout_s=args.wait_timeout)  # before Ray
+    common.init_ray(args)
+    result = run_retrain(job.input.uri, job.output.uri, config, options=run, storage=job.storage)
+    return opts.print_result("retrained", result, job.output.uri)
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_job(_main, argv)
-
-
-def cli() -> None:
-    """Console-script entry point."""
-    sys.exit(main())
-
+main = functools.partial(common.run_job, _main)
+cli = opts.console_script(main)
 
 if __name__ == "__main__":
     cli()

@@ -12,7 +12,6 @@ same bytes through the object store, check the digest and load them the same way
 from __future__ import annotations
 
 import hashlib
-import io
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,59 +28,36 @@ class CheckpointRefused(ValueError):
 
 @dataclass(frozen=True)
 class VerifiedCheckpoint:
-    """A checkpoint that loaded with `weights_only=True` and passed the export checks.
+    """A checkpoint that loaded with `weights_only=True` and passed the export checks."""
 
-    Attributes:
-        uri: where it was read from (credentials never included).
-        sha256: SHA-256 of the file's bytes.
-        data: the file's bytes (handed to the actors unchanged).
-        class_names: K class names of the model, index = class id.
-        config: the model config as a dict (`weakclip.config.to_dict`).
-        iteration: training iterations of the exported weights.
-    """
-
-    uri: str
-    sha256: str
-    data: bytes
-    class_names: tuple[str, ...]
-    config: dict[str, Any]
-    iteration: int
+    uri: str  # where it was read from (credentials never included)
+    sha256: str  # of the file's bytes
+    data: bytes  # the file's bytes (handed to the actors unchanged)
+    class_names: tuple[str, ...]  # K class names, index = class id
+    config: dict[str, Any]  # the model config (`weakclip.config.to_dict`)
+    iteration: int  # training iterations of the exported weights
 
     def __repr__(self) -> str:  # keep the bytes out of logs and error messages
         return f"VerifiedCheckpoint({self.uri!r}, sha256={self.sha256[:12]}…)"
 
 
 def load_export_payload(data: bytes, *, where: str) -> dict[str, Any]:
-    """The export payload of checkpoint bytes, loaded with `weights_only=True` and checked.
+    """The export payload of checkpoint bytes, loaded with `weights_only=True` and checked
+    (`pipelines.training.checkpoint.read_export_payload`).
 
     Raises:
         CheckpointRefused: not loadable with weights_only (e.g. a pickle that would run code),
             or not a WeakCLIP export.
     """
-    import torch
+    from pipelines.training.checkpoint import read_export_payload
 
     try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+        return read_export_payload(data, fmt=EXPORT_FORMAT, kind="WeakCLIP", where=where)
+    except ValueError as exc:
         raise CheckpointRefused(
-            f"checkpoint {where} refused: it does not load with torch.load(weights_only=True) "
-            f"({type(exc).__name__}: {first[:300]}); only a WeakCLIP model.pt export is "
-            "accepted, nothing in the file was executed"
+            f"checkpoint refused: {exc}; only a WeakCLIP model.pt export (the train stage's) "
+            "is accepted, nothing in the file was executed"
         ) from None
-    if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
-        raise CheckpointRefused(
-            f"checkpoint {where} is not a WeakCLIP export (format {EXPORT_FORMAT}): use the "
-            "model.pt that the train stage writes"
-        )
-    names = payload.get("class_names")
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise CheckpointRefused(f"checkpoint {where}: class_names must be a list of strings")
-    if not isinstance(payload.get("config"), dict) or not isinstance(
-        payload.get("state_dict"), dict
-    ):
-        raise CheckpointRefused(f"checkpoint {where}: config or state_dict missing")
-    return payload
 
 
 def verify_checkpoint(
@@ -124,11 +100,6 @@ def build_model(data: bytes, *, sha256: str) -> tuple[Any, Any]:
     """
     if hashlib.sha256(data).hexdigest() != sha256:
         raise CheckpointRefused("checkpoint bytes do not match the verified SHA-256")
-    from weakclip.build import build_weakclip
-    from weakclip.config import WeakCLIPConfig, from_dict
+    from pipelines.training.checkpoint import weakclip_from_export
 
-    payload = load_export_payload(data, where=f"sha256:{sha256[:12]}")
-    config = from_dict(payload["config"], WeakCLIPConfig)
-    model = build_weakclip(config, payload["class_names"], clip_weights=None)
-    model.load_state_dict(payload["state_dict"], strict=True)
-    return model.eval(), config
+    return weakclip_from_export(load_export_payload(data, where=f"sha256:{sha256[:12]}"))

@@ -1,23 +1,12 @@
 """Retraining data: pseudo-mask index ⋈ source images, mask checks, and the training stream.
 
-Inputs (docs/CONTRACTS.md): a `pseudo_masks` output, whose index shards (`shards/`, columns
-`image_id`, `mask`, `height`, `width`, `split`) list one palette PNG per image, and its
-`inputs[0]`, the ingest or refine output the images came from (columns `image_id`, `image`,
-`height`, `width`, `gt`, `split` of the shards its manifest lists). Only listed files are read.
-
-`plan_rows` is the join (pure): training rows are the index rows whose mask is usable, val
-rows the source rows of split `val` with ground truth that are not in the index at all (the
-network is scored on images it never saw). An index row is quarantined with its reason when
-its id repeats, its image is not in the source, its size disagrees with the source row, its
-mask path is not a file of the pseudo-mask manifest, or the mask is missing, undecodable, of
-another size or holds class ids outside the class space (`check_masks`).
-
-`build_retrain_dataset` streams augmented training rows through Ray Data CPU tasks, one per
-(epoch, source row group holding training rows): the task reads its row group, decodes the
-training rows with their masks (fetched in one batched read) and augments them
-(`pipelines.training.augment.augment_sample`); each row's randomness depends on (seed, epoch,
-image id) only, and each epoch visits the row groups in its own order. Batches (`TRAIN_COLUMNS`):
-`image` B x 3 x S x S float32 normalised crops and `mask` B x S x S uint8 (255 = ignore).
+Inputs (docs/CONTRACTS.md): a `pseudo_masks` output (index shards: `image_id`, `mask`, `height`,
+`width`, `split`; one palette PNG per image) and its `inputs[0]`, the ingest or refine output
+the images came from. Only listed files are read. `plan_rows` is the join (pure): training rows
+are the index rows whose mask is usable (else quarantined with the reason), val rows the source
+rows of split `val` with ground truth that are not in the index at all. The stream follows
+`pipelines.training.data`; batches (`TRAIN_COLUMNS`): `image` B x 3 x S x S float32 normalised
+crops and `mask` B x S x S uint8 (255 = ignore).
 """
 
 from __future__ import annotations
@@ -29,15 +18,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from PIL import Image
 
 from pipelines.io import schema
 from pipelines.io.codecs import decode_image, decode_label_map
 from pipelines.io.manifest import Manifest
 from pipelines.io.storage import Location, safe_relpath
+from pipelines.training import data as shared
 from pipelines.training.augment import AugmentConfig, augment_sample, row_seed
 
 TRAIN_COLUMNS = ("image", "mask")
@@ -82,40 +70,12 @@ class RowPlan:
     index_rows: int  # rows of the index, quarantined ones included
 
 
-def _read_row_groups(
-    location: Location, paths: Sequence[str], columns: Sequence[str]
-) -> list[tuple[str, int, pa.Table]]:
-    """(path, row group, table of `columns`) for every row group of the listed shards.
-
-    A missing optional column (a source without `split`) reads as nulls.
-    """
-
-    def read(path: str) -> list[tuple[str, int, pa.Table]]:
-        with location.fs.open(location.join(path), "rb") as handle:
-            parquet = pq.ParquetFile(handle)
-            names = set(parquet.schema_arrow.names)
-            present = [c for c in columns if c in names]
-            groups = []
-            for group in range(parquet.num_row_groups):
-                table = parquet.read_row_group(group, columns=present)
-                for name in columns:
-                    if name not in names:
-                        table = table.append_column(name, pa.nulls(table.num_rows, pa.string()))
-                groups.append((path, group, table.select(list(columns))))
-        return groups
-
-    if not paths:
-        raise ValueError(f"{location.uri}: the manifest lists no shards/")
-    with ThreadPoolExecutor(max_workers=max(1, min(_THREADS, len(paths)))) as pool:
-        return [group for groups in pool.map(read, paths) for group in groups]
-
-
 def read_index(pseudo: Manifest) -> list[IndexRow]:
     """The index rows of a pseudo-mask output (its listed `shards/*.parquet`)."""
     paths = [f.path for f in pseudo.entries("shards/") if f.path.endswith(".parquet")]
     return [
         IndexRow(str(r[schema.IMAGE_ID]), str(r[schema.MASK]), r[schema.HEIGHT], r[schema.WIDTH])
-        for _, _, table in _read_row_groups(pseudo.location, paths, INDEX_COLUMNS)
+        for _, _, table in shared.read_row_groups(pseudo.location, paths, INDEX_COLUMNS)
         for r in table.to_pylist()
     ]
 
@@ -127,7 +87,7 @@ def read_source_rows(source: Manifest) -> dict[str, SourceRow]:
         ValueError: an image id appears twice in the source.
     """
     rows: dict[str, SourceRow] = {}
-    for path, group, table in _read_row_groups(
+    for path, group, table in shared.read_row_groups(
         source.location, source_shards(source), SOURCE_COLUMNS
     ):
         has_gt = pc.is_valid(table[schema.GT]).to_pylist()
@@ -204,15 +164,9 @@ def plan_rows(
     listed: set[str],
     mask_problems: Mapping[str, str | None] | None = None,
 ) -> RowPlan:
-    """The join (module docstring). Pure: `mask_problems` comes from `check_masks`.
-
-    Args:
-        index: the pseudo-mask index rows.
-        source: `read_source_rows` of the source.
-        listed: files of the pseudo-mask manifest (relative paths).
-        mask_problems: image id → reason or None for masks checked in storage; ids absent
-            here are taken as usable (the structural checks still apply).
-    """
+    """The join (module docstring) of the index with `read_source_rows`; pure. `listed`: files
+    of the pseudo-mask manifest; `mask_problems` (`check_masks`): id → reason or None, ids
+    absent there taken as usable (the structural checks still apply)."""
     problems = mask_problems or {}
     train: dict[str, str] = {}
     quarantined: list[tuple[str, str, str]] = []
@@ -302,24 +256,7 @@ def augment_rows(
         )
         for row, path in zip(rows, paths, strict=True)
     ]
-    if not prepared:
-        size = augment.crop_size
-        return {
-            "image": np.zeros((0, 3, size, size), np.float32),
-            "mask": np.zeros((0, size, size), np.uint8),
-        }
-    return {key: np.stack([row[key] for row in prepared]) for key in TRAIN_COLUMNS}
-
-
-def epoch_units(
-    groups: Sequence[tuple[str, int]], *, seed: int, start_epoch: int, epochs: int
-) -> list[dict[str, Any]]:
-    """One work unit per (epoch, source row group), each epoch's groups in its own order."""
-    units = []
-    for epoch in range(start_epoch, start_epoch + epochs):
-        order = np.random.default_rng([seed, epoch]).permutation(len(groups))
-        units += [{"epoch": epoch, "path": groups[i][0], "row_group": groups[i][1]} for i in order]
-    return units
+    return shared.stack(prepared, TRAIN_COLUMNS)
 
 
 def augment_units(
@@ -332,26 +269,16 @@ def augment_units(
     seed: int,
     rows_per_block: int,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data batch function: work units in, batches of augmented training rows out.
-
-    Each unit reads its row group, keeps the training ids in an order drawn from (seed,
-    epoch, row group) and yields blocks of at most `rows_per_block` rows.
-    """
-    for epoch, path, group in zip(batch["epoch"], batch["path"], batch["row_group"], strict=True):
-        with source.fs.open(source.join(str(path)), "rb") as handle:
-            table = pq.ParquetFile(handle).read_row_group(int(group), columns=IMAGE_COLUMNS)
-        rows = [r for r in table.to_pylist() if str(r[schema.IMAGE_ID]) in train]
-        rng = np.random.default_rng(row_seed(seed, int(epoch), f"{path}#{group}"))
-        rows = [rows[i] for i in rng.permutation(len(rows))]
-        for start in range(0, len(rows), rows_per_block):
-            yield augment_rows(
-                rows[start : start + rows_per_block],
-                epoch=int(epoch),
-                seed=seed,
-                masks=masks,
-                train=train,
-                augment=augment,
-            )
+    """Ray Data batch function: work units in, `TRAIN_COLUMNS` blocks of training rows out."""
+    for epoch, rows in shared.unit_blocks(
+        batch,
+        source=source,
+        columns=IMAGE_COLUMNS,
+        keep=lambda row: str(row[schema.IMAGE_ID]) in train,
+        seed=seed,
+        rows_per_block=rows_per_block,
+    ):
+        yield augment_rows(rows, epoch=epoch, seed=seed, masks=masks, train=train, augment=augment)
 
 
 def build_retrain_dataset(
@@ -367,37 +294,16 @@ def build_retrain_dataset(
     num_cpus_per_task: float,
     rows_per_block: int = 8,
 ) -> Any:
-    """The Ray Dataset of augmented training rows for `epochs` epochs from `start_epoch`.
-
-    One CPU task per (epoch, row group) unit (`epoch_units`, `augment_units`): a single read
-    and map stage however many epochs, each unit reading only its row group.
-
-    Args:
-        source: manifest of the images' stage output (pseudo masks' `inputs[0]`).
-        masks: the pseudo-mask output directory.
-        train: image id → mask path, from `plan_rows`.
-        groups: (shard, row group) of the source holding training rows.
-        augment: augmentation settings.
-        seed: global seed of the augmentation draws.
-        start_epoch: first epoch (a resumed run continues the epoch count).
-        epochs: epochs to chain.
-        num_cpus_per_task: CPUs of each task (fractional on small machines).
-        rows_per_block: rows per output block.
-    """
-    import ray.data
-
-    units = epoch_units(groups, seed=seed, start_epoch=start_epoch, epochs=epochs)
-    return ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
-        functools.partial(
-            augment_units,
-            source=source.location,
-            masks=masks,
-            train=dict(train),
-            augment=augment,
-            seed=seed,
-            rows_per_block=rows_per_block,
-        ),
-        batch_size=1,
-        batch_format="numpy",
-        num_cpus=num_cpus_per_task,
+    """The Ray Dataset of augmented training rows (`train`: id → mask path under `masks`) of
+    `source` for `epochs` epochs from `start_epoch`, one task per (epoch, group) unit."""
+    units = shared.epoch_units(groups, seed=seed, start_epoch=start_epoch, epochs=epochs)
+    fn = functools.partial(
+        augment_units,
+        source=source.location,
+        masks=masks,
+        train=dict(train),
+        augment=augment,
+        seed=seed,
+        rows_per_block=rows_per_block,
     )
+    return shared.unit_dataset(units, fn, num_cpus_per_task=num_cpus_per_task)

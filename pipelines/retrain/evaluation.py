@@ -1,12 +1,9 @@
 """Scoring the retrained network on val ground truth, at the original image size (docs/METHOD.md).
 
-The training workers score the network right after the last step, where it already sits on
-its device (a GPU when the cluster has them). The val rows (`pipelines.retrain.data.plan_rows`:
-split `val`, ground truth present, never in the training index) are dealt to the workers by position
-in sorted id order (`ids_of_rank`); each worker reads only the source row groups that hold its ids
-(`read_val_rows`, columns `image_id`, `image`, `height`, `width`, `gt`) and `score_worker` sums the
-confusion matrices over the workers (`pipelines.metrics` layout, the pseudo masks' class space). A
-val row whose image or ground truth cannot be decoded is skipped and counted, never fatal.
+The training workers score the network right after the last step, on their device. The val rows
+(`pipelines.retrain.data.plan_rows`) are dealt to the workers by position in sorted id order
+(`ids_of_rank`); each reads only the row groups holding its ids, and `score_worker` sums the
+confusion matrices over the workers. A val row that cannot be decoded is skipped and counted.
 """
 
 from __future__ import annotations

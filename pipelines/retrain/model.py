@@ -1,22 +1,13 @@
 """The downstream segmentation network (docs/METHOD.md): torchvision DeepLabV3, and its `model.pt`.
 
-Architectures (`ARCHITECTURES`):
-- `resnet50`, `resnet101`, `mobilenet_v3_large`: torchvision's `deeplabv3_*` builders with
-  `weights=None, weights_backbone=None` (nothing is downloaded), no auxiliary head;
-- `small`: the same DeepLabV3 composition (an `IntermediateLayerGetter` backbone, torchvision's
-  ASPP, a 3x3 conv and a 1x1 classifier) on a narrow, short ResNet of torchvision
-  `BasicBlock`s (widths 16-32-64-128, one block per stage, output stride 16) with a 64-channel
-  ASPP: about 0.6M parameters (K = 7), for tests and the 2-core demo.
-
-Backbone weights (`load_backbone_weights`) come from a local file (the driver fetches URIs):
-`torch.load(weights_only=True)` or safetensors. The file may hold the backbone's own keys, a
-segmentation model's keys under `backbone.`, or the ImageNet classifier's state dict (its head,
-`fc.*` or `classifier.*`, is dropped; MobileNet's `features.` prefix is stripped). Every
-backbone key must then be present with its shape: otherwise a `ValueError` lists what differs.
-
-`model.pt` (`export_model` / `load_retrained_model`) is one `torch.save` of plain containers:
-format tag, architecture, class names, the stage config, the state dict and the iteration; it
-loads with `torch.load(path, weights_only=True)`.
+`ARCHITECTURES`: torchvision's `deeplabv3_{resnet50,resnet101,mobilenet_v3_large}` (nothing
+downloaded, no auxiliary head), and `small`, the same composition on a narrow one-block-per-stage
+ResNet with a 64-channel ASPP (about 0.6M parameters) for tests and the 2-core demo. Backbone
+weights (`load_backbone_weights`: torch.load with weights_only, or safetensors) may hold the
+backbone's keys, a segmentation model's under `backbone.`, or an ImageNet classifier's (head
+dropped, MobileNet's `features.` stripped); every backbone key must then fit. `model.pt` is one
+`torch.save` of plain containers: format tag, architecture, class names, the stage config, the
+state dict and the iteration.
 """
 
 from __future__ import annotations
@@ -180,17 +171,8 @@ def predict_labels(
     std: tuple[float, float, float] = IMAGENET_STD,
     device: torch.device | str = "cpu",
 ) -> np.ndarray:
-    """Class ids of one image at its original size (argmax of the logits).
-
-    Args:
-        model: a DeepLabV3 in eval mode on `device`.
-        image: H x W x 3 uint8 RGB.
-        mean, std: the normalisation the model was trained with.
-        device: where the model is.
-
-    Returns:
-        H x W uint8 class ids.
-    """
+    """H x W uint8 class ids (argmax of the logits) of an H x W x 3 uint8 RGB image at its size,
+    by a DeepLabV3 in eval mode on `device` trained with the `mean`/`std` normalisation."""
     tensor = torch.from_numpy(normalize(image, mean=mean, std=std))[None].to(device)
     return logits(model, tensor)[0].argmax(0).to(torch.uint8).cpu().numpy()
 
@@ -220,9 +202,7 @@ def export_model(
 
 def read_export(path: str) -> dict[str, Any]:
     """The `model.pt` payload, read with `weights_only=True` and checked."""
-    payload = read_export_payload(
-        path, fmt=EXPORT_FORMAT, kind="retrained-model", loading_as="retrained-model export"
-    )
+    payload = read_export_payload(path, fmt=EXPORT_FORMAT, kind="retrained-model")
     if payload.get("architecture") not in ARCHITECTURES:
         raise ValueError(f"{path!r}: unknown architecture {payload.get('architecture')!r}")
     return payload
@@ -238,16 +218,3 @@ def load_retrained_model(path: str) -> tuple[DeepLabV3, list[str]]:
     model = build_model(payload["architecture"], len(payload["class_names"]))
     model.load_state_dict(payload["state_dict"], strict=True)
     return model.eval(), list(payload["class_names"])
-
-
-__all__ = [
-    "ARCHITECTURES",
-    "SmallResNet",
-    "build_model",
-    "export_model",
-    "load_backbone_weights",
-    "load_retrained_model",
-    "logits",
-    "predict_labels",
-    "read_export",
-]

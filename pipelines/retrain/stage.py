@@ -1,54 +1,35 @@
 """The retrain stage driver: pseudo masks → a fully supervised DeepLabV3 on Ray Train.
 
-The method's retraining step (docs/METHOD.md), as a downstream job: it waits (up to
-`wait_timeout_s`) for the pseudo-mask output's `_SUCCESS`, then reads only what manifests list: the
-pseudo-mask index and masks, and the images and val ground truth of the output the pseudo masks were
-made from (the pseudo-mask manifest's `inputs[0]`, whose manifest digest must still be the one
-recorded there).
-
-1. Join (`pipelines.retrain.data`): index rows with a usable mask are the training rows;
-   others are quarantined with their reason (`quarantine/masks.parquet`), counted, never
-   fatal. Val rows: split `val` with ground truth, not in the index.
-2. Train (`pipelines.retrain.loop` on `pipelines.training.run.fit`): torchvision DeepLabV3
-   (`pipelines.retrain.model`), checkpoints under `<output>/checkpoints/`, resumable.
-3. Export `model.pt`, score it on the val rows at the original image size
-   (`pipelines.retrain.evaluation`), write `metrics.json`, the manifest (stage `retrain`, the same
-   metrics without the loss history) and `_SUCCESS`.
-
-Re-running follows `pipelines.training.run.open_run`: the fingerprint is the config without
-`iterations`, the backbone weights' source and SHA-256, the class names and both input
-manifests' digests.
+It waits (up to `wait_timeout_s`) for the pseudo-mask output's `_SUCCESS`, then reads only what
+manifests list: the pseudo-mask index and masks, and the images and val ground truth of the
+output the pseudo masks were made from (`inputs[0]`, whose manifest digest must still be the one
+recorded there). The join (`pipelines.retrain.data`) quarantines unusable masks
+(`quarantine/masks.parquet`); `pipelines.retrain.loop` trains on `pipelines.training`, scores the
+val rows, and the driver exports `model.pt` and writes `metrics.json`. The fingerprint is the
+config without `iterations`, the backbone weights' source and SHA-256, the class names and both
+input manifests' digests.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from pipelines.io import manifest as mf
-from pipelines.io.storage import Location, StorageOptions, resolve, upload_file, write_bytes_atomic
+from pipelines.io.storage import Location, StorageOptions, resolve
 from pipelines.retrain import data
 from pipelines.retrain.model import ARCHITECTURES, build_model, export_model
+from pipelines.training import run as tr
 from pipelines.training.augment import AugmentConfig
-from pipelines.training.run import (
-    epochs_needed,
-    failure_injection,
-    fit,
-    open_run,
-    sha256_of,
-    use_gpu,
-)
+from pipelines.training.run import RunOptions, RunResult
 
+RetrainResult = RunResult
 STAGE = "retrain"
-MODEL_FILE = "model.pt"
 METRICS_FILE = "metrics.json"
 SOURCE_STAGES = ("ingest", "refine")
 
@@ -107,81 +88,38 @@ class RetrainConfig:
         )
 
 
-@dataclass(frozen=True)
-class RetrainOptions:
-    """How a run is executed (not part of its fingerprint)."""
+@dataclass(frozen=True, kw_only=True)
+class RetrainOptions(RunOptions):
+    """How a retraining run is executed (not part of its fingerprint)."""
 
-    num_workers: int = 2  # Ray Train workers
-    micro_batch_size: int | None = None  # per-worker micro-batch; None = the worker's share
-    resume: bool = False  # continue from the last checkpoint
-    overwrite: bool = False  # replace another run's outputs
     checkpoint_every: int = 500  # iterations between checkpoints (and the last one)
-    log_every: int = 50  # iterations between logged rows (and the last one)
-    max_failures: int = 3  # worker-group restarts from the last checkpoint
-    use_gpu: bool | None = None  # None = when the cluster has GPUs
-    cpus_per_worker: float = 0.5  # CPU workers (and the CPU share of GPU workers)
-    num_cpus_per_task: float = 0.5  # Ray Data read/augment tasks
     wait_timeout_s: float = 600.0  # how long to wait for the input's _SUCCESS
 
     def __post_init__(self) -> None:
-        for name in ("num_workers", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_failures < -1:
-            raise ValueError(f"max_failures must be >= -1, got {self.max_failures}")
-        if self.cpus_per_worker <= 0 or self.num_cpus_per_task <= 0:
-            raise ValueError("cpus_per_worker and num_cpus_per_task must be positive")
+        super().__post_init__()
         if self.wait_timeout_s < 0:
             raise ValueError(f"wait_timeout_s must be >= 0, got {self.wait_timeout_s}")
 
 
 def micro_batching(config: RetrainConfig, options: RetrainOptions) -> tuple[int, int]:
-    """(micro-batch size, accumulation steps) per worker for the global batch.
+    """(micro-batch size, accumulation steps) per worker; at least 2 images per micro-batch
+    (BatchNorm, in DeepLabV3's image-pooling branch above all, cannot train on one sample).
 
     Raises:
-        ValueError: the batch does not split evenly, or a micro-batch below 2 (BatchNorm, in
-            DeepLabV3's image-pooling branch above all, cannot train on one sample).
+        ValueError: the batch does not split evenly, or a micro-batch below 2.
     """
-    if config.batch_size % options.num_workers:
-        raise ValueError(
-            f"batch_size={config.batch_size} (global) must be a multiple of "
-            f"num_workers={options.num_workers}"
-        )
-    share = config.batch_size // options.num_workers
-    micro = options.micro_batch_size or share
-    if share % micro:
-        raise ValueError(f"micro_batch_size={micro} must divide the per-worker batch {share}")
-    if micro < 2:
-        raise ValueError(
-            f"batch_size={config.batch_size} over {options.num_workers} workers gives "
-            f"micro-batches of {micro}: BatchNorm needs at least 2 images per worker step"
-        )
-    return micro, share // micro
-
-
-@dataclass(frozen=True)
-class RetrainResult:
-    """What a run did."""
-
-    manifest: mf.Manifest
-    metrics: dict[str, Any]  # the manifest's metrics (miou null without val ground truth)
-    start_iteration: int  # 0 for a fresh run, the restored iteration on resume
-    iterations: int
-    skipped: bool = False  # nothing to do (already complete)
+    return tr.micro_batching(config.batch_size, options, min_micro=2)
 
 
 def run_signature(
-    config: RetrainConfig, class_names: list[str], weights_uri: str | None, sha256: str | None
+    config: RetrainConfig, class_names: Sequence[str], weights: tr.Weights
 ) -> dict[str, Any]:
     """What a resume must not change: the config but `iterations`, weights, class names."""
     fields = asdict(config)
     del fields["iterations"], fields["backbone_weights"]
-    signature = {
-        "config": fields,
-        "backbone_weights": {"source": weights_uri, "sha256": sha256},
-        "class_names": list(class_names),
-    }
-    return json.loads(json.dumps(signature))
+    return tr.signature(
+        config=fields, backbone_weights=weights.source, class_names=list(class_names)
+    )
 
 
 def read_inputs(
@@ -251,101 +189,58 @@ def run_retrain(
     options: RetrainOptions | None = None,
     storage: StorageOptions | None = None,
     log: Callable[[str], Any] = print,
-) -> RetrainResult:
+) -> RunResult:
     """Runs (or resumes, or skips) the retrain stage on the current Ray instance.
 
-    Args:
-        input_uri: a pseudo-mask output (waited for up to `options.wait_timeout_s`).
-        output_uri: this stage's output directory.
-        config: network and training settings (fingerprinted).
-        options: workers, resources, resume/overwrite, checkpoint and log cadence.
-        storage: object-store endpoint/region.
-        log: progress sink, one line per call.
-
     Raises:
-        TimeoutError: the input did not complete in time.
-        ValueError: bad input or settings (no usable pseudo masks, batch not splittable).
-        TrainRefused: an interrupted or finished run and options that do not say
-            what to do.
-        manifest.StageConflictError: the output holds a different run (and not `overwrite`).
+        TimeoutError, ValueError (bad input or settings), TrainRefused, StageConflictError: as
+            `read_inputs`, `micro_batching` and `pipelines.training.run.open_run` say.
     """
     from pipelines.retrain.loop import retrain_loop_per_worker
 
     options = options or RetrainOptions()
-    micro, accumulation = micro_batching(config, options)
+    micro_batching(config, options)
     output = resolve(output_uri, storage)
     pseudo, source = read_inputs(input_uri, storage=storage, wait_timeout_s=options.wait_timeout_s)
-    class_names = list(pseudo.class_names)
-    weights = resolve(config.backbone_weights, storage) if config.backbone_weights else None
-    weights_sha256 = sha256_of(weights) if weights else None
-    signature = run_signature(config, class_names, weights.uri if weights else None, weights_sha256)
-    run = open_run(
-        output,
-        stage=STAGE,
-        signature=signature,
-        inputs=[pseudo.input_ref(), source.input_ref()],
-        iterations=config.iterations,
-        resume=options.resume,
-        overwrite=options.overwrite,
-        log=log,
+    weights = tr.resolve_weights(config.backbone_weights, storage)
+    signature = run_signature(config, pseudo.class_names, weights)
+    inputs = [pseudo.input_ref(), source.input_ref()]
+    run = tr.open_run(
+        output, STAGE, signature, inputs, iterations=config.iterations, options=options, log=log
     )
     if run.skipped:
-        assert run.stage.manifest is not None
-        manifest = run.stage.manifest
-        return RetrainResult(
-            manifest, dict(manifest.metrics or {}), config.iterations, config.iterations, True
-        )
+        return tr.skipped_result(run, config.iterations)
     rows, quarantine_entry = plan(pseudo, source, output, log)
-    if not rows.train:
-        raise ValueError(
-            f"{pseudo.location.uri}: no usable pseudo masks ({len(rows.quarantined)} "
-            f"quarantined, see {output.child('quarantine').uri})"
-        )
-    start = run.start_iteration
-    dataset = _dataset(config, options, pseudo, source, rows, start)
-    gpu = use_gpu(options.use_gpu)
-    loop_config = {
-        "config": config,
-        "stage_config": asdict(config),
-        "class_names": class_names,
-        "signature": signature,
-        "backbone_weights": weights,
-        "backbone_sha256": weights_sha256,
-        "micro_batch_size": micro,
-        "accumulation_steps": accumulation,
-        "checkpoint_every": options.checkpoint_every,
-        "log_every": options.log_every,
-        "source": source.location,
-        "val_rows": rows.val,
-        "torch_threads": None if gpu else max(1, int(options.cpus_per_worker)),
-        **failure_injection(output),
-    }
-    started = time.perf_counter()
-    checkpoint = fit(
+    checkpoint, seconds = tr.fit(
         retrain_loop_per_worker,
-        loop_config,
+        {
+            "config": config,
+            "class_names": list(pseudo.class_names),
+            "signature": signature,
+            "weights": weights,
+            "source": source.location,
+            "val_rows": rows.val,
+        },
         output=output,
-        num_workers=options.num_workers,
-        gpu=gpu,
-        cpus_per_worker=options.cpus_per_worker,
-        max_failures=options.max_failures,
-        datasets={"train": dataset},
+        options=options,
+        batch_size=config.batch_size,
+        dataset=_dataset(config, options, pseudo, source, output, rows, run.start_iteration),
+        min_micro=2,
     )
-    train_seconds = time.perf_counter() - started
     manifest = _finish(
         config,
         options,
-        stage=run.stage,
-        output=output,
-        checkpoint=checkpoint,
-        pseudo=pseudo,
-        rows=rows,
-        quarantine_entry=quarantine_entry,
-        weights={"source": weights.uri if weights else None, "sha256": weights_sha256},
-        train_seconds=train_seconds,
-        log=log,
+        run.stage,
+        output,
+        checkpoint,
+        pseudo,
+        rows,
+        quarantine_entry,
+        weights,
+        seconds,
+        log,
     )
-    return RetrainResult(manifest, dict(manifest.metrics or {}), start, config.iterations)
+    return RunResult(manifest, run.start_iteration, config.iterations)
 
 
 def _dataset(
@@ -353,11 +248,21 @@ def _dataset(
     options: RetrainOptions,
     pseudo: mf.Manifest,
     source: mf.Manifest,
-    rows: Any,
+    output: Location,
+    rows: data.RowPlan,
     start: int,
 ) -> Any:
-    """The Ray Data pipeline of the epochs still to run from iteration `start`."""
-    epochs = epochs_needed(
+    """The Ray Data pipeline of the epochs still to run from iteration `start`.
+
+    Raises:
+        ValueError: no usable pseudo masks.
+    """
+    if not rows.train:
+        raise ValueError(
+            f"{pseudo.location.uri}: no usable pseudo masks ({len(rows.quarantined)} "
+            f"quarantined, see {output.child('quarantine').uri})"
+        )
+    epochs = tr.epochs_needed(
         rows=len(rows.train),
         batch_size=config.batch_size,
         start_iteration=start,
@@ -379,14 +284,13 @@ def _dataset(
 def _finish(
     config: RetrainConfig,
     options: RetrainOptions,
-    *,
     stage: mf.StageOutput,
     output: Location,
     checkpoint: Any,
     pseudo: mf.Manifest,
     rows: data.RowPlan,
     quarantine_entry: mf.FileEntry | None,
-    weights: dict[str, Any],
+    weights: tr.Weights,
     train_seconds: float,
     log: Callable[[str], Any],
 ) -> mf.Manifest:
@@ -396,30 +300,13 @@ def _finish(
     from pipelines.training import checkpoint as ckpt
 
     class_names = list(pseudo.class_names)
-    with checkpoint.as_directory() as directory:
-        meta = ckpt.read_meta(directory)
-        if meta["iteration"] != config.iterations:
-            raise RuntimeError(
-                f"the last checkpoint is at iteration {meta['iteration']}, not {config.iterations}"
-            )
+    with tr.final_checkpoint(checkpoint, config.iterations) as (directory, meta, history):
         state = ckpt.read_train_state(directory)
-        history = ckpt.read_metrics(directory)
     evaluation = meta.get("evaluation")
     if not isinstance(evaluation, dict):
         raise RuntimeError("the last checkpoint holds no val evaluation")
     model = build_model(config.architecture, len(class_names))
     model.load_state_dict(state["model"], strict=True)
-    with tempfile.TemporaryDirectory(prefix="weakclip-retrain-") as tmp:
-        local = os.path.join(tmp, MODEL_FILE)
-        export_model(
-            local,
-            model=model,
-            architecture=config.architecture,
-            class_names=class_names,
-            config=asdict(config),
-            iteration=config.iterations,
-        )
-        model_bytes = upload_file(output, MODEL_FILE, local)
     scores = score_dict(np.asarray(evaluation["confusion"]), class_names)
     summary = {
         "miou": scores["miou"],
@@ -437,20 +324,25 @@ def _finish(
         "first_loss": history[0]["loss"] if history else None,
         "final_loss": history[-1]["loss"] if history else None,
         "architecture": config.architecture,
-        "backbone_weights": weights,
+        "backbone_weights": weights.source,
         "train_seconds": round(train_seconds, 3),
         "eval_seconds": round(evaluation["seconds"], 3),
     }
-    metrics_data = json.dumps({**summary, "history": history}, indent=1, sort_keys=True).encode()
-    write_bytes_atomic(output, METRICS_FILE, metrics_data)
-    files = [
-        mf.FileEntry(path=MODEL_FILE, rows=None, bytes=model_bytes),
-        mf.FileEntry(path=METRICS_FILE, rows=None, bytes=len(metrics_data)),
-    ]
-    if quarantine_entry is not None:
-        files.append(quarantine_entry)
-    manifest = stage.commit(
-        files=files,
+    manifest = tr.commit_run(
+        stage,
+        output,
+        export=lambda path: export_model(
+            path,
+            model=model,
+            architecture=config.architecture,
+            class_names=class_names,
+            config=asdict(config),
+            iteration=config.iterations,
+        ),
+        metrics_file=METRICS_FILE,
+        metrics_data=json.dumps({**summary, "history": history}, indent=1, sort_keys=True).encode(),
+        metrics_rows=None,
+        more_files=[quarantine_entry] if quarantine_entry is not None else [],
         counts={
             "input": rows.index_rows,
             "output": 1,
@@ -466,7 +358,7 @@ def _finish(
             "iterations": config.iterations,
             "architecture": config.architecture,
             "num_workers": options.num_workers,
-            "backbone_weights": weights,
+            "backbone_weights": weights.source,
         },
     )
     miou = "n/a (no val ground truth)" if summary["miou"] is None else f"{summary['miou']:.3f}"
@@ -478,14 +370,4 @@ def _finish(
     return manifest
 
 
-__all__ = [
-    "METRICS_FILE",
-    "MODEL_FILE",
-    "RetrainConfig",
-    "RetrainOptions",
-    "RetrainResult",
-    "micro_batching",
-    "read_inputs",
-    "run_retrain",
-    "run_signature",
-]
+__all__ = ["RetrainConfig", "RetrainOptions", "RetrainResult", "micro_batching", "run_retrain"]

@@ -1,18 +1,10 @@
 """A process pool per training worker that computes the boundary-loss CRF targets Q.
 
-The boundary loss needs Q = CRF(P) of the *current* step's predictions P (docs/METHOD.md), so the
-CRF of step t cannot start before step t's forward pass, and step t's backward pass cannot
-finish before Q arrives. What can overlap with it, and does in `pipelines.train.loop`:
-- the CRF itself runs in parallel: the batch is cut into chunks, one per pool process
-  (pydensecrf holds the GIL, so threads would not help);
-- while the pool works, the training process computes the seeding and auxiliary losses and
-  their gradients with respect to the model outputs, and fetches the next batch from Ray Data;
-- the single backward pass through the model starts once Q is back.
-The time the training process spends blocked on the pool is measured (`CRFPool.wait_seconds`)
-and logged, so the remaining serial share is visible rather than assumed away.
-
-Processes are forked once, at pool creation, before the training loop starts its collective
-communication; children only run numpy and pydensecrf (`weakclip.crf.boundary_crf_targets`).
+Q = CRF(P) needs the current step's predictions P (docs/METHOD.md), so what can overlap with it
+does in `pipelines.train.loop`: the batch is cut into one chunk per pool process (pydensecrf
+holds the GIL, so threads would not help) while the training process computes the other losses
+and fetches the next batch; the time spent blocked on the pool is logged (`wait_seconds`).
+Processes are forked once, before the loop starts its collective communication.
 """
 
 from __future__ import annotations
@@ -72,10 +64,9 @@ class PendingTargets:
 
 
 class CRFPool:
-    """Computes `boundary_crf_targets` over a batch in `processes` worker processes.
-
-    `processes=0` computes in the calling process (no pool): the reference for tests and the
-    fallback where forking is unwanted.
+    """Computes `boundary_crf_targets` over a batch in `processes` worker processes (0: in the
+    calling process). `params` are `crf_params`; `absent_tolerance` is that of
+    `weakclip.crf.boundary_crf_target` (None keeps the class restriction exact up to the floor).
     """
 
     def __init__(
@@ -86,14 +77,6 @@ class CRFPool:
         absent_tolerance: float | None = None,
         start_method: str = "fork",
     ) -> None:
-        """
-        Args:
-            processes: pool size (0 = compute inline).
-            params: CRF keyword arguments (`crf_params`).
-            absent_tolerance: see `weakclip.crf.boundary_crf_target`; None keeps the class
-                restriction exact up to the unary floor.
-            start_method: multiprocessing start method of the pool processes.
-        """
         if processes < 0:
             raise ValueError(f"processes must be >= 0, got {processes}")
         self.processes = processes
@@ -118,15 +101,8 @@ class CRFPool:
     def submit(
         self, images: np.ndarray, probs: np.ndarray, class_masks: np.ndarray | None
     ) -> PendingTargets:
-        """Starts the CRF of a batch.
-
-        Args:
-            images: B x h x w x 3 uint8 RGB at the loss resolution.
-            probs: B x K x h x w float32 softmax probabilities (detached, on the CPU).
-            class_masks: B x K bool (background + image labels) or None.
-
-        Returns:
-            A handle for `result`.
+        """Starts the CRF of a batch: B x h x w x 3 uint8 RGB at the loss resolution, B x K x h x w
+        float32 probabilities (on the CPU), B x K bool class masks or None; a handle for `result`.
         """
         batch = images.shape[0]
         start = time.perf_counter()

@@ -1,21 +1,11 @@
-"""Training data: the refine shards of the input manifest through Ray Data, augmented on CPUs.
+"""Training data: the refine shards of the input manifest, augmented on CPUs in Ray Data tasks.
 
-Reads the refine columns `image_id`, `image`, `labels`, `seed` and `split` (plus `height` and
-`width` for validation) of the files the input manifest lists, and only those: rows of the
-`train` split when any row has a split of "train", else every row. Decoding and augmentation
-(`pipelines.training.augment.augment_sample`) run in Ray Data `map_batches` tasks on CPU
-workers, never in the training loop. Every row's randomness comes from (seed, epoch, image id), so a
-sample does not depend on which worker, task or batch handles it.
-
-Batches handed to the training loop (`TRAIN_COLUMNS`):
-- `image`: B x 3 x S x S float32 normalised crops (S = `clip.input_size`);
-- `seed`: B x S x S uint8 seed labels, 255 = ignore (padding included);
-- `crf_image`: B x s x s x 3 uint8 RGB of the crop at the loss resolution s, for the CRF;
-- `class_mask`: B x K bool, background and the image's labels.
-
-Epochs: the dataset is the concatenation of the epochs the run still needs, each with its own
-augmentation draws and block order, so a worker's stream never ends early; `epochs_needed`
-(`pipelines.training.run`) says how many.
+The design is `pipelines.training.data` (one task per (epoch, row group) unit). Rows are those
+of the `train` split when any row has a split of "train", else every row; each is decoded,
+checked and augmented (`prepare_row`). Batches (`TRAIN_COLUMNS`): `image` B x 3 x S x S float32
+normalised crops (S = `clip.input_size`), `seed` B x S x S uint8 seed labels (255 = ignore),
+`crf_image` B x s x s x 3 uint8 RGB at the loss resolution s for the CRF, `class_mask` B x K
+bool (background and the image's labels).
 """
 
 from __future__ import annotations
@@ -29,11 +19,15 @@ from PIL import Image
 
 from pipelines.io import schema
 from pipelines.io.codecs import MAX_PIXELS, decode_image, decode_label_map
+from pipelines.io.manifest import Manifest
 from pipelines.io.storage import Location
+from pipelines.training import data as shared
 from pipelines.training.augment import AugmentConfig, augment_sample, denormalize, row_seed
+from pipelines.training.run import epochs_needed
 
 TRAIN_COLUMNS = ("image", "seed", "crf_image", "class_mask")
 TRAIN_SPLIT = "train"
+ROWS_PER_BLOCK = 8  # rows per prepared block
 READ_COLUMNS = [
     schema.IMAGE_ID,
     schema.IMAGE,
@@ -94,67 +88,6 @@ def prepare_row(
     return {"image": image, "seed": crop_seed, "crf_image": crf_image, "class_mask": class_mask}
 
 
-def augment_batch(
-    batch: dict[str, np.ndarray],
-    *,
-    epoch: int,
-    seed: int,
-    num_classes: int,
-    augment: AugmentConfig,
-    loss_resolution: int,
-    train_only: bool,
-) -> dict[str, np.ndarray]:
-    """Ray Data batch wrapper of `prepare_row`: refine columns in, `TRAIN_COLUMNS` out."""
-    rows: list[dict[str, np.ndarray]] = []
-    for i in range(len(batch[schema.IMAGE_ID])):
-        if train_only and batch[schema.SPLIT][i] != TRAIN_SPLIT:
-            continue
-        image_id = str(batch[schema.IMAGE_ID][i])
-        rng = np.random.default_rng(row_seed(seed, epoch, image_id))
-        rows.append(
-            prepare_row(
-                image_id=image_id,
-                image_bytes=batch[schema.IMAGE][i],
-                seed_bytes=batch[schema.SEED][i],
-                labels=batch[schema.LABELS][i],
-                height=int(batch[schema.HEIGHT][i]),
-                width=int(batch[schema.WIDTH][i]),
-                num_classes=num_classes,
-                rng=rng,
-                augment=augment,
-                loss_resolution=loss_resolution,
-            )
-        )
-    size = augment.crop_size
-    if not rows:
-        return {
-            "image": np.zeros((0, 3, size, size), np.float32),
-            "seed": np.zeros((0, size, size), np.uint8),
-            "crf_image": np.zeros((0, loss_resolution, loss_resolution, 3), np.uint8),
-            "class_mask": np.zeros((0, num_classes), bool),
-        }
-    return {key: np.stack([row[key] for row in rows]) for key in TRAIN_COLUMNS}
-
-
-def count_training_rows(files: Sequence[Location]) -> tuple[int, bool]:
-    """(rows used for training, whether the split column selects them) from Parquet footers.
-
-    Reads only the `split` column, so it is cheap next to the images.
-    """
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    total = train = 0
-    for loc in files:
-        with loc.fs.open(loc.path, "rb") as handle:
-            table = pq.read_table(handle, columns=[schema.SPLIT])
-        total += table.num_rows
-        train += int(pc.sum(pc.equal(table[schema.SPLIT], TRAIN_SPLIT)).as_py() or 0)
-    if train > 0:
-        return train, True
-    return total, False
-
-
 def augment_config_for(model_config: Any) -> AugmentConfig:
     """The augmentation settings a model config asks for (crop = `clip.input_size`)."""
     train = model_config.train
@@ -170,56 +103,78 @@ def augment_config_for(model_config: Any) -> AugmentConfig:
     )
 
 
-def build_train_dataset(
-    files: Sequence[Location],
+def augment_units(
+    batch: dict[str, np.ndarray],
     *,
+    source: Location,
     model_config: Any,
     num_classes: int,
     train_only: bool,
-    start_epoch: int,
-    epochs: int,
-    num_cpus_per_task: float,
-    rows_per_task: int = 8,
+    rows_per_block: int,
 ) -> Any:
-    """The Ray Dataset of augmented training rows for `epochs` epochs from `start_epoch`.
-
-    Args:
-        files: the Parquet shards the input manifest lists.
-        model_config: `WeakCLIPConfig` (crop size, loss resolution, augmentation, seed).
-        num_classes: K, the class space size of the input manifest.
-        train_only: keep only rows of the `train` split.
-        start_epoch: first epoch (a resumed run continues the epoch count).
-        epochs: how many epochs to chain.
-        num_cpus_per_task: CPUs of each read/augment task (fractional on small machines).
-        rows_per_task: rows per `map_batches` call.
-    """
-    import ray.data
-
-    if not files:
-        raise ValueError("the input manifest lists no shards")
-    filesystem = files[0].pyarrow_fs()
-    base = ray.data.read_parquet(
-        [f.path for f in files],
-        filesystem=filesystem,
+    """Ray Data batch function: work units in, `TRAIN_COLUMNS` blocks of prepared rows out."""
+    augment, seed = augment_config_for(model_config), model_config.train.seed
+    for epoch, rows in shared.unit_blocks(
+        batch,
+        source=source,
         columns=READ_COLUMNS,
-        num_cpus=num_cpus_per_task,
-    )
-    augment = augment_config_for(model_config)
-    seed = model_config.train.seed
-    parts = []
-    for epoch in range(start_epoch, start_epoch + epochs):
-        fn = functools.partial(
-            augment_batch,
-            epoch=epoch,
-            seed=seed,
-            num_classes=num_classes,
-            augment=augment,
-            loss_resolution=model_config.loss.resolution,
-            train_only=train_only,
-        )
-        parts.append(
-            base.randomize_block_order(seed=seed + epoch).map_batches(
-                fn, batch_size=rows_per_task, batch_format="numpy", num_cpus=num_cpus_per_task
+        keep=lambda row: not train_only or row[schema.SPLIT] == TRAIN_SPLIT,
+        seed=seed,
+        rows_per_block=rows_per_block,
+    ):
+        prepared = [
+            prepare_row(
+                image_id=str(row[schema.IMAGE_ID]),
+                image_bytes=row[schema.IMAGE],
+                seed_bytes=row[schema.SEED],
+                labels=row[schema.LABELS],
+                height=int(row[schema.HEIGHT]),
+                width=int(row[schema.WIDTH]),
+                num_classes=num_classes,
+                rng=np.random.default_rng(row_seed(seed, epoch, str(row[schema.IMAGE_ID]))),
+                augment=augment,
+                loss_resolution=model_config.loss.resolution,
             )
-        )
-    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+            for row in rows
+        ]
+        yield shared.stack(prepared, TRAIN_COLUMNS)
+
+
+def train_dataset(
+    source: Manifest, model_config: Any, start_iteration: int, *, num_cpus_per_task: float
+) -> tuple[int, Any]:
+    """(training rows, the Ray Dataset of the epochs still to run from `start_iteration`).
+
+    Raises:
+        ValueError: the refine manifest lists no shards, or no training rows.
+    """
+    paths = [entry.path for entry in source.entries("shards/")]
+    counts: dict[tuple[str, int], tuple[int, int]] = {}  # (shard, group) -> rows, train rows
+    for path, group, table in shared.read_row_groups(source.location, paths, [schema.SPLIT]):
+        splits = table[schema.SPLIT].to_pylist()
+        counts[(path, group)] = (len(splits), splits.count(TRAIN_SPLIT))
+    train_only = any(train for _, train in counts.values())
+    per_group = {key: n[1] if train_only else n[0] for key, n in counts.items()}
+    rows = sum(per_group.values())
+    train = model_config.train
+    epochs = epochs_needed(
+        rows=rows,
+        batch_size=train.batch_size,
+        start_iteration=start_iteration,
+        iterations=train.iterations,
+    )
+    units = shared.epoch_units(
+        [key for key, n in per_group.items() if n],
+        seed=train.seed,
+        start_epoch=(start_iteration * train.batch_size) // rows,
+        epochs=epochs,
+    )
+    fn = functools.partial(
+        augment_units,
+        source=source.location,
+        model_config=model_config,
+        num_classes=len(source.class_names),
+        train_only=train_only,
+        rows_per_block=ROWS_PER_BLOCK,
+    )
+    return rows, shared.unit_dataset(units, fn, num_cpus_per_task=num_cpus_per_task)

@@ -21,6 +21,7 @@ from pipelines.training.checkpoint import (
     read_export_payload,
     read_meta,
     read_train_state,
+    weakclip_from_export,
 )
 from weakclip.build import build_weakclip
 from weakclip.config import WeakCLIPConfig, from_dict, to_dict
@@ -106,17 +107,9 @@ def export_model(
 
 def read_export(path: str) -> dict[str, Any]:
     """The `model.pt` payload, read with `weights_only=True` and checked."""
-    return read_export_payload(path, fmt=EXPORT_FORMAT, kind="WeakCLIP", loading_as="model export")
+    return read_export_payload(path, fmt=EXPORT_FORMAT, kind="WeakCLIP")
 
 
 def load_exported_model(path: str) -> WeakCLIP:
-    """Rebuilds the `WeakCLIP` of a `model.pt` export, in eval mode.
-
-    The model is built with random CLIP weights and then every weight is loaded strictly, so
-    no CLIP weights file is needed.
-    """
-    payload = read_export(path)
-    config = from_dict(payload["config"], WeakCLIPConfig)
-    model = build_weakclip(config, payload["class_names"], clip_weights=None)
-    model.load_state_dict(payload["state_dict"], strict=True)
-    return model.eval()
+    """Rebuilds the `WeakCLIP` of a `model.pt` export, in eval mode (no CLIP weights file)."""
+    return weakclip_from_export(read_export(path))[0]

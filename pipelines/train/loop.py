@@ -1,23 +1,11 @@
-"""The per-worker WeakCLIP training loop that Ray Train runs (`TorchTrainer`'s loop function).
+"""The per-worker WeakCLIP step that Ray Train runs in `pipelines.training.worker.train_steps`.
 
-One step on a worker, per micro-batch (gradient accumulation when the worker's share of the
-global batch is larger than its micro-batch):
-1. forward under autocast (bf16 on CUDA), P = softmax of the logits at the loss resolution;
-2. P goes to the CRF pool (`pipelines.train.crf_pool`), which computes Q in parallel processes;
-3. while it works: the seeding and auxiliary losses and their gradients with respect to the
-   model outputs, and the next batch from Ray Data;
-4. Q back (the wait is measured), the boundary loss's gradient, times
-   `loss.boundary_weight`, joins the others and one backward pass runs through the model (DDP
-   reduces the trainable gradients there).
-Then AdamW and the warm-up + cosine schedule step.
-
-DDP covers the trainable parameters only: the frozen CLIP parameters are excluded from its
-broadcast and reduction. `co_attention.chain_layers=False` (the released code's unchained
-loop) leaves every co-attention layer but the last without a gradient; those layers are frozen
-here (they cannot influence the output), so DDP needs no `find_unused_parameters`.
-
-`ray.train.report` runs on every worker at the same iterations (every `checkpoint_every` and
-the last), with the checkpoint from rank 0.
+One micro-step: forward under autocast, P = softmax of the logits at the loss resolution; P goes
+to the CRF pool (`pipelines.train.crf_pool`) while the seeding and auxiliary losses, their
+gradients with respect to the outputs and the next batch are computed; then Q's boundary loss
+joins them and one backward pass runs through the model. DDP covers the trainable parameters
+only; `co_attention.chain_layers=False` leaves every co-attention layer but the last without a
+gradient, so those are frozen here and DDP needs no `find_unused_parameters`.
 """
 
 from __future__ import annotations
@@ -34,35 +22,38 @@ from pipelines.train.crf_pool import CRFPool, crf_params
 from pipelines.training import checkpoint as ckpt
 from pipelines.training.worker import (
     Batches,
-    InjectedFailure,
-    LogWindow,
+    Schedule,
     autocast_for,
     fetch_weights,
-    lr_at,
-    maybe_fail,
-    report_checkpoint,
     restore_checkpoint,
-    train_batches,
+    train_steps,
     warmup_cosine_scheduler,
     worker_context,
-    wrap_ddp,
 )
 from weakclip.build import build_weakclip
 from weakclip.config import WeakCLIPConfig, from_dict
 from weakclip.losses import auxiliary_loss, boundary_loss, loss_probabilities, seeding_loss
 
 
-def make_scheduler(
-    optimizer: torch.optim.Optimizer, config: WeakCLIPConfig
-) -> torch.optim.lr_scheduler.LambdaLR:
+def schedule_of(config: WeakCLIPConfig) -> Schedule:
     """The paper's schedule, warm-up capped at `max_warmup_fraction` of the run (docs/METHOD.md)."""
     train = config.train
-    return warmup_cosine_scheduler(
-        optimizer,
+    return Schedule(
         lr=train.lr,
         min_lr=train.min_lr,
         warmup=train.effective_warmup_iterations,
         total=train.iterations,
+        weight_decay=train.weight_decay,
+    )
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, config: WeakCLIPConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """`schedule_of(config)` as a scheduler of `optimizer`."""
+    s = schedule_of(config)
+    return warmup_cosine_scheduler(
+        optimizer, lr=s.lr, min_lr=s.min_lr, warmup=s.warmup, total=s.total
     )
 
 
@@ -91,129 +82,61 @@ def fetch_clip_weights(location: Location | None, sha256: str | None) -> str | N
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train loop; `loop_config` is built by `pipelines.train.stage.run_train`."""
-    rank, world, device = worker_context(loop_config)
+    rank, world, device = context = worker_context(loop_config)
     config = from_dict(loop_config["model_config"], WeakCLIPConfig)
     class_names = list(loop_config["class_names"])
+    processes = loop_config["crf_processes"]
+    if processes is None:  # auto: parallel CRFs on GPU workers, one process on CPU workers
+        processes = min(int(loop_config["micro_batch_size"]), 4) if device.type == "cuda" else 1
     # Fork the CRF processes before the model exists: the children stay small.
     pool = CRFPool(
-        processes=int(loop_config["crf_processes"]),
+        processes=int(processes),
         params=crf_params(config.loss.boundary_crf, prob_floor=config.loss.prob_clamp),
         absent_tolerance=loop_config.get("absent_tolerance"),
     )
     try:
-        _train(loop_config, config, class_names, device, rank, world, pool)
+        clip = loop_config["clip"]
+        clip_path = fetch_clip_weights(clip.location, clip.sha256)
+        # Same seed on every rank: a random-init CLIP is then the same everywhere.
+        torch.manual_seed(config.train.seed)
+        model = build_weakclip(config, class_names, clip_weights=clip_path)
+        frozen = ckpt.frozen_parameter_names(model)
+        freeze_dead_layers(model, config)
+        restored = restore_checkpoint(loop_config["signature"])
+        if restored is not None:
+            export.load_model_weights(
+                model, trainable=restored.state["model"], clip=restored.clip, frozen=frozen
+            )
+        clip_sha256 = clip.sha256 or ckpt.state_digest(ckpt.frozen_state_dict(model, frozen))
+        autocast, size = autocast_for(device), config.loss.resolution
+        train_steps(
+            loop_config,
+            context=context,
+            model=model,
+            restored=restored,
+            schedule=schedule_of(config),
+            seed=config.train.seed,
+            meta={
+                "config": loop_config["model_config"],
+                "class_names": class_names,
+                "clip_weights": {**clip.source, "sha256": clip_sha256},
+                "signature": loop_config["signature"],
+            },
+            step=lambda ddp, batch, batches, accumulation: _micro_step(
+                ddp, batch, batches, pool, config, device, autocast, size, accumulation
+            ),
+            keys=("loss", "loss_seeding", "loss_boundary", "loss_auxiliary"),
+            waits={"crf_wait_s": lambda: pool.wait_seconds},
+            frozen=frozen,
+            include_frozen=clip_path is None,
+            finish_row=_crf_wait_share,
+        )
     finally:
         pool.close()
 
 
-def _train(
-    loop_config: dict[str, Any],
-    config: WeakCLIPConfig,
-    class_names: list[str],
-    device: torch.device,
-    rank: int,
-    world: int,
-    pool: CRFPool,
-) -> None:
-    train = config.train
-    clip_path = fetch_clip_weights(loop_config.get("clip_weights"), loop_config.get("clip_sha256"))
-    # Same seed on every rank: a random-init CLIP is then the same everywhere.
-    torch.manual_seed(train.seed)
-    model = build_weakclip(config, class_names, clip_weights=clip_path)
-    frozen = ckpt.frozen_parameter_names(model)
-    freeze_dead_layers(model, config)
-    include_clip = clip_path is None
-
-    start_iteration = 0
-    history: list[dict[str, Any]] = []
-    restored = restore_checkpoint(loop_config["signature"])
-    if restored is not None:
-        export.load_model_weights(
-            model, trainable=restored.state["model"], clip=restored.clip, frozen=frozen
-        )
-        start_iteration, history = restored.iteration, restored.history
-        if rank == 0:
-            print(f"resumed from iteration {start_iteration}", flush=True)
-    model.to(device)
-    clip_sha256 = loop_config.get("clip_sha256") or ckpt.state_digest(
-        ckpt.frozen_state_dict(model, frozen)
-    )
-    meta = {
-        "config": loop_config["model_config"],
-        "class_names": class_names,
-        "clip_weights": {"source": loop_config.get("clip_uri"), "sha256": clip_sha256},
-        "signature": loop_config["signature"],
-    }
-
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
-    scheduler = make_scheduler(optimizer, config)
-    if restored is not None:
-        optimizer.load_state_dict(restored.state["optimizer"])
-        scheduler.load_state_dict(restored.state["scheduler"])
-    ddp = wrap_ddp(model, device, world)
-
-    micro = int(loop_config["micro_batch_size"])
-    accumulation = int(loop_config["accumulation_steps"])
-    batches = train_batches(micro, seed=train.seed, start_iteration=start_iteration, rank=rank)
-    autocast = autocast_for(device)
-    size = config.loss.resolution
-    checkpoint_every = int(loop_config["checkpoint_every"])
-    log_every = int(loop_config["log_every"])
-    global_batch = micro * accumulation * world
-
-    window = LogWindow(
-        ("loss", "loss_seeding", "loss_boundary", "loss_auxiliary"),
-        waits={
-            "crf_wait_s": lambda: pool.wait_seconds,
-            "data_wait_s": lambda: batches.wait_seconds,
-        },
-    )
-    next_batch = batches.next()
-    iteration = start_iteration
-    while iteration < train.iterations:
-        maybe_fail(loop_config, iteration, rank, world)
-        optimizer.zero_grad(set_to_none=True)
-        for micro_step in range(accumulation):
-            batch = next_batch
-            if batch is None:
-                raise RuntimeError(f"training data ran out at iteration {iteration}")
-            last_micro = micro_step == accumulation - 1
-            sync = contextlib.nullcontext() if last_micro else ddp.no_sync()
-            with sync:
-                terms, next_batch = _micro_step(
-                    ddp, batch, batches, pool, config, device, autocast, size, accumulation
-                )
-            window.add(terms, scale=1 / accumulation)
-        step_lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        iteration += 1
-        window.step()
-
-        is_last = iteration == train.iterations
-        if iteration % log_every == 0 or is_last:
-            row = window.row(
-                iteration=iteration,
-                lr=step_lr,
-                global_batch=global_batch,
-                device=device,
-                world=world,
-            )
-            row["crf_wait_share"] = row["crf_wait_s"] / max(row["step_s"], 1e-9)
-            history.append(row)
-        if iteration % checkpoint_every == 0 or is_last:
-            report_checkpoint(
-                model,
-                frozen=frozen,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                iteration=iteration,
-                meta=meta,
-                history=history,
-                rank=rank,
-                include_frozen=include_clip,
-            )
+def _crf_wait_share(row: dict[str, Any]) -> None:
+    row["crf_wait_share"] = row["crf_wait_s"] / max(row["step_s"], 1e-9)
 
 
 def _micro_step(
@@ -275,6 +198,3 @@ def _micro_step(
         "loss_auxiliary": auxiliary_value,
     }
     return terms, next_batch
-
-
-__all__ = ["InjectedFailure", "lr_at", "train_loop_per_worker"]

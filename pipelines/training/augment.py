@@ -28,8 +28,9 @@ from PIL import Image
 
 from pipelines.io.schema import IGNORE_INDEX
 
-IMAGENET_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)  # RGB, 0–255 scale
-IMAGENET_STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
+RGB = tuple[float, float, float]
+IMAGENET_MEAN: RGB = (123.675, 116.28, 103.53)  # RGB, 0–255 scale
+IMAGENET_STD: RGB = (58.395, 57.12, 57.375)
 
 # PIL stores hue on 0..255 for the full circle; OpenCV (whose units mmseg's hue_delta uses)
 # stores it on 0..179.
@@ -95,18 +96,9 @@ def augment_sample(
     rng: np.random.Generator,
     config: AugmentConfig,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Apply the random training augmentation to one image and its seed labels.
-
-    Args:
-        image: H x W x 3 uint8 RGB image.
-        seed_labels: H x W uint8 class-id map, 255 = ignore.
-        rng: source of every random decision; the same state gives the same output.
-        config: augmentation settings.
-
-    Returns:
-        The normalised image, 3 x S x S float32 (S = crop_size), and the labels, S x S uint8,
-        holding only ids from `seed_labels` plus 255 where padded.
-    """
+    """The random training augmentation of an H x W x 3 uint8 RGB image and its H x W uint8
+    labels (255 = ignore), every draw from `rng`: the normalised 3 x S x S float32 crop
+    (S = crop_size) and S x S uint8 labels (ids from `seed_labels`, 255 where padded)."""
     _check_pair(image, seed_labels)
     image, seed_labels = _random_rescale(image, seed_labels, rng=rng, config=config)
     top, left = _choose_crop(seed_labels, rng=rng, config=config)
@@ -130,15 +122,7 @@ def photometric_distortion(
     Contrast goes either right after brightness or last (a coin flip), as in mmseg. Brightness
     adds a constant and contrast multiplies (no blending with the mean); saturation scales the
     HSV S channel and hue rotates the HSV H channel. Every step saturates to 0..255 and
-    truncates to uint8, as mmseg does.
-
-    Args:
-        image: H x W x 3 uint8 RGB image.
-        rng: source of the random decisions.
-        config: ranges of each distortion.
-
-    Returns:
-        H x W x 3 uint8 distorted image (a new array).
+    truncates to uint8, as mmseg does. H x W x 3 uint8 RGB in, a new H x W x 3 uint8 out.
     """
     out = np.array(image, dtype=np.uint8, copy=True)
     if rng.integers(2):
@@ -164,21 +148,9 @@ def photometric_distortion(
 
 
 def normalize(
-    image: np.ndarray,
-    *,
-    mean: tuple[float, float, float] = IMAGENET_MEAN,
-    std: tuple[float, float, float] = IMAGENET_STD,
+    image: np.ndarray, *, mean: RGB = IMAGENET_MEAN, std: RGB = IMAGENET_STD
 ) -> np.ndarray:
-    """(image − mean) / std per RGB channel, channels first.
-
-    Args:
-        image: H x W x 3 uint8 RGB image.
-        mean: per-channel mean on the 0–255 scale.
-        std: per-channel std on the 0–255 scale.
-
-    Returns:
-        3 x H x W float32 array.
-    """
+    """(image − mean) / std per RGB channel (0–255 scale): H x W x 3 uint8 → 3 x H x W float32."""
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image must be H x W x 3, got shape {image.shape}")
     mean_arr = np.asarray(mean, dtype=np.float32)
@@ -188,21 +160,9 @@ def normalize(
 
 
 def denormalize(
-    image: np.ndarray,
-    *,
-    mean: tuple[float, float, float] = IMAGENET_MEAN,
-    std: tuple[float, float, float] = IMAGENET_STD,
+    image: np.ndarray, *, mean: RGB = IMAGENET_MEAN, std: RGB = IMAGENET_STD
 ) -> np.ndarray:
-    """Invert `normalize` for reports and visualisation.
-
-    Args:
-        image: 3 x H x W float normalised image.
-        mean: per-channel mean used to normalise.
-        std: per-channel std used to normalise.
-
-    Returns:
-        H x W x 3 uint8 RGB image (rounded and clipped to 0..255).
-    """
+    """Inverts `normalize`: 3 x H x W float → H x W x 3 uint8 RGB (rounded, clipped)."""
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"image must be 3 x H x W, got shape {image.shape}")
     rgb = image.transpose(1, 2, 0).astype(np.float32) * np.asarray(std, dtype=np.float32)
@@ -219,18 +179,8 @@ def prepare_eval_image(
 ) -> np.ndarray:
     """Deterministic preprocessing for inference: optional rescale, then normalise.
 
-    Multi-scale inference (`weakclip.inference.multiscale_probabilities`) wants the image at
-    its original size (`short_side=None`) and rescales per pass itself.
-
-    Args:
-        image: H x W x 3 uint8 RGB image.
-        short_side: when given, rescale (bilinear, aspect kept) so the short side has this
-            length; new side = int(side·f + 0.5).
-        mean: per-channel mean on the 0–255 scale.
-        std: per-channel std on the 0–255 scale.
-
-    Returns:
-        3 x H' x W' float32 normalised image.
+    H x W x 3 uint8 RGB → 3 x H' x W' float32; with `short_side`, rescaled (bilinear, aspect
+    kept, new side = int(side·f + 0.5)) so that the short side has that length.
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be H x W x 3 uint8, got {image.dtype} {image.shape}")

@@ -1,23 +1,17 @@
-"""The checkpoint directory both training stages report: what it holds, written and read here.
+"""The checkpoint directory both training stages report (one per `ray.train.report`), and the
+`model.pt` reader both exports share (`read_export_payload`).
 
-A checkpoint directory (one per `ray.train.report`) holds:
-- `train_state.pt`: the trainable state (every state-dict entry except the frozen CLIP
-  parameters: prompt context, adapter, co-attention, decoder, BatchNorm statistics), the
-  optimizer and LR-scheduler states and the iteration, written with `torch.save` and read
-  with `weights_only=True`;
-- `clip_state.pt`: only when CLIP was randomly initialised (no weights file to rebuild it
-  from): its frozen parameters, so a resumed run and the export see the same backbone;
-- `meta.json`: iteration, model config, class names, the CLIP weights source (URI or null)
-  and SHA-256, and the run signature a resume is checked against;
-- `metrics.jsonl`: every logged iteration so far, so the final `metrics.jsonl` is complete
-  and consistent whatever failures and resumes happened.
-
-The trained model's export (`model.pt`) is `pipelines.train.export`.
+- `train_state.pt`: the state dict without the frozen CLIP parameters, the optimizer and
+  LR-scheduler states and the iteration (`torch.save`, read with `weights_only=True`);
+- `clip_state.pt`: only for a randomly initialised CLIP (no weights file to rebuild it from);
+- `meta.json`: iteration, config, class names, weights source and SHA-256, run signature;
+- `metrics.jsonl`: every logged row so far, so the final metrics survive failures and resumes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -26,24 +20,32 @@ from typing import Any
 import torch
 from torch import nn
 
+from weakclip.build import build_weakclip
+from weakclip.config import WeakCLIPConfig, from_dict
+from weakclip.model import WeakCLIP
+
 TRAIN_STATE = "train_state.pt"
 CLIP_STATE = "clip_state.pt"
 META = "meta.json"
 METRICS = "metrics.jsonl"
 
 
-def load_weights_only(path: str, *, what: str) -> Any:
-    """`torch.load(path, weights_only=True)` on the CPU; a refusal becomes one clear line.
-
-    Untrusted files (a `model.pt` from storage, a tampered checkpoint) never run code: torch's
-    restricted unpickler refuses every global it does not know.
+def load_weights_only(source: str | bytes, *, what: str, where: str | None = None) -> Any:
+    """`torch.load(..., weights_only=True)` of a file or its bytes on the CPU; a refusal becomes
+    one clear line. Untrusted files never run code: torch's restricted unpickler refuses every
+    global it does not know.
 
     Raises:
         ValueError: not a `torch.save` file, truncated, or refused as unsafe (the message names
-            the file and the refused global).
+            the file, `where`, and the refused global).
     """
+    where = where or repr(source)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(
+            io.BytesIO(source) if isinstance(source, bytes) else source,
+            map_location="cpu",
+            weights_only=True,
+        )
     except Exception as exc:  # torch raises several types for foreign, torn or unsafe files
         text = str(exc)
         lines = [line.strip() for line in text.splitlines() if line.strip()]
@@ -53,27 +55,46 @@ def load_weights_only(path: str, *, what: str) -> Any:
                 refused[0] if refused else "not plain tensor data"
             )
         else:
-            detail = f"{type(exc).__name__}: {lines[0] if lines else 'unreadable'}"
+            detail = f"{type(exc).__name__}: {lines[0][:300] if lines else 'unreadable'}"
         raise ValueError(
-            f"{what} {path!r} cannot be loaded with weights_only=True: {detail}"
+            f"{what} {where} cannot be loaded with weights_only=True: {detail}"
         ) from None
 
 
-def read_export_payload(path: str, *, fmt: str, kind: str, loading_as: str) -> dict[str, Any]:
+def read_export_payload(
+    source: str | bytes, *, fmt: str, kind: str, where: str | None = None
+) -> dict[str, Any]:
     """A `model.pt` payload (train's or retrain's), read with `weights_only=True` and checked:
-    a dict with the format tag `fmt` and `class_names` a list of strings.
+    a dict with the format tag `fmt`, `class_names` a non-empty list of strings, a `config`
+    dict and a `state_dict`.
 
     Raises:
-        ValueError: unloadable (`load_weights_only`, as `loading_as`), not a `kind` export,
-            or bad class names.
+        ValueError: unloadable (`load_weights_only`), not a `kind` export, or a bad field.
     """
-    payload = load_weights_only(path, what=loading_as)
+    where = where or repr(source)
+    payload = load_weights_only(source, what=f"{kind} export", where=where)
     if not isinstance(payload, dict) or payload.get("format") != fmt:
-        raise ValueError(f"{path!r} is not a {kind} export ({fmt})")
+        raise ValueError(f"{where} is not a {kind} export ({fmt})")
     names = payload.get("class_names")
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise ValueError(f"{path!r}: class_names must be a list of strings")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{where}: class_names must be a list of strings")
+    if not isinstance(payload.get("config"), dict) or not isinstance(
+        payload.get("state_dict"), dict
+    ):
+        raise ValueError(f"{where}: config or state_dict missing")
     return payload
+
+
+def weakclip_from_export(payload: Mapping[str, Any]) -> tuple[WeakCLIP, WeakCLIPConfig]:
+    """The `WeakCLIP` of a train `model.pt` payload, in eval mode, and its config.
+
+    Built with random CLIP weights, then every weight is loaded strictly: no CLIP weights file
+    is needed.
+    """
+    config = from_dict(payload["config"], WeakCLIPConfig)
+    model = build_weakclip(config, payload["class_names"], clip_weights=None)
+    model.load_state_dict(payload["state_dict"], strict=True)
+    return model.eval(), config
 
 
 def frozen_parameter_names(model: nn.Module) -> set[str]:
@@ -119,18 +140,8 @@ def save_checkpoint(
     metrics: Sequence[Mapping[str, Any]],
     include_clip: bool,
 ) -> None:
-    """Writes a checkpoint directory (see the module docstring).
-
-    Args:
-        directory: an existing local directory.
-        model: the (unwrapped) model.
-        frozen: `frozen_parameter_names` of the model.
-        optimizer, scheduler: their states are saved.
-        iteration: optimizer steps done.
-        meta: config, class names, CLIP source/digest, run signature.
-        metrics: every logged iteration so far.
-        include_clip: also save the frozen CLIP weights (random initialisation).
-    """
+    """Writes a checkpoint into the existing local `directory` (see the module docstring);
+    `frozen` are the model's `frozen_parameter_names`, saved only with `include_clip`."""
     frozen = set(frozen)
     state = {
         "model": trainable_state_dict(model, frozen),

@@ -1,40 +1,84 @@
-"""Driver-side pieces every Ray Train stage of this project shares (train and retrain).
+"""Driver side of every Ray Train stage (train and retrain): options, re-running, trainer, export.
 
-- `open_run`: the re-running rules of docs/CONTRACTS.md for a training output. The run's
-  fingerprint (`signature`) leaves out the iteration count. Same fingerprint and finished
-  with the same iterations: nothing to do. A different fingerprint: refused unless
-  `overwrite` (`manifest.StageConflictError`). An interrupted run, or a finished one asked for
-  more iterations, continues only with `resume` (Ray Train V2 restores the latest checkpoint
-  when a trainer is re-created with the same storage path and name); without it the stage
-  refuses (`TrainRefused`) rather than silently continuing or starting over.
-- `fit`: a `TorchTrainer` with one GPU per worker when the cluster has GPUs (NCCL), else gloo
-  on fractional CPUs so that Ray Data keeps CPUs for decoding and augmentation
-  (docs/ARCHITECTURE.md, "Resources"); checkpoints under `<output>/checkpoints/run/` through the
-  output location's pyarrow filesystem (s3:// included); `FailureConfig` restarts from the last
-  checkpoint.
+Re-running (docs/CONTRACTS.md, `open_run`): the run's fingerprint (`signature`) leaves out the
+iteration count. Same fingerprint and finished with the same iterations: nothing to do. A
+different fingerprint: refused unless `overwrite`. An interrupted run, or a finished one asked
+for more iterations, continues only with `resume` (Ray Train V2 restores the latest checkpoint
+when a trainer is re-created with the same storage path and name); else `TrainRefused`.
+
+`fit`: one GPU per worker when the cluster has GPUs (NCCL), else gloo on fractional CPUs so that
+Ray Data keeps CPUs for decoding and augmentation (docs/ARCHITECTURE.md, "Resources");
+checkpoints under `<output>/checkpoints/run/` through the output's pyarrow filesystem.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from pipelines.io import manifest as mf
-from pipelines.io.storage import Location
+from pipelines.io.storage import Location, StorageOptions, resolve, upload_file, write_bytes_atomic
+from pipelines.training import checkpoint as ckpt
 
 RUN_NAME = "run"  # Ray Train experiment name under <output>/checkpoints/
 CHECKPOINTS = "checkpoints"
+MODEL_FILE = "model.pt"
 FAIL_ENV = "WEAKCLIP_TEST_FAIL_AT_ITERATION"  # test-only failure injection
 FAIL_MARKER_ENV = "WEAKCLIP_TEST_FAIL_MARKER"
 
 
 class TrainRefused(RuntimeError):
     """The output directory's state and the options disagree (message says what to do)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """How a training run is executed (not part of its fingerprint)."""
+
+    num_workers: int = 2  # Ray Train workers
+    micro_batch_size: int | None = None  # per-worker micro-batch; None = the worker's share
+    resume: bool = False  # continue from the last checkpoint
+    overwrite: bool = False  # replace another run's outputs
+    checkpoint_every: int = 1000  # iterations between checkpoints (and the last one)
+    log_every: int = 50  # iterations between logged rows (and the last one)
+    max_failures: int = 3  # worker-group restarts from the last checkpoint
+    use_gpu: bool | None = None  # None = when the cluster has GPUs
+    cpus_per_worker: float = 0.5  # CPU workers (and the CPU share of GPU workers)
+    num_cpus_per_task: float = 0.5  # Ray Data read/augment tasks
+
+    def __post_init__(self) -> None:
+        for name in ("num_workers", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_failures < -1:
+            raise ValueError(
+                f"max_failures must be >= -1 (-1 = unlimited), got {self.max_failures}"
+            )
+        if self.cpus_per_worker <= 0 or self.num_cpus_per_task <= 0:
+            raise ValueError("cpus_per_worker and num_cpus_per_task must be positive")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a run did."""
+
+    manifest: mf.Manifest
+    start_iteration: int  # 0 for a fresh run, the restored iteration on resume
+    iterations: int
+    skipped: bool = False  # nothing to do (already complete)
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """The manifest's metrics."""
+        return dict(self.manifest.metrics or {})
 
 
 @dataclass(frozen=True)
@@ -46,13 +90,62 @@ class RunStart:
     skipped: bool = False  # complete with the same fingerprint and iterations
 
 
+@dataclass(frozen=True)
+class Weights:
+    """A weights file a run starts from (all None: random initialisation)."""
+
+    location: Location | None = None
+    sha256: str | None = None
+
+    @property
+    def source(self) -> dict[str, str | None]:
+        """`{"source": uri, "sha256": digest}` as signatures and manifests record it."""
+        return {"source": self.location.uri if self.location else None, "sha256": self.sha256}
+
+
+def resolve_weights(uri: str | None, storage: StorageOptions | None) -> Weights:
+    """The weights file `uri` names, with its digest (no file: random initialisation)."""
+    if not uri:
+        return Weights()
+    location = resolve(uri, storage)
+    return Weights(location, sha256_of(location))
+
+
+def micro_batching(batch_size: int, options: RunOptions, *, min_micro: int = 1) -> tuple[int, int]:
+    """(micro-batch size, accumulation steps) per worker for the global batch.
+
+    Raises:
+        ValueError: the batch does not split evenly over the workers and micro-batches.
+    """
+    workers = options.num_workers
+    if batch_size % workers:
+        raise ValueError(
+            f"batch_size={batch_size} (global) must be a multiple of num_workers={workers}"
+        )
+    share = batch_size // workers
+    micro = options.micro_batch_size or share
+    if micro < 1 or share % micro:
+        raise ValueError(
+            f"micro_batch_size={micro} must divide the per-worker batch {share} "
+            "(batch_size / num_workers)"
+        )
+    if micro < min_micro:
+        raise ValueError(
+            f"batch_size={batch_size} over {workers} workers gives micro-batches of {micro}: "
+            f"BatchNorm needs at least {min_micro} images per worker step"
+        )
+    return micro, share // micro
+
+
+def signature(**parts: Any) -> dict[str, Any]:
+    """A run signature (what a resume must not change), JSON-normalised."""
+    return json.loads(json.dumps(parts))
+
+
 def sha256_of(location: Location) -> str:
     """Hex SHA-256 of one stored file."""
-    digest = hashlib.sha256()
     with location.fs.open(location.path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def latest_checkpoint_iteration(output: Location) -> int | None:
@@ -68,8 +161,7 @@ def latest_checkpoint_iteration(output: Location) -> int | None:
         return None
     if result.checkpoint is None:
         return None
-    metrics = result.metrics or {}
-    iteration = metrics.get("iteration")
+    iteration = (result.metrics or {}).get("iteration")
     return int(iteration) if isinstance(iteration, int) else None
 
 
@@ -95,13 +187,12 @@ def use_gpu(requested: bool | None) -> bool:
 
 def open_run(
     output: Location,
-    *,
     stage: str,
     signature: Mapping[str, Any],
     inputs: Sequence[mf.InputRef],
+    *,
     iterations: int,
-    resume: bool,
-    overwrite: bool,
+    options: RunOptions,
     log: Callable[[str], Any],
 ) -> RunStart:
     """Applies the re-running rules (module docstring) to a training output.
@@ -112,8 +203,9 @@ def open_run(
         TrainRefused: an interrupted or finished run and options that do not say what to do.
         manifest.StageConflictError: the output holds a different run (and not `overwrite`).
     """
+    resume = options.resume
     out = mf.StageOutput.open(
-        output, stage=stage, config=signature, inputs=inputs, overwrite=overwrite
+        output, stage=stage, config=signature, inputs=inputs, overwrite=options.overwrite
     )
     if out.state is mf.StageState.DONE:
         assert out.manifest is not None
@@ -148,73 +240,113 @@ def open_run(
     return RunStart(out, start_iteration)
 
 
-def failure_injection(output: Location) -> dict[str, Any]:
-    """The test-only failure switch's loop-config entries (`worker.maybe_fail`)."""
-    fail_at = os.environ.get(FAIL_ENV)
-    return {
-        "fail_at_iteration": int(fail_at) if fail_at else None,
-        "fail_marker": os.environ.get(FAIL_MARKER_ENV)
-        or os.path.join(
-            tempfile.gettempdir(),
-            "weakclip-fail-" + hashlib.sha256(output.uri.encode()).hexdigest()[:16],
-        ),
-    }
+def skipped_result(run: RunStart, iterations: int) -> RunResult:
+    """The result of a run that had nothing to do."""
+    assert run.stage.manifest is not None
+    return RunResult(run.stage.manifest, run.start_iteration, iterations, skipped=True)
 
 
 def fit(
     loop: Callable[[dict[str, Any]], None],
-    loop_config: dict[str, Any],
+    entries: Mapping[str, Any],
     *,
     output: Location,
-    num_workers: int,
-    gpu: bool,
-    cpus_per_worker: float,
-    max_failures: int,
-    datasets: Mapping[str, Any],
-) -> Any:
-    """Runs `loop` on a `TorchTrainer` (module docstring) and returns the last checkpoint.
+    options: RunOptions,
+    batch_size: int,
+    dataset: Any,
+    min_micro: int = 1,
+) -> tuple[Any, float]:
+    """Runs `loop` on a `TorchTrainer` (module docstring): (last checkpoint, seconds it took).
+
+    The loop's config holds `entries` and the batching, cadence, threads and failure switch.
 
     Raises:
+        ValueError: the batch does not split (`micro_batching`).
         RuntimeError: training finished without a checkpoint.
     """
     import ray.train
     import ray.train.torch
 
+    micro, accumulation = micro_batching(batch_size, options, min_micro=min_micro)
+    gpu = use_gpu(options.use_gpu)
+    fail_at = os.environ.get(FAIL_ENV)
+    marker = os.path.join(
+        tempfile.gettempdir(),
+        "weakclip-fail-" + hashlib.sha256(output.uri.encode()).hexdigest()[:16],
+    )
+    config = {
+        "micro_batch_size": micro,
+        "accumulation_steps": accumulation,
+        "checkpoint_every": options.checkpoint_every,
+        "log_every": options.log_every,
+        "torch_threads": None if gpu else max(1, int(options.cpus_per_worker)),
+        "fail_at_iteration": int(fail_at) if fail_at else None,
+        "fail_marker": os.environ.get(FAIL_MARKER_ENV) or marker,
+        **entries,
+    }
     trainer = ray.train.torch.TorchTrainer(
         loop,
-        train_loop_config=loop_config,
+        train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=num_workers,
+            num_workers=options.num_workers,
             use_gpu=gpu,
-            resources_per_worker={"CPU": cpus_per_worker},
+            resources_per_worker={"CPU": options.cpus_per_worker},
         ),
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name=RUN_NAME,
             storage_path=output.join(CHECKPOINTS),
             storage_filesystem=output.pyarrow_fs(),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=options.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
-        datasets=dict(datasets),
+        datasets={"train": dataset},
     )
+    started = time.perf_counter()
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
-    return result.checkpoint
+    return result.checkpoint, time.perf_counter() - started
 
 
-__all__ = [
-    "CHECKPOINTS",
-    "FAIL_ENV",
-    "FAIL_MARKER_ENV",
-    "RUN_NAME",
-    "RunStart",
-    "TrainRefused",
-    "failure_injection",
-    "fit",
-    "latest_checkpoint_iteration",
-    "open_run",
-    "sha256_of",
-    "use_gpu",
-]
+@contextmanager
+def final_checkpoint(
+    checkpoint: Any, iterations: int
+) -> Iterator[tuple[str, dict[str, Any], list[dict[str, Any]]]]:
+    """(local directory, meta, logged rows) of the run's last checkpoint, checked complete.
+
+    Raises:
+        RuntimeError: the checkpoint is not at `iterations`.
+    """
+    with checkpoint.as_directory() as directory:
+        meta = ckpt.read_meta(directory)
+        if meta["iteration"] != iterations:
+            raise RuntimeError(
+                f"the last checkpoint is at iteration {meta['iteration']}, not {iterations}"
+            )
+        yield directory, meta, ckpt.read_metrics(directory)
+
+
+def commit_run(
+    stage: mf.StageOutput,
+    output: Location,
+    *,
+    export: Callable[[str], None],
+    metrics_file: str,
+    metrics_data: bytes,
+    metrics_rows: int | None,
+    more_files: Sequence[mf.FileEntry] = (),
+    **commit: Any,
+) -> mf.Manifest:
+    """Writes `model.pt` (`export(local path)`) and the metrics file, then commits the output."""
+    with tempfile.TemporaryDirectory(prefix="weakclip-export-") as tmp:
+        local = os.path.join(tmp, MODEL_FILE)
+        export(local)
+        model_bytes = upload_file(output, MODEL_FILE, local)
+    write_bytes_atomic(output, metrics_file, metrics_data)
+    files = [
+        mf.FileEntry(path=MODEL_FILE, rows=None, bytes=model_bytes),
+        mf.FileEntry(path=metrics_file, rows=metrics_rows, bytes=len(metrics_data)),
+        *more_files,
+    ]
+    return stage.commit(files=files, **commit)

@@ -1,14 +1,7 @@
-"""Worker-side pieces every Ray Train loop of this project shares (train and retrain).
-
-- `worker_context`: rank, world size and device (CPU threads set for CPU workers);
-- the learning-rate schedule (linear warm-up, then cosine to a floor; docs/METHOD.md);
-- `fetch_weights`: a local, digest-checked copy of a weights file named by a `Location`;
-- `restore_checkpoint`: what Ray Train hands a restarted or resumed worker, signature-checked;
-- `train_batches`: the worker's micro-batch stream (`Batches`, with the time spent waiting);
-- `wrap_ddp`: DDP over the trainable parameters (a no-op stand-in for one process);
-- `LogWindow`: window means of logged scalars, averaged over the workers, with timings;
-- `report_checkpoint`: `ray.train.report` on every worker, the checkpoint from rank 0;
-- `maybe_fail`: the test-only failure switch (`pipelines.training.run.FAIL_ENV`).
+"""Worker side of every Ray Train loop (train and retrain): `train_steps` is the loop skeleton
+(optimizer, schedule, DDP, accumulation, logging, checkpoint reports) with the model's micro-step
+injected; the helpers below it are its parts (device, schedule, batches, DDP, logging, reports,
+the test-only failure switch `pipelines.training.run.FAIL_ENV`).
 """
 
 from __future__ import annotations
@@ -100,10 +93,8 @@ def fetch_weights(location: Location | None, sha256: str | None, *, what: str) -
             location.fs.get_file(location.path, partial)
             os.replace(partial, path)
     if sha256 is not None:
-        digest = hashlib.sha256()
         with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+            digest = hashlib.file_digest(handle, "sha256")
         if digest.hexdigest() != sha256:
             raise ValueError(f"{what} {location.uri} changed since the run started")
     return path
@@ -183,25 +174,6 @@ class Batches:
             self.wait_seconds += time.perf_counter() - start
 
 
-def train_batches(micro: int, *, seed: int, start_iteration: int, rank: int) -> Batches:
-    """The worker's shard of the `train` dataset in micro-batches (CPU tensors)."""
-    import ray.train
-
-    shard = ray.train.get_dataset_shard("train")
-    return Batches(
-        iter(
-            shard.iter_torch_batches(
-                batch_size=micro,
-                drop_last=True,
-                device="cpu",
-                prefetch_batches=2,
-                local_shuffle_buffer_size=max(micro * 4, 16),
-                local_shuffle_seed=seed + start_iteration + rank,
-            )
-        )
-    )
-
-
 class NoSync(nn.Module):
     """Single-process stand-in for DDP with the same `no_sync` API."""
 
@@ -228,19 +200,6 @@ def wrap_ddp(model: nn.Module, device: torch.device, world: int) -> nn.Module:
         )
     device_ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-
-
-def mean_over_workers(
-    window: Mapping[str, float], steps: int, device: torch.device, world: int
-) -> dict[str, float]:
-    """Window means (`window[k] / steps`) of logged scalars, averaged over the workers."""
-    keys = sorted(window)
-    values = torch.tensor([window[k] / steps for k in keys], dtype=torch.float64)
-    if world > 1 and dist.is_initialized():
-        values = values.to(device if device.type == "cuda" else "cpu")
-        dist.all_reduce(values)
-        values = values.cpu() / world
-    return {k: float(v) for k, v in zip(keys, values.tolist(), strict=True)}
 
 
 class LogWindow:
@@ -274,8 +233,13 @@ class LogWindow:
         self, *, iteration: int, lr: float, global_batch: int, device: torch.device, world: int
     ) -> dict[str, Any]:
         """The window's row (means over steps and workers, rates, timings); starts a new one."""
-        steps = max(self.steps, 1)
-        row: dict[str, Any] = mean_over_workers(self.sums, steps, device, world)
+        steps, keys = max(self.steps, 1), sorted(self.sums)
+        values = torch.tensor([self.sums[k] / steps for k in keys], dtype=torch.float64)
+        if world > 1 and dist.is_initialized():
+            values = values.to(device if device.type == "cuda" else "cpu")
+            dist.all_reduce(values)
+            values = values.cpu() / world
+        row: dict[str, Any] = dict(zip(keys, values.tolist(), strict=True))
         elapsed = time.perf_counter() - self._start
         row.update(
             iteration=iteration,
@@ -291,21 +255,10 @@ class LogWindow:
 
 
 def report_checkpoint(
-    model: nn.Module,
-    *,
-    frozen: Iterable[str],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    iteration: int,
-    meta: Mapping[str, Any],
-    history: Sequence[Mapping[str, Any]],
-    rank: int,
-    include_frozen: bool,
+    iteration: int, history: Sequence[Mapping[str, Any]], rank: int, save: Callable[[str], None]
 ) -> None:
-    """`ray.train.report` on every worker; only rank 0 attaches the checkpoint.
-
-    The reported metrics are the last logged row's numbers and `iteration`.
-    """
+    """`ray.train.report` on every worker; only rank 0 writes (`save(directory)`) and attaches
+    the checkpoint. The reported metrics are the last logged row's numbers and `iteration`."""
     import ray.train
 
     metrics: dict[str, Any] = {}
@@ -317,38 +270,139 @@ def report_checkpoint(
         return
     directory = tempfile.mkdtemp(prefix="weakclip-ckpt-")
     try:
-        ckpt.save_checkpoint(
-            directory,
-            model=model,
-            frozen=frozen,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            iteration=iteration,
-            meta=meta,
-            metrics=history,
-            include_clip=include_frozen,
-        )
+        save(directory)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-__all__ = [
-    "Batches",
-    "InjectedFailure",
-    "LogWindow",
-    "NoSync",
-    "Restored",
-    "autocast_for",
-    "fetch_weights",
-    "lr_at",
-    "maybe_fail",
-    "mean_over_workers",
-    "peak_memory_bytes",
-    "report_checkpoint",
-    "restore_checkpoint",
-    "train_batches",
-    "warmup_cosine_scheduler",
-    "worker_context",
-    "wrap_ddp",
+Step = Callable[
+    [nn.Module, dict[str, torch.Tensor], Batches, int],
+    tuple[dict[str, float], dict[str, torch.Tensor] | None],
 ]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """AdamW and its warm-up + cosine schedule (`lr_at`) over `total` steps."""
+
+    lr: float
+    min_lr: float
+    warmup: int
+    total: int
+    weight_decay: float
+
+
+def train_steps(
+    loop_config: Mapping[str, Any],
+    *,
+    context: tuple[int, int, torch.device],
+    model: nn.Module,
+    restored: Restored | None,
+    schedule: Schedule,
+    seed: int,
+    meta: Mapping[str, Any],
+    step: Step,
+    keys: Sequence[str],
+    waits: Mapping[str, Callable[[], float]] | None = None,
+    frozen: Iterable[str] = (),
+    include_frozen: bool = False,
+    finish_row: Callable[[dict[str, Any]], None] | None = None,
+    final_meta: Callable[[], Mapping[str, Any]] | None = None,
+) -> None:
+    """The loop every training stage runs, from `restored` (or the start) to `schedule.total`.
+
+    Per optimizer step, `accumulation_steps` calls of `step(ddp, batch, batches, accumulation)`
+    (backward included; DDP syncs on the last) return the micro-step's scalars (`keys`) and the
+    next batch; then AdamW and the scheduler step. Rows of window means are logged every
+    `log_every` steps, checkpoints reported every `checkpoint_every` (and at the end, with
+    `final_meta()` in the meta: a collective, called on every rank). A run restored at its
+    last iteration reports again (an export interrupted after training).
+    """
+    import ray.train
+
+    rank, world, device = context
+    history: list[dict[str, Any]] = list(restored.history) if restored else []
+    start = restored.iteration if restored else 0
+    if restored is not None and rank == 0:
+        print(f"resumed from iteration {start}", flush=True)
+    model.to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=schedule.lr, weight_decay=schedule.weight_decay)
+    scheduler = warmup_cosine_scheduler(
+        optimizer,
+        lr=schedule.lr,
+        min_lr=schedule.min_lr,
+        warmup=schedule.warmup,
+        total=schedule.total,
+    )
+    if restored is not None:
+        optimizer.load_state_dict(restored.state["optimizer"])
+        scheduler.load_state_dict(restored.state["scheduler"])
+    ddp = wrap_ddp(model, device, world)
+    micro = int(loop_config["micro_batch_size"])
+    accumulation = int(loop_config["accumulation_steps"])
+    batches = Batches(  # this worker's shard of the `train` dataset, CPU tensors
+        iter(
+            ray.train.get_dataset_shard("train").iter_torch_batches(
+                batch_size=micro,
+                drop_last=True,
+                device="cpu",
+                prefetch_batches=2,
+                local_shuffle_buffer_size=max(micro * 4, 16),
+                local_shuffle_seed=seed + start + rank,
+            )
+        )
+    )
+    window = LogWindow(keys, waits={**(waits or {}), "data_wait_s": lambda: batches.wait_seconds})
+
+    def report(iteration: int) -> None:
+        final = iteration == schedule.total and final_meta is not None
+        save = functools.partial(
+            ckpt.save_checkpoint,
+            model=model,
+            frozen=frozen,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            iteration=iteration,
+            meta={**meta, **final_meta()} if final and final_meta else meta,
+            metrics=history,
+            include_clip=include_frozen,
+        )
+        report_checkpoint(iteration, history, rank, save)
+
+    iteration = start
+    if iteration >= schedule.total:
+        report(iteration)
+    next_batch = batches.next() if iteration < schedule.total else None
+    while iteration < schedule.total:
+        maybe_fail(loop_config, iteration, rank, world)
+        optimizer.zero_grad(set_to_none=True)
+        for micro_step in range(accumulation):
+            batch = next_batch
+            if batch is None:
+                raise RuntimeError(f"training data ran out at iteration {iteration}")
+            last_micro = micro_step == accumulation - 1
+            with contextlib.nullcontext() if last_micro else ddp.no_sync():
+                terms, next_batch = step(ddp, batch, batches, accumulation)
+            window.add(terms, scale=1 / accumulation)
+        step_lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        iteration += 1
+        window.step()
+        is_last = iteration == schedule.total
+        if iteration % int(loop_config["log_every"]) == 0 or is_last:
+            global_batch = micro * accumulation * world
+            row = window.row(
+                iteration=iteration,
+                lr=step_lr,
+                global_batch=global_batch,
+                device=device,
+                world=world,
+            )
+            if finish_row is not None:
+                finish_row(row)
+            history.append(row)
+        if iteration % int(loop_config["checkpoint_every"]) == 0 or is_last:
+            report(iteration)

@@ -14,6 +14,7 @@ from pipelines.io.codecs import encode_label_png
 from pipelines.io.storage import resolve, write_bytes_atomic
 from pipelines.retrain import RetrainConfig, RetrainOptions, data
 from pipelines.retrain.stage import micro_batching, plan, read_inputs
+from pipelines.training.data import epoch_units
 from tests.pipelines.retrain.inputs import make_inputs
 
 
@@ -86,7 +87,7 @@ def test_plan_quarantines_bad_masks_in_storage(tmp_path) -> None:
 def test_augment_units_read_their_row_group_and_are_deterministic(tmp_path) -> None:
     inputs = make_inputs(str(tmp_path), train=3, val=1, height=40, width=48)
     train = {i: f"masks/{i}.png" for i in inputs.train_ids[:2]}
-    units = data.epoch_units([("shards/part-00000.parquet", 0)], seed=1, start_epoch=0, epochs=2)
+    units = epoch_units([("shards/part-00000.parquet", 0)], seed=1, start_epoch=0, epochs=2)
     assert [u["epoch"] for u in units] == [0, 1]
     kwargs = dict(
         source=inputs.source.location,

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from pipelines.train import export
-from pipelines.train.loop import freeze_dead_layers, lr_at, make_scheduler
+from pipelines.train.loop import freeze_dead_layers, make_scheduler
 from pipelines.training import checkpoint as ckpt
+from pipelines.training.worker import lr_at
 from weakclip.build import build_weakclip
 from weakclip.config import from_dict, preset, to_dict
 

@@ -1,0 +1,106 @@
+"""The data design both training stages share: epochs of work units, one Ray Data task each.
+
+A unit is (epoch, shard, row group) of a stage output's listed shards (`epoch_units`: each
+epoch visits the row groups in its own order); its task reads that row group only, keeps the
+training rows in an order drawn from (seed, epoch, row group) and yields blocks of them
+(`unit_blocks`), which the stage decodes and augments. Every row's augmentation draws from
+(seed, epoch, image id) (`pipelines.training.augment.row_seed`), so a sample depends on nothing
+else; the dataset chains every epoch the run still needs, so a worker's stream never ends early.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.io.storage import Location
+from pipelines.training.augment import row_seed
+
+_THREADS = 8
+
+
+def read_row_groups(
+    location: Location, paths: Sequence[str], columns: Sequence[str]
+) -> list[tuple[str, int, pa.Table]]:
+    """(path, row group, table of `columns`) for every row group of the listed shards.
+
+    A missing optional column (a source without `split`) reads as nulls.
+
+    Raises:
+        ValueError: no shards listed.
+    """
+
+    def read(path: str) -> list[tuple[str, int, pa.Table]]:
+        with location.fs.open(location.join(path), "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            names = set(parquet.schema_arrow.names)
+            present = [c for c in columns if c in names]
+            groups = []
+            for group in range(parquet.num_row_groups):
+                table = parquet.read_row_group(group, columns=present)
+                for name in columns:
+                    if name not in names:
+                        table = table.append_column(name, pa.nulls(table.num_rows, pa.string()))
+                groups.append((path, group, table.select(list(columns))))
+        return groups
+
+    if not paths:
+        raise ValueError(f"{location.uri}: the manifest lists no shards/")
+    with ThreadPoolExecutor(max_workers=max(1, min(_THREADS, len(paths)))) as pool:
+        return [group for groups in pool.map(read, paths) for group in groups]
+
+
+def epoch_units(
+    groups: Sequence[tuple[str, int]], *, seed: int, start_epoch: int, epochs: int
+) -> list[dict[str, Any]]:
+    """One work unit per (epoch, source row group), each epoch's groups in its own order."""
+    units = []
+    for epoch in range(start_epoch, start_epoch + epochs):
+        order = np.random.default_rng([seed, epoch]).permutation(len(groups))
+        units += [{"epoch": epoch, "path": groups[i][0], "row_group": groups[i][1]} for i in order]
+    return units
+
+
+def unit_blocks(
+    batch: Mapping[str, np.ndarray],
+    *,
+    source: Location,
+    columns: Sequence[str],
+    keep: Callable[[Mapping[str, Any]], bool],
+    seed: int,
+    rows_per_block: int,
+) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    """(epoch, at most `rows_per_block` rows) blocks of the units of a Ray Data batch: the
+    rows of each unit's row group that `keep` selects, in an order drawn from the unit."""
+    for epoch, path, group in zip(batch["epoch"], batch["path"], batch["row_group"], strict=True):
+        with source.fs.open(source.join(str(path)), "rb") as handle:
+            table = pq.ParquetFile(handle).read_row_group(int(group), columns=list(columns))
+        rows = [row for row in table.to_pylist() if keep(row)]
+        rng = np.random.default_rng(row_seed(seed, int(epoch), f"{path}#{group}"))
+        rows = [rows[i] for i in rng.permutation(len(rows))]
+        for start in range(0, len(rows), rows_per_block):
+            yield int(epoch), rows[start : start + rows_per_block]
+
+
+def stack(rows: Sequence[Mapping[str, np.ndarray]], keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """One batch of prepared rows: `keys` stacked along a new first axis (B x ...)."""
+    return {key: np.stack([row[key] for row in rows]) for key in keys}
+
+
+def unit_dataset(
+    units: Sequence[Mapping[str, Any]],
+    fn: Callable[[dict[str, np.ndarray]], Iterator[dict[str, np.ndarray]]],
+    *,
+    num_cpus_per_task: float,
+) -> Any:
+    """The Ray Dataset of `fn` over `units`, one CPU task per unit."""
+    import ray.data
+
+    return ray.data.from_items(list(units), override_num_blocks=len(units)).map_batches(
+        fn, batch_size=1, batch_format="numpy", num_cpus=num_cpus_per_task
+    )
