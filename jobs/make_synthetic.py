@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipelines.cli import UsageError, entry_points
+from pipelines.cli import UsageError, entry_points, given
 from pipelines.io.storage import StorageOptions, resolve
 from pipelines.synthetic import dataset
 
@@ -57,9 +57,9 @@ def _main(argv: list[str]) -> int:
         location = resolve(args.output, StorageOptions(endpoint_url=args.storage_endpoint))
     except ValueError as error:
         raise UsageError(f"--output: {error}") from None
-    keys = ("num_images", "seed", "height", "width", "val_fraction", "layout", "workers")
     fs, root = location.fs, location.path
-    kwargs = {key: getattr(args, key) for key in keys}
+    sizes = ("num_images", "seed", "height", "width", "val_fraction")
+    kwargs = given(args, *sizes, "layout", "workers")
     written = dataset.write_dataset(fs, root, family=args.family, classes=args.classes, **kwargs)
     planted = dataset.plant_bad_inputs(fs, root, layout=args.layout) if args.bad else {}
     bad = f" and {len(planted)} bad rows" if planted else ""

@@ -108,7 +108,8 @@ def _has_field(config_type: type, path: list[str]) -> bool:
         if part not in names:
             return False
         hint = typing.get_type_hints(current)[part]
-        members = typing.get_args(hint) if typing.get_origin(hint) is types.UnionType else (hint,)
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        members = typing.get_args(hint) if union else (hint,)
         current = next((m for m in members if dataclasses.is_dataclass(m)), None)
     return True
 

@@ -199,6 +199,7 @@ def evaluate_outputs(
     config: EvaluateConfig | None = None,
     num_cpus_per_task: float = 0.5,
     report: Callable[[str], Any] = print,
+    manifests: tuple[Manifest, Manifest] | None = None,
 ) -> EvaluationResult:
     """Score a refine or pseudo_masks output against the GT of an ingest or refine output.
 
@@ -211,6 +212,7 @@ def evaluate_outputs(
         config: class space and classes to average over.
         num_cpus_per_task: CPUs reserved per scoring task.
         report: progress sink, one line per call.
+        manifests: the (prediction, GT) manifests when the caller has read them already.
 
     Raises:
         IncompleteOutputError: an input has no `_SUCCESS`.
@@ -218,8 +220,12 @@ def evaluate_outputs(
     """
     config = config or EvaluateConfig()
     started = time.monotonic()
-    pred = read_manifest(resolve(pred_uri, storage))
-    gt = read_manifest(resolve(gt_uri, storage))
+    if manifests is None:
+        manifests = (
+            read_manifest(resolve(pred_uri, storage)),
+            read_manifest(resolve(gt_uri, storage)),
+        )
+    pred, gt = manifests
     space, pred_conversion, gt_conversion = resolve_class_space(
         pred, gt, config.classes, storage=storage
     )
@@ -331,9 +337,13 @@ def run_evaluate(
     Raises:
         StageConflictError: the output holds another run (and not `overwrite`).
     """
-    out = None
+    out, manifests = None, None
     if output_uri is not None:
-        pred, gt = (read_manifest(resolve(uri, storage)) for uri in (pred_uri, gt_uri))
+        pred, gt = (
+            read_manifest(resolve(pred_uri, storage)),
+            read_manifest(resolve(gt_uri, storage)),
+        )
+        manifests = (pred, gt)
         out = StageOutput.open(
             resolve(output_uri, storage),
             stage="evaluate",
@@ -350,6 +360,7 @@ def run_evaluate(
         config=config,
         num_cpus_per_task=num_cpus_per_task,
         report=report,
+        manifests=manifests,
     )
     if out is not None and result.counts["scored"]:  # an evaluation of nothing is a failure
         write_evaluation(out, result)

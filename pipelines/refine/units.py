@@ -26,14 +26,12 @@ from pipelines.units import (
     each_unit,
     listed_shards,
     map_shards,
-    record_rel,
-    shard_rel,
     unit_fields,
     unit_name,
     write_unit,
 )
 
-__all__ = ["WorkUnit", "enumerate_units", "process_unit", "record_rel", "shard_rel"]
+__all__ = ["WorkUnit", "enumerate_units", "process_unit"]
 METRIC_KEYS = ("cam_argmax", "seeds")
 _REQUIRED_COLUMNS = (
     schema.IMAGE_ID,

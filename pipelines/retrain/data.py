@@ -72,7 +72,7 @@ class RowPlan:
 
 def read_index(pseudo: Manifest) -> list[IndexRow]:
     """The index rows of a pseudo-mask output (its listed `shards/*.parquet`)."""
-    paths = [f.path for f in pseudo.entries("shards/") if f.path.endswith(".parquet")]
+    paths = source_shards(pseudo)
     return [
         IndexRow(str(r[schema.IMAGE_ID]), str(r[schema.MASK]), r[schema.HEIGHT], r[schema.WIDTH])
         for _, _, table in shared.read_row_groups(pseudo.location, paths, INDEX_COLUMNS)
@@ -102,7 +102,7 @@ def read_source_rows(source: Manifest) -> dict[str, SourceRow]:
 
 
 def source_shards(source: Manifest) -> list[str]:
-    """Relative paths of the source's listed Parquet shards."""
+    """Relative paths of an output's listed Parquet shards (`shards/*.parquet`)."""
     return [f.path for f in source.entries("shards/") if f.path.endswith(".parquet")]
 
 

@@ -339,6 +339,7 @@ def generate_camo_sample(
     instances = np.zeros((height, width), np.uint8)  # instance number, 0 = background
     objects: list[_Object] = []
     ids = list(looks)
+    class_colour = dict(zip(ids, CLASS_COLOURS, strict=False))  # ids ascend (camo_classes)
     for _ in range(int(rng.integers(1, MAX_OBJECTS[class_space.name] + 1))):
         class_id = int(ids[rng.integers(len(ids))])
         look = looks[class_id]
@@ -360,7 +361,7 @@ def generate_camo_sample(
         else:
             colour = PALETTE[rng.integers(len(PALETTE))] * rng.uniform(0.85, 1.15)
         if class_colours:  # the same draws as above, so the scenes stay the same
-            colour = CLASS_COLOURS[sorted(looks).index(class_id)]
+            colour = class_colour[class_id]
         beneath = float(image[mask].mean())
         # slight contrast: brightness shifted away from what lies beneath, so edges exist
         offset = rng.uniform(10, 22) * (1 if colour.mean() >= beneath else -1)

@@ -120,7 +120,7 @@ def _finish(
     iterations = config.model.train.iterations
     with tr.final_checkpoint(checkpoint, iterations) as (directory, meta, history):
         clip_path = None
-        if ckpt.read_clip_state(directory) is None:
+        if not ckpt.has_clip_state(directory):  # CLIP came from a weights file
             clip_path = fetch_clip_weights(clip.location, clip.sha256)
         model = export.load_checkpoint_model(directory, clip_weights=clip_path)
     metrics = "".join(json.dumps(row, sort_keys=True) + "\n" for row in history).encode()

@@ -188,11 +188,16 @@ def read_train_state(directory: str) -> dict[str, Any]:
     return state
 
 
+def has_clip_state(directory: str) -> bool:
+    """Whether the checkpoint stores its random-init CLIP weights (`read_clip_state` loads them)."""
+    return os.path.exists(os.path.join(directory, CLIP_STATE))
+
+
 def read_clip_state(directory: str) -> dict[str, torch.Tensor] | None:
     """The stored random-init CLIP weights, or None when CLIP came from a weights file."""
-    path = os.path.join(directory, CLIP_STATE)
-    if not os.path.exists(path):
+    if not has_clip_state(directory):
         return None
+    path = os.path.join(directory, CLIP_STATE)
     state = load_weights_only(path, what="checkpoint CLIP weights")
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()

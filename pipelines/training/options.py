@@ -8,14 +8,13 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from pipelines.cli import UsageError, add_common_args
+from pipelines.cli import DEVICES, UsageError, add_common_args
 from pipelines.training.run import RunResult
 
 Flag = tuple[str, dict[str, Any]]
 _MICRO_HELP = "per-worker micro-batch; smaller than the worker's share means gradient accumulation"
 _CPUS_HELP = "CPUs per training worker"
 _DEVICE_HELP = "gpu when the cluster has GPUs (auto)"
-_DEVICES = {"auto": None, "cpu": False, "gpu": True}
 
 
 def training_parser(
@@ -46,7 +45,7 @@ def training_parser(
         ("--log-every", {"type": int, "default": 50, "metavar": "N"}),
         ("--max-failures", {"type": int, "default": 3, "metavar": "N"}),
         ("--cpus-per-worker", {"type": float, "default": 0.5, "metavar": "N", "help": _CPUS_HELP}),
-        ("--device", {"choices": tuple(_DEVICES), "default": "auto", "help": _DEVICE_HELP}),
+        ("--device", {"choices": tuple(DEVICES), "default": "auto", "help": _DEVICE_HELP}),
         ("", {}),
     ]
     for name, kwargs in flags:
@@ -67,7 +66,7 @@ def run_kwargs(args: argparse.Namespace, job: Any) -> dict[str, Any]:
         "checkpoint_every": args.checkpoint_every,
         "log_every": args.log_every,
         "max_failures": args.max_failures,
-        "use_gpu": _DEVICES[args.device],
+        "use_gpu": DEVICES[args.device],
         "cpus_per_worker": args.cpus_per_worker,
         "num_cpus_per_task": job.resources.num_cpus_per_task,
     }

@@ -34,10 +34,11 @@ from pipelines.io.storage import Location, resolve, write_bytes_atomic
 from pipelines.refine import RefineConfig, run_refine
 from pipelines.refine.rows import REFINE_SCHEMA, refine_row
 from pipelines.refine.stage import stage_config
-from pipelines.refine.units import WorkUnit, enumerate_units, process_unit, record_rel, shard_rel
+from pipelines.refine.units import WorkUnit, enumerate_units, process_unit
 from pipelines.seeds import SeedConfig, cam_argmax, refine_seed
 from pipelines.synthetic.dataset import ingest_row
 from pipelines.synthetic.shapes import SYNTHETIC_CLASSES, generate_sample
+from pipelines.units import record_rel, shard_rel
 
 NUM_IMAGES = 16
 HEIGHT, WIDTH = 128, 160
