@@ -13,11 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from pipelines.evaluate.scoring import GT_STAGES, PRED_STAGES
 from pipelines.io import schema
 from pipelines.io.manifest import Manifest
+from pipelines.io.parquet import read_shard
 from pipelines.io.storage import Location, safe_relpath
 from pipelines.units import listed_shards, map_shards
 
@@ -48,24 +47,13 @@ def read_id_index(
 ) -> list[tuple[int, dict[str, list[Any]]]]:
     """The given (small) columns of one listed shard, per row group: [(row group, columns)].
 
-    One read of just those columns, sliced by the footer's row-group sizes.
-
     Raises:
         ValueError: the shard lacks one of `columns` or `required`.
     """
-    with location.fs.open(location.join(rel), "rb") as f:
-        parquet = pq.ParquetFile(f)
-        names = set(parquet.schema_arrow.names)
-        missing = [c for c in (*columns, *required) if c not in names]
-        if missing:
-            raise ValueError(f"{location.uri}/{rel} has no column(s) {', '.join(missing)}")
-        table = parquet.read(columns=list(columns))
-        groups, offset = [], 0
-        for i in range(parquet.metadata.num_row_groups):
-            rows = parquet.metadata.row_group(i).num_rows
-            groups.append((i, table.slice(offset, rows).to_pydict()))
-            offset += rows
-        return groups
+    shard = read_shard(location, rel, columns, required=(*columns, *required))
+    if shard.missing:
+        raise ValueError(f"{location.uri}/{rel} has no column(s) {', '.join(shard.missing)}")
+    return [(i, table.to_pydict()) for i, table in enumerate(shard.groups)]
 
 
 def _shards(manifest: Manifest) -> list[str]:

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from pipelines.io import schema
 from pipelines.io.class_spaces import (
@@ -26,6 +25,7 @@ from pipelines.io.class_spaces import (
 )
 from pipelines.io.codecs import decode_labels
 from pipelines.io.manifest import InputRef, Manifest
+from pipelines.io.parquet import read_row_group
 from pipelines.io.rows import RowRejected
 from pipelines.io.storage import Location
 from pipelines.metrics import NO_SPLIT, confusion_matrix, finite, score_from_confusion
@@ -171,12 +171,8 @@ def _read_predictions(pred_loc: Location, wanted: Sequence[Sequence[Any]]) -> di
             groups[(path, row_group)].add(image_id)
     for (path, row_group), ids in groups.items():
         try:
-            with pred_loc.fs.open(pred_loc.join(path), "rb") as f:
-                cols = (
-                    pq.ParquetFile(f)
-                    .read_row_group(row_group, columns=[schema.IMAGE_ID, schema.SEED])
-                    .to_pydict()
-                )
+            table = read_row_group(pred_loc, path, row_group, [schema.IMAGE_ID, schema.SEED])
+            cols = table.to_pydict()
         except (OSError, ValueError) as e:
             for image_id in ids:
                 found[image_id] = f"unreadable prediction shard {path}: {type(e).__name__}"
@@ -214,13 +210,8 @@ def score_unit(
     """
     rel, row_group = unit["gt_path"], unit["gt_row_group"]
     source = f"{rel}#rg{row_group}"
-    with gt_loc.fs.open(gt_loc.join(rel), "rb") as f:
-        parquet = pq.ParquetFile(f)
-        names = set(parquet.schema_arrow.names)
-        columns = [schema.IMAGE_ID, schema.GT] + [
-            c for c in (schema.HEIGHT, schema.WIDTH, schema.SPLIT) if c in names
-        ]
-        cols = parquet.read_row_group(row_group, columns=columns).to_pydict()
+    columns = [schema.IMAGE_ID, schema.GT, schema.HEIGHT, schema.WIDTH, schema.SPLIT]
+    cols = read_row_group(gt_loc, rel, row_group, columns).to_pydict()
     predictions = {int(p[0]): p for p in unit["predictions"]}
     pred_data = _read_predictions(pred_loc, unit["predictions"])
     skip = set(unit["skip"])

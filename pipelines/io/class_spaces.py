@@ -1,10 +1,9 @@
 """Class spaces: VOC (21), COCO-2014 in category-id space (91) or contiguous (81), or custom.
 
-Every label map, seed and pseudo mask holds class ids of one space (index = class id,
-0 = background, 255 = ignore; docs/CONTRACTS.md "Label maps"). COCO WSSS work uses two conventions
-(docs/CONTRACTS.md): the 91-id space keeps the original COCO category ids 1..90, ten of which never
-occur; the 81-id space renumbers the 80 used categories contiguously. Converting between them
-goes through the explicit tables below and fails loudly on ids that have no counterpart.
+Label maps hold class ids of one space (index = class id, 0 = background, 255 = ignore;
+docs/CONTRACTS.md "Label maps"). coco91 keeps COCO's category ids 1..90, ten of which never
+occur; coco81 renumbers the 80 used categories contiguously. Conversions go through explicit
+tables and fail loudly on ids without a counterpart.
 """
 
 from __future__ import annotations
@@ -17,28 +16,10 @@ import numpy as np
 IGNORE = 255  # label maps: pixels that carry no label
 
 VOC_CLASSES = (
-    "background",
-    "aeroplane",
-    "bicycle",
-    "bird",
-    "boat",
-    "bottle",
-    "bus",
-    "car",
-    "cat",
-    "chair",
-    "cow",
-    "diningtable",
-    "dog",
-    "horse",
-    "motorbike",
-    "person",
-    "pottedplant",
-    "sheep",
-    "sofa",
-    "train",
-    "tvmonitor",
-)
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)  # fmt: skip
 
 # COCO 2014/2017 category id -> name for the 80 categories that have annotations.
 _COCO_CATEGORIES = {
@@ -68,19 +49,12 @@ COCO91_CLASSES = ("background",) + tuple(
 COCO81_CLASSES = ("background",) + tuple(_COCO_CATEGORIES[i] for i in sorted(_COCO_CATEGORIES))
 
 
-def _coco_tables() -> tuple[np.ndarray, np.ndarray]:
-    to81 = np.full(91, IGNORE, np.uint8)
-    to91 = np.zeros(81, np.uint8)
-    for contiguous, category in enumerate([0, *sorted(_COCO_CATEGORIES)]):
-        to81[category] = contiguous
-        to91[contiguous] = category
-    to81.setflags(write=False)
-    to91.setflags(write=False)
-    return to81, to91
-
-
-# COCO91_TO_COCO81[id91] = id81 (IGNORE for the unused ids); COCO81_TO_COCO91[id81] = id91.
-COCO91_TO_COCO81, COCO81_TO_COCO91 = _coco_tables()
+# COCO81_TO_COCO91[id81] = id91; COCO91_TO_COCO81[id91] = id81 (IGNORE for the unused ids).
+COCO81_TO_COCO91 = np.array([0, *sorted(_COCO_CATEGORIES)], np.uint8)
+COCO91_TO_COCO81 = np.full(91, IGNORE, np.uint8)
+COCO91_TO_COCO81[COCO81_TO_COCO91] = np.arange(81)
+COCO81_TO_COCO91.setflags(write=False)
+COCO91_TO_COCO81.setflags(write=False)
 
 _MAX_NAME_LENGTH = 64
 

@@ -14,8 +14,10 @@ first; 255 (ignore) is cream (224, 224, 192).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
+from collections.abc import Iterator
 from functools import cache
 from typing import Any
 
@@ -84,16 +86,25 @@ def decode_label_png(data: bytes) -> np.ndarray:
 # Label maps
 
 
+@contextlib.contextmanager
+def _rejecting(what: str) -> Iterator[None]:
+    """Decoding errors inside as `RowRejected("undecodable <what>: ...")`."""
+    try:
+        yield
+    except RowRejected:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise RowRejected(f"undecodable {what}: {type(exc).__name__}: {exc}") from None
+
+
 def decode_row_label_map(data: bytes, what: str, height: int, width: int) -> np.ndarray:
     """H x W uint8 class ids of a row's label-map PNG (ground truth, seed), sized as the row.
 
     Raises:
         RowRejected: undecodable, not single-channel, or another size than the row declares.
     """
-    try:
+    with _rejecting(what):
         labels = decode_label_png(data)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise RowRejected(f"undecodable {what}: {type(exc).__name__}: {exc}") from None
     if labels.shape != (height, width):
         raise RowRejected(f"{what} is {labels.shape}, the row says {(height, width)}")
     return labels
@@ -107,25 +118,20 @@ def decode_labels(data: Any, what: str, expected: tuple[int, int] | None = None)
     """
     if not isinstance(data, bytes):
         raise RowRejected(f"missing {what}")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.format != "PNG" or image.mode not in ("P", "L"):
-                raise RowRejected(
-                    f"undecodable {what}: {image.format} {image.mode}, expected a P/L label PNG"
-                )
-            shape = (image.height, image.width)
-            if expected is not None and shape != tuple(expected):
-                raise RowRejected(
-                    f"size mismatch: {what} is {shape[0]}x{shape[1]}, "
-                    f"expected {expected[0]}x{expected[1]}"
-                )
-            if shape[0] * shape[1] > MAX_PIXELS:
-                raise RowRejected(f"{what} too large: {shape[0]}x{shape[1]}")
-            return np.array(image, dtype=np.uint8)
-    except RowRejected:
-        raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise RowRejected(f"undecodable {what}: {type(exc).__name__}: {exc}") from None
+    with _rejecting(what), Image.open(io.BytesIO(data)) as image:
+        if image.format != "PNG" or image.mode not in ("P", "L"):
+            raise RowRejected(
+                f"undecodable {what}: {image.format} {image.mode}, expected a P/L label PNG"
+            )
+        shape = (image.height, image.width)
+        if expected is not None and shape != tuple(expected):
+            raise RowRejected(
+                f"size mismatch: {what} is {shape[0]}x{shape[1]}, "
+                f"expected {expected[0]}x{expected[1]}"
+            )
+        if shape[0] * shape[1] > MAX_PIXELS:
+            raise RowRejected(f"{what} too large: {shape[0]}x{shape[1]}")
+        return np.array(image, dtype=np.uint8)
 
 
 def check_gt(data: bytes | None, *, height: int, width: int, space: ClassSpace) -> bytes | None:
@@ -208,17 +214,12 @@ def decode_rgb(data: bytes, *, height: int, width: int) -> np.ndarray:
     Raises:
         RowRejected: undecodable, or another size than the row declares.
     """
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.size != (width, height):
-                raise RowRejected(
-                    f"image is {image.size[1]}x{image.size[0]}, the row says {height}x{width}"
-                )
-            return np.array(image.convert("RGB"), dtype=np.uint8)
-    except RowRejected:
-        raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise RowRejected(f"undecodable image: {type(exc).__name__}: {exc}") from None
+    with _rejecting("image"), Image.open(io.BytesIO(data)) as image:
+        if image.size != (width, height):
+            raise RowRejected(
+                f"image is {image.size[1]}x{image.size[0]}, the row says {height}x{width}"
+            )
+        return np.array(image.convert("RGB"), dtype=np.uint8)
 
 
 def decode_image(data: bytes, height: int, width: int) -> np.ndarray:

@@ -76,27 +76,17 @@ class StageConflictError(RuntimeError):
     """The output directory holds another run's outputs (or foreign files)."""
 
 
+@dataclasses.dataclass(eq=False)
 class StageOutput:
     """The output directory of one run of a stage. Create with `StageOutput.open`."""
 
-    def __init__(
-        self,
-        location: Location,
-        *,
-        stage: str,
-        config: dict[str, Any],
-        inputs: tuple[InputRef, ...],
-        fingerprint: str,
-        state: StageState,
-        manifest: Manifest | None,
-    ) -> None:
-        self.location = location
-        self.stage = stage
-        self.config = config
-        self.inputs = inputs
-        self.fingerprint = fingerprint
-        self.state = state
-        self.manifest = manifest
+    location: Location
+    stage: str
+    config: dict[str, Any]
+    inputs: tuple[InputRef, ...]
+    fingerprint: str
+    state: StageState
+    manifest: Manifest | None
 
     @classmethod
     def open(

@@ -13,7 +13,7 @@ import hashlib
 import json
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from pipelines.io.storage import Location, exists, read_bytes, resolve, safe_relpath
@@ -25,19 +25,6 @@ STAGES = ("ingest", "refine", "train", "pseudo_masks", "retrain", "evaluate", "p
 CLASS_SPACES = ("voc", "coco91", "coco81", "custom")
 REQUIRED_COUNTS = ("input", "output", "quarantined")
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
-STANDARD_KEYS = (
-    "stage",
-    "files",
-    "counts",
-    "class_names",
-    "class_space",
-    "config",
-    "inputs",
-    "code_version",
-    "created",
-    "metrics",
-    "run_id",
-)
 
 
 class IncompleteOutputError(RuntimeError):
@@ -102,6 +89,12 @@ class Manifest:
     def input_ref(self) -> InputRef:
         """How a downstream stage names this output among its inputs."""
         return InputRef(uri=self.location.uri, manifest_sha256=self.sha256)
+
+
+# The keys of manifest.json that are `Manifest` fields (the others land in `extra`).
+STANDARD_KEYS = tuple(
+    f.name for f in fields(Manifest) if f.name not in ("location", "extra", "sha256")
+)
 
 
 def read_manifest(location: Location | str, stages: Sequence[str] = ()) -> Manifest:

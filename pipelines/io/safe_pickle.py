@@ -40,6 +40,7 @@ _REFUSED_OPCODES = frozenset({"PERSID", "BINPERSID", "EXT1", "EXT2", "EXT4"})
 _MEMO_OPCODES = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"})
 _DTYPE_CODE = re.compile(r"^(b1|[iu][1248]|f(2|4|8|12|16)|c(8|16|24|32)|O[48]|[US]\d{1,8})$")
 _ALLOWED_KINDS = frozenset("biufcUSO")
+_NESTED_OBJECTS = "object arrays are not accepted inside the pickle"
 
 
 class CamDecodeError(ValueError):
@@ -158,9 +159,7 @@ class _ArraySpec:
             raise CamDecodeError("malformed array state")
         shape, dtype_spec, is_fortran, data = state[-4:]
         shape = _checked_shape(shape)
-        if not isinstance(dtype_spec, _DTypeSpec):
-            raise CamDecodeError("array state without a dtype")
-        dtype = dtype_spec.resolve()
+        dtype = _resolve(dtype_spec, "array state")
         count = math.prod(shape)
         self.budget.take(count)
         if dtype.kind == "O":
@@ -168,8 +167,18 @@ class _ArraySpec:
                 raise CamDecodeError("object array state does not match its shape")
             self.object_items = data
         else:
-            self.value = _array_from_bytes(data, dtype, shape, "F" if is_fortran else "C")
+            self.value = _array_from_bytes(data, dtype, shape, bool(is_fortran))
         self.shape = shape
+
+
+def _resolve(dtype_spec: object, what: str, refuse_objects: str = "") -> np.dtype:
+    """The dtype of a pickled `numpy.dtype(...)`; object dtypes refused with `refuse_objects`."""
+    if not isinstance(dtype_spec, _DTypeSpec):
+        raise CamDecodeError(f"{what} without a dtype")
+    dtype = dtype_spec.resolve()
+    if refuse_objects and dtype.kind == "O":
+        raise CamDecodeError(refuse_objects)
+    return dtype
 
 
 def _checked_shape(shape: object) -> tuple[int, ...]:
@@ -181,7 +190,7 @@ def _checked_shape(shape: object) -> tuple[int, ...]:
 
 
 def _array_from_bytes(
-    data: object, dtype: np.dtype, shape: tuple[int, ...], order: str
+    data: object, dtype: np.dtype, shape: tuple[int, ...], fortran: bool = False
 ) -> np.ndarray:
     """A fresh native-endian C-contiguous array from exactly `prod(shape)` elements of bytes."""
     if isinstance(data, str):  # numpy 1.x pickles written by Python 2, read as latin1
@@ -196,7 +205,7 @@ def _array_from_bytes(
             f"{count * dtype.itemsize}"
         )
     flat = np.frombuffer(data, dtype=dtype, count=count)
-    array = flat.reshape(shape, order="F" if order == "F" else "C")
+    array = flat.reshape(shape, order="F" if fortran else "C")
     return np.array(array, dtype=dtype.newbyteorder("="), order="C", copy=True)
 
 
@@ -206,30 +215,23 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, stream: io.BytesIO, budget: _Budget) -> None:
         super().__init__(stream, fix_imports=False, encoding="latin1")
         self.budget = budget
-        self.allowed: dict[tuple[str, str], _Global] = {
-            ("numpy", "ndarray"): _NDARRAY,
-            ("numpy", "dtype"): _Global(_make_dtype, "numpy.dtype"),
-            ("_codecs", "encode"): _Global(_latin1_encode, "_codecs.encode"),
-            ("builtins", "complex"): _Global(_make_complex, "builtins.complex"),
-            ("builtins", "list"): _Global(list, "builtins.list"),
-            ("builtins", "tuple"): _Global(tuple, "builtins.tuple"),
-            ("builtins", "dict"): _Global(dict, "builtins.dict"),
-            ("builtins", "bytes"): _Global(_make_bytes, "builtins.bytes"),
+        functions: dict[str, Callable[..., Any]] = {
+            "numpy.dtype": _make_dtype,
+            "_codecs.encode": _latin1_encode,
+            "builtins.complex": _make_complex,
+            "builtins.list": list,
+            "builtins.tuple": tuple,
+            "builtins.dict": dict,
+            "builtins.bytes": _make_bytes,
         }
-        for builtin in (
-            "list",
-            "tuple",
-            "dict",
-            "complex",
-            "bytes",
-        ):  # protocols 0-2 say __builtin__
-            self.allowed[("__builtin__", builtin)] = self.allowed[("builtins", builtin)]
         for core in ("numpy.core", "numpy._core"):
-            for name, function in (("_reconstruct", self._reconstruct), ("scalar", self._scalar)):
-                key = (f"{core}.multiarray", name)
-                self.allowed[key] = _Global(function, ".".join(key))
-            key = (f"{core}.numeric", "_frombuffer")
-            self.allowed[key] = _Global(self._frombuffer, ".".join(key))
+            functions[f"{core}.multiarray._reconstruct"] = self._reconstruct
+            functions[f"{core}.multiarray.scalar"] = self._scalar
+            functions[f"{core}.numeric._frombuffer"] = self._frombuffer
+        self.allowed = {tuple(k.rsplit(".", 1)): _Global(f, k) for k, f in functions.items()}
+        self.allowed[("numpy", "ndarray")] = _NDARRAY
+        for name in ("list", "tuple", "dict", "complex", "bytes"):  # protocols 0-2 say __builtin__
+            self.allowed[("__builtin__", name)] = self.allowed[("builtins", name)]
 
     def find_class(self, module: str, name: str) -> Any:
         try:
@@ -250,26 +252,17 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return _ArraySpec(self.budget)
 
     def _scalar(self, dtype_spec: object, data: object = None) -> _ArraySpec:
-        if not isinstance(dtype_spec, _DTypeSpec):
-            raise CamDecodeError("scalar without a dtype")
-        dtype = dtype_spec.resolve()
-        if dtype.kind == "O":
-            raise CamDecodeError("object scalars are not accepted")
+        dtype = _resolve(dtype_spec, "scalar", "object scalars are not accepted")
         self.budget.take(1)
-        return _ArraySpec(self.budget, _array_from_bytes(data, dtype, (), "C")[()])
+        return _ArraySpec(self.budget, _array_from_bytes(data, dtype, ())[()])
 
     def _frombuffer(
         self, buffer: object, dtype_spec: object, shape: object, order: object = "C"
     ) -> _ArraySpec:
-        if not isinstance(dtype_spec, _DTypeSpec):
-            raise CamDecodeError("buffer without a dtype")
-        dtype = dtype_spec.resolve()
-        if dtype.kind == "O":
-            raise CamDecodeError("object arrays are not accepted inside the pickle")
+        dtype = _resolve(dtype_spec, "buffer", _NESTED_OBJECTS)
         checked = _checked_shape(shape)
         self.budget.take(math.prod(checked))
-        array = _array_from_bytes(buffer, dtype, checked, "F" if order == "F" else "C")
-        return _ArraySpec(self.budget, array)
+        return _ArraySpec(self.budget, _array_from_bytes(buffer, dtype, checked, order == "F"))
 
 
 def _make_dtype(code: object, align: object = False, copy: object = True) -> _DTypeSpec:
@@ -333,7 +326,7 @@ class _Converter:
             if obj.shape is None:
                 raise CamDecodeError("array without state")
             if obj.value is None:
-                raise CamDecodeError("object arrays are not accepted inside the pickle")
+                raise CamDecodeError(_NESTED_OBJECTS)
             result = obj.value
         elif type(obj) is dict:
             result = {}
@@ -413,15 +406,14 @@ def load_npy_pickle(
     """Decodes the bytes of a `.npy` file without ever running code from it.
 
     Args:
-        data: the file's bytes. Either a plain numeric array, or an object array as written by
-            `np.save(path, obj)` for a dict/list `obj` (a pickle inside).
+        data: a plain numeric array, or an object array as `np.save(path, obj)` writes for a
+            dict/list `obj` (a pickle inside).
         max_bytes: larger inputs are refused before decoding.
         max_elements: total number of array elements the file may decode to.
 
     Returns:
-        A plain numeric array (`np.save` of an array), or the pickled value made only of dicts,
-        lists, tuples, strings, bytes, numbers, None and non-object numpy arrays/scalars
-        (a 0-d object array gives its element, a 1-D one a list).
+        The numeric array, or the pickled value made only of dicts, lists, tuples, strings,
+        bytes, numbers, None and numeric arrays/scalars (a 0-d object array gives its element).
 
     Raises:
         UnsafePickleError: the pickle names a global outside the allow-list.
@@ -450,7 +442,7 @@ def load_npy_pickle(
         if dtype.kind not in _ALLOWED_KINDS:
             raise CamDecodeError(f"unsupported .npy dtype {dtype}")
         budget.take(math.prod(shape))
-        return _array_from_bytes(payload, dtype, shape, "F" if fortran_order else "C")
+        return _array_from_bytes(payload, dtype, shape, fortran_order)
     except CamDecodeError:
         raise
     except RecursionError:
@@ -463,17 +455,10 @@ def load_npy_pickle(
 
 
 def load_cls_labels(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, np.ndarray]:
-    """Decodes MCTformer/WeakTr `cls_labels.npy`: a pickled dict `{image_id: multi-hot}`.
+    """Decodes MCTformer/WeakTr `cls_labels.npy`, a pickled dict, as `{image_id: float32 (C,)}`.
 
-    Per-row checks (vector length for the class space, empty vectors, unsafe ids) belong to the
-    caller, which can quarantine one row; this function only refuses a malformed file.
-
-    Args:
-        data: the file's bytes.
-        max_bytes: larger inputs are refused.
-
-    Returns:
-        `{image_id: float32 vector (C,)}` with every value a 1-D float32 array.
+    Only a malformed file is refused here; per-row checks (vector length, unsafe ids) are the
+    caller's, which can quarantine one row.
 
     Raises:
         UnsafePickleError / CamDecodeError: not a safe, well-formed dict of numeric vectors.

@@ -1,16 +1,11 @@
 """Where stages read and write: one resolved `Location` per `--input` / `--output` URI.
 
-A location is `s3://bucket/prefix`, `file:///abs/dir` or a plain path (made absolute). It carries
-the non-secret storage settings (`StorageOptions`: endpoint, region) explicitly, so a location
-pickled to a Ray worker reaches the same server as the driver. Credentials are never stored here:
-s3fs/botocore take them from the standard AWS chain (environment, profile, instance role) in
-whichever process opens the filesystem, and `redact` scrubs them from any text we print.
-
-Both views of a location use one s3fs instance: `Location.fs` (fsspec, for small files and
-listings) and `Location.pyarrow_fs()` (the same s3fs wrapped for pyarrow and Ray Data). Wrapping
-s3fs rather than using pyarrow's own `S3FileSystem` keeps one configuration everywhere: pyarrow's
-client ignores `AWS_ENDPOINT_URL` and has no switch for the SDK's default upload checksums, which
-S3-compatible servers such as `rclone serve s3` reject (HTTP 411 on UploadPart).
+A location (`s3://bucket/prefix`, `file:///abs/dir` or a plain path, made absolute) carries the
+non-secret `StorageOptions` (endpoint, region), so one pickled to a Ray worker reaches the same
+server. Credentials never live here: s3fs takes them from the AWS chain in whichever process
+opens the filesystem, and `redact` scrubs them from text we print. `Location.fs` (fsspec) and
+`Location.pyarrow_fs()` (pyarrow, Ray Data) wrap one s3fs: pyarrow's own S3 client ignores
+`AWS_ENDPOINT_URL` and sends upload checksums that S3-compatible servers reject (HTTP 411).
 """
 
 from __future__ import annotations
@@ -103,21 +98,13 @@ class Location:
         return _s3_fs(self.options)
 
     def pyarrow_fs(self) -> pafs.FileSystem:
-        """A pyarrow filesystem for Ray Data readers/writers; picklable to workers.
-
-        Paths passed with it are `Location.path`-style (`bucket/prefix/...` or `/abs/...`).
-        """
+        """A picklable pyarrow filesystem for Ray Data, for `Location.path`-style paths."""
         if self.is_local:
             return pafs.LocalFileSystem()
         return pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
 
     def child(self, *parts: str) -> Location:
-        """The location of a relative path below this one.
-
-        Each part may hold `/`-separated segments (`child("shards", "part-0.parquet")` equals
-        `child("shards/part-0.parquet")`). Raises ValueError on `..`, `.`, empty segments,
-        absolute parts or backslashes, so untrusted names cannot leave the directory.
-        """
+        """The location of a relative path below this one (parts joined as `safe_relpath`)."""
         rel = safe_relpath(*parts)
         if self.is_local:
             path = posixpath.join(self.path, rel)
@@ -189,8 +176,7 @@ def safe_relpath(*parts: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Small-file helpers (manifests, markers, run records). Data shards go through Ray Data or
-# `manifest.write_parquet`.
+# Small files (manifests, markers, run records); data shards go through `manifest.write_parquet`.
 
 
 def read_bytes(loc: Location, rel: str | None = None, *, max_bytes: int | None = None) -> bytes:
@@ -212,12 +198,8 @@ def read_bytes(loc: Location, rel: str | None = None, *, max_bytes: int | None =
 
 
 def write_bytes_atomic(loc: Location, rel: str, data: bytes) -> None:
-    """Write a file so readers see either nothing or the whole of it.
-
-    Local: a hidden temporary file in the same directory, then `os.replace`. S3: one PUT (a
-    multipart upload also appears only when completed); the whole put is retried if the store
-    drops the connection mid-upload.
-    """
+    """Write a file so readers see nothing or all of it: local, a hidden temporary file then
+    `os.replace`; S3, one put (retried whole if the store drops the connection)."""
     target = loc.child(rel)
     if target.is_local:
         with _local_atomic(target.path) as f:
@@ -230,17 +212,14 @@ def write_bytes_atomic(loc: Location, rel: str, data: bytes) -> None:
 def open_atomic(loc: Location, rel: str) -> Iterator[Any]:
     """A binary file to stream a large object into; readers see all of it or nothing.
 
-    Local: a hidden temporary file renamed into place on success, removed on failure. S3: a
-    local spool file uploaded on success (retried as a whole), dropped on failure, so no
-    partial object is ever listed and memory stays flat.
+    Local: as `write_bytes_atomic`. S3: a local spool file uploaded on success (retried whole:
+    a multipart upload streamed to the store is lost if the server restarts), dropped on failure.
     """
     target = loc.child(rel)
     if target.is_local:
         with _local_atomic(target.path) as f:
             yield f
         return
-    # Spool to local disk, then upload with whole-put retries: a multipart upload streamed
-    # straight to the store is lost if the server restarts mid-way; a re-sent put is not.
     with tempfile.NamedTemporaryFile(prefix="weakclip-upload-") as spool:
         yield spool
         spool.flush()
@@ -248,10 +227,8 @@ def open_atomic(loc: Location, rel: str) -> Iterator[Any]:
 
 
 def upload_file(loc: Location, rel: str, local_path: str) -> int:
-    """Copy a local file to `rel` below `loc` atomically (as `write_bytes_atomic`); returns bytes.
-
-    For files too large to hold in memory (model exports).
-    """
+    """Copy a large local file to `rel` below `loc` atomically (as `write_bytes_atomic`);
+    returns its size in bytes."""
     target = loc.child(rel)
     size = os.path.getsize(local_path)
     if target.is_local:
@@ -336,25 +313,20 @@ _SECRET_PATTERNS = (
     # x-amz-* headers / query parameters carrying signatures or tokens
     re.compile(r"(?i)(x-amz-(?:signature|credential|security-token))(=|:\s*)([^\s&,;]+)"),
     # user:password@host in URLs
-    re.compile(r"(?i)(\w+://)([^/\s:@]+):([^/\s@]+)@"),
+    re.compile(r"(?i)(\w+://[^/\s:@]+)(:)([^/\s@]+)(?=@)"),
 )
 
 
 def redact(text: str) -> str:
-    """Scrub credential values from `text` (error messages, logs, command lines).
-
-    Removes the current values of `AWS_SECRET_ACCESS_KEY` and session tokens wherever they
-    appear, `name=value` pairs whose name mentions a secret/token/password/key/signature, and
-    passwords in `scheme://user:password@host` URLs.
-    """
+    """Scrub credentials from `text`: the values of the secret AWS variables, `name=value`
+    pairs whose name says secret/token/password/key/signature, URL passwords."""
     out = str(text)
     for name in _SECRET_ENV_VARS:
         value = os.environ.get(name)
         if value and len(value) >= 4:
             out = out.replace(value, "***")
-    out = _SECRET_PATTERNS[0].sub(lambda m: f"{m.group(1)}{m.group(2)}***", out)
-    out = _SECRET_PATTERNS[1].sub(lambda m: f"{m.group(1)}{m.group(2)}***", out)
-    out = _SECRET_PATTERNS[2].sub(lambda m: f"{m.group(1)}{m.group(2)}:***@", out)
+    for pattern in _SECRET_PATTERNS:
+        out = pattern.sub(r"\1\2***", out)
     return out
 
 

@@ -17,11 +17,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from pipelines.io import schema
 from pipelines.io.codecs import decode_cam_column, decode_label_png, decode_rgb
 from pipelines.io.manifest import FileEntry, Manifest, read_manifest
+from pipelines.io.parquet import read_row_group, read_shard
 from pipelines.io.storage import Location, read_bytes, redact, resolve
 from pipelines.pseudo_masks.rows import mask_rel
 from pipelines.seeds import cam_argmax
@@ -30,11 +30,7 @@ log = logging.getLogger(__name__)
 
 
 def _read_rows(loc: Location, path: str, row_group: int, columns: Sequence[str]) -> list[dict]:
-    with loc.fs.open(loc.join(path), "rb") as f:
-        parquet = pq.ParquetFile(f)
-        names = set(parquet.schema_arrow.names)
-        wanted = [c for c in columns if c in names]
-        return parquet.read_row_group(row_group, columns=wanted).to_pylist()
+    return read_row_group(loc, path, row_group, columns).to_pylist()
 
 
 def _ingest_cams(ingest: Manifest, ids: set[str], *, bg_threshold: float) -> dict[str, np.ndarray]:
@@ -45,17 +41,15 @@ def _ingest_cams(ingest: Manifest, ids: set[str], *, bg_threshold: float) -> dic
     for entry in ingest.entries("shards/"):
         if len(found) == len(ids):
             break
-        with loc.fs.open(loc.join(entry.path), "rb") as f:
-            parquet = pq.ParquetFile(f)
-            for group in range(parquet.metadata.num_row_groups):
-                table = parquet.read_row_group(group, columns=[schema.IMAGE_ID])
-                if not ids.intersection(table.column(0).to_pylist()):
+        shard = read_shard(loc, entry.path, [schema.IMAGE_ID])
+        for group, table in enumerate(shard.groups):
+            if not ids.intersection(table.column(0).to_pylist()):
+                continue
+            for row in read_row_group(loc, entry.path, group, columns).to_pylist():
+                image_id = row[schema.IMAGE_ID]
+                if image_id not in ids or image_id in found:
                     continue
-                for row in parquet.read_row_group(group, columns=columns).to_pylist():
-                    image_id = row[schema.IMAGE_ID]
-                    if image_id not in ids or image_id in found:
-                        continue
-                    found[image_id] = _cam_argmax(row, bg_threshold)
+                found[image_id] = _cam_argmax(row, bg_threshold)
     return found
 
 

@@ -26,9 +26,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pipelines.io import schema
+from pipelines.io import parquet, schema
 from pipelines.io.codecs import (
     MAX_PIXELS,
     decode_cam_column,
@@ -235,11 +234,7 @@ def read_columns(stage: str) -> tuple[str, ...]:
 
 def read_row_group(input_loc: Location, unit: PseudoUnit, stage: str) -> pa.Table:
     """The columns of one unit's row group that exist in its shard."""
-    with input_loc.fs.open(input_loc.join(unit.path), "rb") as f:
-        parquet = pq.ParquetFile(f)
-        names = set(parquet.schema_arrow.names)
-        columns = [c for c in read_columns(stage) if c in names]
-        return parquet.read_row_group(unit.row_group, columns=columns)
+    return parquet.read_row_group(input_loc, unit.path, unit.row_group, read_columns(stage))
 
 
 def read_unit(

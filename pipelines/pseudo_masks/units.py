@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipelines.io import schema
 from pipelines.io.manifest import Manifest
+from pipelines.io.parquet import read_shard
 from pipelines.io.storage import Location
 from pipelines.metrics import NO_SPLIT, summed_metrics
 from pipelines.pseudo_masks.rows import (
@@ -57,26 +57,21 @@ def enumerate_units(
     required = _REQUIRED[manifest.stage]
 
     def scan(path: str) -> list[tuple[int, list[Any], list[Any]]]:
-        with input_loc.fs.open(input_loc.join(path), "rb") as f:
-            parquet = pq.ParquetFile(f)
-            names = set(parquet.schema_arrow.names)
-            missing = [c for c in required if c not in names]
-            if missing:
-                raise ValueError(
-                    f"{path} is not a {manifest.stage} shard: no column(s) {', '.join(missing)}"
-                )
-            columns = [schema.IMAGE_ID] + ([schema.SPLIT] if schema.SPLIT in names else [])
-            groups = []
-            for group in range(parquet.metadata.num_row_groups):
-                table = parquet.read_row_group(group, columns=columns)
-                ids = table.column(schema.IMAGE_ID).to_pylist()
-                split = (
-                    table.column(schema.SPLIT).to_pylist()
-                    if schema.SPLIT in columns
-                    else [None] * len(ids)
-                )
-                groups.append((group, ids, split))
-            return groups
+        shard = read_shard(input_loc, path, [schema.IMAGE_ID, schema.SPLIT], required=required)
+        if shard.missing:
+            raise ValueError(
+                f"{path} is not a {manifest.stage} shard: no column(s) {', '.join(shard.missing)}"
+            )
+        groups = []
+        for group, table in enumerate(shard.groups):
+            ids = table.column(schema.IMAGE_ID).to_pylist()
+            split = (
+                table.column(schema.SPLIT).to_pylist()
+                if schema.SPLIT in shard.names
+                else [None] * len(ids)
+            )
+            groups.append((group, ids, split))
+        return groups
 
     scanned = map_shards(scan, shards)
     seen: set[str] = set()

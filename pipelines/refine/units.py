@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipelines.io import schema
 from pipelines.io.manifest import Manifest
+from pipelines.io.parquet import read_row_group, read_shard
 from pipelines.io.rows import RowRejected
 from pipelines.io.storage import Location
 from pipelines.metrics import NO_SPLIT, ConfusionAccumulator, summed_metrics
@@ -56,13 +56,8 @@ class WorkUnit:
 
 
 def _read_row_group(input_loc: Location, unit: WorkUnit) -> pa.Table:
-    path = input_loc.join(unit.path)
     try:
-        with input_loc.fs.open(path, "rb") as f:
-            parquet = pq.ParquetFile(f)
-            names = set(parquet.schema_arrow.names)
-            columns = [c for c in schema.INGEST_COLUMNS if c in names]
-            return parquet.read_row_group(unit.row_group, columns=columns)
+        return read_row_group(input_loc, unit.path, unit.row_group, schema.INGEST_COLUMNS)
     except (OSError, pa.ArrowException) as exc:
         raise _unreadable(input_loc, unit.path, exc, f" (row group {unit.row_group})") from None
 
@@ -135,18 +130,13 @@ def enumerate_units(input_loc: Location, manifest: Manifest) -> list[WorkUnit]:
 
     def footer(path: str) -> list[WorkUnit]:
         try:
-            with input_loc.fs.open(input_loc.join(path), "rb") as f:
-                meta = pq.ParquetFile(f).metadata
-                names = set(meta.schema.to_arrow_schema().names)
+            shard = read_shard(input_loc, path, required=_REQUIRED_COLUMNS)
         except (OSError, pa.ArrowException) as exc:
             raise _unreadable(input_loc, path, exc) from None
-        missing = [c for c in _REQUIRED_COLUMNS if c not in names]
-        if missing:
-            raise ValueError(f"{path} is not an ingest shard: no column(s) {', '.join(missing)}")
-        return [
-            WorkUnit(unit_name(path, i), path, i, meta.row_group(i).num_rows)
-            for i in range(meta.num_row_groups)
-        ]
+        if shard.missing:
+            missing = ", ".join(shard.missing)
+            raise ValueError(f"{path} is not an ingest shard: no column(s) {missing}")
+        return [WorkUnit(unit_name(path, i), path, i, rows) for i, rows in enumerate(shard.rows)]
 
     units = [u for found in map_shards(footer, listed_shards(manifest)) for u in found]
     check_unit_names(u.name for u in units)

@@ -12,13 +12,13 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from pipelines.io import schema
 from pipelines.io.codecs import decode_image, decode_label_map
+from pipelines.io.parquet import read_row_group
 from pipelines.io.storage import Location
 from pipelines.metrics import ConfusionAccumulator
 from pipelines.retrain.model import predict_labels
@@ -37,9 +37,7 @@ def read_val_rows(
     """The source rows of `ids`, reading only the row groups `refs` (id → (shard, group)) names."""
     wanted = set(ids)
     for path, group in sorted({refs[image_id] for image_id in wanted}):
-        with source.fs.open(source.join(path), "rb") as handle:
-            table = pq.ParquetFile(handle).read_row_group(group, columns=VAL_COLUMNS)
-        for row in table.to_pylist():
+        for row in read_row_group(source, path, group, VAL_COLUMNS).to_pylist():
             if row[schema.IMAGE_ID] in wanted:
                 yield row
 

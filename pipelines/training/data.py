@@ -11,17 +11,14 @@ else; the dataset chains every epoch the run still needs, so a worker's stream n
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from pipelines.io.parquet import read_row_group, read_shards
 from pipelines.io.storage import Location
 from pipelines.training.augment import row_seed
-
-_THREADS = 8
 
 
 def read_row_groups(
@@ -34,25 +31,16 @@ def read_row_groups(
     Raises:
         ValueError: no shards listed.
     """
-
-    def read(path: str) -> list[tuple[str, int, pa.Table]]:
-        with location.fs.open(location.join(path), "rb") as handle:
-            parquet = pq.ParquetFile(handle)
-            names = set(parquet.schema_arrow.names)
-            present = [c for c in columns if c in names]
-            groups = []
-            for group in range(parquet.num_row_groups):
-                table = parquet.read_row_group(group, columns=present)
-                for name in columns:
-                    if name not in names:
-                        table = table.append_column(name, pa.nulls(table.num_rows, pa.string()))
-                groups.append((path, group, table.select(list(columns))))
-        return groups
-
     if not paths:
         raise ValueError(f"{location.uri}: the manifest lists no shards/")
-    with ThreadPoolExecutor(max_workers=max(1, min(_THREADS, len(paths)))) as pool:
-        return [group for groups in pool.map(read, paths) for group in groups]
+    found = []
+    for path, shard in zip(paths, read_shards(location, paths, columns), strict=True):
+        for group, table in enumerate(shard.groups):
+            for name in columns:
+                if name not in shard.names:
+                    table = table.append_column(name, pa.nulls(table.num_rows, pa.string()))
+            found.append((path, group, table.select(list(columns))))
+    return found
 
 
 def epoch_units(
@@ -78,8 +66,7 @@ def unit_blocks(
     """(epoch, at most `rows_per_block` rows) blocks of the units of a Ray Data batch: the
     rows of each unit's row group that `keep` selects, in an order drawn from the unit."""
     for epoch, path, group in zip(batch["epoch"], batch["path"], batch["row_group"], strict=True):
-        with source.fs.open(source.join(str(path)), "rb") as handle:
-            table = pq.ParquetFile(handle).read_row_group(int(group), columns=list(columns))
+        table = read_row_group(source, str(path), int(group), columns)
         rows = [row for row in table.to_pylist() if keep(row)]
         rng = np.random.default_rng(row_seed(seed, int(epoch), f"{path}#{group}"))
         rows = [rows[i] for i in rng.permutation(len(rows))]

@@ -1,0 +1,92 @@
+"""Reading the Parquet shards of a stage output: footers, one row group, columns of many files.
+
+Files are opened with the location's fsspec filesystem (`Location.fs`: s3fs with botocore's
+retries, or the local disk), so a storage failure raises what s3fs or the OS raises, and a
+corrupt file `pyarrow.ArrowInvalid` (a ValueError). A requested column a file lacks is left out
+of its tables: a reader asks for optional columns (`split`, `gt`, ...) like any other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.io.storage import Location
+
+_THREADS = 16  # files read at once by `read_shards` (storage round trips overlap)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """What `read_shard` found in one file.
+
+    Attributes:
+        names: the file's columns.
+        rows: the row count of each row group.
+        missing: the `required` columns the file lacks (then no data was read).
+        groups: one table per row group of the requested columns the file has; empty when no
+            column was requested or one is `missing`.
+    """
+
+    names: tuple[str, ...]
+    rows: tuple[int, ...]
+    missing: tuple[str, ...] = ()
+    groups: tuple[pa.Table, ...] = ()
+
+
+@contextlib.contextmanager
+def _open(location: Location, path: str) -> Iterator[pq.ParquetFile]:
+    with location.fs.open(location.join(path), "rb") as handle:
+        yield pq.ParquetFile(handle)
+
+
+def _present(parquet: pq.ParquetFile, columns: Sequence[str]) -> list[str]:
+    names = set(parquet.schema_arrow.names)
+    return [c for c in columns if c in names]
+
+
+def read_row_group(
+    location: Location, path: str, row_group: int, columns: Sequence[str]
+) -> pa.Table:
+    """The `columns` (those the file has, in the order given) of one row group of `path`.
+
+    Raises:
+        OSError: the file cannot be read (FileNotFoundError: it does not exist).
+        pyarrow.ArrowInvalid: not a Parquet file, or no such row group.
+    """
+    with _open(location, path) as parquet:
+        return parquet.read_row_group(row_group, columns=_present(parquet, columns))
+
+
+def read_shard(
+    location: Location, path: str, columns: Sequence[str] = (), *, required: Sequence[str] = ()
+) -> Shard:
+    """The footer of `path` and, unless a `required` column is missing, `columns` of each
+    row group (the footer only when `columns` is empty). Raises as `read_row_group`."""
+    with _open(location, path) as parquet:
+        names = tuple(parquet.schema_arrow.names)
+        meta = parquet.metadata
+        rows = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
+        missing = tuple(c for c in required if c not in names)
+        if missing or not columns:
+            return Shard(names, rows, missing)
+        present = _present(parquet, columns)
+        groups = tuple(parquet.read_row_group(i, columns=present) for i in range(len(rows)))
+        return Shard(names, rows, missing, groups)
+
+
+def read_shards(
+    location: Location,
+    paths: Sequence[str],
+    columns: Sequence[str],
+    *,
+    required: Sequence[str] = (),
+) -> list[Shard]:
+    """`read_shard` of every path, several files at once, in the order of `paths`."""
+    with ThreadPoolExecutor(max_workers=max(1, min(_THREADS, len(paths)))) as pool:
+        return list(pool.map(lambda p: read_shard(location, p, columns, required=required), paths))
