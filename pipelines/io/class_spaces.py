@@ -185,14 +185,10 @@ def coco91_to_coco81(ids: np.ndarray) -> np.ndarray:
         ValueError: an id outside 0..90 (other than IGNORE) or an unused category id.
     """
     ids = np.asarray(ids)
-    valid = ids != IGNORE
-    if np.any(valid & ((ids < 0) | (ids > 90))):
-        raise ValueError("ids outside the coco91 space (0..90, 255)")
-    bad = valid & np.isin(ids, COCO_UNUSED_IDS)
+    out = _map_ids(ids, COCO91_TO_COCO81, "coco91")
+    bad = (ids != IGNORE) & (out == IGNORE)  # only the unused ids map to IGNORE
     if np.any(bad):
         raise ValueError(f"unused COCO category ids {sorted(set(ids[bad].tolist()))}")
-    out = np.full(ids.shape, IGNORE, np.uint8)
-    out[valid] = COCO91_TO_COCO81[ids[valid].astype(np.intp)]
     return out
 
 
@@ -202,10 +198,13 @@ def coco81_to_coco91(ids: np.ndarray) -> np.ndarray:
     Raises:
         ValueError: an id outside 0..80 other than IGNORE.
     """
-    ids = np.asarray(ids)
+    return _map_ids(np.asarray(ids), COCO81_TO_COCO91, "coco81")
+
+
+def _map_ids(ids: np.ndarray, table: np.ndarray, space: str) -> np.ndarray:
     valid = ids != IGNORE
-    if np.any(valid & ((ids < 0) | (ids > 80))):
-        raise ValueError("ids outside the coco81 space (0..80, 255)")
+    if np.any(valid & ((ids < 0) | (ids >= len(table)))):
+        raise ValueError(f"ids outside the {space} space (0..{len(table) - 1}, 255)")
     out = np.full(ids.shape, IGNORE, np.uint8)
-    out[valid] = COCO81_TO_COCO91[ids[valid].astype(np.intp)]
+    out[valid] = table[ids[valid].astype(np.intp)]
     return out

@@ -29,6 +29,7 @@ from pipelines.io.rows import RowRejected
 from pipelines.io.schema import IGNORE_INDEX
 
 MAX_PIXELS = 50_000_000  # images and label maps declaring more are refused before decoding
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,14 +88,14 @@ def decode_label_png(data: bytes) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _rejecting(what: str) -> Iterator[None]:
-    """Decoding errors inside as `RowRejected("undecodable <what>: ...")`."""
+def _rejecting(prefix: str, errors: Any = _DECODE_ERRORS) -> Iterator[None]:
+    """`errors` raised inside as `RowRejected("<prefix>: <type>: <error>")`."""
     try:
         yield
     except RowRejected:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise RowRejected(f"undecodable {what}: {type(exc).__name__}: {exc}") from None
+    except errors as exc:
+        raise RowRejected(f"{prefix}: {type(exc).__name__}: {exc}") from None
 
 
 def decode_row_label_map(data: bytes, what: str, height: int, width: int) -> np.ndarray:
@@ -103,7 +104,7 @@ def decode_row_label_map(data: bytes, what: str, height: int, width: int) -> np.
     Raises:
         RowRejected: undecodable, not single-channel, or another size than the row declares.
     """
-    with _rejecting(what):
+    with _rejecting(f"undecodable {what}"):
         labels = decode_label_png(data)
     if labels.shape != (height, width):
         raise RowRejected(f"{what} is {labels.shape}, the row says {(height, width)}")
@@ -118,7 +119,7 @@ def decode_labels(data: Any, what: str, expected: tuple[int, int] | None = None)
     """
     if not isinstance(data, bytes):
         raise RowRejected(f"missing {what}")
-    with _rejecting(what), Image.open(io.BytesIO(data)) as image:
+    with _rejecting(f"undecodable {what}"), Image.open(io.BytesIO(data)) as image:
         if image.format != "PNG" or image.mode not in ("P", "L"):
             raise RowRejected(
                 f"undecodable {what}: {image.format} {image.mode}, expected a P/L label PNG"
@@ -138,19 +139,12 @@ def check_gt(data: bytes | None, *, height: int, width: int, space: ClassSpace) 
     """Validates an optional ground-truth PNG (class ids, 255 = ignore); returns it as given."""
     if data is None:
         return None
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.format != "PNG" or img.mode not in ("P", "L"):
-                raise RowRejected(
-                    f"ground truth must be a P/L-mode PNG, got {img.format} {img.mode}"
-                )
-            if img.size != (width, height):
-                raise RowRejected(f"ground truth size {img.size} != image size {(width, height)}")
-            ids = np.unique(np.asarray(img))
-    except RowRejected:
-        raise
-    except Exception as exc:
-        raise RowRejected(f"cannot decode ground truth: {type(exc).__name__}: {exc}") from None
+    with _rejecting("cannot decode ground truth", Exception), Image.open(io.BytesIO(data)) as img:
+        if img.format != "PNG" or img.mode not in ("P", "L"):
+            raise RowRejected(f"ground truth must be a P/L-mode PNG, got {img.format} {img.mode}")
+        if img.size != (width, height):
+            raise RowRejected(f"ground truth size {img.size} != image size {(width, height)}")
+        ids = np.unique(np.asarray(img))
     bad = [int(i) for i in ids if i != IGNORE_INDEX and i >= space.num_classes]
     if bad:
         raise RowRejected(f"ground truth holds class ids {bad} outside the class space")
@@ -214,7 +208,7 @@ def decode_rgb(data: bytes, *, height: int, width: int) -> np.ndarray:
     Raises:
         RowRejected: undecodable, or another size than the row declares.
     """
-    with _rejecting("image"), Image.open(io.BytesIO(data)) as image:
+    with _rejecting("undecodable image"), Image.open(io.BytesIO(data)) as image:
         if image.size != (width, height):
             raise RowRejected(
                 f"image is {image.size[1]}x{image.size[0]}, the row says {height}x{width}"

@@ -5,8 +5,7 @@ stage uses it, docs/ARCHITECTURE.md "The unit of work". `StageOutput.open` recor
 fingerprint (stage + config + inputs) in `_RUN.json` before any data: DONE, RESUME, FRESH, or
 `StageConflictError` for another fingerprint unless `overwrite` (which deletes the directory).
 Every manifest carries a unique `run_id`, so a re-run stage has a new digest and the stages
-after it see a different fingerprint. Readers (`read_manifest`, `wait_for_success`, from
-`manifest_format`) trust a directory only once `_SUCCESS` exists and read only what it lists.
+after it see a different fingerprint. Reading a completed output is `manifest_format`.
 """
 
 from __future__ import annotations

@@ -80,13 +80,7 @@ def read_shard(
         return Shard(names, rows, missing, groups)
 
 
-def read_shards(
-    location: Location,
-    paths: Sequence[str],
-    columns: Sequence[str],
-    *,
-    required: Sequence[str] = (),
-) -> list[Shard]:
+def read_shards(location: Location, paths: Sequence[str], columns: Sequence[str]) -> list[Shard]:
     """`read_shard` of every path, several files at once, in the order of `paths`."""
     with ThreadPoolExecutor(max_workers=max(1, min(_THREADS, len(paths)))) as pool:
-        return list(pool.map(lambda p: read_shard(location, p, columns, required=required), paths))
+        return list(pool.map(lambda path: read_shard(location, path, columns), paths))
