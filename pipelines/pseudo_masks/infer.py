@@ -115,11 +115,8 @@ class MaskPredictor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         metas, probs_out = [], []
-        autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if self.device.type == "cuda"
-            else nullcontext()
-        )
+        cuda = self.device.type == "cuda"
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
         with torch.inference_mode(), autocast:
             for meta_json, image_bytes in zip(batch[META], batch[IMAGE], strict=True):
                 meta = json.loads(meta_json)
