@@ -59,20 +59,13 @@ class SegmentationScore:
             raise ValueError(f"{len(names)} class names for {len(self.per_class_iou)} classes")
         return {
             "miou": self.miou,
-            "per_class_iou": {
-                n: (None if np.isnan(v) else v)
-                for n, v in zip(names, self.per_class_iou, strict=True)
-            },
+            "per_class_iou": dict(zip(names, map(finite, self.per_class_iou), strict=True)),
             "num_pixels": self.num_pixels,
         }
 
 
 def score_from_confusion(conf: np.ndarray) -> SegmentationScore:
-    """Per-class IoU and nan-mean mIoU from a confusion matrix.
-
-    Args:
-        conf: K x (K + 1) from `confusion_matrix` (a plain K x K matrix works too).
-    """
+    """Per-class IoU and nan-mean mIoU from a K x (K + 1) `confusion_matrix` (or K x K)."""
     k = conf.shape[0]
     tp = np.diag(conf[:, :k]).astype(np.float64)
     gt_total = conf.sum(axis=1).astype(np.float64)  # TP + FN (ignore predictions included)
@@ -119,13 +112,9 @@ def sum_by_split(
     num_classes: int,
     add: Callable[[np.ndarray, Any], None],
 ) -> dict[str, dict[str, Any]]:
-    """The units' per-split confusion summed: {split: {"images": n, key: K x (K + 1) matrix}}.
-
-    Args:
-        records: completion records with `confusion` ({split: {"images", key: counts}}).
-        keys: the scored predictions (e.g. `cam_argmax`, `seeds`).
-        add: adds one record's counts of a key (dense or sparse) into a matrix in place.
-    """
+    """The records' per-split confusion (`confusion`: {split: {"images", key: counts}}, for
+    the scored predictions `keys`) summed: {split: {"images": n, key: K x (K + 1) matrix}};
+    `add` adds one record's counts of a key (dense or sparse) into a matrix in place."""
     shape = (num_classes, num_classes + 1)
     totals: dict[str, dict[str, Any]] = {}
     for record in records:

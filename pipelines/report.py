@@ -1,15 +1,10 @@
 """Visual report of a stage: one PNG strip per sampled image and an `index.html` beside them.
 
-Each strip shows, left to right, the panels a row has: image | CAM argmax | seed | pseudo mask |
-ground truth, each titled, label maps coloured with the VOC palette (`pipelines.io.codecs`; 255 =
-ignore shows as VOC's cream), every panel downscaled to at most `PANEL_MAX_HEIGHT` x
-`PANEL_MAX_WIDTH` so COCO-sized (or hostile, 1 x 100000) images never make huge PNGs.
-
-`index.html` lists the strips with relative links, a class colour legend and, when given, a
-metrics table. Image ids and class names come from input data and are untrusted: the page
-escapes every such string (`html.escape`), and file names are built from a sanitised id.
-Files go through `pipelines.io.storage` (local or `s3://`); `write_report` returns the
-`FileEntry`s for the stage's manifest.
+Label maps are coloured with the VOC palette (255 = ignore shows as VOC's cream); every panel
+is downscaled to at most `PANEL_MAX_HEIGHT` x `PANEL_MAX_WIDTH`, so COCO-sized (or hostile,
+1 x 100000) images never make huge PNGs. `index.html` lists the strips, a class colour legend
+and, when given, a metrics table. Image ids and class names are untrusted: the page escapes
+every such string, and file names are built from a sanitised id.
 """
 
 from __future__ import annotations
@@ -57,11 +52,8 @@ class ReportRow:
 
 
 def sample_ids(image_ids: Sequence[str], count: int, *, seed: int = 0) -> list[str]:
-    """A deterministic sample of at most `count` distinct ids, independent of input order.
-
-    Ids are ranked by SHA-256 of `seed` and the id, so the same ids and seed always give the same
-    sample (on any machine, unlike `hash`), and the result is sorted.
-    """
+    """A sorted, deterministic sample of at most `count` distinct ids, independent of input
+    order: ids ranked by SHA-256 of `seed` and the id (the same on any machine, unlike `hash`)."""
     if count <= 0:
         return []
     unique = sorted(set(image_ids))
@@ -75,18 +67,15 @@ def colorize(labels: np.ndarray) -> np.ndarray:
     """H x W x 3 uint8 RGB view of an H x W uint8 label map in the VOC palette."""
     if labels.ndim != 2:
         raise ValueError(f"expected an H x W label map, got shape {labels.shape}")
-    lut = _palette_lut()
-    return lut[np.asarray(labels, dtype=np.uint8)]
+    return _palette_lut()[np.asarray(labels, dtype=np.uint8)]
 
 
 def render_row(row: ReportRow, class_names: Sequence[str]) -> bytes:
     """One PNG strip: titled panels image | CAM | seed | pseudo mask | GT (those present).
 
-    Args:
-        row: the image and its label maps; a label map of another size than the image is
-            shown at its own size (scaled like the image).
-        class_names: the class space (index = class id); the colours follow the class ids, so
-            the strip itself does not need the names (the page's legend shows them).
+    A label map of another size than the image is shown at its own size (scaled like the
+    image); colours follow class ids, so the strip does not need `class_names` (the legend
+    shows them).
 
     Raises:
         ValueError: the image is not H x W x 3 (or H x W) uint8, or a label map is not 2-D.
@@ -99,12 +88,8 @@ def render_row(row: ReportRow, class_names: Sequence[str]) -> bytes:
     if image.ndim == 2:
         image = np.repeat(image[:, :, None], 3, axis=2)
     panels: list[tuple[str, Image.Image]] = [("image", _scaled(image, Image.Resampling.BILINEAR))]
-    for title, labels in (
-        ("CAM argmax", row.cam),
-        ("seed", row.seed),
-        ("pseudo mask", row.mask),
-        ("ground truth", row.gt),
-    ):
+    titles = ("CAM argmax", "seed", "pseudo mask", "ground truth")
+    for title, labels in zip(titles, (row.cam, row.seed, row.mask, row.gt), strict=True):
         if labels is not None:
             colours = colorize(np.asarray(labels))
             panels.append((title, _scaled(colours, Image.Resampling.NEAREST)))
@@ -138,15 +123,8 @@ def write_report(
     metrics: Mapping[str, Any] | None = None,
     subdir: str = "report",
 ) -> list[FileEntry]:
-    """Write `<subdir>/<n>-<id>.png` per row and `<subdir>/index.html`.
-
-    Args:
-        output: the stage output directory.
-        rows: the images to show, in order.
-        class_names: index = class id (for the legend).
-        title: page heading (escaped).
-        metrics: shown as a table when given (nested mappings are flattened to dotted keys).
-        subdir: directory below `output`.
+    """Writes `<subdir>/<n>-<id>.png` per row (in order) and `<subdir>/index.html` below
+    `output`; `metrics`, when given, as a table (nested mappings flattened to dotted keys).
 
     Returns:
         The `FileEntry` of every file written (PNGs, then index.html), for the manifest.
@@ -156,16 +134,16 @@ def write_report(
     items: list[tuple[str, str]] = []  # (image id, file name)
     for index, row in enumerate(rows):
         name = row_file_name(index, row.image_id)
-        data = render_row(row, class_names)
-        rel = f"{base}/{name}"
-        write_bytes_atomic(output, rel, data)
-        entries.append(FileEntry(path=rel, rows=None, bytes=len(data)))
+        entries.append(_write(output, f"{base}/{name}", render_row(row, class_names)))
         items.append((str(row.image_id), name))
-    page = render_index(items, class_names=class_names, title=title, metrics=metrics).encode()
-    rel = f"{base}/{INDEX_FILE}"
-    write_bytes_atomic(output, rel, page)
-    entries.append(FileEntry(path=rel, rows=None, bytes=len(page)))
+    page = render_index(items, class_names=class_names, title=title, metrics=metrics)
+    entries.append(_write(output, f"{base}/{INDEX_FILE}", page.encode()))
     return entries
+
+
+def _write(output: Location, rel: str, data: bytes) -> FileEntry:
+    write_bytes_atomic(output, rel, data)
+    return FileEntry(path=rel, rows=None, bytes=len(data))
 
 
 def render_index(
@@ -190,8 +168,7 @@ def render_index(
         f"<h1>{esc(title)}</h1>",
     ]
     if metrics is not None:
-        parts.append("<h2>Metrics</h2>")
-        parts.append(_metrics_table(metrics))
+        parts += ["<h2>Metrics</h2>", _metrics_table(metrics)]
     parts.append("<h2>Classes</h2><ul>")
     palette = _palette_lut()
     shown = list(enumerate(class_names))[:IGNORE_INDEX] + [(IGNORE_INDEX, "ignore")]
@@ -201,8 +178,7 @@ def render_index(
             f'<li><span class="sw" style="background:rgb({r},{g},{b})"></span>'
             f"{class_id}: {esc(str(name))}</li>"
         )
-    parts.append("</ul>")
-    parts.append(f"<h2>Images ({len(items)})</h2>")
+    parts.append(f"</ul>\n<h2>Images ({len(items)})</h2>")
     for image_id, name in items:
         href = esc(urllib.parse.quote(name), quote=True)
         parts.append(
@@ -214,31 +190,27 @@ def render_index(
 
 
 def _metrics_table(metrics: Mapping[str, Any]) -> str:
-    rows = list(_flatten(metrics))
-    cut = len(rows) > _MAX_METRIC_ROWS
+    rows = _flatten(metrics)
     lines = ["<table><tr><th>metric</th><th>value</th></tr>"]
     for key, value in rows[:_MAX_METRIC_ROWS]:
         lines.append(f"<tr><td>{html.escape(key)}</td><td>{html.escape(value)}</td></tr>")
     lines.append("</table>")
-    if cut:
+    if len(rows) > _MAX_METRIC_ROWS:
         lines.append(f"<p>({len(rows) - _MAX_METRIC_ROWS} more rows not shown)</p>")
     return "\n".join(lines)
 
 
 def _flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
-    if isinstance(value, Mapping):
-        out: list[tuple[str, str]] = []
-        for key, item in value.items():
-            out.extend(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return [(prefix, _format_value(value))]
+    if not isinstance(value, Mapping):
+        return [(prefix, _format_value(value))]
+    return [
+        row for k, v in value.items() for row in _flatten(v, f"{prefix}.{k}" if prefix else str(k))
+    ]
 
 
 def _format_value(value: Any) -> str:
     if value is None:
         return "n/a"
-    if isinstance(value, bool):
-        return str(value)
     if isinstance(value, float):
         return "n/a" if math.isnan(value) else f"{value:.4f}"
     if isinstance(value, (int, str)):

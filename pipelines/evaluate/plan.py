@@ -56,18 +56,24 @@ def read_id_index(
     return [(i, table.to_pydict()) for i, table in enumerate(shard.groups)]
 
 
-def _shards(manifest: Manifest) -> list[str]:
+def _index_all(
+    manifest: Manifest, columns: Sequence[str], required: Sequence[str]
+) -> list[tuple[str, list[tuple[int, dict[str, list[Any]]]]]]:
+    """`read_id_index` of every shard the manifest lists (ValueError: none listed)."""
     shards = listed_shards(manifest)
     if not shards:
         raise ValueError(f"{manifest.location.uri} lists no shards/*.parquet")
-    return shards
-
-
-def _index_all(
-    location: Location, shards: list[str], columns: Sequence[str], required: Sequence[str]
-) -> list[tuple[str, list[tuple[int, dict[str, list[Any]]]]]]:
-    found = map_shards(lambda rel: read_id_index(location, rel, columns, required=required), shards)
+    loc = manifest.location
+    found = map_shards(lambda rel: read_id_index(loc, rel, columns, required=required), shards)
     return list(zip(shards, found, strict=True))
+
+
+def _check_stage(manifest: Manifest, stages: Sequence[str], comes_from: str) -> None:
+    if manifest.stage not in stages:
+        raise ValueError(
+            f"{manifest.location.uri} is a {manifest.stage!r} output; {comes_from} "
+            f"{' or '.join(stages)} outputs"
+        )
 
 
 def prediction_index(
@@ -78,18 +84,14 @@ def prediction_index(
     The first occurrence of an id wins; later duplicates, ids that are not non-empty strings,
     mask paths the manifest does not list and oversized masks are quarantined.
     """
-    if pred.stage not in PRED_STAGES:
-        raise ValueError(
-            f"{pred.location.uri} is a {pred.stage!r} output; predictions come from "
-            f"{' or '.join(PRED_STAGES)} outputs"
-        )
+    _check_stage(pred, PRED_STAGES, "predictions come from")
     masks = pred.stage == "pseudo_masks"
     columns = (schema.IMAGE_ID, schema.MASK) if masks else (schema.IMAGE_ID,)
     required = () if masks else (schema.SEED,)  # a seedless ingest output is refused here
     listed = {f.path: f.bytes for f in pred.files}
     refs: dict[str, PredictionRef] = {}
     quarantine: list[tuple[str, str, str]] = []
-    for rel, groups in _index_all(pred.location, _shards(pred), columns, required):
+    for rel, groups in _index_all(pred, columns, required):
         for row_group, cols in groups:
             source = f"prediction {rel}#rg{row_group}"
             for n, image_id in enumerate(cols[schema.IMAGE_ID]):
@@ -120,11 +122,8 @@ def plan_units(
     gt_index: Sequence[tuple[str, Sequence[tuple[int, Sequence[Any]]]]],
     refs: dict[str, PredictionRef],
 ) -> JoinPlan:
-    """One task per ground-truth row group, with the predictions of its ids (pure).
-
-    Args:
-        gt_index: [(GT shard, [(row group, image ids in row order)])].
-        refs: prediction id -> where its label map is.
+    """One task per ground-truth row group of `gt_index` ([(GT shard, [(row group, image ids in
+    row order)])]), with the predictions (`refs`) of its ids (pure).
 
     Returns:
         The plan; a unit is `{"gt_path", "gt_row_group", "predictions": [[position, id, path,
@@ -171,13 +170,9 @@ def plan_units(
 
 def make_plan(pred: Manifest, gt: Manifest) -> JoinPlan:
     """Read the id columns of both outputs and plan the tasks (driver side, no label maps)."""
-    if gt.stage not in GT_STAGES:
-        raise ValueError(
-            f"{gt.location.uri} is a {gt.stage!r} output; ground truth comes from "
-            f"{' or '.join(GT_STAGES)} outputs"
-        )
+    _check_stage(gt, GT_STAGES, "ground truth comes from")
     refs, pred_quarantine = prediction_index(pred)
-    found = _index_all(gt.location, _shards(gt), (schema.IMAGE_ID,), (schema.GT,))
+    found = _index_all(gt, (schema.IMAGE_ID,), (schema.GT,))
     gt_index = [
         (rel, [(rg, cols[schema.IMAGE_ID]) for rg, cols in groups]) for rel, groups in found
     ]

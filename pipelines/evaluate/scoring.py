@@ -1,9 +1,8 @@
 """Scoring for the evaluate stage: class spaces, one task's work, and the result (docs/METHOD.md).
 
-Pure parts (class selection, label conversion, PNG checks, the table) take numpy arrays and
-strings; `score_unit` is what one Ray task runs (reads one ground-truth row group and the
-predictions of its ids, returns confusion matrices); `EvaluationResult` is what the driver sums.
-`pipelines.evaluate.stage` plans the tasks and runs them.
+Pure parts (class selection, label conversion, the table) take numpy arrays and strings;
+`score_unit` is one unit's work (a ground-truth row group and the predictions of its ids),
+`RecordSum` sums records and `EvaluationResult` is what the driver makes of the sum.
 """
 
 from __future__ import annotations
@@ -24,11 +23,12 @@ from pipelines.io.class_spaces import (
     coco91_to_coco81,
 )
 from pipelines.io.codecs import decode_labels
-from pipelines.io.manifest import InputRef, Manifest
+from pipelines.io.manifest import Manifest
 from pipelines.io.parquet import read_row_group
 from pipelines.io.rows import RowRejected
 from pipelines.io.storage import Location
 from pipelines.metrics import NO_SPLIT, confusion_matrix, finite, score_from_confusion
+from pipelines.units import reason_kind
 
 PRED_STAGES = ("refine", "pseudo_masks")
 GT_STAGES = ("ingest", "refine")
@@ -37,10 +37,13 @@ DEFINITION = (
     "IoU over the averaged classes (a class absent from both GT and prediction has no IoU)"
 )
 _CONVERSIONS = {("coco91", "coco81"), ("coco81", "coco91")}
-
-
-# ---------------------------------------------------------------------------------------------
-# Class spaces (pure)
+_TABLE_COUNTS = (
+    "scored",
+    "prediction_without_gt",
+    "gt_null",
+    "gt_without_prediction",
+    "quarantined",
+)
 
 
 def manifest_space(manifest: Manifest) -> ClassSpace | None:
@@ -122,10 +125,6 @@ def miou_over(iou: Sequence[float], ids: Sequence[int]) -> float | None:
     return float(defined.mean()) if defined.size else None
 
 
-# ---------------------------------------------------------------------------------------------
-# One pair (pure)
-
-
 def score_pair(
     pred: np.ndarray,
     gt: np.ndarray,
@@ -146,17 +145,10 @@ def score_pair(
         )
     try:
         gt = convert_labels(gt, gt_conversion, strict=True)
-    except ValueError as e:
-        raise RowRejected(f"bad ground truth: {e}") from None
-    pred = convert_labels(pred, pred_conversion, strict=False)
-    try:
+        pred = convert_labels(pred, pred_conversion, strict=False)
         return confusion_matrix(pred, gt, num_classes)
     except ValueError as e:
         raise RowRejected(f"bad ground truth: {e}") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# One task: a ground-truth row group and the predictions of its ids
 
 
 def _read_predictions(pred_loc: Location, wanted: Sequence[Sequence[Any]]) -> dict[str, Any]:
@@ -215,12 +207,7 @@ def score_unit(
     predictions = {int(p[0]): p for p in unit["predictions"]}
     pred_data = _read_predictions(pred_loc, unit["predictions"])
     skip = set(unit["skip"])
-    k = num_classes
-    matrices: dict[str, np.ndarray] = {}
-    images: Counter[str] = Counter()
-    gt_without: Counter[str] = Counter()
-    quarantine: list[list[str]] = []
-    scored = gt_null = 0
+    total = RecordSum(num_classes)
     splits = cols.get(schema.SPLIT) or [None] * len(cols[schema.IMAGE_ID])
     for position, image_id in enumerate(cols[schema.IMAGE_ID]):
         if position in skip:
@@ -230,13 +217,14 @@ def score_unit(
         planned = predictions.get(position)
         if planned is None:
             if gt_bytes is not None:
-                gt_without[split] += 1
+                total.gt_without_prediction[split] += 1
             continue
         if planned[1] != image_id:  # the shard changed under its manifest
-            quarantine.append([str(planned[1]), source, "ground truth row moved since planning"])
+            moved = [str(planned[1]), source, "ground truth row moved since planning"]
+            total.quarantine.append(moved)
             continue
         if gt_bytes is None:
-            gt_null += 1
+            total.gt_null += 1
             continue
         try:
             expected = None
@@ -248,31 +236,22 @@ def score_unit(
                 raise RowRejected(data)
             pred = decode_labels(data, "prediction", gt.shape)
             matrix = score_pair(
-                pred, gt, k, pred_conversion=pred_conversion, gt_conversion=gt_conversion
+                pred, gt, num_classes, pred_conversion=pred_conversion, gt_conversion=gt_conversion
             )
         except RowRejected as e:
-            quarantine.append([image_id, source, e.reason])
+            total.quarantine.append([image_id, source, e.reason])
             continue
         except (TypeError, ValueError) as e:  # e.g. a null height in the GT row
-            quarantine.append([image_id, source, f"bad ground truth row: {e}"])
+            total.quarantine.append([image_id, source, f"bad ground truth row: {e}"])
             continue
-        matrices[split] = matrices.get(split, np.zeros((k, k + 1), np.int64)) + matrix
-        images[split] += 1
-        scored += 1
-    return {
-        "scored": scored,
-        "gt_null": gt_null,
-        "gt_without_prediction": {s: n for s, n in gt_without.items() if n},
-        "confusion": {
-            split: {"images": images[split], "matrix": matrix.ravel().tolist()}
-            for split, matrix in matrices.items()
-        },
-        "quarantine": quarantine,
-    }
+        total.add_matrix(split, matrix)
+        total.scored += 1
+    return total.record()
 
 
 class RecordSum:
-    """Sums `score_unit` records: in a task over its batch, then on the driver over tasks."""
+    """Sums `score_unit` records: in a unit over its images, in a task over its batch, then
+    on the driver over tasks."""
 
     def __init__(self, num_classes: int) -> None:
         self.num_classes = num_classes
@@ -291,8 +270,12 @@ class RecordSum:
         self.quarantine.extend(record["quarantine"])
         for split, entry in record["confusion"].items():
             matrix = np.asarray(entry["matrix"], dtype=np.int64).reshape(k, k + 1)
-            self.matrices[split] = self.matrices.get(split, 0) + matrix
-            self.images[split] += entry["images"]
+            self.add_matrix(split, matrix, entry["images"])
+
+    def add_matrix(self, split: str, matrix: np.ndarray, images: int = 1) -> None:
+        """The K x (K + 1) confusion of `images` scored images of `split`."""
+        self.matrices[split] = self.matrices.get(split, 0) + matrix
+        self.images[split] += images
 
     def record(self) -> dict[str, Any]:
         """The sum, in `score_unit`'s record format."""
@@ -306,10 +289,6 @@ class RecordSum:
             },
             "quarantine": self.quarantine,
         }
-
-
-# ---------------------------------------------------------------------------------------------
-# The result
 
 
 @dataclass(frozen=True, eq=False)
@@ -329,17 +308,13 @@ class EvaluationResult:
     counts: Mapping[str, int]
     quarantine: tuple[tuple[str, str, str], ...] = ()  # (image id, source, reason)
     conversions: Mapping[str, str | None] = field(default_factory=dict)
-    inputs: tuple[InputRef, ...] = ()
     seconds: float = 0.0
 
     @property
     def confusion(self) -> np.ndarray:
         """K x (K + 1) over every scored image, all splits."""
         k = len(self.class_names)
-        total = np.zeros((k, k + 1), np.int64)
-        for matrix in self.by_split.values():
-            total += matrix
-        return total
+        return sum(self.by_split.values(), np.zeros((k, k + 1), np.int64))
 
     @property
     def per_class_iou(self) -> tuple[float, ...]:
@@ -354,12 +329,10 @@ class EvaluationResult:
     def metrics(self) -> dict[str, Any]:
         """JSON-ready metrics (fractions in [0, 1], null for undefined IoU)."""
         iou = self.per_class_iou
-        reasons = Counter(reason.split(":")[0] for _, _, reason in self.quarantine)
+        reasons = Counter(reason_kind(reason) for _, _, reason in self.quarantine)
         return {
             "miou": self.miou,
-            "per_class_iou": {
-                name: finite(value) for name, value in zip(self.class_names, iou, strict=True)
-            },
+            "per_class_iou": dict(zip(self.class_names, map(finite, iou), strict=True)),
             "class_space": self.class_space,
             "num_classes": len(self.class_names),
             "averaged_over": [self.class_names[i] for i in self.average_over],
@@ -410,15 +383,7 @@ def format_table(metrics: Mapping[str, Any]) -> str:
         f"({metrics['ground_truth']['stage']})",
         "images:       "
         + ", ".join(
-            f"{key.replace('_', ' ')} {counts[key]}"
-            for key in (
-                "scored",
-                "prediction_without_gt",
-                "gt_null",
-                "gt_without_prediction",
-                "quarantined",
-            )
-            if key in counts
+            f"{key.replace('_', ' ')} {counts[key]}" for key in _TABLE_COUNTS if key in counts
         ),
     ]
     reasons = metrics.get("quarantine_reasons") or {}

@@ -1,14 +1,13 @@
 """Evaluate stage: per-class IoU and mIoU of a stage's label maps against ground truth.
 
 The metric follows docs/METHOD.md; the output layout, docs/CONTRACTS.md. Predictions: a refine
-output (its `seed` column) or a pseudo_masks output (its index shards and `masks/*.png`); ground
-truth: an ingest or refine output (its `gt` column). Only listed files are read. The driver
-joins the two on `image_id` from the id columns alone (`pipelines.evaluate.plan`); one Ray task
-per ground-truth row group (or several) reads its GT and exactly the predictions it needs and
-returns per-split confusion matrices (`pipelines.evaluate.scoring.score_unit`), which the
-driver sums. Unmatched ids, null GT and pairs that cannot be scored are counted and reported,
-never fatal. Class space: `classes`, else the GT manifest's, else the prediction's, converted
-coco91 <-> coco81 where needed; mIoU is the nan-mean over `average_over` (default: every class).
+output (`seed`) or a pseudo_masks output (`masks/*.png`); ground truth: an ingest or refine
+output (`gt`); only listed files are read. The driver joins them on `image_id` (`plan`), one
+Ray task per ground-truth row group (or several) scores them (`scoring.score_unit`) and the
+driver sums the per-split confusion matrices. Unmatched ids, null GT and pairs that cannot be
+scored are counted and reported, never fatal. Class space: `classes`, else the GT manifest's,
+else the prediction's, converted coco91 <-> coco81 where needed; mIoU is the nan-mean over
+`average_over` (default: every class).
 """
 
 from __future__ import annotations
@@ -69,10 +68,6 @@ class EvaluateConfig:
                 raise ValueError("average_over: class names or ids, as non-empty strings")
 
 
-# ---------------------------------------------------------------------------------------------
-# Driver: class space and the join plan
-
-
 def add_options(parser: argparse.ArgumentParser, stage: argparse._ArgumentGroup) -> None:
     """The job's own options (`jobs.evaluate`); its `--output` is optional."""
     for action in parser._actions:
@@ -131,21 +126,16 @@ def print_metrics(metrics: Mapping[str, Any], *, as_json: bool) -> int:
     print(json.dumps(metrics, indent=2, allow_nan=False) if as_json else format_table(metrics))
     if metrics.get("images"):
         return 0
-    print(
-        "error: no image had both a prediction and ground truth (see the counts above)",
-        file=sys.stderr,
-    )
+    error = "error: no image had both a prediction and ground truth (see the counts above)"
+    print(error, file=sys.stderr)
     return 1
 
 
 def resolve_class_space(
     pred: Manifest, gt: Manifest, classes: str | None, *, storage: StorageOptions | None = None
 ) -> tuple[ClassSpace, str | None, str | None]:
-    """The space to score in and the label conversions of prediction and GT into it.
-
-    Returns:
-        (space, prediction conversion, GT conversion); a conversion is None or
-        `"coco91->coco81"` / `"coco81->coco91"`.
+    """The space to score in, and the label conversions (`label_conversion`) of prediction
+    and GT into it.
 
     Raises:
         ValueError: no space anywhere, or spaces that cannot be converted into each other.
@@ -176,10 +166,6 @@ def requested_space(classes: str, storage: StorageOptions | None = None) -> Clas
     return class_space_from_arg(data.decode("utf-8").splitlines())
 
 
-# ---------------------------------------------------------------------------------------------
-# Ray Data: one task per unit
-
-
 def score_units(
     batch: dict[str, np.ndarray], *, num_classes: int, **kwargs: Any
 ) -> dict[str, np.ndarray]:
@@ -192,52 +178,30 @@ def score_units(
 
 
 def evaluate_outputs(
-    pred_uri: str,
-    gt_uri: str,
+    pred: Manifest,
+    gt: Manifest,
+    config: EvaluateConfig,
     *,
-    storage: StorageOptions | None = None,
-    config: EvaluateConfig | None = None,
-    num_cpus_per_task: float = 0.5,
-    report: Callable[[str], Any] = print,
-    manifests: tuple[Manifest, Manifest] | None = None,
+    storage: StorageOptions | None,
+    num_cpus_per_task: float,
+    report: Callable[[str], Any],
 ) -> EvaluationResult:
-    """Score a refine or pseudo_masks output against the GT of an ingest or refine output.
-
-    Runs on the current Ray instance (started by the caller). See the module docstring.
-
-    Args:
-        pred_uri: completed refine or pseudo_masks output.
-        gt_uri: completed ingest or refine output whose shards hold `gt`.
-        storage: endpoint/region of the object store.
-        config: class space and classes to average over.
-        num_cpus_per_task: CPUs reserved per scoring task.
-        report: progress sink, one line per call.
-        manifests: the (prediction, GT) manifests when the caller has read them already.
-
-    Raises:
-        IncompleteOutputError: an input has no `_SUCCESS`.
-        ValueError: wrong stages, missing columns, or incompatible class spaces.
-    """
-    config = config or EvaluateConfig()
+    """Scores the prediction (`pred`) against the ground truth (`gt`) on the current Ray
+    instance: the plan, one task per unit (or several), their records summed."""
     started = time.monotonic()
-    if manifests is None:
-        manifests = (
-            read_manifest(resolve(pred_uri, storage)),
-            read_manifest(resolve(gt_uri, storage)),
-        )
-    pred, gt = manifests
     space, pred_conversion, gt_conversion = resolve_class_space(
         pred, gt, config.classes, storage=storage
     )
     average_ids = select_classes(space, config.average_over)
     plan = make_plan(pred, gt)
+    conversions = {"prediction": pred_conversion, "ground_truth": gt_conversion}
     report(
         f"evaluate: {plan.predictions} predictions ({pred.stage}) against {plan.gt_rows} rows "
         f"({gt.stage}), {len(plan.units)} GT row groups; class space {space.name} "
         f"({space.num_classes} classes)"
         + "".join(
             f"; {who} converted {conv}"
-            for who, conv in (("prediction", pred_conversion), ("GT", gt_conversion))
+            for who, conv in zip(("prediction", "GT"), conversions.values(), strict=True)
             if conv
         )
     )
@@ -275,8 +239,7 @@ def evaluate_outputs(
         gt_without_prediction_by_split=dict(total.gt_without_prediction),
         counts=counts,
         quarantine=tuple(quarantine),
-        conversions={"prediction": pred_conversion, "ground_truth": gt_conversion},
-        inputs=(pred.input_ref(), gt.input_ref()),
+        conversions=conversions,
         seconds=time.monotonic() - started,
     )
     miou = result.miou
@@ -287,30 +250,20 @@ def evaluate_outputs(
     return result
 
 
-# ---------------------------------------------------------------------------------------------
-# The evaluate stage output (optional)
-
-
 def write_evaluation(out: StageOutput, result: EvaluationResult) -> Manifest:
     """`metrics.json`, `quarantine/evaluate.parquet` (when any), manifest, `_SUCCESS` last."""
     metrics = result.metrics()
     data = json.dumps(metrics, indent=2, allow_nan=False).encode()
     write_bytes_atomic(out.location, METRICS_FILE, data)
-    files = [FileEntry(path=METRICS_FILE, rows=None, bytes=len(data))]
     quarantine = Quarantine(out.location)
-    for image_id, source, reason in result.quarantine:
-        quarantine.add(image_id, source, reason)
+    for row in result.quarantine:
+        quarantine.add(*row)
     quarantine.flush("evaluate")
-    files.extend(quarantine.files)
     counts = dict(result.counts)
+    counts |= {"input": counts["predictions"], "output": counts["scored"]}
     return out.commit(
-        files=files,
-        counts={
-            **counts,
-            "input": counts["predictions"],
-            "output": counts["scored"],
-            "quarantined": quarantine.count,
-        },
+        files=[FileEntry(path=METRICS_FILE, rows=None, bytes=len(data)), *quarantine.files],
+        counts={**counts, "quarantined": quarantine.count},
         class_names=result.class_names,
         class_space=result.class_space,
         metrics=metrics,
@@ -328,22 +281,27 @@ def run_evaluate(
     overwrite: bool = False,
     report: Callable[[str], Any] = print,
 ) -> dict[str, Any]:
-    """`evaluate_outputs`, then the stage output at `output_uri` when given; returns metrics.
+    """Scores a refine or pseudo_masks output (`pred_uri`) against the GT of an ingest or
+    refine output (`gt_uri`) on the current Ray instance (see the module docstring), then
+    writes the stage output at `output_uri` when given; returns the metrics.
 
     An output already complete with the same config and inputs is not recomputed: its stored
     metrics are returned. When no image could be scored, nothing is committed (`images` is 0
     in the returned metrics).
 
+    Args:
+        num_cpus_per_task: CPUs reserved per scoring task.
+        report: progress sink, one line per call.
+
     Raises:
+        IncompleteOutputError: an input has no `_SUCCESS`.
+        ValueError: wrong stages, missing columns, or incompatible class spaces.
         StageConflictError: the output holds another run (and not `overwrite`).
     """
-    out, manifests = None, None
+    pred = read_manifest(resolve(pred_uri, storage))
+    gt = read_manifest(resolve(gt_uri, storage))
+    out = None
     if output_uri is not None:
-        pred, gt = (
-            read_manifest(resolve(pred_uri, storage)),
-            read_manifest(resolve(gt_uri, storage)),
-        )
-        manifests = (pred, gt)
         out = StageOutput.open(
             resolve(output_uri, storage),
             stage="evaluate",
@@ -354,13 +312,7 @@ def run_evaluate(
         if out.state is StageState.DONE:
             return dict(already_done(out, report)["metrics"] or {})
     result = evaluate_outputs(
-        pred_uri,
-        gt_uri,
-        storage=storage,
-        config=config,
-        num_cpus_per_task=num_cpus_per_task,
-        report=report,
-        manifests=manifests,
+        pred, gt, config, storage=storage, num_cpus_per_task=num_cpus_per_task, report=report
     )
     if out is not None and result.counts["scored"]:  # an evaluation of nothing is a failure
         write_evaluation(out, result)

@@ -1,10 +1,8 @@
 """The model checkpoint of the pseudo-mask stage: read once, verified, refused when unsafe.
 
-The checkpoint is train's `model.pt` export (`pipelines.train.export.export_model`): one
-`torch.save` of plain containers and tensors. It is read from storage into memory, hashed
-(SHA-256 of the file's bytes: the digest every pseudo-mask output records) and loaded with
-`torch.load(..., weights_only=True)`, which rebuilds tensors and plain containers and refuses
-every other pickle global — a file that would run code (`os.system` in a `__reduce__`) is
+Train's `model.pt` export (`pipelines.train.export.export_model`) is read into memory, hashed
+(the SHA-256 every pseudo-mask output records) and loaded with `weights_only=True`, which
+refuses every pickle global but tensors and plain containers: a file that would run code is
 refused without running it. Only then does the driver start Ray work; the actors receive the
 same bytes through the object store, check the digest and load them the same way.
 """
@@ -42,12 +40,10 @@ class VerifiedCheckpoint:
 
 
 def load_export_payload(data: bytes, *, where: str) -> dict[str, Any]:
-    """The export payload of checkpoint bytes, loaded with `weights_only=True` and checked
-    (`pipelines.training.checkpoint.read_export_payload`).
+    """The checked export payload of checkpoint bytes (`read_export_payload`).
 
     Raises:
-        CheckpointRefused: not loadable with weights_only (e.g. a pickle that would run code),
-            or not a WeakCLIP export.
+        CheckpointRefused: not loadable with weights_only, or not a WeakCLIP export.
     """
     from pipelines.training.checkpoint import read_export_payload
 
@@ -92,8 +88,7 @@ def verify_checkpoint(
 
 
 def build_model(data: bytes, *, sha256: str) -> tuple[Any, Any]:
-    """The `WeakCLIP` of verified checkpoint bytes (in eval mode) and its `WeakCLIPConfig`;
-    runs inside the actors.
+    """The `WeakCLIP` (eval mode) and `WeakCLIPConfig` of verified checkpoint bytes (actors).
 
     Raises:
         CheckpointRefused: the bytes are not the verified checkpoint, or do not load.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from pipelines.cli.config import NULL
@@ -12,18 +12,14 @@ from pipelines.cli.options import (
     JobOptions,
     add_max_error_fraction,
     add_progress_every,
+    given,
     stage_kwargs,
 )
 from pipelines.pseudo_masks.checkpoint import VerifiedCheckpoint
-from weakclip.config import COCO_POST_CRF, VOC_POST_CRF, InferenceConfig
+from weakclip.config import COCO_POST_CRF, VOC_POST_CRF, CRFConfig, InferenceConfig
 
-_CRF_FIELDS = (
-    "gaussian_sxy",
-    "gaussian_compat",
-    "bilateral_sxy",
-    "bilateral_srgb",
-    "bilateral_compat",
-)
+_CRF_FIELDS = {f.name: f.name for f in fields(CRFConfig)} | {"iterations": "crf_iterations"}
+_INFERENCE_FIELDS = {k: k for k in ("scales", "short_side", "flip", "window", "stride")}
 
 
 @dataclass(frozen=True)
@@ -78,19 +74,17 @@ class PseudoMaskConfig:
     def inference(self, base: InferenceConfig, class_space: str) -> InferenceConfig:
         """The resolved settings: `base` (the checkpoint's) with the given fields over it."""
         published = COCO_POST_CRF if class_space.startswith("coco") else VOC_POST_CRF
-        crf = replace(
-            published,
-            **{k: getattr(self, k) for k in _CRF_FIELDS if getattr(self, k) is not None},
-            **({"iterations": self.crf_iterations} if self.crf_iterations is not None else {}),
-        )
-        given = {
-            k: getattr(self, k)
-            for k in ("scales", "short_side", "flip", "window", "stride")
-            if getattr(self, k) is not None
-        }
+        crf = replace(published, **self._given(_CRF_FIELDS))
+        restrict = self.restrict_to_image_classes
         return replace(
-            base, **given, restrict_to_image_classes=self.restrict_to_image_classes, crf=crf
+            base, **self._given(_INFERENCE_FIELDS), restrict_to_image_classes=restrict, crf=crf
         )
+
+    def _given(self, names: dict[str, str]) -> dict[str, Any]:
+        """{their field: our value} of `names` ({their field: our field}) given (not None)."""
+        return {
+            k: getattr(self, ours) for k, ours in names.items() if getattr(self, ours) is not None
+        }
 
 
 def stage_config(
@@ -150,18 +144,16 @@ def add_options(stage: argparse._ArgumentGroup) -> None:
 
 def config_fields(args: argparse.Namespace) -> dict[str, Any]:
     """The config fields the flags set (None: not given; `--splits all` sets `splits` to None)."""
-    fields: dict[str, Any] = {
-        "scales": args.scales,
+    flags: dict[str, Any] = {
+        **given(args, "scales", "report_images", "max_error_fraction"),
         "flip": False if args.no_flip else None,
         "restrict_to_image_classes": False if args.no_restrict else None,
         "use_crf": False if args.no_crf else None,
-        "report_images": args.report_images,
-        "max_error_fraction": args.max_error_fraction,
     }
     if args.splits is not None:
         names = tuple(s.strip() for s in args.splits.split(",") if s.strip())
-        fields["splits"] = NULL if args.splits == "all" else names
-    return fields
+        flags["splits"] = NULL if args.splits == "all" else names
+    return flags
 
 
 def run_options(args: argparse.Namespace, options: JobOptions) -> dict[str, Any]:

@@ -1,11 +1,9 @@
 """The model stage of the pseudo-mask pipeline: multi-scale + flip inference in an actor pool.
 
-`MaskPredictor` is a Ray Data callable class (one model replica per actor, built once in
-`__init__` from the verified checkpoint bytes; `__call__` under `torch.inference_mode()`, and
-bf16 autocast on GPU). Per image it runs `weakclip.inference.multiscale_probabilities`, keeps
-only the planes of the allowed classes (background + the image's labels when restricted; all K
-otherwise) and hands them on as float16 bytes: the CRF runs in a separate CPU stage
-(`pipelines.pseudo_masks.rows.postprocess_rows`), so the model never waits for it.
+`MaskPredictor` holds one model replica per actor (built once from the verified checkpoint
+bytes; inference mode, bf16 autocast on GPU) and hands on the planes of the allowed classes as
+float16 bytes: the CRF runs in a separate CPU stage (`rows.postprocess_rows`), so the model
+never waits for it.
 """
 
 from __future__ import annotations
@@ -45,20 +43,12 @@ def predict_probabilities(
     pixel_std: Sequence[float],
     device: torch.device,
 ) -> np.ndarray:
-    """Probabilities of `classes` for one image, averaged over scales and flips.
+    """C x H x W float16 probabilities of the C ascending `classes` for one H x W x 3 uint8
+    RGB image, averaged over the scales and flips of `inference`.
 
-    Args:
-        model_fn: B x 3 x h x w normalised images -> B x K x h' x w' logits.
-        image: H x W x 3 uint8 RGB.
-        classes: C ascending class ids to keep; with C < K the other classes get -inf logits
-            before every softmax (the restriction of docs/METHOD.md), so the kept planes sum to 1.
-        num_classes: K.
-        inference: scales, short side, flip, window, stride.
-        pixel_mean, pixel_std: RGB normalisation on the 0-255 scale.
-        device: where the model runs.
-
-    Returns:
-        C x H x W float16 probabilities (C-order).
+    `model_fn` maps B x 3 x h x w normalised images (`pixel_mean`, `pixel_std` on the 0-255
+    scale) to B x K x h' x w' logits; with C < K the other classes get -inf logits before
+    every softmax (the restriction of docs/METHOD.md), so the kept planes sum to 1.
     """
     if len(classes) == 1:  # nothing to choose between: skip the model
         return np.ones((1, *image.shape[:2]), np.float16)
@@ -100,14 +90,9 @@ class MaskPredictor:
         use_gpu: bool,
         threads: int | None = None,
     ) -> None:
-        """
-        Args:
-            checkpoint: the checkpoint bytes, or a one-element list holding their ObjectRef.
-            sha256: the verified digest the bytes must have.
-            inference: the resolved inference settings.
-            use_gpu: run on CUDA (the actor was given a GPU).
-            threads: torch CPU threads (None keeps torch's default).
-        """
+        """`checkpoint`: its bytes, or a one-element list holding their ObjectRef, with the
+        verified digest `sha256`; `use_gpu`: run on CUDA (the actor was given a GPU);
+        `threads`: torch CPU threads (None keeps torch's default)."""
         from pipelines.pseudo_masks.checkpoint import build_model
 
         if isinstance(checkpoint, list):
@@ -130,50 +115,46 @@ class MaskPredictor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         metas, probs_out = [], []
-        autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if self.device.type == "cuda"
-            else nullcontext()
-        )
+        cuda = self.device.type == "cuda"
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
         with torch.inference_mode(), autocast:
             for meta_json, image_bytes in zip(batch[META], batch[IMAGE], strict=True):
                 meta = json.loads(meta_json)
-                probs = b""
-                if not meta.get("reason"):
-                    started = time.perf_counter()
-                    classes = allowed_classes(
-                        meta["labels"],
-                        self.num_classes,
-                        restrict=self.inference.restrict_to_image_classes,
-                    )
-                    try:
-                        image = decode_rgb(
-                            bytes(image_bytes), height=meta["height"], width=meta["width"]
-                        )
-                        probs = predict_probabilities(
-                            self._model_fn,
-                            image,
-                            classes,
-                            num_classes=self.num_classes,
-                            inference=self.inference,
-                            pixel_mean=self.pixel_mean,
-                            pixel_std=self.pixel_std,
-                            device=self.device,
-                        ).tobytes()
-                        meta["prob_classes"] = classes
-                    except ValueError as exc:  # RowRejected included
-                        meta["reason"] = getattr(exc, "reason", f"inference failed: {exc}")
-                    meta["infer_s"] = time.perf_counter() - started
-                    meta["model_done_at"] = time.time()
-                    meta["actor"] = self._memory()
+                probs_out.append(b"" if meta.get("reason") else self._predict(meta, image_bytes))
                 metas.append(json.dumps(meta))
-                probs_out.append(probs)
         return {
             META: np.asarray(metas, dtype=object),
             IMAGE: batch[IMAGE],
             GT: batch[GT],
             PROBS: np.asarray(probs_out, dtype=object),
         }
+
+    def _predict(self, meta: dict[str, Any], image_bytes: bytes) -> bytes:
+        """The probabilities of one row (b"" and `meta["reason"]` when it fails); `meta` gains
+        `prob_classes`, `infer_s` and `actor`."""
+        started = time.perf_counter()
+        classes = allowed_classes(
+            meta["labels"], self.num_classes, restrict=self.inference.restrict_to_image_classes
+        )
+        probs = b""
+        try:
+            image = decode_rgb(bytes(image_bytes), height=meta["height"], width=meta["width"])
+            probs = predict_probabilities(
+                self._model_fn,
+                image,
+                classes,
+                num_classes=self.num_classes,
+                inference=self.inference,
+                pixel_mean=self.pixel_mean,
+                pixel_std=self.pixel_std,
+                device=self.device,
+            ).tobytes()
+            meta["prob_classes"] = classes
+        except ValueError as exc:  # RowRejected included
+            meta["reason"] = getattr(exc, "reason", f"inference failed: {exc}")
+        meta["infer_s"] = time.perf_counter() - started
+        meta["actor"] = self._memory()
+        return probs
 
     def _memory(self) -> dict[str, Any]:
         """This actor's id and peak memory (resident set; CUDA allocations on GPU)."""

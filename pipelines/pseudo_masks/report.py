@@ -1,17 +1,15 @@
 """The visual report of a pseudo-mask output: image | CAM argmax | seed | pseudo mask | GT.
 
-A deterministic sample of the written masks (`pipelines.report.sample_ids`). The panels come
-from where they live: the image, GT and (refine input) seed from the input rows, the mask from
-`masks/<id>.png` just written, the CAM argmax from the ingest output — the input itself, or for
-a refine input the ingest output its manifest names as `inputs[0]`. A CAM that cannot be found
-leaves its panel out (said on the progress sink); anything else that fails is an error.
-Only the sampled rows are read (their row groups, by position), so the driver never holds more
-than `count` images.
+The panels of the sampled masks come from where they live: the image, GT and (refine input)
+seed from the input rows, the mask from `masks/<id>.png` just written, the CAM argmax from the
+ingest output — the input itself, or for a refine input the ingest output its manifest names
+as `inputs[0]`. A CAM that cannot be found leaves its panel out (said on the progress sink);
+anything else that fails is an error. Only the sampled rows are read (their row groups, by
+position), so the driver never holds more than the sampled images.
 """
 
 from __future__ import annotations
 
-import logging
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -19,14 +17,13 @@ from typing import Any
 import numpy as np
 
 from pipelines.io import schema
-from pipelines.io.codecs import decode_cam_column, decode_label_png, decode_rgb
-from pipelines.io.manifest import FileEntry, Manifest, read_manifest
+from pipelines.io.codecs import decode_label_png, decode_rgb
+from pipelines.io.manifest import Manifest, read_manifest
 from pipelines.io.parquet import read_row_group, read_shard
 from pipelines.io.storage import Location, read_bytes, redact, resolve
 from pipelines.pseudo_masks.rows import mask_rel
-from pipelines.seeds import cam_argmax
-
-log = logging.getLogger(__name__)
+from pipelines.pseudo_masks.rows import row_cam_argmax as _cam_argmax
+from pipelines.report import ReportRow
 
 
 def _read_rows(loc: Location, path: str, row_group: int, columns: Sequence[str]) -> list[dict]:
@@ -53,13 +50,6 @@ def _ingest_cams(ingest: Manifest, ids: set[str], *, bg_threshold: float) -> dic
     return found
 
 
-def _cam_argmax(row: Mapping[str, Any], bg_threshold: float) -> np.ndarray:
-    """H x W CAM argmax of an ingest row."""
-    classes = [int(c) for c in row[schema.CAM_CLASSES] or []]
-    planes = decode_cam_column(row[schema.CAM], len(classes), row[schema.HEIGHT], row[schema.WIDTH])
-    return cam_argmax(planes, classes, bg_threshold=bg_threshold)
-
-
 def build_report_rows(
     sample: Mapping[str, tuple[str, int, int]],
     *,
@@ -68,18 +58,9 @@ def build_report_rows(
     output_loc: Location,
     bg_threshold: float,
     report: Callable[[str], Any] = print,
-) -> list[Any]:
-    """`ReportRow`s of the sampled images.
-
-    Args:
-        sample: image id → (input shard path, row group, row index in the group).
-        input_loc, source: the stage's input and its manifest.
-        output_loc: the stage output holding `masks/`.
-        bg_threshold: background plane of the CAM argmax.
-        report: where a missing CAM source is said.
-    """
-    from pipelines.report import ReportRow
-
+) -> list[ReportRow]:
+    """`ReportRow`s of the `sample` (image id → (input shard, row group, row index in it)),
+    masks from `output_loc`; `report` says when the CAM source is missing."""
     by_group: dict[tuple[str, int], list[tuple[str, int]]] = defaultdict(list)
     for image_id, (path, group, row) in sample.items():
         by_group[(path, group)].append((image_id, row))
@@ -118,47 +99,3 @@ def build_report_rows(
             )
         )
     return rows
-
-
-def write_stage_report(
-    records: Sequence[Mapping[str, Any]],
-    *,
-    count: int,
-    input_loc: Location,
-    source: Manifest,
-    output_loc: Location,
-    bg_threshold: float,
-    checkpoint_sha256: str,
-    metrics: Mapping[str, Any] | None,
-    report: Callable[[str], Any] = print,
-) -> list[FileEntry]:
-    """Writes `report/` for `count` images sampled from the units' records; returns its files
-    for the manifest."""
-    from pipelines.report import sample_ids, write_report
-
-    where = {
-        image_id: (r["path"], r["row_group"], index)
-        for r in records
-        for image_id, index in r["images"]
-    }
-    chosen = sample_ids(sorted(where), count)
-    shown: dict[str, Any] | None = None
-    if metrics is not None:
-        shown = {
-            f"mIoU {key.replace('_', ' ')}": metrics[key]["miou"]
-            for key in ("cam_argmax", "seeds", "pseudo_masks")
-            if key in metrics
-        }
-        shown["images with ground truth"] = metrics["gt_images"]
-    rows = build_report_rows(
-        {i: where[i] for i in chosen},
-        input_loc=input_loc,
-        source=source,
-        output_loc=output_loc,
-        bg_threshold=bg_threshold,
-        report=report,
-    )
-    title = f"Pseudo masks ({source.class_space}), checkpoint {checkpoint_sha256[:12]}"
-    return write_report(
-        output_loc, rows, class_names=source.class_names, title=title, metrics=shown
-    )

@@ -1,19 +1,13 @@
 """Per-row work of the pseudo-mask stage that needs no model: validation and CRF post-processing.
 
-Pure functions on bytes and arrays (unit-tested without Ray), plus the thin Ray Data batch
-wrappers `read_unit` (CPU tasks, first stage) and `postprocess_rows` (CPU tasks, last stage).
-The model stage between them is `pipelines.pseudo_masks.infer.MaskPredictor`.
-
-Rows travel between the stages as four columns: `meta` (a small JSON object: image id, unit,
-size, labels, split, the reason when the row was rejected, baseline confusion counts, timings),
-`image` (the encoded image bytes as stored), `gt` (ground-truth PNG bytes, empty when none) and,
-after the model, `probs` (float16 C-order bytes of the C x H x W probabilities of the classes
-in `meta["prob_classes"]`: background + the image's classes when restricted). A rejected row
-keeps flowing with its reason so that the driver can account for every row of a unit.
-
-Confusion counts leave a task in sparse form (`sparse_confusion`): an image holds a handful of
-classes, so a few (index, count) pairs replace a K x (K + 1) matrix (8,372 entries for COCO);
-the driver sums them per unit and writes one sparse matrix per unit record.
+Pure functions on bytes and arrays, plus the Ray Data batch wrappers `read_unit` (first stage)
+and `postprocess_rows` (last stage) around the model stage (`infer.MaskPredictor`). Rows travel
+between the stages as columns `meta` (JSON: image id, unit, size, labels, split, the reason
+when rejected, baseline confusion counts, timings), `image` (encoded bytes as stored), `gt`
+(PNG bytes, b"" when none) and, after the model, `probs` (float16 C x H x W bytes of the classes
+`meta["prob_classes"]`). A rejected row keeps flowing with its reason, so the driver accounts
+for every row of a unit. Confusion counts are sparse (`to_sparse`): an image holds a handful of
+classes, so a few (index, count) pairs replace a K x (K + 1) matrix (8,372 entries for COCO).
 """
 
 from __future__ import annotations
@@ -48,21 +42,13 @@ META, IMAGE, GT, PROBS = "meta", "image", "gt", "probs"  # columns between the s
 
 @dataclass(frozen=True)
 class RowSpec:
-    """What the first stage needs to know about the input (picklable, sent to tasks).
+    """What the first stage needs to know about the input (picklable, sent to tasks)."""
 
-    Attributes:
-        num_classes: K, size of the class space.
-        input_stage: "ingest" (baseline: CAM argmax) or "refine" (baseline: seeds).
-        splits: splits to process; None = every row. Rows without a split always count.
-        cam_bg_threshold: background plane of the CAM-argmax baseline (ingest input).
-        max_pixels: images above this are rejected before decoding.
-    """
-
-    num_classes: int
-    input_stage: str
-    splits: tuple[str, ...] | None
-    cam_bg_threshold: float = 0.43
-    max_pixels: int = MAX_PIXELS
+    num_classes: int  # K, size of the class space
+    input_stage: str  # "ingest" (baseline: CAM argmax) or "refine" (baseline: seeds)
+    splits: tuple[str, ...] | None  # None = every row; rows without a split always count
+    cam_bg_threshold: float = 0.43  # background plane of the CAM-argmax baseline
+    max_pixels: int = MAX_PIXELS  # images above this are rejected before decoding
 
     @property
     def baseline(self) -> str:
@@ -71,23 +57,14 @@ class RowSpec:
 
 @dataclass(frozen=True)
 class PseudoUnit:
-    """One input row group, the stage's unit of work and of resumption.
+    """One input row group, the stage's unit of work and of resumption."""
 
-    Attributes:
-        name: "<shard stem>-rg<NNNN>", names the unit's index shard and record.
-        path: input shard, relative to the input directory.
-        row_group: row group index in that shard.
-        rows: rows in the row group.
-        selected: rows in the chosen splits (what the unit emits).
-        duplicates: row index (as a string) → reason, rows whose id an earlier row already has.
-    """
-
-    name: str
-    path: str
+    name: str  # `pipelines.units.unit_name`: names the unit's index shard and record
+    path: str  # input shard, relative to the input directory
     row_group: int
-    rows: int
-    selected: int
-    duplicates: dict[str, str]
+    rows: int  # rows in the row group
+    selected: int  # rows in the chosen splits (what the unit emits)
+    duplicates: dict[str, str]  # row index (as a string) → reason: an earlier row has its id
 
 
 def in_splits(split: Any, splits: tuple[str, ...] | None) -> bool:
@@ -100,15 +77,9 @@ def mask_rel(image_id: str) -> str:
     return f"{MASK_DIR}/{image_id}.png"
 
 
-# ---------------------------------------------------------------------------------------------
-# Sparse confusion counts
-
-
 def sparse_confusion(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> dict[str, list[int]]:
-    """The non-zero entries of `confusion_matrix(pred, gt, K)` as flat indices and counts."""
-    flat = confusion_matrix(pred, gt, num_classes).ravel()
-    index = np.flatnonzero(flat)
-    return {"idx": index.tolist(), "cnt": flat[index].tolist()}
+    """`confusion_matrix(pred, gt, K)` in the sparse form of `to_sparse`."""
+    return to_sparse(confusion_matrix(pred, gt, num_classes))
 
 
 def add_sparse(matrix: np.ndarray, sparse: Mapping[str, Sequence[int]]) -> None:
@@ -127,14 +98,21 @@ def add_sparse(matrix: np.ndarray, sparse: Mapping[str, Sequence[int]]) -> None:
 
 
 def to_sparse(matrix: np.ndarray) -> dict[str, list[int]]:
-    """A whole matrix in the sparse form of `sparse_confusion`."""
+    """The non-zero entries of a matrix as flat indices and counts."""
     flat = matrix.ravel()
     index = np.flatnonzero(flat)
     return {"idx": index.tolist(), "cnt": flat[index].tolist()}
 
 
-# ---------------------------------------------------------------------------------------------
-# Stage 1: read and validate (CPU task per unit)
+def row_cam_argmax(row: Mapping[str, Any], bg_threshold: float) -> np.ndarray:
+    """H x W CAM argmax of an ingest row.
+
+    Raises:
+        ValueError: the CAM bytes do not match the row's size and CAM classes.
+    """
+    classes = [int(c) for c in row[schema.CAM_CLASSES] or []]
+    planes = decode_cam_column(row[schema.CAM], len(classes), row[schema.HEIGHT], row[schema.WIDTH])
+    return cam_argmax(planes, classes, bg_threshold=bg_threshold)
 
 
 def check_labels(raw: Any, num_classes: int) -> list[int]:
@@ -157,11 +135,8 @@ def check_labels(raw: Any, num_classes: int) -> list[int]:
 
 
 def prepare_row(row: Mapping[str, Any], spec: RowSpec) -> tuple[dict[str, Any], bytes, bytes]:
-    """Validates one input row and scores its baseline against the ground truth.
-
-    Args:
-        row: the input columns of one row (ingest or refine shard).
-        spec: class space, input kind and limits.
+    """Validates one input row (ingest or refine columns) and scores its baseline against the
+    ground truth.
 
     Returns:
         (meta, image bytes, GT bytes or b""); meta holds `image_id`, `height`, `width`,
@@ -208,8 +183,7 @@ def prepare_row(row: Mapping[str, Any], spec: RowSpec) -> tuple[dict[str, Any], 
         ):
             raise RowRejected("missing CAM or CAM classes outside the class space")
         try:
-            cams = decode_cam_column(row[schema.CAM], len(classes), height, width)
-            baseline = cam_argmax(cams, classes, bg_threshold=spec.cam_bg_threshold)
+            baseline = row_cam_argmax(row, spec.cam_bg_threshold)
         except ValueError as exc:
             raise RowRejected(f"undecodable CAM: {exc}") from None
     if gt is not None:
@@ -220,16 +194,8 @@ def prepare_row(row: Mapping[str, Any], spec: RowSpec) -> tuple[dict[str, Any], 
 def read_columns(stage: str) -> tuple[str, ...]:
     """Input columns the first stage reads for an ingest or refine input."""
     extra = (schema.SEED,) if stage == "refine" else (schema.CAM, schema.CAM_CLASSES)
-    return (
-        schema.IMAGE_ID,
-        schema.IMAGE,
-        schema.HEIGHT,
-        schema.WIDTH,
-        schema.LABELS,
-        schema.GT,
-        schema.SPLIT,
-        *extra,
-    )
+    base = (schema.IMAGE_ID, schema.IMAGE, schema.HEIGHT, schema.WIDTH, schema.LABELS)
+    return (*base, schema.GT, schema.SPLIT, *extra)
 
 
 def read_row_group(input_loc: Location, unit: PseudoUnit, stage: str) -> pa.Table:
@@ -270,10 +236,6 @@ def read_unit(
     }
 
 
-# ---------------------------------------------------------------------------------------------
-# Stage 3: CRF post-processing and the mask file (CPU task per row)
-
-
 def postprocess(
     image: np.ndarray,
     probs: np.ndarray,
@@ -281,28 +243,16 @@ def postprocess(
     *,
     crf: CRFConfig | None,
 ) -> np.ndarray:
-    """The pseudo mask of one image from its class probabilities.
-
-    Args:
-        image: H x W x 3 uint8 RGB.
-        probs: C x H x W probabilities of `classes` (any float dtype).
-        classes: C class ids of the planes, ascending, in the full class space.
-        crf: post-processing CRF (softmax unary); None takes the argmax of `probs`.
-
-    Returns:
-        H x W uint8 class ids, each one of `classes`.
-    """
+    """H x W uint8 pseudo mask (each pixel one of `classes`) of an H x W x 3 uint8 image from
+    the C x H x W probabilities of its C ascending `classes`: the post-processing CRF (softmax
+    unary), or with `crf` None the argmax."""
     from weakclip.crf import dense_crf
 
     lookup = np.asarray(classes, dtype=np.uint8)
     if probs.shape[0] == 1:
         return np.full(probs.shape[1:], lookup[0], np.uint8)
     if crf is not None:
-        probs = dense_crf(
-            image,
-            np.asarray(probs, dtype=np.float32),
-            **crf_kwargs(crf),
-        )
+        probs = dense_crf(image, np.asarray(probs, dtype=np.float32), **crf_kwargs(crf))
     return lookup[np.asarray(probs).argmax(axis=0)]
 
 
@@ -338,35 +288,20 @@ def finish_row(
     crf_seconds = time.perf_counter() - started
     data = encode_label_png(mask)
     write_bytes_atomic(output_loc, mask_rel(meta["image_id"]), data)
-    result = {**meta, "mask_bytes": len(data), "crf_s": crf_seconds, "mask_done_at": time.time()}
+    result = {**meta, "mask_bytes": len(data), "crf_s": crf_seconds}
     if meta.get("has_gt"):
         gt = decode_label_png(gt_bytes)
         result["pseudo_masks"] = sparse_confusion(mask, gt, num_classes)
     return result
 
 
-def postprocess_rows(
-    batch: dict[str, np.ndarray],
-    *,
-    output_loc: Location,
-    crf: CRFConfig | None,
-    num_classes: int,
-) -> dict[str, np.ndarray]:
-    """Ray Data wrapper of `finish_row`: `meta`, `image`, `gt`, `probs` in; `meta` out."""
+def postprocess_rows(batch: dict[str, np.ndarray], **finish: Any) -> dict[str, np.ndarray]:
+    """Ray Data wrapper of `finish_row` (`finish`: its keyword arguments): `meta`, `image`,
+    `gt`, `probs` in; `meta` out."""
     out = []
-    for meta_json, image_bytes, gt_bytes, probs_bytes in zip(
-        batch[META], batch[IMAGE], batch[GT], batch[PROBS], strict=True
-    ):
+    for meta_json, *data in zip(batch[META], batch[IMAGE], batch[GT], batch[PROBS], strict=True):
         meta = json.loads(meta_json)
         if not meta.get("reason"):
-            meta = finish_row(
-                meta,
-                bytes(image_bytes),
-                bytes(gt_bytes),
-                bytes(probs_bytes),
-                output_loc=output_loc,
-                crf=crf,
-                num_classes=num_classes,
-            )
+            meta = finish_row(meta, *(bytes(d) for d in data), **finish)
         out.append(json.dumps(meta))
     return {META: np.asarray(out, dtype=object)}

@@ -19,31 +19,26 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
+from pipelines import units as core
 from pipelines.io.manifest import FileEntry, Manifest, StageOutput, StageState, read_manifest
 from pipelines.io.storage import Location, StorageOptions, resolve
-from pipelines.pseudo_masks import units as units_mod
+from pipelines.metrics import summed_metrics
 from pipelines.pseudo_masks.checkpoint import VerifiedCheckpoint, verify_checkpoint
 from pipelines.pseudo_masks.config import PseudoMaskConfig, stage_config
-from pipelines.pseudo_masks.report import write_stage_report
-from pipelines.pseudo_masks.rows import PseudoUnit, RowSpec
-from pipelines.units import (
-    StageResult,
-    already_done,
-    error_gate,
-    pct,
-    record_matches,
-    resume,
-    tally_records,
-)
-from weakclip.config import CRFConfig, InferenceConfig
+from pipelines.pseudo_masks.report import build_report_rows
+from pipelines.pseudo_masks.rows import PseudoUnit, RowSpec, add_sparse
+from pipelines.pseudo_masks.units import enumerate_units, finish_unit
+from pipelines.report import sample_ids, write_report
+from weakclip.config import InferenceConfig, WeakCLIPConfig, from_dict
 
 STAGE = "pseudo_masks"
 
 
 @dataclass(frozen=True)
-class PseudoMaskResult(StageResult):
+class PseudoMaskResult(core.StageResult):
     """`StageResult` with the timings of this call."""
 
     pipeline_seconds: float = 0.0  # wall time of the Ray Data pipeline (0 when nothing ran)
@@ -59,19 +54,18 @@ def check_class_names(source: Manifest, checkpoint: VerifiedCheckpoint) -> None:
     Raises:
         ValueError: the class names differ (count, order or spelling).
     """
-    if tuple(checkpoint.class_names) == tuple(source.class_names):
-        return
     ours, theirs = list(checkpoint.class_names), list(source.class_names)
+    if ours == theirs:
+        return
     first = next(
         (i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b),
         min(len(ours), len(theirs)),
     )
+    ours_first, theirs_first = (n[first] if first < len(n) else "-" for n in (ours, theirs))
     raise ValueError(
         f"class names differ: the checkpoint has {len(ours)} classes, the input "
         f"({source.class_space}) {len(theirs)}; first difference at class id {first} "
-        f"({ours[first] if first < len(ours) else '-'!r} vs "
-        f"{theirs[first] if first < len(theirs) else '-'!r}): use a model trained on this "
-        "class space"
+        f"({ours_first!r} vs {theirs_first!r}): use a model trained on this class space"
     )
 
 
@@ -117,7 +111,9 @@ def run_pseudo_masks(
     source = read_manifest(input_loc, stages=("ingest", "refine"))
     if not isinstance(checkpoint, VerifiedCheckpoint):
         checkpoint = verify_checkpoint(checkpoint, storage)
-    inference = _resolve_inference(config, checkpoint, source)
+    check_class_names(source, checkpoint)
+    model_config = from_dict(checkpoint.config, WeakCLIPConfig)
+    inference = config.inference(model_config.inference, source.class_space)
     out = StageOutput.open(
         output_loc,
         stage=STAGE,
@@ -126,10 +122,12 @@ def run_pseudo_masks(
         overwrite=overwrite,
     )
     if out.state is StageState.DONE:
-        return PseudoMaskResult(**already_done(out, report), seconds=time.monotonic() - started)
+        return PseudoMaskResult(
+            **core.already_done(out, report), seconds=time.monotonic() - started
+        )
     run = _Run(config, inference, checkpoint, source, input_loc, output_loc, report)
-    units = units_mod.enumerate_units(input_loc, source, splits=config.splits)
-    records = resume(out, {u.name: u for u in units}, record_matches)
+    units = enumerate_units(input_loc, source, splits=config.splits)
+    records = core.resume(out, {u.name: u for u in units}, core.record_matches)
     report(run.start_line(units, records))
     pool = _Pool(actor_pool_size, cpus_per_actor, num_cpus_per_task, batch_size, use_gpu)
     todo = [u for u in units if u.name not in records]
@@ -158,18 +156,17 @@ class _Run:
             cam_bg_threshold=self.config.cam_bg_threshold,
         )
 
-    @property
-    def crf(self) -> CRFConfig | None:
-        return self.inference.crf if self.config.use_crf else None
+    def finish(self, unit: PseudoUnit, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """`finish_unit` of a unit whose rows are all back (its record)."""
+        return finish_unit(unit, rows, self.output_loc, self.checkpoint.sha256, self.spec)
 
     def start_line(self, units: Sequence[PseudoUnit], records: Mapping[str, Any]) -> str:
         config, inference = self.config, self.inference
         classes = "restricted to image" if inference.restrict_to_image_classes else "all"
-        total_rows, selected = sum(u.rows for u in units), sum(u.selected for u in units)
         return (
-            f"pseudo_masks: {selected} of {total_rows} rows in split(s) "
-            f"{'all' if config.splits is None else ','.join(config.splits)} from "
-            f"{self.input_loc.uri}; {len(inference.scales)} scale(s)"
+            f"pseudo_masks: {sum(u.selected for u in units)} of {sum(u.rows for u in units)} "
+            f"rows in split(s) {'all' if config.splits is None else ','.join(config.splits)} "
+            f"from {self.input_loc.uri}; {len(inference.scales)} scale(s)"
             f"{' x flip' if inference.flip else ''}, "
             f"{classes} classes, CRF {'on' if config.use_crf else 'off'}; "
             f"checkpoint {self.checkpoint.sha256[:12]}"
@@ -187,7 +184,7 @@ def _gate_and_commit(
 ) -> PseudoMaskResult:
     """Sums the units' records, applies the error gate, writes the report and commits."""
     ordered = [records[u.name] for u in units]
-    tally = tally_records(ordered)
+    tally = core.tally_records(ordered)
     total_rows, selected = sum(u.rows for u in units), sum(u.selected for u in units)
     counts = {
         "input": total_rows,
@@ -199,33 +196,27 @@ def _gate_and_commit(
     if tally.output + tally.quarantined != selected:
         raise RuntimeError(f"row counts do not add up: {counts}")
     source, config, baseline = run.source, run.config, run.spec.baseline
-    metrics = units_mod.build_metrics(
+    metrics = summed_metrics(
         ordered,
-        class_names=source.class_names,
+        ("pseudo_masks", baseline),
+        source.class_names,
+        add_sparse,
         class_space=source.class_space,
-        baseline=baseline,
-        bg_threshold=config.cam_bg_threshold,
+        ground_truth="every processed row with ground truth (per split under by_split)",
+        headline="pseudo_masks",
+        extra={"cam_argmax_bg_threshold": config.cam_bg_threshold}
+        if baseline == "cam_argmax"
+        else None,
     )
     timing = dict(seconds=time.monotonic() - started, **run_timing)
-    uri = run.output_loc.uri
-    failure = error_gate(
+    result = partial(PseudoMaskResult, run.output_loc.uri, counts, metrics, **timing)
+    failure = core.error_gate(
         STAGE, tally, selected, config.max_error_fraction, run.output_loc, run.report
     )
     if failure is not None:
-        return PseudoMaskResult(uri, counts, metrics, False, failure, **timing)
-    report_files: list[FileEntry] = []
-    if config.report_images:
-        report_files = write_stage_report(
-            ordered,
-            count=config.report_images,
-            input_loc=run.input_loc,
-            source=source,
-            output_loc=run.output_loc,
-            bg_threshold=config.cam_bg_threshold,
-            checkpoint_sha256=run.checkpoint.sha256,
-            metrics=metrics,
-            report=run.report,
-        )
+        return result(False, failure)
+    report_files = _write_report(run, ordered, metrics) if config.report_images else []
+    ckpt = run.checkpoint
     out.commit(
         files=tally.files + report_files,
         counts=counts,
@@ -233,11 +224,7 @@ def _gate_and_commit(
         class_space=source.class_space,
         metrics=metrics,
         extra={
-            "checkpoint": {
-                "uri": run.checkpoint.uri,
-                "sha256": run.checkpoint.sha256,
-                "iteration": run.checkpoint.iteration,
-            },
+            "checkpoint": {"uri": ckpt.uri, "sha256": ckpt.sha256, "iteration": ckpt.iteration},
             "report": [f.path for f in report_files],
             "quarantine_reasons": dict(tally.reasons),
             "units": len(units),
@@ -247,28 +234,45 @@ def _gate_and_commit(
     if metrics is not None:
         scores = (
             f"; mIoU ({source.class_space}, {metrics['gt_images']} images with GT): "
-            f"{baseline.replace('_', ' ')} {pct(metrics[baseline]['miou'])}, "
-            f"pseudo masks {pct(metrics['pseudo_masks']['miou'])}"
+            f"{baseline.replace('_', ' ')} {core.pct(metrics[baseline]['miou'])}, "
+            f"pseudo masks {core.pct(metrics['pseudo_masks']['miou'])}"
         )
     message = (
-        f"pseudo_masks: {counts['output']} masks, {counts['quarantined']} quarantined"
+        f"pseudo_masks: {tally.output} masks, {tally.quarantined} quarantined"
         f"{tally.summary_suffix()}, {counts['skipped']} rows of other splits "
-        f"skipped{scores}; {uri} ({timing['seconds']:.0f} s)"
+        f"skipped{scores}; {run.output_loc.uri} ({timing['seconds']:.0f} s)"
     )
     run.report(message)
-    return PseudoMaskResult(uri, counts, metrics, True, message, **timing)
+    return result(True, message)
 
 
-def _resolve_inference(
-    config: PseudoMaskConfig, checkpoint: VerifiedCheckpoint, source: Manifest
-) -> InferenceConfig:
-    """The checkpoint's inference settings with the stage's options over them, once its class
-    names are known to be the input's (`check_class_names`)."""
-    check_class_names(source, checkpoint)
-    from weakclip.config import WeakCLIPConfig, from_dict
-
-    model_config = from_dict(checkpoint.config, WeakCLIPConfig)
-    return config.inference(model_config.inference, source.class_space)
+def _write_report(
+    run: _Run, records: Sequence[Mapping[str, Any]], metrics: Mapping[str, Any] | None
+) -> list[FileEntry]:
+    """Writes `report/` for `report_images` images sampled from the units' records; returns
+    its files for the manifest."""
+    where = {i: (r["path"], r["row_group"], n) for r in records for i, n in r["images"]}
+    shown: dict[str, Any] | None = None
+    if metrics is not None:
+        shown = {
+            f"mIoU {key.replace('_', ' ')}": metrics[key]["miou"]
+            for key in ("cam_argmax", "seeds", "pseudo_masks")
+            if key in metrics
+        }
+        shown["images with ground truth"] = metrics["gt_images"]
+    rows = build_report_rows(
+        {i: where[i] for i in sample_ids(sorted(where), run.config.report_images)},
+        input_loc=run.input_loc,
+        source=run.source,
+        output_loc=run.output_loc,
+        bg_threshold=run.config.cam_bg_threshold,
+        report=run.report,
+    )
+    space, sha256 = run.source.class_space, run.checkpoint.sha256
+    title = f"Pseudo masks ({space}), checkpoint {sha256[:12]}"
+    return write_report(
+        run.output_loc, rows, class_names=run.source.class_names, title=title, metrics=shown
+    )
 
 
 @dataclass(frozen=True)
@@ -290,15 +294,12 @@ def _run_units(
     progress_every: int | None,
 ) -> dict[str, Any]:
     """Streams the units without a record through the three operators; fills `records`."""
-    timing: dict[str, Any] = dict(
-        pipeline_seconds=0.0, infer_seconds=0.0, crf_seconds=0.0, images_run=0
-    )
-    sha256, spec = run.checkpoint.sha256, run.spec
+    timing: dict[str, Any] = dict(infer_seconds=0.0, crf_seconds=0.0)
     for unit in (u for u in todo if u.selected == 0):  # every row in other splits
-        records[unit.name] = units_mod.finish_unit(unit, [], run.output_loc, sha256, spec)
+        records[unit.name] = run.finish(unit, [])
     work = {u.name: u for u in todo if u.selected > 0}
     if not work:
-        return timing
+        return {}
     total = sum(u.selected for u in work.values())
     every = progress_every or max(1, total // 20)
     pending: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in work}
@@ -318,11 +319,9 @@ def _run_units(
             if actor := meta.get("actor"):
                 peak = actor["rss_mb"] + actor.get("cuda_mb", 0.0)
                 memory[actor["id"]] = max(memory.get(actor["id"], 0.0), peak)
-            unit = work[meta["unit"]]
-            if len(rows) == unit.selected:
-                back = list(pending.pop(unit.name).values())
-                finish = units_mod.finish_unit
-                writes.append(threads.submit(finish, unit, back, run.output_loc, sha256, spec))
+            if len(rows) == work[meta["unit"]].selected:
+                back = list(pending.pop(meta["unit"]).values())
+                writes.append(threads.submit(run.finish, work[meta["unit"]], back))
             if done % every == 0 or done == total:
                 elapsed = time.monotonic() - run_started
                 run.report(
@@ -379,7 +378,7 @@ def _dataset(run: _Run, work: Sequence[PseudoUnit], pool: _Pool) -> Any:
             num_cpus=pool.num_cpus_per_task,
             fn_kwargs={
                 "output_loc": run.output_loc,
-                "crf": run.crf,
+                "crf": run.inference.crf if run.config.use_crf else None,
                 "num_classes": run.spec.num_classes,
             },
         )

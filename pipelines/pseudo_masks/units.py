@@ -9,17 +9,16 @@ the unit, masks included, so that `pipelines.units.resume` redoes a unit whose m
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from pipelines.io import schema
 from pipelines.io.manifest import Manifest
 from pipelines.io.parquet import read_shard
 from pipelines.io.storage import Location
-from pipelines.metrics import NO_SPLIT, summed_metrics
+from pipelines.metrics import NO_SPLIT, sum_by_split
 from pipelines.pseudo_masks.rows import (
     PseudoUnit,
     RowSpec,
@@ -106,28 +105,17 @@ def finish_unit(
     checkpoint_sha256: str,
     spec: RowSpec,
 ) -> dict[str, Any]:
-    """Writes a complete unit's index shard, quarantine file and (last) its record.
-
-    Args:
-        unit: the unit.
-        rows: the `meta` of each of its selected rows, as the last stage returned them.
-        output_loc: the stage output.
-        checkpoint_sha256: recorded in every index row.
-        spec: class space and baseline name.
+    """Writes a complete unit's index shard, quarantine file and (last) its record, from the
+    `meta` of each of its selected rows (one per row) as the last stage returned them.
 
     Returns:
         The record: the unit's fields, `output`, `quarantined`, `files` (masks first),
         `images` ([image id, row index] of written masks), `reasons`, `confusion` ({split:
         {"images", "pseudo_masks", <baseline>}} as sparse counts), `infer_s`, `crf_s`.
     """
-    by_row = {int(r["row"]): r for r in rows}  # a retried batch cannot count a row twice
-    if len(by_row) != unit.selected:
-        raise RuntimeError(f"unit {unit.name}: {len(by_row)} rows back, {unit.selected} expected")
-    good = sorted((r for r in by_row.values() if not r.get("reason")), key=lambda r: r["image_id"])
+    good = sorted((r for r in rows if not r.get("reason")), key=lambda r: r["image_id"])
     source = f"{unit.path}#rg{unit.row_group}"
-    rejected = [
-        (str(r.get("image_id")), source, r["reason"]) for r in by_row.values() if r.get("reason")
-    ]
+    rejected = [(str(r.get("image_id")), source, r["reason"]) for r in rows if r.get("reason")]
     index = [
         {
             schema.IMAGE_ID: r["image_id"],
@@ -140,17 +128,12 @@ def finish_unit(
         }
         for r in good
     ]
-    shape = (spec.num_classes, spec.num_classes + 1)
-    keys = ("pseudo_masks", spec.baseline)
-    confusion: dict[str, dict[str, Any]] = {}
-    for r in (r for r in good if "pseudo_masks" in r):
-        acc = confusion.setdefault(
-            r.get("split") or NO_SPLIT,
-            {"images": 0, **{k: np.zeros(shape, np.int64) for k in keys}},
-        )
-        acc["images"] += 1
-        add_sparse(acc["pseudo_masks"], r["pseudo_masks"])
-        add_sparse(acc[spec.baseline], r["baseline"])
+    scored = [  # each scored row as a one-image record of `sum_by_split`
+        {"confusion": {r.get("split") or NO_SPLIT: {"images": 1, **_counts(r, spec.baseline)}}}
+        for r in good
+        if "pseudo_masks" in r
+    ]
+    confusion = sum_by_split(scored, ("pseudo_masks", spec.baseline), spec.num_classes, add_sparse)
     record = {
         **unit_fields(unit),
         "output": len(good),
@@ -169,26 +152,6 @@ def finish_unit(
     return write_unit(output_loc, unit.name, record, table=table, rejected=rejected, files=masks)
 
 
-def build_metrics(
-    records: Iterable[Mapping[str, Any]],
-    *,
-    class_names: Sequence[str],
-    class_space: str,
-    baseline: str,
-    bg_threshold: float,
-) -> dict[str, Any] | None:
-    """Manifest metrics from the units' confusion counts; None when no row has GT.
-
-    `pseudo_masks` and the baseline (`cam_argmax` for an ingest input, `seeds` for a refine
-    input) are scored on the same images: every processed row with ground truth.
-    """
-    return summed_metrics(
-        records,
-        ("pseudo_masks", baseline),
-        class_names,
-        add_sparse,
-        class_space=class_space,
-        ground_truth="every processed row with ground truth (per split under by_split)",
-        headline="pseudo_masks",
-        extra={"cam_argmax_bg_threshold": bg_threshold} if baseline == "cam_argmax" else None,
-    )
+def _counts(row: Mapping[str, Any], baseline: str) -> dict[str, Any]:
+    """The sparse confusion counts of a row with GT, by key."""
+    return {"pseudo_masks": row["pseudo_masks"], baseline: row["baseline"]}
