@@ -33,6 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_max_error_fraction(stage)
     stage.add_argument("--max-pixels", type=int, metavar="N", help="per image (default 50e6)")
     stage.add_argument("--rows-per-shard", type=int, metavar="N", help="default 256")
+    stage.add_argument(
+        "--rows-per-unit",
+        type=int,
+        metavar="N",
+        help="rows per Parquet row group of the shards = the unit of work of refine, "
+        "pseudo_masks and evaluate (default 16)",
+    )
     return parser
 
 
@@ -40,7 +47,13 @@ def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     options = job.stage_options(args, "ingest")
     fields = job.given(
-        args, "layout", "classes", "max_error_fraction", "max_pixels", "rows_per_shard"
+        args,
+        "layout",
+        "classes",
+        "max_error_fraction",
+        "max_pixels",
+        "rows_per_shard",
+        "rows_per_unit",
     )
     fields["splits"] = tuple(args.split) if args.split else None
     config = job.build_config(IngestConfig, args, fields)

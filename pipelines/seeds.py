@@ -2,29 +2,27 @@
 
 Two recipes:
 - `weaktr` (WeakTr / MCTformer): a constant background plane at `bg_threshold`, argmax, then
-  a CRF whose unary comes from those hard labels (`unary_from_labels`, gt_prob 0.7,
-  `zero_unsure=False`: label 0 is background, a real class; pydensecrf's default would treat
-  it as "unknown" and let the foreground flood it). Every pixel gets a label.
-- `clip-es` (CLIP-ES): background = (1 - max cam) ** bg_power, a softmax unary from the
-  normalised planes, and pixels whose CRF confidence is below `confidence_threshold` are set
-  to 255 (ignore).
+  a CRF whose unary comes from those hard labels (`unary_from_labels`, `zero_unsure=False`:
+  label 0 is background, a real class, not "unknown"). Every pixel gets a label.
+- `clip-es` (CLIP-ES): background = (1 - max cam) ** bg_power, a softmax unary, and pixels
+  whose CRF confidence is below `confidence_threshold` are set to 255 (ignore).
 
-Only background and the image's classes enter the CRF (K = 1 + number of CAM planes), which is
-several times cheaper than the whole class space; `restrict_to_present=False` runs it over the
-whole class space instead, for the benchmark. Labels come out in the dataset's full class space
-as uint8, 255 = ignore (docs/CONTRACTS.md, "Label maps").
+Only background and the image's classes enter the CRF (K = 1 + CAM planes), several times
+cheaper than the whole class space (`restrict_to_present=False`, for the benchmark). Labels
+are uint8 ids of the full class space, 255 = ignore (docs/CONTRACTS.md, "Label maps").
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
 import numpy as np
 from pydensecrf.utils import unary_from_labels
 
 from pipelines.io.schema import IGNORE_INDEX
+from weakclip.config import CRFConfig
 from weakclip.crf import crf_inference, dense_crf
 
 Method = Literal["weaktr", "clip-es"]
@@ -32,6 +30,18 @@ METHODS: tuple[str, ...] = ("weaktr", "clip-es")
 
 # CAM values may overshoot [0, 1] by rounding (float16 storage); beyond this they are refused.
 _CAM_RANGE_SLACK = 1e-3
+
+# SeedConfig's numeric fields, checked in this order: (names, test, what they must be).
+_FIELD_CHECKS: tuple[tuple[tuple[str, ...], Callable[[Any], bool], str], ...] = (
+    (("bg_threshold",), lambda x: 0 < x < 1, "in (0, 1)"),
+    (("bg_power",), lambda x: x > 0, "positive"),
+    (("iterations",), lambda x: int(x) == x and x >= 0, "a non-negative integer"),
+    (("gt_prob",), lambda x: 0 < x < 1, "in (0, 1)"),
+    (("gaussian_sxy", "bilateral_sxy", "bilateral_srgb"), lambda x: x > 0, "positive"),
+    (("gaussian_compat", "bilateral_compat"), lambda x: x >= 0, "non-negative"),
+    (("confidence_threshold",), lambda x: 0 < x <= 1, "in (0, 1]"),
+    (("prob_floor",), lambda x: 0 < x < 1, "in (0, 1)"),
+)
 
 
 @dataclass(frozen=True)
@@ -56,26 +66,10 @@ class SeedConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if not 0 < self.bg_threshold < 1:
-            raise ValueError(f"bg_threshold must be in (0, 1), got {self.bg_threshold}")
-        if not self.bg_power > 0:
-            raise ValueError(f"bg_power must be positive, got {self.bg_power}")
-        if int(self.iterations) != self.iterations or self.iterations < 0:
-            raise ValueError(f"iterations must be a non-negative integer, got {self.iterations}")
-        if not 0 < self.gt_prob < 1:
-            raise ValueError(f"gt_prob must be in (0, 1), got {self.gt_prob}")
-        for name in ("gaussian_sxy", "bilateral_sxy", "bilateral_srgb"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("gaussian_compat", "bilateral_compat"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
-        if not 0 < self.confidence_threshold <= 1:
-            raise ValueError(
-                f"confidence_threshold must be in (0, 1], got {self.confidence_threshold}"
-            )
-        if not 0 < self.prob_floor < 1:
-            raise ValueError(f"prob_floor must be in (0, 1), got {self.prob_floor}")
+        for names, ok, what in _FIELD_CHECKS:
+            for name in names:
+                if not ok(getattr(self, name)):
+                    raise ValueError(f"{name} must be {what}, got {getattr(self, name)}")
         if self.num_classes is not None and not 2 <= self.num_classes <= IGNORE_INDEX:
             raise ValueError(f"num_classes must be in [2, 255], got {self.num_classes}")
         if not self.restrict_to_present and self.num_classes is None:
@@ -83,10 +77,8 @@ class SeedConfig:
 
     @classmethod
     def for_method(cls, method: Method, **overrides: object) -> SeedConfig:
-        """The published CRF parameters of `method`, with any field overridden.
-
-        weaktr: Gaussian 4/3, bilateral 83/5/3 (VOC). clip-es: Gaussian 1/3, bilateral 67/3/4.
-        """
+        """The published CRF parameters of `method` (weaktr: Gaussian 4/3, bilateral 83/5/3
+        (VOC); clip-es: Gaussian 1/3, bilateral 67/3/4), with any field overridden."""
         base = cls(method=method)
         if method == "clip-es":
             base = replace(
@@ -99,14 +91,7 @@ class SeedConfig:
         return crf_kwargs(self)
 
 
-CRF_KWARGS = (
-    "iterations",
-    "gaussian_sxy",
-    "gaussian_compat",
-    "bilateral_sxy",
-    "bilateral_srgb",
-    "bilateral_compat",
-)
+CRF_KWARGS = tuple(f.name for f in fields(CRFConfig))  # iterations, gaussian_*, bilateral_*
 
 
 def crf_kwargs(params: Any) -> dict[str, float]:
@@ -163,20 +148,14 @@ def cam_to_probabilities(
     bg_threshold: float = 0.43,
     bg_power: float = 1.0,
 ) -> np.ndarray:
-    """Background plane + CAM planes, normalised to sum to 1 per pixel.
+    """Background plane + C x H x W CAM planes in [0, 1], normalised to sum to 1 per pixel.
 
-    Args:
-        cams: C x H x W CAMs in [0, 1], one plane per present foreground class.
-        method: "weaktr": a constant background plane at bg_threshold (MCTformer PSA uses
-            0.39, WeakTr 0.43 VOC / 0.42 COCO). "clip-es": background = (1 - max_c cam) **
-            bg_power (CLIP-ES's alpha; 1 by default, so background is as likely as the best
-            class is unlikely).
-        bg_threshold: weaktr only.
-        bg_power: clip-es only.
+    The background is a constant `bg_threshold` under "weaktr" (MCTformer PSA 0.39, WeakTr 0.43
+    VOC / 0.42 COCO), (1 - max_c cam) ** `bg_power` under "clip-es" (CLIP-ES's alpha).
 
     Returns:
-        (1 + C) x H x W float32, plane 0 = background. The per-pixel normalisation changes
-        neither the argmax nor, up to the unary floor, a softmax-unary CRF.
+        (1 + C) x H x W float32, plane 0 = background. The normalisation changes neither the
+        argmax nor, up to the unary floor, a softmax-unary CRF.
     """
     cams = _check_cams(cams)
     if method == "weaktr":
@@ -198,16 +177,9 @@ def cam_to_probabilities(
 def cam_argmax(
     cams: np.ndarray, cam_classes: Sequence[int] | np.ndarray, *, bg_threshold: float = 0.43
 ) -> np.ndarray:
-    """The unrefined baseline: argmax over a background plane at bg_threshold and the CAMs.
-
-    Args:
-        cams: C x H x W CAMs in [0, 1].
-        cam_classes: C foreground class ids (1..N - 1) of the planes.
-        bg_threshold: background plane value; ties go to background.
-
-    Returns:
-        H x W uint8 class ids in {0} ∪ cam_classes.
-    """
+    """The unrefined baseline: H x W uint8 argmax (ids in {0} ∪ `cam_classes`, the planes' C
+    foreground ids) over a background plane at `bg_threshold` (ties go to it) and the C x H x W
+    CAMs in [0, 1]."""
     cams = _check_cams(cams)
     classes = _check_classes(cam_classes, cams.shape[0], None)
     probs = cam_to_probabilities(cams, method="weaktr", bg_threshold=bg_threshold)
@@ -226,10 +198,8 @@ def refine_seed(
 
     Args:
         image: H x W x 3 uint8 RGB (read-only arrays are fine).
-        cams: C x H x W float CAMs in [0, 1] at the image size, one per present foreground
-            class (C may be 0: the whole image is background).
+        cams: C x H x W float CAMs in [0, 1], one per present foreground class (C may be 0).
         cam_classes: C class ids in the full class space (1..N - 1), one per plane.
-        config: recipe and CRF parameters.
 
     Returns:
         H x W uint8 labels in {0} ∪ cam_classes, plus 255 (ignore) under clip-es only.

@@ -51,9 +51,7 @@ Record = dict[str, Any]
 
 def unit_name(shard_path: str, row_group: int) -> str:
     """`<shard stem>-rg<NNNN>`: the name of a row-group unit and of everything it writes."""
-    stem = posixpath.basename(shard_path)
-    stem = stem[: -len(".parquet")] if stem.endswith(".parquet") else stem
-    return f"{stem}-rg{row_group:04d}"
+    return f"{posixpath.basename(shard_path).removesuffix('.parquet')}-rg{row_group:04d}"
 
 
 def shard_rel(unit: str) -> str:
@@ -104,12 +102,8 @@ def map_shards(fn: Callable[[str], T], shards: Sequence[str]) -> list[T]:
 
 
 def check_unit_names(names: Iterable[str]) -> None:
-    """Refuses units that would write over each other or outside the output.
-
-    Raises:
-        ValueError: two units share a name (input shards share a file name), or a name is
-            not a safe relative path.
-    """
+    """Refuses (ValueError) units that would write over each other (two units share a name:
+    input shards share a file name) or outside the output (an unsafe name)."""
     names = list(names)
     repeated = [n for n, c in Counter(names).items() if c > 1]
     if repeated:
@@ -127,11 +121,8 @@ def read_records(
     rel: Callable[[K], str],
 ) -> dict[K, Record]:
     """Completion records of `units` (key -> unit; the record of key `k` at `rel(k)` below
-    `loc`) in one batched read.
-
-    A record that is missing, torn, not a JSON object or not `matches(unit, record)` is left
-    out: its unit is redone.
-    """
+    `loc`) in one batched read; one missing, torn, not a JSON object or not `matches(unit,
+    record)` is left out (its unit is redone)."""
     keys = {str(key): key for key in units}
     found = read_json_objects(loc, {name: rel(key) for name, key in keys.items()})
     return {
@@ -211,21 +202,15 @@ def write_unit(
     record_dir: str = UNIT_DIR,
     drop_parenthesis: bool = False,
 ) -> Record:
-    """Writes what a unit made and, last, its completion record; returns the record.
+    """Writes what unit `unit` made into the stage output `loc` and, last, its completion record
+    (`record_rel(unit, record_dir)`): `record` (the stage's own fields) with `files`,
+    `quarantined` and `reasons` ({kind: count, `reason_kind`}), which it returns.
 
     Args:
-        loc: the stage output.
-        unit: the unit's name.
-        record: the stage's own fields of the record.
         table: the unit's rows (a `pyarrow.Table`), written to `shard_rel(unit)` unless empty.
         rejected: (image id, source, reason) of its quarantined rows, written to
             `quarantine/<unit>.parquet`.
         files: files the unit wrote itself (FileEntry dicts), listed first.
-        record_dir: where the record goes (`record_rel(unit, record_dir)`).
-        drop_parenthesis: how reasons are counted (`reason_kind`).
-
-    Returns:
-        `record` with `files`, `quarantined` and `reasons` ({kind: count}).
     """
     listed = [dict(f) for f in files]
     if table is not None and table.num_rows:

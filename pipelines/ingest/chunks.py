@@ -19,7 +19,7 @@ from pipelines.io.rows import RowRejected
 from pipelines.io.storage import Location, open_atomic
 from pipelines.units import each_unit, record_rel, shard_rel, write_unit
 
-_FETCH_GROUP = 16  # rows fetched concurrently and written as one Parquet row group
+_FETCH_GROUP = 16  # rows whose files are fetched concurrently
 CHUNK_DIR = "_chunks"  # completion records of finished chunks (bookkeeping, not data files)
 
 
@@ -30,49 +30,45 @@ def chunk_name(index: int) -> str:
 def ingest_chunk(batch: dict[str, np.ndarray], **kwargs: Any) -> dict[str, np.ndarray]:
     """Ray Data task body (`pipelines.units.each_unit`) of `write_chunk`: JSON chunks
     (`{"chunk", "entries"}`) in column `unit`, their records out."""
-    return each_unit(batch, _write_json_chunk, **kwargs)
-
-
-def _write_json_chunk(
-    unit: Mapping[str, Any], *, class_names: Sequence[str], space_name: str, **kwargs: Any
-) -> dict[str, Any]:
-    entries = [Entry(**e) for e in unit["entries"]]
-    space = ClassSpace(space_name, tuple(class_names))
-    return write_chunk(int(unit["chunk"]), entries, space=space, **kwargs)
+    return each_unit(batch, write_chunk, **kwargs)
 
 
 def write_chunk(
-    chunk: int,
-    entries: Sequence[Entry],
+    unit: Mapping[str, Any],
+    *,
     input_loc: Location,
     output_loc: Location,
     config: IngestConfig,
-    space: ClassSpace,
+    class_names: Sequence[str],
+    space_name: str,
 ) -> dict[str, Any]:
-    """Fetches, validates and writes one chunk; returns its completion record."""
+    """Fetches, validates and writes one chunk (`{"chunk", "entries"}`); returns its record."""
+    chunk, entries = int(unit["chunk"]), [Entry(**e) for e in unit["entries"]]
+    space = ClassSpace(space_name, tuple(class_names))
     limits = RowLimits(max_pixels=config.max_pixels)
     fs = input_loc.fs
     shard = shard_rel(chunk_name(chunk))
     good = 0
     rejected: list[tuple[str, str, str]] = []
+    pending: list[dict[str, Any]] = []  # rows of the row group being filled
     with open_atomic(output_loc, shard) as writer_file:
         with pq.ParquetWriter(writer_file, SHARD_SCHEMA, compression="zstd") as writer:
             for start in range(0, len(entries), _FETCH_GROUP):
                 group = entries[start : start + _FETCH_GROUP]
                 blobs = _fetch(fs, input_loc, [p for e in group for p in (e.image, e.cam, e.gt)])
                 images = _find_images(fs, input_loc, group, blobs)
-                rows = []
                 for entry in group:
                     try:
-                        rows.append(_row(entry, images, blobs, config, space, limits))
+                        pending.append(_row(entry, images, blobs, config, space, limits))
                     except RowRejected as exc:
                         source = entry.cam or entry.image or entry.image_id
                         rejected.append((entry.image_id, source, exc.reason))
-                if rows:
-                    writer.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA))
-                    good += len(rows)
-            if good == 0:
-                writer.write_table(SHARD_SCHEMA.empty_table())
+                    if len(pending) == config.rows_per_unit:
+                        writer.write_table(pa.Table.from_pylist(pending, schema=SHARD_SCHEMA))
+                        good, pending = good + len(pending), []
+            if pending or good == 0:  # the last, short row group (an empty shard has one)
+                writer.write_table(pa.Table.from_pylist(pending, schema=SHARD_SCHEMA))
+                good += len(pending)
     size = int(output_loc.fs.size(output_loc.join(*shard.split("/"))))
     return write_unit(
         output_loc,

@@ -8,6 +8,7 @@ from pipelines.ingest.rows import LAYOUTS
 from pipelines.io.codecs import MAX_PIXELS
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+DEFAULT_ROWS_PER_UNIT = 16
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,9 @@ class IngestConfig:
     max_error_fraction: float = 0.01  # above this share of quarantined rows the job fails
     max_pixels: int = MAX_PIXELS  # larger images are quarantined before decoding
     rows_per_shard: int = 256  # rows per output shard (≈ a few hundred MB at VOC size)
+    # rows per Parquet row group of the shards = the unit of work of refine, pseudo_masks and
+    # evaluate (the last row group of a shard may be shorter)
+    rows_per_unit: int = DEFAULT_ROWS_PER_UNIT
     image_dir: str = "JPEGImages"  # folders and files of the input layout
     cam_dir: str = "cams"
     gt_dir: str = "SegmentationClassAug"
@@ -35,6 +39,9 @@ class IngestConfig:
             raise ValueError("max_pixels: must be positive")
         if not 1 <= self.rows_per_shard <= 100_000:
             raise ValueError("rows_per_shard: must be in [1, 100000]")
+        # the default also goes with smaller shards (which then are one row group)
+        if not 1 <= self.rows_per_unit <= max(self.rows_per_shard, DEFAULT_ROWS_PER_UNIT):
+            raise ValueError("rows_per_unit: must be in [1, rows_per_shard]")
         if self.image_suffix not in IMAGE_SUFFIXES:
             raise ValueError(f"image_suffix: expected one of {IMAGE_SUFFIXES}")
         for name in ("image_dir", "cam_dir", "gt_dir", "labels_file"):

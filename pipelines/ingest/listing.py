@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,8 +30,7 @@ class Entry:
     image_id: str
     image: str | None  # relative path, None when no image file exists
     cam: str | None
-    gt: str | None
-    gt_optional: bool  # True: a missing GT file just means "no ground truth"
+    gt: str | None  # a missing GT file just means "no ground truth"
     label: list[float] | None
     split: str | None
     image_alternates: tuple[str, ...] = ()  # tried in order when `image` does not exist
@@ -45,7 +43,6 @@ class Enumeration:
     entries: list[Entry]
     rejects: list[dict[str, str]]  # rows refused by name alone (image_id, source, reason)
     space: ClassSpace
-    label_length: int | None
     digest: str  # sha256 over everything enumerated (names, sizes, label file, split files)
     notes: list[str] = field(default_factory=list)
 
@@ -104,8 +101,6 @@ def enumerate_inputs(input_loc: Location, config: IngestConfig) -> Enumeration:
         labels = load_cls_labels(label_bytes)
     except CamDecodeError as exc:
         raise ValueError(f"{config.labels_file} refused: {exc}") from None
-    lengths = Counter(len(v) for v in labels.values())
-    label_length = lengths.most_common(1)[0][0] if lengths else None
 
     rejects: list[dict[str, str]] = []
     entries: list[Entry] = []
@@ -114,7 +109,14 @@ def enumerate_inputs(input_loc: Location, config: IngestConfig) -> Enumeration:
     def reject(image_id: str, source: str, reason: str) -> None:
         rejects.append({schema.IMAGE_ID: image_id, schema.SOURCE: source, schema.REASON: reason})
 
-    def add(image_id: str, source: str, split: str | None, files: dict[str, Any]) -> None:
+    def add(
+        image_id: str,
+        source: str,
+        split: str | None,
+        files: tuple[str | None, str | None, str | None],
+        alternates: Sequence[str] = (),
+    ) -> None:
+        """A candidate row of (image, CAM, GT) files, unless its id is unsafe or repeated."""
         try:
             check_image_id(image_id)
         except RowRejected as exc:
@@ -125,18 +127,9 @@ def enumerate_inputs(input_loc: Location, config: IngestConfig) -> Enumeration:
             return
         seen.add(image_id)
         label = labels.get(image_id)
-        entries.append(
-            Entry(
-                image_id=image_id,
-                image=files["image"],
-                cam=files["cam"],
-                gt=files["gt"],
-                gt_optional=files["gt_optional"],
-                label=None if label is None else [float(x) for x in label],
-                split=split,
-                image_alternates=files.get("image_alternates", ()),
-            )
-        )
+        vector = None if label is None else [float(x) for x in label]
+        image, cam, gt = files
+        entries.append(Entry(image_id, image, cam, gt, vector, split, tuple(alternates)))
 
     if config.splits:
         for arg in config.splits:
@@ -148,42 +141,20 @@ def enumerate_inputs(input_loc: Location, config: IngestConfig) -> Enumeration:
                 image_id = line.strip().split(" ")[0] if line.strip() else ""
                 if not image_id:
                     continue
-                source = f"{posixpath.basename(loc.path)}:{line_no}"
-                safe = _is_safe(image_id)
-                add(
-                    image_id,
-                    source,
-                    name,
-                    {
-                        "image": f"{config.image_dir}/{image_id}{config.image_suffix}"
-                        if safe
-                        else None,
-                        "cam": f"{config.cam_dir}/{image_id}.npy" if safe else None,
-                        "gt": f"{config.gt_dir}/{image_id}.png" if safe else None,
-                        "gt_optional": True,
-                        "image_alternates": tuple(
-                            f"{config.image_dir}/{image_id}{suffix}"
-                            for suffix in IMAGE_SUFFIXES
-                            if suffix != config.image_suffix
-                        )
-                        if safe
-                        else (),
-                    },
-                )
+                image, cam = f"{config.image_dir}/{image_id}", f"{config.cam_dir}/{image_id}.npy"
+                others = [image + x for x in IMAGE_SUFFIXES if x != config.image_suffix]
+                files = (image + config.image_suffix, cam, f"{config.gt_dir}/{image_id}.png")
+                add(image_id, f"{posixpath.basename(loc.path)}:{line_no}", name, files, others)
     else:
         images = _list_folder(input_loc, config.image_dir, IMAGE_SUFFIXES, digest)
         cams = _list_folder(input_loc, config.cam_dir, (".npy",), digest)
         gts = _list_folder(input_loc, config.gt_dir, (".png",), digest)
         for image_id in sorted(set(images) | set(cams)):
-            image_files = images.get(image_id, [])
-            cam_files = cams.get(image_id, [])
-            source = cam_files[0] if cam_files else image_files[0]
-            if len(image_files) > 1 or len(cam_files) > 1:
-                add(image_id, source, None, _files(image_files, cam_files, gts, image_id))
-                for extra in image_files[1:] + cam_files[1:]:
-                    reject(image_id, extra, "duplicate image id")
-                continue
-            add(image_id, source, None, _files(image_files, cam_files, gts, image_id))
+            image_files, cam_files = images.get(image_id, []), cams.get(image_id, [])
+            found = (_first(image_files), _first(cam_files), _first(gts.get(image_id, [])))
+            add(image_id, cam_files[0] if cam_files else image_files[0], None, found)
+            for extra in image_files[1:] + cam_files[1:]:
+                reject(image_id, extra, "duplicate image id")
     # An id that only the label file knows about is not an input row (cls_labels usually
     # covers the whole dataset while a run may hold a subset): say how many, quarantine none.
     unlabelled = sum(1 for e in entries if e.label is None)
@@ -192,27 +163,11 @@ def enumerate_inputs(input_loc: Location, config: IngestConfig) -> Enumeration:
         notes.append(f"{len(labels) - len(entries)} ids of {config.labels_file} have no files")
     if unlabelled:
         notes.append(f"{unlabelled} images have no entry in {config.labels_file}")
-    return Enumeration(entries, rejects, space, label_length, digest.hexdigest(), notes)
+    return Enumeration(entries, rejects, space, digest.hexdigest(), notes)
 
 
-def _is_safe(image_id: str) -> bool:
-    try:
-        check_image_id(image_id)
-    except RowRejected:
-        return False
-    return True
-
-
-def _files(
-    image_files: list[str], cam_files: list[str], gts: dict[str, list[str]], image_id: str
-) -> dict[str, Any]:
-    gt_files = gts.get(image_id, [])
-    return {
-        "image": image_files[0] if image_files else None,
-        "cam": cam_files[0] if cam_files else None,
-        "gt": gt_files[0] if gt_files else None,
-        "gt_optional": False,
-    }
+def _first(paths: Sequence[str]) -> str | None:
+    return paths[0] if paths else None
 
 
 def _list_folder(

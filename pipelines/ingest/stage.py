@@ -2,10 +2,9 @@
 
 Reads the MCTformer/WeakTr layout (`JPEGImages/<id>.jpg`, `cams/<id>.npy`, `cls_labels.npy`,
 optional `SegmentationClassAug/<id>.png`, split lists and `classes.txt`) or the CLIP-ES CAM
-layout, local or `s3://`. The driver enumerates image ids (from split lists when given, else one
-listing per folder), refuses what names alone show (`pipelines.ingest.listing`), and cuts the
-sorted ids into chunks of `rows_per_shard`, one Ray task each (`pipelines.ingest.chunks`);
-the rest is docs/ARCHITECTURE.md "The unit of work". Writes `schema.INGEST_COLUMNS`.
+layout, local or `s3://`. The driver enumerates image ids (`pipelines.ingest.listing`) and cuts
+them into chunks of `rows_per_shard` (row groups of `rows_per_unit`), one Ray task each; the
+rest is docs/ARCHITECTURE.md "The unit of work". Writes `schema.INGEST_COLUMNS`.
 """
 
 from __future__ import annotations
@@ -17,20 +16,14 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any
 
-from pipelines.ingest.chunks import (
-    chunk_entries,
-    chunk_record_rel,
-    ingest_chunk,
-    record_matches,
-)
+from pipelines.ingest.chunks import chunk_entries, chunk_record_rel, ingest_chunk, record_matches
 from pipelines.ingest.config import IngestConfig
 from pipelines.ingest.listing import Enumeration, enumerate_inputs
 from pipelines.io import schema
 from pipelines.io.manifest import InputRef, Quarantine, StageOutput, StageState
-from pipelines.io.storage import Location, StorageOptions, resolve
+from pipelines.io.storage import StorageOptions, resolve
 from pipelines.units import (
     StageResult,
-    Tally,
     already_done,
     error_gate,
     reason_kind,
@@ -57,14 +50,9 @@ def run_ingest(
     overwrite: bool = False,
     report: Any = print,
 ) -> IngestResult:
-    """Runs the ingest stage on the current Ray instance (see the module docstring).
-
-    Args:
-        input_uri, output_uri: dataset root (MCTformer/WeakTr or CLIP-ES layout); this stage's
-            output directory.
-        config, storage: stage options; endpoint/region of the object store.
-        num_cpus_per_task: CPUs reserved per chunk task (fractional on small machines).
-        overwrite, report: replace an output made with another config or input; progress sink.
+    """Runs the ingest stage on the current Ray instance (see the module docstring): a dataset
+    root at `input_uri` → `output_uri`, `num_cpus_per_task` CPUs per chunk task; `overwrite`
+    replaces an output made with another config or input.
 
     Returns:
         The counts; `ok` False (and no `_SUCCESS`) when too many rows were quarantined.
@@ -118,10 +106,20 @@ def _gate_and_commit(
     report: Callable[[str], Any],
     started: float,
 ) -> IngestResult:
-    """Sums the chunks' records and the rows refused by name, gates on the quarantined share,
-    and commits the manifest."""
-    output_loc = out.location
-    tally = _tally(records, found.rejects, output_loc)
+    """Sums the chunks' records and the rows refused by name (their quarantine file
+    `quarantine/part-driver.parquet` listed after the chunks' files), gates on the quarantined
+    share, and commits the manifest."""
+    output_loc, rejects = out.location, found.rejects
+    tally = tally_records(records)
+    quarantine = Quarantine(output_loc)
+    for r in rejects:
+        quarantine.add(r[schema.IMAGE_ID], r[schema.SOURCE], r[schema.REASON])
+    driver_entry = quarantine.flush("part-driver")
+    if driver_entry is not None:
+        tally.files.append(driver_entry)
+    kinds = Counter(reason_kind(r[schema.REASON], drop_parenthesis=True) for r in rejects)
+    tally.reasons = kinds + tally.reasons  # the rows refused by name first
+    tally.quarantined += len(rejects)
     good, bad = tally.output, tally.quarantined
     counts = {"input": len(found.entries) + len(found.rejects), "output": good, "quarantined": bad}
     assert counts["input"] == good + bad, counts
@@ -149,22 +147,3 @@ def _gate_and_commit(
     )
     report(message)
     return result(True, message)
-
-
-def _tally(
-    records: Sequence[Mapping[str, Any]], rejects: Sequence[Mapping[str, str]], loc: Location
-) -> Tally:
-    """The chunks' records summed, with the rows refused by name (their quarantine file
-    `quarantine/part-driver.parquet` listed after the chunks' files)."""
-    tally = tally_records(records)
-    quarantine = Quarantine(loc)
-    for r in rejects:
-        quarantine.add(r[schema.IMAGE_ID], r[schema.SOURCE], r[schema.REASON])
-    driver_entry = quarantine.flush("part-driver")
-    if driver_entry is not None:
-        tally.files.append(driver_entry)
-    reasons = Counter(reason_kind(r[schema.REASON], drop_parenthesis=True) for r in rejects)
-    reasons.update(tally.reasons)
-    tally.reasons = reasons
-    tally.quarantined += len(rejects)
-    return tally

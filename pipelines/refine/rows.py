@@ -39,15 +39,9 @@ class RefinedRow:
 
 
 def refine_row(row: Mapping[str, Any], *, config: SeedConfig, num_classes: int) -> RefinedRow:
-    """Seed labels and CAM argmax of one ingest row.
-
-    Args:
-        row: the ingest columns of one row (`cam` as float16 bytes, C x H x W).
-        config: the seed recipe; `bg_threshold` is also the argmax baseline's background.
-        num_classes: K, size of the class space (CAM classes and GT must lie inside it).
-
-    Returns:
-        The refined row; `columns["seed"]` is the seed as a VOC-palette PNG.
+    """Seed labels (`columns["seed"]`, a VOC-palette PNG) and CAM argmax of one row of ingest
+    columns (`cam` as float16 bytes, C x H x W), by the recipe `config` (its `bg_threshold` also
+    the argmax baseline's background), in a class space of K = `num_classes` classes.
 
     Raises:
         RowRejected: undecodable image, CAM or GT, mismatched shapes, bad class ids.

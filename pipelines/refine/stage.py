@@ -86,16 +86,10 @@ def run_refine(
     overwrite: bool = False,
     report: Callable[[str], Any] = print,
 ) -> RefineResult:
-    """Runs the refine stage on the current Ray instance (see the module docstring).
-
-    Args:
-        input_uri, output_uri: a completed ingest output; this stage's output directory.
-        config: the recipe and error tolerance.
-        storage: endpoint/region of the object store (credentials come from the AWS chain).
-        num_cpus_per_task: CPUs reserved per unit task (pydensecrf is single-threaded).
-        overwrite: replace an output made with another config or input.
-        progress_every, report: a progress line every this many units (default: about 20
-            lines), and where it goes.
+    """Runs the refine stage on the current Ray instance (see the module docstring): a completed
+    ingest output at `input_uri` → `output_uri`, `num_cpus_per_task` CPUs per unit task
+    (pydensecrf is single-threaded), a line to `report` every `progress_every` units (default:
+    about 20 lines); `overwrite` replaces an output made with another config or input.
 
     Raises:
         IncompleteOutputError: the input has no `_SUCCESS`.

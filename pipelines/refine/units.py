@@ -33,16 +33,7 @@ from pipelines.units import (
 
 __all__ = ["WorkUnit", "enumerate_units", "process_unit"]
 METRIC_KEYS = ("cam_argmax", "seeds")
-_REQUIRED_COLUMNS = (
-    schema.IMAGE_ID,
-    schema.IMAGE,
-    schema.HEIGHT,
-    schema.WIDTH,
-    schema.LABELS,
-    schema.CAM,
-    schema.CAM_CLASSES,
-    schema.GT,
-)
+_REQUIRED_COLUMNS = schema.INGEST_COLUMNS[: schema.INGEST_COLUMNS.index(schema.SOURCE)]
 
 
 @dataclass(frozen=True)

@@ -1,24 +1,16 @@
-"""A second synthetic WSSS family ("camouflage"): objects that only shape and texture give away.
-
-With `class_colours=True` the same scenes become a third, colour-separable family ("colours"):
-each class is drawn in its own saturated colour, which neither the background nor any other
-class uses, so the class space, sizes and CAMs are the camouflage family's but colour alone
-tells the classes (and objects from background) apart.
-
-Written apart from `pipelines.synthetic.shapes` ("shapes": each class its own saturated colour) so
-that quality claims are also checked on data the recipe was not tuned on.
+"""A second synthetic WSSS family ("camouflage"): objects that only shape and texture give away,
+so that quality claims are also checked on data the recipe was not tuned on.
 
 - Classes: VOC (21 ids) or COCO's 91-id space; a fixed subset per dataset, chosen by the seed
   (VOC 6, COCO 8, person, dog and bird always among them); unused COCO ids never occur.
-- Images: VOC-like sizes drawn per image (long side 281-500, short side >= 250). All classes and
-  the background share one palette; a class is its silhouette (star, crescent, hexagon, ...) and
-  surface pattern. The background is a mosaic of the same colours and patterns at other scales;
-  half of the objects take the colour of the patch under them, and every object is shifted by a
-  slight brightness step away from what lies beneath, so a dense CRF still finds edges.
-- GT: class ids with a 255 band about 5 px wide along every label border, as in VOC.
-- CAMs: one plane per labelled class on a 1/16 grid, peaked on a class-specific part, covering
-  the object partly, leaking onto context, blurred, upsampled, min-max normalised to [0, 1].
+- Images: VOC-like sizes drawn per image. All classes and the background share one palette; a
+  class is its silhouette (star, crescent, hexagon, ...) and surface pattern. The background is
+  a mosaic of the same colours and patterns at other scales; half of the objects take the
+  colour of the patch under them, each shifted by a slight brightness step (edges for a CRF).
+- GT and CAMs as in `pipelines.synthetic.shapes`.
 
+With `class_colours=True` the same scenes become the colour-separable "colours" family: each
+class in its own saturated colour, which neither the background nor any other class uses.
 Everything is a pure function of (seed, index, class space).
 """
 
@@ -29,29 +21,31 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from pipelines.io.class_spaces import VOC, ClassSpace
-from pipelines.synthetic.shapes import Sample
+from pipelines.synthetic.shapes import (
+    IGNORE,
+    CamShape,
+    Sample,
+    area_pool,
+    cam_response,
+    finish_cam,
+    ignore_band,
+    smooth_noise,
+)
 
-CAM_STRIDE = 16  # CAM grid cell in pixels (ViT patch 16)
-IGNORE = 255
 SUBSET_SIZES = {"voc": 6, "coco91": 8}  # present classes per dataset
 MAX_OBJECTS = {"voc": 3, "coco91": 4}  # objects per image: 1..this
 ANCHOR_CLASSES = ("person", "dog", "bird")  # always in the subset: the classes people look at
 _STREAM = 0xCA3F  # keeps this family's random streams apart from the "shapes" family's
 _CAMOUFLAGE_SHARE = 0.5  # objects that take the colour of the background patch under them
 _OBJECT_TEXTURE = 0.1  # pattern contrast on objects (+-10%; background patches +-5-12%)
-_BAND_RADIUS = 2  # ignore band: 2 * 2 + 1 = 5 px wide
-# CAM shape, tuned on the CAMs alone: argmax at a 0.43 background threshold (refine's default)
-# measured 0.52-0.63 mIoU (voc) / 0.52-0.56 (coco91) and WeakTr CRF seeds +8-11 / +6-7 points
-# (40 images each of seeds 0-3).
-_CAM_PEAK_SIGMA = 0.5  # std of the discriminative peak, in object radii
-_CAM_FLOOR = 0.46  # activation over the rest of the object
-_CAM_SPILL = 0.55  # activation on context around the peak, outside the object
-_CAM_CONTEXT_SIGMA = 0.8  # std of that spill, in object radii
-_CAM_OTHERS = 0.15  # activation on other classes' objects (CAMs confuse co-occurring classes)
-_CAM_CLUTTER = (0.35, 0.65)  # peak range of false positives on background clutter
+# Tuned on the CAMs alone: argmax at a 0.43 background threshold (refine's default) measured
+# 0.52-0.63 mIoU (voc) / 0.52-0.56 (coco91) and WeakTr CRF seeds +8-11 / +6-7 points (40
+# images each of seeds 0-3).
+_CAM = CamShape(
+    peak_sigma=0.5, floor=0.46, spill=0.55, context_sigma=0.8, others=0.15, clutter=(0.35, 0.65)
+)
 
 # Shared palette: every class and the background draw from it (muted natural tones).
 PALETTE = np.array(
@@ -70,21 +64,13 @@ CLASS_COLOURS = np.array(
 
 @dataclass(frozen=True)
 class Look:
-    """What makes a class recognisable: silhouette, surface pattern, discriminative part.
+    """What makes a class recognisable: silhouette, surface pattern, discriminative part."""
 
-    Attributes:
-        silhouette: a name known to `_silhouette`.
-        texture: a pattern name known to `_pattern`.
-        frequency: pattern cycles per object radius.
-        orientation: pattern angle in the object frame, radians.
-        peak: (u, v) of the discriminative part in the object frame (radius 1, v down).
-    """
-
-    silhouette: str
-    texture: str
-    frequency: float
-    orientation: float
-    peak: tuple[float, float]
+    silhouette: str  # a name known to `_silhouette`
+    texture: str  # a pattern name known to `_pattern`
+    frequency: float  # pattern cycles per object radius
+    orientation: float  # pattern angle in the object frame, radians
+    peak: tuple[float, float]  # (u, v) of the discriminative part (object frame, v down)
 
 
 LOOKS = (
@@ -106,18 +92,8 @@ def camo_sample_id(index: int) -> str:
 
 
 def camo_classes(seed: int, class_space: ClassSpace) -> dict[int, Look]:
-    """The dataset's present classes and the look each one is drawn with.
-
-    Args:
-        seed: dataset seed (>= 0).
-        class_space: VOC or COCO91.
-
-    Returns:
-        {class id: look}, ascending ids: the anchor classes plus others drawn by the seed.
-
-    Raises:
-        ValueError: another class space.
-    """
+    """{class id: look} of the dataset's present classes, ascending: the anchor classes plus
+    others drawn by the seed (>= 0). ValueError for a class space other than VOC or COCO91."""
     name = class_space.name
     if name not in SUBSET_SIZES:
         raise ValueError(f"class_space: expected voc or coco91, got {name!r}")
@@ -135,18 +111,6 @@ def _image_size(rng: np.random.Generator) -> tuple[int, int]:
     long_side = 500 if rng.random() < 0.5 else int(rng.integers(281, 500))
     short_side = int(rng.integers(250, min(long_side, 375) + 1))
     return (long_side, short_side) if rng.random() < 0.35 else (short_side, long_side)
-
-
-def _resize(plane: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear resize of a float plane to H x W (pixel centres aligned)."""
-    image = Image.fromarray(np.ascontiguousarray(plane, np.float32), mode="F")
-    return np.asarray(image.resize((width, height), Image.Resampling.BILINEAR), np.float32)
-
-
-def _noise(rng: np.random.Generator, height: int, width: int, cell: float) -> np.ndarray:
-    """H x W smooth noise in about [-1, 1] with features `cell` pixels wide."""
-    grid = rng.uniform(-1, 1, (int(height / cell) + 2, int(width / cell) + 2))
-    return _resize(grid, height, width)
 
 
 def _frame(
@@ -222,15 +186,12 @@ def _rotated(u: Any, v: Any, angle: float) -> tuple[Any, Any]:
 
 
 def _background(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """A warped mosaic of palette colours, each patch with its own pattern.
-
-    Returns:
-        The H x W x 3 image and the H x W x 3 plain colour of the patch under each pixel.
-    """
+    """A warped mosaic of palette colours, each patch with its own pattern: the H x W x 3 image
+    and the H x W x 3 plain colour of the patch under each pixel."""
     count = int(rng.integers(6, 12))
     sites = rng.uniform((0, 0), (width, height), (count, 2))
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
-    warp = 40 * _noise(rng, height, width, 80), 40 * _noise(rng, height, width, 80)
+    warp = 40 * smooth_noise(rng, height, width, 80), 40 * smooth_noise(rng, height, width, 80)
     dist = [(xs + warp[0] - sx) ** 2 + (ys + warp[1] - sy) ** 2 for sx, sy in sites]
     region = np.argmin(np.stack(dist), axis=0)
     image = np.empty((height, width, 3), np.float32)
@@ -244,30 +205,8 @@ def _background(rng: np.random.Generator, height: int, width: int) -> tuple[np.n
         texture = _pattern(_TEXTURES[rng.integers(len(_TEXTURES))], u, v, frequency, rng)
         image[inside] = colour * (1 + rng.uniform(0.05, 0.12) * texture)[:, None]
         plain[inside] = colour
-    shade = 1 + 0.08 * _noise(rng, height, width, 120)  # lighting: spans patches and objects
+    shade = 1 + 0.08 * smooth_noise(rng, height, width, 120)  # lighting: spans patches and objects
     return image * shade[..., None], plain
-
-
-def _ignore_band(gt: np.ndarray) -> np.ndarray:
-    """H x W bool: pixels within _BAND_RADIUS of a label change (one-sided, so 5 px wide)."""
-    edge = np.zeros(gt.shape, bool)
-    edge[:, :-1] |= gt[:, 1:] != gt[:, :-1]
-    edge[:-1] |= gt[1:] != gt[:-1]
-    r = _BAND_RADIUS
-    padded = np.pad(edge, r)
-    band = np.zeros_like(edge)
-    for dy in range(2 * r + 1):
-        for dx in range(2 * r + 1):
-            band |= padded[dy : dy + gt.shape[0], dx : dx + gt.shape[1]]
-    return band
-
-
-def _pool(mask: np.ndarray) -> np.ndarray:
-    """h x w share of each CAM_STRIDE cell covered by the H x W mask (h = ceil(H / 16))."""
-    height, width = mask.shape
-    grid = np.zeros((-(-height // CAM_STRIDE) * CAM_STRIDE, -(-width // CAM_STRIDE) * CAM_STRIDE))
-    grid[:height, :width] = mask
-    return grid.reshape(grid.shape[0] // CAM_STRIDE, CAM_STRIDE, -1, CAM_STRIDE).mean(axis=(1, 3))
 
 
 @dataclass(frozen=True)
@@ -284,52 +223,21 @@ class _Object:
 def _low_res_cam(
     rng: np.random.Generator, obj: _Object, visible: np.ndarray, others: np.ndarray
 ) -> np.ndarray:
-    """h x w activation of one instance on the CAM grid, before blur and normalisation."""
-    own, other = _pool(visible), _pool(others)
-    ys, xs = (np.mgrid[0 : own.shape[0], 0 : own.shape[1]] + 0.5) * CAM_STRIDE
+    """h x w activation of one instance on the CAM grid, before `finish_cam`."""
     pu, pv = (p + float(rng.normal(0, 0.12)) for p in obj.look.peak)
     du, dv = _rotated(pu, pv, -obj.angle)  # object frame back to image axes
-    px, py = obj.centre[0] + obj.radius * du, obj.centre[1] + obj.radius * dv
-    dist2 = ((xs - px) ** 2 + (ys - py) ** 2) / obj.radius**2
-    core = np.exp(-dist2 / (2 * _CAM_PEAK_SIGMA**2))
-    spill = np.exp(-dist2 / (2 * _CAM_CONTEXT_SIGMA**2))
-    on_object = own * (_CAM_FLOOR + (1 - _CAM_FLOOR) * core)
-    return on_object + _CAM_SPILL * spill * (1 - own) + _CAM_OTHERS * other
-
-
-def _finish_cam(rng: np.random.Generator, low: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Adds clutter responses and noise, blurs, upsamples to H x W, min-max normalises."""
-    ys, xs = (np.mgrid[0 : low.shape[0], 0 : low.shape[1]] + 0.5) * CAM_STRIDE
-    for _ in range(int(rng.integers(0, 3))):  # false positives on look-alike background
-        bx, by = rng.uniform(0, width), rng.uniform(0, height)
-        spread = rng.uniform(0.05, 0.12) * min(height, width)
-        low = low + rng.uniform(*_CAM_CLUTTER) * np.exp(
-            -((xs - bx) ** 2 + (ys - by) ** 2) / (2 * spread**2)
-        )
-    low = np.maximum(low + rng.normal(0, 0.04, low.shape), 0)
-    padded = np.pad(low, 1, mode="edge")  # [1, 2, 1] / 4 blur, separable
-    rows = (padded[:, :-2] + 2 * padded[:, 1:-1] + padded[:, 2:]) / 4
-    cam = _resize((rows[:-2] + 2 * rows[1:-1] + rows[2:]) / 4, height, width)
-    low_value, high_value = float(cam.min()), float(cam.max())
-    return ((cam - low_value) / max(high_value - low_value, 1e-6)).astype(np.float32)
+    peak = (obj.centre[0] + obj.radius * du, obj.centre[1] + obj.radius * dv)
+    return cam_response(_CAM, area_pool(visible), area_pool(others), peak, obj.radius)
 
 
 def generate_camo_sample(
     index: int, *, seed: int, class_space: ClassSpace = VOC, class_colours: bool = False
 ) -> Sample:
-    """Generates sample `index` of the camouflage dataset `seed`; a pure function of its arguments.
-
-    Args:
-        index: sample number (>= 0); the image id is `camo_sample_id(index)`.
-        seed: dataset seed (>= 0); it also fixes the present classes (`camo_classes`).
-        class_space: VOC or COCO91; labels and GT hold ids of that space.
-        class_colours: draw every object in its class's own colour (`CLASS_COLOURS`) instead
-            of the shared palette: the colour-separable "colours" family.
-
-    Returns:
-        The sample at its drawn size H x W; `cams` is keyed by class id - 1, which is the
-        index into the space's conventional `cls_labels` vector (VOC 20-d, COCO 90-d).
-    """
+    """Sample `index` of the camouflage dataset `seed` (both >= 0; the seed also fixes the
+    present classes, `camo_classes`) in `class_space` (VOC or COCO91), at its drawn size H x W;
+    a pure function of its arguments. `class_colours`: each object in its class's colour
+    (`CLASS_COLOURS`), the "colours" family. `cams` is keyed by class id - 1 (the index into the
+    space's conventional `cls_labels` vector, VOC 20-d, COCO 90-d)."""
     if index < 0 or seed < 0:
         raise ValueError("index and seed must be >= 0")
     looks = camo_classes(seed, class_space)
@@ -378,7 +286,7 @@ def generate_camo_sample(
             continue
         low = _low_res_cam(rng, obj, visible_mask, (gt != 0) & (gt != obj.class_id))
         lows[obj.class_id] = np.maximum(lows[obj.class_id], low) if obj.class_id in lows else low
-    cams = {c - 1: _finish_cam(rng, lows[c], height, width) for c in sorted(lows)}
-    gt[_ignore_band(gt)] = IGNORE
+    cams = {c - 1: finish_cam(rng, lows[c], (height, width), _CAM.clutter) for c in sorted(lows)}
+    gt[ignore_band(gt)] = IGNORE
     pixels = np.clip(np.rint(image), 0, 255).astype(np.uint8)
     return Sample(camo_sample_id(index), pixels, gt, tuple(c + 1 for c in cams), cams)

@@ -11,12 +11,9 @@ cls_labels.npy                  np.save of {id: float32 multi-hot over the foreg
 classes.txt                     one name per line, background first
 train.txt, val.txt              one image id per line
 ```
-Split lists are written last: a directory without them is an interrupted write.
-
-Two families (`pipelines.synthetic.shapes` "shapes": six custom classes told apart by colour, at one
-fixed size; `pipelines.synthetic.camouflage` "camouflage": VOC or COCO-91 ids, shared colours, sizes
-drawn per image). In the camouflage family classes.txt lists the whole class space and the
-label vectors have its conventional length (VOC 20, COCO 90: entry class id - 1).
+Split lists are written last: a directory without them is an interrupted write. In the
+camouflage and colours families classes.txt lists the whole class space and the label vectors
+have its conventional length (VOC 20, COCO 90: entry class id - 1).
 """
 
 from __future__ import annotations
@@ -92,25 +89,16 @@ def _npy_bytes(value: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _jpeg_bytes(image: np.ndarray) -> bytes:
+def _image_bytes(image: np.ndarray, format: str = "JPEG") -> bytes:
+    """The image as a JPEG (quality JPEG_QUALITY), or as a PNG with `format="PNG"`."""
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="JPEG", quality=JPEG_QUALITY)
-    return buffer.getvalue()
-
-
-def _png_bytes(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
+    Image.fromarray(image).save(buffer, format=format, quality=JPEG_QUALITY)
     return buffer.getvalue()
 
 
 def cam_file_bytes(cams: dict[int, np.ndarray], layout: Layout) -> bytes:
-    """The `.npy` bytes of one image's CAMs in the given layout.
-
-    Args:
-        cams: {foreground index: H x W float32 in [0, 1]}.
-        layout: "mctformer" (the dict itself) or "clip-es" (keys + float16 K x H x W stack).
-    """
+    """The `.npy` bytes of one image's CAMs ({foreground index: H x W float32 in [0, 1]}):
+    the dict itself ("mctformer") or keys + a float16 K x H x W stack ("clip-es")."""
     if layout == "mctformer":
         return _npy_bytes({int(k): v.astype(np.float32) for k, v in cams.items()})
     if layout == "clip-es":
@@ -129,31 +117,23 @@ def multihot(labels: Iterable[int], num_foreground: int) -> np.ndarray:
     return vector
 
 
-def _sample_files(sample: Sample, layout: Layout) -> dict[str, bytes]:
-    return {
-        f"{IMAGE_DIR}/{sample.image_id}.jpg": _jpeg_bytes(sample.image),
-        f"{CAM_DIR}/{sample.image_id}.npy": cam_file_bytes(sample.cams, layout),
-        f"{GT_DIR}/{sample.image_id}.png": encode_label_png(sample.gt),
-    }
-
-
 # (index, seed, height, width, layout, family, camouflage class space or None)
 _Task = tuple[int, int, int, int, Layout, Family, str | None]
 
 
 def _encode_one(task: _Task) -> tuple[str, dict[str, bytes], tuple[int, ...]]:
     index, seed, height, width, layout, family, classes = task
-    if family in ("camouflage", "colours"):
-        assert classes is not None  # write_dataset resolves it
-        sample = generate_camo_sample(
-            index,
-            seed=seed,
-            class_space=CAMO_CLASS_SPACES[classes],
-            class_colours=family == "colours",
-        )
-    else:
+    if classes is None:  # shapes (write_dataset resolves the others' class space)
         sample = generate_sample(index, seed=seed, height=height, width=width)
-    return sample.image_id, _sample_files(sample, layout), sample.labels
+    else:
+        space, colours = CAMO_CLASS_SPACES[classes], family == "colours"
+        sample = generate_camo_sample(index, seed=seed, class_space=space, class_colours=colours)
+    files = {
+        f"{IMAGE_DIR}/{sample.image_id}.jpg": _image_bytes(sample.image),
+        f"{CAM_DIR}/{sample.image_id}.npy": cam_file_bytes(sample.cams, layout),
+        f"{GT_DIR}/{sample.image_id}.png": encode_label_png(sample.gt),
+    }
+    return sample.image_id, files, sample.labels
 
 
 def _encoded(tasks: list[_Task], workers: int) -> Iterator[Any]:
@@ -186,17 +166,13 @@ def write_dataset(
 ) -> WrittenDataset:
     """Generates `num_images` samples and writes them in the MCTformer/WeakTr layout.
 
-    The bytes written depend only on the arguments other than `fs`, `root` and `workers`
-    (and, for the camouflage family, not on `height` and `width` either).
+    The bytes written depend only on the arguments other than `fs`, `root` and `workers`.
 
     Args:
-        fs: an fsspec filesystem (local, s3, memory).
-        root: the dataset directory in `fs`.
-        num_images: N >= 1.
-        seed: dataset seed.
-        height: H of every image (shapes only; camouflage ignores it and draws VOC-like sizes
-            per image).
-        width: W of every image (shapes only, likewise).
+        fs, root: an fsspec filesystem (local, s3, memory) and the dataset directory in it.
+        num_images, seed: N >= 1 and the dataset seed.
+        height, width: H x W of every image (shapes only: the other families draw VOC-like
+            sizes per image).
         val_fraction: share of the images listed in val.txt (chosen by the seed), in [0, 1).
         layout: CAM file format, "mctformer" or "clip-es".
         workers: processes generating samples (1 = in this process).
@@ -280,7 +256,7 @@ def _cam_variant(kind: str, sample: Sample, layout: Layout, sentinel: str) -> by
     if kind == "truncated_cam":
         return good[: len(good) // 2]
     if kind == "not_npy_cam":
-        return _jpeg_bytes(sample.image)
+        return _image_bytes(sample.image)
     if kind == "malicious_cam":
         return _npy_bytes({0: _RunsCommand(f"touch {shlex.quote(sentinel)}")})
     cams = dict(sample.cams)
@@ -311,20 +287,13 @@ def plant_bad_inputs(
     height: int = 96,
     width: int = 128,
 ) -> dict[str, str]:
-    """Adds one defective row per kind to a shapes dataset written by `write_dataset` (train).
+    """Adds one defective row per kind (keys of BAD_INPUTS, default all) to the train split of
+    a shapes dataset written by `write_dataset` in `layout`.
 
-    Each bad row is a complete, valid sample except for its one defect; it is appended to
-    train.txt and cls_labels.npy. Nothing is written outside `root` (the path-traversal row
-    exists only as a name in train.txt and cls_labels.npy).
-
-    Args:
-        fs: the dataset's fsspec filesystem.
-        root: the dataset directory.
-        kinds: keys of BAD_INPUTS (default: all).
-        sentinel_path: local file the malicious CAM would create if its pickle ever ran
-            (default: a fixed name in the temp directory).
-        layout: the dataset's CAM layout.
-        seed, height, width: generation of the bad rows' otherwise-valid content.
+    Each bad row is a valid sample (drawn from `seed`, `height`, `width`) but for its one
+    defect, appended to train.txt and cls_labels.npy. Nothing is written outside `root` (the
+    path-traversal row is only a name). `sentinel_path`: the local file the malicious CAM would
+    create if its pickle ever ran (default: a fixed name in the temp directory).
 
     Returns:
         {image id: keyword its quarantine reason must contain (case-insensitive)}.
@@ -357,9 +326,9 @@ def plant_bad_inputs(
         elif kind == "pixel_limit":
             _put(fs, root, f"{IMAGE_DIR}/{image_id}.png", pixel_bomb_png())
         elif kind != "missing_image":
-            _put(fs, root, image_path, _jpeg_bytes(sample.image))
+            _put(fs, root, image_path, _image_bytes(sample.image))
         if kind == "duplicate_id":
-            _put(fs, root, f"{IMAGE_DIR}/{image_id}.png", _png_bytes(sample.image))
+            _put(fs, root, f"{IMAGE_DIR}/{image_id}.png", _image_bytes(sample.image, "PNG"))
             split.append(image_id)
         _put(fs, root, f"{CAM_DIR}/{image_id}.npy", _cam_variant(kind, sample, layout, sentinel))
         _put(fs, root, f"{GT_DIR}/{image_id}.png", encode_label_png(sample.gt))
@@ -369,16 +338,14 @@ def plant_bad_inputs(
 
 
 def ingest_row(sample: Sample, *, split: str | None, source: str | None = None) -> dict[str, Any]:
-    """The ingest-shard row (schema.INGEST_COLUMNS) of a synthetic sample, without the files.
-
-    For tests and benchmarks of later stages that need ingest output without running ingest.
-    """
+    """The ingest-shard row (schema.INGEST_COLUMNS) of a synthetic sample, without the files:
+    for tests and benchmarks of later stages that need ingest output without running ingest."""
     classes = sorted(c + 1 for c in sample.cams)
     planes = np.stack([sample.cams[c - 1] for c in classes]).astype(np.float16)
     height, width = sample.gt.shape
     return {
         schema.IMAGE_ID: sample.image_id,
-        schema.IMAGE: _jpeg_bytes(sample.image),
+        schema.IMAGE: _image_bytes(sample.image),
         schema.HEIGHT: height,
         schema.WIDTH: width,
         schema.LABELS: list(sample.labels),

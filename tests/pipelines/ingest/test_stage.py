@@ -15,6 +15,7 @@ from pipelines.io.codecs import decode_cam_column
 from pipelines.io.manifest import StageConflictError, read_manifest
 from pipelines.io.storage import resolve
 from pipelines.metrics import ConfusionAccumulator
+from pipelines.refine import RefineConfig, run_refine
 from pipelines.seeds import cam_argmax
 from pipelines.synthetic.dataset import plant_bad_inputs, write_dataset
 
@@ -145,6 +146,29 @@ def test_resume_redoes_only_unfinished_chunks(tmp_path) -> None:
     assert any("resuming: 2 of 3 chunks" in line for line in lines)
     rows = _rows(str(out))
     assert sorted(r[schema.IMAGE_ID] for r in rows) == first == sorted(good)
+
+
+def test_rows_per_unit_sets_the_row_groups_and_so_refine_units(tmp_path) -> None:
+    good, planted = _dataset(str(tmp_path / "data"))
+    out = tmp_path / "ingest"
+    config = IngestConfig(splits=SPLITS, max_error_fraction=1.0, rows_per_shard=16, rows_per_unit=3)
+    assert run_ingest(str(tmp_path / "data"), str(out), config, report=lambda _: None).ok
+    expected_units = []
+    for shard in sorted((out / "shards").glob("*.parquet")):
+        meta = pq.ParquetFile(shard).metadata
+        rows = meta.num_rows
+        sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        assert sizes == [3] * (rows // 3) + ([rows % 3] if rows % 3 else []), (shard, sizes)
+        expected_units += [f"{shard.stem}-rg{i:04d}" for i in range(len(sizes))]
+    assert len(expected_units) > 2
+    refined = tmp_path / "refine"
+    result = run_refine(str(out), str(refined), RefineConfig(), report=lambda _: None)
+    assert result.ok and result.counts["output"] == len(_rows(str(out))) == len(good) + 1
+    assert sorted(p.stem for p in (refined / "_units").glob("*.json")) == expected_units
+    with pytest.raises(ValueError, match="rows_per_unit"):
+        IngestConfig(rows_per_shard=32, rows_per_unit=33)
+    with pytest.raises(ValueError, match="rows_per_unit"):
+        IngestConfig(rows_per_unit=0)
 
 
 def test_listing_mode_and_clip_es_layout(tmp_path) -> None:

@@ -10,8 +10,8 @@ from pipelines.metrics import ConfusionAccumulator
 from pipelines.synthetic.shapes import (
     SYNTHETIC_CLASSES,
     Sample,
-    _ignore_band,
     generate_sample,
+    ignore_band,
     sample_id,
 )
 
@@ -97,7 +97,7 @@ def test_gt_has_a_void_band_along_borders(samples: list[Sample]) -> None:
 def test_void_band_is_five_pixels_wide() -> None:
     gt = np.zeros((40, 40), np.uint8)
     gt[10:30, 10:30] = 1
-    band = _ignore_band(gt, 2)
+    band = ignore_band(gt, 2)
     expected = [7, 8, 9, 10, 11, 27, 28, 29, 30, 31]
     assert np.flatnonzero(band[20]).tolist() == expected
     assert np.flatnonzero(band[:, 20]).tolist() == expected
