@@ -39,7 +39,7 @@ def build_parser() -> opts.argparse.ArgumentParser:
 def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     names = ("architecture", "backbone_weights", "iterations", "batch_size", "lr", "crop_size")
-    config = common.build_config(RetrainConfig, args, {name: getattr(args, name) for name in names})
+    config = common.build_config(RetrainConfig, args, common.given(args, *names))
     job = common.job_options(args)
     with opts.usage_errors():
         run = RetrainOptions(wait_timeout_s=args.wait_timeout, **opts.run_kwargs(args, job))

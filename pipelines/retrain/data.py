@@ -257,12 +257,7 @@ def build_retrain_dataset(
     under `masks`) for the epochs a `RetrainConfig` run from `start_iteration` still needs, one
     task per (epoch, group) unit (`pipelines.training.data.epoch_units`)."""
     units = shared.epoch_units(
-        rows.groups,
-        seed=config.seed,
-        rows=len(rows.train),
-        batch_size=config.batch_size,
-        start_iteration=start_iteration,
-        iterations=config.iterations,
+        rows.groups, rows=len(rows.train), start_iteration=start_iteration, train=config
     )
     fn = functools.partial(
         augment_units,

@@ -24,7 +24,7 @@ from torchvision.models.resnet import BasicBlock, conv1x1
 from torchvision.models.segmentation.deeplabv3 import ASPP, DeepLabV3
 
 from pipelines.training.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
-from pipelines.training.checkpoint import load_weights_only, read_export_payload, write_export
+from pipelines.training.checkpoint import export_state, load_weights_only, read_export_payload
 
 ARCHITECTURES = ("small", "resnet50", "resnet101", "mobilenet_v3_large")
 EXPORT_FORMAT = "weakclip-retrain-v1"
@@ -183,15 +183,15 @@ def export_model(
     iteration: int,
 ) -> None:
     """Writes `model.pt` (see the module docstring)."""
-    write_export(
-        path,
-        fmt=EXPORT_FORMAT,
-        model=model,
-        class_names=class_names,
-        config=config,
-        iteration=iteration,
-        architecture=architecture,
-    )
+    payload = {
+        "format": EXPORT_FORMAT,
+        "architecture": architecture,
+        "class_names": list(class_names),
+        "config": dict(config),
+        "state_dict": export_state(model),
+        "iteration": int(iteration),
+    }
+    torch.save(payload, path)
 
 
 def read_export(path: str) -> dict[str, Any]:

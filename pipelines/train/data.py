@@ -149,15 +149,9 @@ def train_dataset(
     train_only = any(train for _, train in counts.values())
     per_group = {key: n[1] if train_only else n[0] for key, n in counts.items()}
     rows = sum(per_group.values())
+    groups = [key for key, n in per_group.items() if n]
     train = model_config.train
-    units = shared.epoch_units(
-        [key for key, n in per_group.items() if n],
-        seed=train.seed,
-        rows=rows,
-        batch_size=train.batch_size,
-        start_iteration=start_iteration,
-        iterations=train.iterations,
-    )
+    units = shared.epoch_units(groups, rows=rows, start_iteration=start_iteration, train=train)
     fn = functools.partial(
         augment_units,
         source=source.location,

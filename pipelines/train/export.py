@@ -79,16 +79,15 @@ def export_model(
     iteration: int,
 ) -> None:
     """Writes the self-contained `model.pt` (module docstring)."""
-    clip = {"source": clip_source, "sha256": clip_sha256}
-    ckpt.write_export(
-        path,
-        fmt=EXPORT_FORMAT,
-        model=model,
-        class_names=class_names,
-        config=to_dict(config),
-        iteration=iteration,
-        clip_weights=clip,
-    )
+    payload = {
+        "format": EXPORT_FORMAT,
+        "config": to_dict(config),
+        "class_names": list(class_names),
+        "state_dict": ckpt.export_state(model),
+        "clip_weights": {"source": clip_source, "sha256": clip_sha256},
+        "iteration": int(iteration),
+    }
+    torch.save(payload, path)
 
 
 def read_export(path: str) -> dict[str, Any]:

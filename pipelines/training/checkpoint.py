@@ -85,21 +85,9 @@ def read_export_payload(
     return payload
 
 
-def write_export(
-    path: str,
-    *,
-    fmt: str,
-    model: nn.Module,
-    class_names: Sequence[str],
-    config: Mapping[str, Any],
-    iteration: int,
-    **fields: Any,
-) -> None:
-    """Writes a self-contained `model.pt` (`read_export_payload` reads it): the format tag,
-    every weight, the config dict, the class names, the iteration and `fields`."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    payload = {"format": fmt, "class_names": list(class_names), "config": dict(config)}
-    torch.save({**payload, "state_dict": state, "iteration": int(iteration), **fields}, path)
+def export_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight of `model`, detached, contiguous, on the CPU: a `model.pt`'s `state_dict`."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
 def weakclip_from_export(payload: Mapping[str, Any]) -> tuple[WeakCLIP, WeakCLIPConfig]:
@@ -192,9 +180,8 @@ def read_metrics(directory: str) -> list[dict[str, Any]]:
 def read_train_state(directory: str) -> dict[str, Any]:
     """`train_state.pt` (model, optimizer, scheduler, iteration), read with weights_only."""
     state = load_weights_only(os.path.join(directory, TRAIN_STATE), what="checkpoint state")
-    if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "iteration"} <= set(
-        state
-    ):
+    keys = {"model", "optimizer", "scheduler", "iteration"}
+    if not isinstance(state, dict) or not keys <= set(state):
         raise ValueError(f"checkpoint {directory!r}: {TRAIN_STATE} is incomplete")
     return state
 

@@ -71,16 +71,12 @@ def epochs_needed(*, rows: int, batch_size: int, start_iteration: int, iteration
 
 
 def epoch_units(
-    groups: Sequence[tuple[str, int]],
-    *,
-    seed: int,
-    rows: int,
-    batch_size: int,
-    start_iteration: int,
-    iterations: int,
+    groups: Sequence[tuple[str, int]], *, rows: int, start_iteration: int, train: Any
 ) -> list[dict[str, Any]]:
-    """One work unit per (epoch, source row group) of the `epochs_needed` from the epoch
-    `start_iteration` is in, each epoch's groups in its own order."""
+    """One work unit per (epoch, source row group) of the `epochs_needed` by a run of `train`
+    (a training config: `seed`, `batch_size`, `iterations`) over `rows` training rows from the
+    epoch `start_iteration` is in, each epoch's groups in its own order."""
+    batch_size, seed, iterations = train.batch_size, train.seed, train.iterations
     epochs = epochs_needed(
         rows=rows, batch_size=batch_size, start_iteration=start_iteration, iterations=iterations
     )

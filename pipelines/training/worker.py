@@ -311,7 +311,7 @@ def train_steps(
         """`ray.train.report` on every worker of the last logged row's numbers and `iteration`;
         only rank 0 writes the checkpoint and attaches it."""
         final = iteration == schedule.total and final_meta is not None
-        saved = {**meta, **final_meta()} if final and final_meta else meta  # a collective
+        extra = final_meta() if final and final_meta else {}  # a collective: on every rank
         last = history[-1] if history else {}
         metrics = {k: v for k, v in last.items() if isinstance(v, int | float)}
         metrics["iteration"] = iteration
@@ -327,7 +327,7 @@ def train_steps(
                 optimizer=optimizer,
                 scheduler=scheduler,
                 iteration=iteration,
-                meta=saved,
+                meta={**meta, **extra},
                 metrics=history,
                 include_clip=include_frozen,
             )
