@@ -1,15 +1,10 @@
 """Writes the synthetic WSSS dataset (images, CAMs, labels, GT) to a storage URI.
 
     python -m jobs.make_synthetic --output s3://bucket/synthetic --num-images 64 --seed 0
-    python -m jobs.make_synthetic --output out/camo --num-images 40 --seed 0 \
-        --family camouflage --classes coco91
 
-Families: `shapes` (six custom classes, each its own colour, at --height x --width),
-`camouflage` (VOC or COCO-91 class ids told apart by shape and texture only, in shared colours,
-VOC-like sizes drawn per image: --height/--width do not apply) and `colours` (the camouflage
-scenes with each class in its own colour: colour-separable, in the VOC or COCO-91 space).
-
-Exit status: 0 success; 1 failure with a one-line reason on stderr; 2 usage error.
+Families (`pipelines.synthetic.dataset`): `shapes` (six custom classes, each its own colour, at
+--height x --width), `camouflage` (VOC or COCO-91 classes told apart by shape and texture only,
+VOC-like sizes drawn per image) and `colours` (camouflage scenes, each class its own colour).
 """
 
 from __future__ import annotations
@@ -22,7 +17,6 @@ from pipelines.synthetic import dataset
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The job's parser (the name `jobs.options_doc` looks for)."""
     parser = argparse.ArgumentParser(
         prog="python -m jobs.make_synthetic", description=__doc__.splitlines()[0]
     )
@@ -57,10 +51,9 @@ def _main(argv: list[str]) -> int:
         location = resolve(args.output, StorageOptions(endpoint_url=args.storage_endpoint))
     except ValueError as error:
         raise UsageError(f"--output: {error}") from None
+    names = ("num_images", "seed", "height", "width", "val_fraction", "layout", "workers")
     fs, root = location.fs, location.path
-    sizes = ("num_images", "seed", "height", "width", "val_fraction")
-    kwargs = given(args, *sizes, "layout", "workers")
-    written = dataset.write_dataset(fs, root, family=args.family, classes=args.classes, **kwargs)
+    written = dataset.write_dataset(fs, root, **given(args, *names, "family", "classes"))
     planted = dataset.plant_bad_inputs(fs, root, layout=args.layout) if args.bad else {}
     bad = f" and {len(planted)} bad rows" if planted else ""
     counts = f"{len(written.train_ids)} train + {len(written.val_ids)} val images{bad}"

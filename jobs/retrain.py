@@ -12,8 +12,6 @@ files its manifest (and its input's manifest) lists, and writes `model.pt`, `met
 it. Exit status: 0 success; 1 failure with a one-line reason on stderr; 2 usage error.
 """
 
-import functools
-
 from pipelines import cli as common
 from pipelines.retrain import RetrainConfig, RetrainOptions, run_retrain
 from pipelines.retrain.stage import ARCHITECTURES, micro_batching, read_inputs
@@ -41,19 +39,20 @@ def build_parser() -> opts.argparse.ArgumentParser:
 def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     names = ("architecture", "backbone_weights", "iterations", "batch_size", "lr", "crop_size")
-    config = common.build_config(RetrainConfig, args, {name: getattr(args, name) for name in names})
+    config = common.build_config(RetrainConfig, args, common.given(args, *names))
     job = common.job_options(args)
     with opts.usage_errors():
         run = RetrainOptions(wait_timeout_s=args.wait_timeout, **opts.run_kwargs(args, job))
         micro_batching(config, run)
-    read_inputs(job.input.uri, storage=job.storage, wait_timeout_s=args.wait_timeout)  # before Ray
-    common.init_ray(args)
-    result = run_retrain(job.input.uri, job.output.uri, config, options=run, storage=job.storage)
+    inputs = read_inputs(job.input.uri, storage=job.storage, wait_timeout_s=args.wait_timeout)
+    common.init_ray(args)  # after everything that can be refused
+    result = run_retrain(
+        job.input.uri, job.output.uri, config, options=run, storage=job.storage, inputs=inputs
+    )
     return opts.print_result("retrained", result, job.output.uri)
 
 
-main = functools.partial(common.run_job, _main)
-cli = opts.console_script(main)
+main, cli = common.entry_points(_main)
 
 if __name__ == "__main__":
     cli()

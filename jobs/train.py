@@ -7,7 +7,6 @@ r"""Trains WeakCLIP on a refine output with Ray Train; writes model.pt, metrics 
 1e-3}}`); flags override it.
 """
 
-import functools
 import sys
 
 from pipelines import cli as common
@@ -52,8 +51,7 @@ def _main(argv: list[str]) -> int:
         return 1
 
 
-main = functools.partial(common.run_job, _main)
-cli = opts.console_script(main)
+main, cli = common.entry_points(_main)
 
 if __name__ == "__main__":
     cli()

@@ -76,10 +76,8 @@ DEMO_CONFIG: Mapping[str, Any] = {
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """Options of the chained run (`--config` fields; per-stage sections nest).
-
-    Defaults are those of a real run (the `vit-b-16` preset's training schedule); `--demo`
-    puts `DEMO_CONFIG` under the file and flags.
+    """Options of the chained run (`--config` fields; per-stage sections nest). Defaults are
+    those of a real run (the `vit-b-16` preset's schedule); `--demo` puts `DEMO_CONFIG` under them.
     """
 
     ingest: IngestConfig = field(default_factory=IngestConfig)
@@ -102,10 +100,8 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {sorted(DEVICES)}, got {self.device!r}")
-        for name in ("num_workers", "checkpoint_every", "log_every", "actor_pool_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("iterations", "batch_size"):
+        counts = ("num_workers", "checkpoint_every", "log_every", "actor_pool_size")
+        for name in (*counts, "iterations", "batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -120,30 +116,23 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", metavar="URI", help="dataset root (MCTformer/WeakTr layout)")
     source.add_argument("--demo", action="store_true", help="generate the synthetic dataset")
-    parser.add_argument(
-        "--demo-settings",
-        action="store_true",
-        help="with --input: the demo's settings (tiny model, short schedules) under the config "
-        "file and flags",
-    )
+    settings = "with --input: the demo's settings (tiny model, short schedules)"
+    help = f"{settings} under the config file and flags"
+    parser.add_argument("--demo-settings", action="store_true", help=help)
     add_common_args(parser, model=True, input=False)
     for action in parser._actions:  # --output is optional for the demo
         if action.dest == "output":
             action.required = False
-    stage = parser.add_argument_group("pipeline options")
-    stage.add_argument("--classes", metavar=CLASSES_METAVAR, help="ingest class space")
-    stage.add_argument("--split", action="append", metavar="[NAME=]FILE", help="ingest split")
-    stage.add_argument("--method", choices=("weaktr", "clip-es"), help="seed recipe")
-    stage.add_argument("--iterations", type=int, metavar="N", help="training iterations")
-    stage.add_argument("--num-workers", type=int, metavar="W", help="Ray Train workers")
-    stage.add_argument("--clip-weights", metavar="URI", help="CLIP weights (default random)")
-    stage.add_argument(
-        "--device",
-        choices=sorted(DEVICES),
-        help="training, pseudo masks and retraining on GPU or CPU (default auto: GPU when the "
-        "cluster has one)",
-    )
-    stage.add_argument("--num-images", type=int, metavar="N", help="--demo dataset size (40)")
+    add = parser.add_argument_group("pipeline options").add_argument
+    add("--classes", metavar=CLASSES_METAVAR, help="ingest class space")
+    add("--split", action="append", metavar="[NAME=]FILE", help="ingest split")
+    add("--method", choices=("weaktr", "clip-es"), help="seed recipe")
+    add("--iterations", type=int, metavar="N", help="training iterations")
+    add("--num-workers", type=int, metavar="W", help="Ray Train workers")
+    add("--clip-weights", metavar="URI", help="CLIP weights (default random)")
+    device = "training, pseudo masks and retraining on GPU or CPU (default auto: GPU when the"
+    add("--device", choices=sorted(DEVICES), help=f"{device} cluster has one)")
+    add("--num-images", type=int, metavar="N", help="--demo dataset size (40)")
 
 
 def config_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -186,16 +175,9 @@ def run_pipeline(
     storage: StorageOptions | None = None,
     report: Callable[[str], Any] = print,
 ) -> dict[str, Any]:
-    """Runs the chain on the current Ray instance and writes `<output>/summary.json`.
-
-    Args:
-        input_uri: dataset root (ingest's input); None with `demo`, which generates the
-            synthetic dataset under `<output>/data-*/` and uses it.
-        output_uri: the pipeline's output directory (one sub-directory per stage).
-        config, storage, report: options of every stage, the object store, a progress sink.
-
-    Returns:
-        The summary dict (also written to `summary.json`).
+    """Runs the chain on the current Ray instance; returns the summary, also written to
+    `<output>/summary.json`. `input_uri` is the dataset root, None with `demo` (the synthetic
+    dataset is generated under `<output>/data-*/`).
 
     Raises:
         RuntimeError: a stage failed (its message says which and why).
@@ -254,6 +236,13 @@ def _run_stage(
     return result
 
 
+def _run_options(config: PipelineConfig, overwrite: bool) -> dict[str, Any]:
+    """`RunOptions` of training and retraining in the chain: an interrupted run resumes."""
+    names = ("num_workers", "checkpoint_every", "log_every", "num_cpus_per_task")
+    options = {name: getattr(config, name) for name in names}
+    return {**options, "resume": True, "overwrite": overwrite, "use_gpu": DEVICES[config.device]}
+
+
 def _train(
     config: PipelineConfig,
     uri: Mapping[str, str],
@@ -273,19 +262,10 @@ def _train(
         batch_size=config.batch_size or base.train.batch_size,
         lr=config.lr or base.train.lr,
     )
+    model = dataclasses.replace(base, train=train)
+    options = _run_options(config, overwrite)
     job = TrainJobConfig(
-        input=uri["refine"],
-        output=uri["train"],
-        model=dataclasses.replace(base, train=train),
-        num_workers=config.num_workers,
-        clip_weights=config.clip_weights,
-        resume=True,  # an interrupted run continues from its last checkpoint
-        overwrite=overwrite,
-        checkpoint_every=config.checkpoint_every,
-        log_every=config.log_every,
-        use_gpu=DEVICES[config.device],
-        num_cpus_per_task=config.num_cpus_per_task,
-        storage=storage,
+        uri["refine"], uri["train"], model, config.clip_weights, storage=storage, **options
     )
     return run_train(job, log=report)
 
@@ -299,38 +279,35 @@ def _retrain(
     overwrite: bool,
 ) -> Any:
     """Retrain in the chain, on the pseudo masks."""
-    options = RetrainOptions(
-        num_workers=config.num_workers,
-        resume=True,
-        overwrite=overwrite,
-        checkpoint_every=config.checkpoint_every,
-        log_every=config.log_every,
-        use_gpu=DEVICES[config.device],
-        num_cpus_per_task=config.num_cpus_per_task,
-    )
-    return run_retrain(
-        uri["pseudo_masks"],
-        uri["retrain"],
-        config.retrain,
-        options=options,
-        storage=storage,
-        log=report,
-    )
+    options = RetrainOptions(**_run_options(config, overwrite))
+    masks, out = uri["pseudo_masks"], uri["retrain"]
+    return run_retrain(masks, out, config.retrain, options=options, storage=storage, log=report)
 
 
 def _summary(
     refine: Manifest, config: PipelineConfig, evaluated: Mapping[str, Any], retrained: Any
 ) -> dict[str, Any]:
-    """The mIoU rows of docs/CONTRACTS.md and what each was measured on."""
-    splits = config.pseudo_masks.splits
+    """The mIoU rows of docs/CONTRACTS.md and what each was measured on. CAM argmax and seeds:
+    on the split the pseudo masks were made for (when it is one split with ground truth), else
+    over every image with ground truth."""
+    metrics, splits = refine.metrics or {}, config.pseudo_masks.splits
+    split = splits[0] if splits is not None and len(splits) == 1 else None
+    block = (metrics.get("by_split") or {}).get(split) if split else None
+    if isinstance(block, dict):
+        cam, seeds = _number(block.get("cam_argmax")), _number(block.get("seeds"))
+        where = f"{split} split, {block.get('images')} images"
+    else:
+        cam, seeds = _miou(metrics.get("cam_argmax")), _miou(metrics.get("seeds"))
+        where = f"all splits, {metrics.get('gt_images')} images"
     return {
-        **_seed_rows(refine.metrics, splits),
+        "cam_argmax": cam,
+        "crf_seeds": seeds,
         "pseudo_masks": _miou(evaluated),
         "retrained": _miou(retrained),
         "class_space": refine.class_space,
         "measured_on": {
-            "cam_argmax": _where(refine.metrics, splits),
-            "crf_seeds": _where(refine.metrics, splits),
+            "cam_argmax": where,
+            "crf_seeds": where,
             "pseudo_masks": _images(evaluated, "images"),
             "retrained": _images(retrained, "num_val_images", "val split (not trained on)"),
         },
@@ -357,37 +334,17 @@ def _ensure_demo_data(out: Location, demo: DemoData, report: Callable[[str], Any
     return data.uri
 
 
-def _seed_rows(metrics: Mapping[str, Any] | None, splits: tuple[str, ...] | None) -> dict:
-    """CAM-argmax and seed mIoU on the split the pseudo masks were made for (when it is one
-    split with ground truth), else over every image with ground truth."""
-    metrics = metrics or {}
-    by_split = metrics.get("by_split") or {}
-    if splits is not None and len(splits) == 1 and isinstance(by_split.get(splits[0]), dict):
-        block = by_split[splits[0]]
-        rows = {"cam_argmax": block.get("cam_argmax"), "crf_seeds": block.get("seeds")}
-        return {k: float(v) if isinstance(v, (int, float)) else None for k, v in rows.items()}
-    return {
-        "cam_argmax": _miou(metrics.get("cam_argmax")),
-        "crf_seeds": _miou(metrics.get("seeds")),
-    }
-
-
-def _where(metrics: Mapping[str, Any] | None, splits: tuple[str, ...] | None) -> str:
-    by_split = (metrics or {}).get("by_split") or {}
-    if splits is not None and len(splits) == 1 and isinstance(by_split.get(splits[0]), dict):
-        return f"{splits[0]} split, {by_split[splits[0]].get('images')} images"
-    return f"all splits, {(metrics or {}).get('gt_images')} images"
-
-
 def _images(metrics: Mapping[str, Any] | None, key: str, what: str = "the masks' images") -> str:
     count = (metrics or {}).get(key)
     return f"{what}, {count} images" if isinstance(count, int) else what
 
 
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) else None
+
+
 def _miou(block: Any) -> float | None:
-    if isinstance(block, dict) and isinstance(block.get("miou"), (int, float)):
-        return float(block["miou"])
-    return None
+    return _number(block.get("miou")) if isinstance(block, dict) else None
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -9,67 +9,25 @@ failure with one line on stderr (credentials redacted; the traceback too with `-
 the config dataclass, a bad location).
 """
 
-from pipelines.cli.config import build_config, load_config_file
-from pipelines.cli.exit_status import (
-    describe_error,
-    entry_points,
-    one_line,
-    result_status,
-    run_job,
-    to_stderr,
-)
-from pipelines.cli.options import (
-    CLASSES_METAVAR,
-    DEVICES,
-    JobOptions,
-    Resources,
-    UsageError,
-    add_common_args,
-    add_max_error_fraction,
-    add_progress_every,
-    check_positive,
-    given,
-    job_options,
-    job_parser,
-    parse_size,
-    reject_unused,
-    resolve_arg,
-    resources,
-    stage_kwargs,
-    stage_options,
-    storage_options,
-)
-from pipelines.cli.ray_init import alive_node_count, check_local_output, init_ray
-
-__all__ = [
-    "CLASSES_METAVAR",
-    "DEVICES",
-    "JobOptions",
-    "Resources",
-    "UsageError",
-    "add_common_args",
-    "add_max_error_fraction",
-    "add_progress_every",
-    "check_positive",
-    "entry_points",
-    "given",
-    "alive_node_count",
-    "build_config",
-    "check_local_output",
-    "describe_error",
-    "init_ray",
-    "job_options",
-    "job_parser",
-    "load_config_file",
-    "one_line",
-    "parse_size",
-    "reject_unused",
-    "resolve_arg",
-    "resources",
-    "result_status",
-    "run_job",
-    "stage_kwargs",
-    "stage_options",
-    "storage_options",
-    "to_stderr",
-]
+from pipelines.cli.config import build_config as build_config
+from pipelines.cli.config import load_config_file as load_config_file
+from pipelines.cli.exit_status import entry_points as entry_points
+from pipelines.cli.exit_status import result_status as result_status
+from pipelines.cli.exit_status import run_job as run_job
+from pipelines.cli.exit_status import to_stderr as to_stderr
+from pipelines.cli.options import CLASSES_METAVAR as CLASSES_METAVAR
+from pipelines.cli.options import DEVICES as DEVICES
+from pipelines.cli.options import Resources as Resources
+from pipelines.cli.options import UsageError as UsageError
+from pipelines.cli.options import add_common_args as add_common_args
+from pipelines.cli.options import add_max_error_fraction as add_max_error_fraction
+from pipelines.cli.options import add_progress_every as add_progress_every
+from pipelines.cli.options import check_positive as check_positive
+from pipelines.cli.options import given as given
+from pipelines.cli.options import job_options as job_options
+from pipelines.cli.options import job_parser as job_parser
+from pipelines.cli.options import reject_unused as reject_unused
+from pipelines.cli.options import stage_kwargs as stage_kwargs
+from pipelines.cli.options import stage_options as stage_options
+from pipelines.cli.options import storage_options as storage_options
+from pipelines.cli.ray_init import init_ray as init_ray

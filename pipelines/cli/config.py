@@ -33,17 +33,9 @@ def build_config(
     *,
     base: Mapping[str, Any] | None = None,
 ) -> _C:
-    """Build a config dataclass from `--config FILE` and the flags actually given.
-
-    Args:
-        config_type: the stage's (frozen) config dataclass; nested dataclass fields are filled
-            from nested mappings.
-        args: parsed arguments (`args.config` may be None).
-        overrides: field → flag value; None values mean "flag not given" and are skipped,
-            `NULL` sets the field to None.
-            A dotted key (`"crf.iterations"`) sets a field of a nested config.
-        base: field values under the file's (e.g. a demo's smaller settings); nested mappings
-            merge field by field.
+    """The config dataclass `config_type` (nested mappings fill nested dataclasses) of `base`
+    (e.g. a demo's settings), then `--config FILE`, then `overrides`: field (dotted for a nested
+    config's, `"crf.iterations"`) → flag value, None for "not given", `NULL` to set None.
 
     Raises:
         UsageError: unreadable file, unknown keys, wrong value types, or a value the config
@@ -78,10 +70,8 @@ def _merged(values: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load_config_file(path: str, storage: StorageOptions | None = None) -> dict[str, Any]:
-    """Read a YAML or JSON config file (local or in object storage) into a mapping.
-
-    `.json` files are parsed as JSON, anything else as YAML (safe loader: no Python tags).
-    """
+    """A config file (local or in object storage) as a mapping: `.json` files parsed as JSON,
+    anything else as YAML (safe loader: no Python tags)."""
     try:
         data = read_bytes(resolve(path, storage), max_bytes=MAX_CONFIG_BYTES)
     except (OSError, ValueError) as e:

@@ -5,6 +5,7 @@ The traceback too with `--debug` or `WEAKCLIP_DEBUG=1`; 130 when interrupted.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
@@ -19,11 +20,8 @@ MAX_ERROR_CHARS = 1000
 
 
 def run_job(fn: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
-    """Run a job's `fn(argv)` and turn its outcome into the contract's exit status.
-
-    0: `fn` returned None or 0 (or its own status). 1: any exception, reported as one
-    redacted line `error: ...` on stderr. 2: usage errors (argparse, `UsageError`).
-    """
+    """The exit status of a job's `fn(argv)` (module docstring): its own, else 0; 1 for any
+    exception (one redacted `error: ...` line on stderr); 2 for usage errors."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
@@ -50,13 +48,8 @@ def entry_points(
 ) -> tuple[Callable[..., int], Callable[[], None]]:
     """A job's `main(argv=None) -> status` (`run_job` around `fn`) and its console script."""
 
-    def main(argv: Sequence[str] | None = None) -> int:
-        return run_job(fn, argv)
-
-    def cli() -> None:
-        sys.exit(main())
-
-    return main, cli
+    main = functools.partial(run_job, fn)
+    return main, lambda: sys.exit(main())
 
 
 def result_status(result: Any) -> int:

@@ -26,21 +26,14 @@ class UsageError(Exception):
 
 @dataclass(frozen=True)
 class Resources:
-    """Resources a job asks of Ray. The defaults fit a 2-core machine.
+    """Resources a job asks of Ray. The defaults fit a 2-core machine."""
 
-    Attributes:
-        num_cpus_per_task: CPUs reserved per Ray task/actor; fractional so that every stage of
-            a streaming pipeline can hold a slot at once on 2 cores (docs/ARCHITECTURE.md,
-            "Resources").
-        actor_pool_size: actors in each model-holding actor pool.
-        batch_size: global batch size across all workers; None means the stage's default.
-        object_store_memory: bytes for the object store of a new local Ray instance.
-    """
-
+    # CPUs per Ray task/actor; fractional so that every stage of a streaming pipeline can hold
+    # a slot at once on 2 cores (docs/ARCHITECTURE.md, "Resources").
     num_cpus_per_task: float = 0.5
-    actor_pool_size: int = 1
-    batch_size: int | None = None
-    object_store_memory: int | None = None
+    actor_pool_size: int = 1  # actors in each model-holding actor pool
+    batch_size: int | None = None  # global, across all workers; None = the stage's default
+    object_store_memory: int | None = None  # bytes for the object store of a new local Ray
 
 
 @dataclass(frozen=True)
@@ -68,70 +61,35 @@ class JobOptions:
 def add_common_args(
     parser: argparse.ArgumentParser, *, model: bool = False, input: bool = True
 ) -> None:
-    """Add the shared options. Value options default to None, meaning "not given".
-
-    Args:
-        parser: the job's parser.
-        model: add `--model tiny|vit-b-16` (jobs that build a model).
-        input: add a required `--input` (false for jobs that only write, e.g. data generators).
-    """
-    group = parser.add_argument_group("shared options")
+    """Add the shared options (value options default to None: "not given"); `model` adds
+    `--model`, `input` a required `--input` (false for jobs that only write)."""
+    add = parser.add_argument_group("shared options").add_argument
     if input:
-        group.add_argument(
-            "--input", required=True, metavar="URI", help="s3://bucket/prefix, file:// or a path"
-        )
-    group.add_argument(
-        "--output", required=True, metavar="URI", help="this stage's output directory"
-    )
-    group.add_argument(
-        "--config", metavar="FILE", help="YAML or JSON with config fields; flags override it"
-    )
+        add("--input", required=True, metavar="URI", help="s3://bucket/prefix, file:// or a path")
+    add("--output", required=True, metavar="URI", help="this stage's output directory")
+    add("--config", metavar="FILE", help="YAML or JSON with config fields; flags override it")
     if model:
-        group.add_argument("--model", choices=MODEL_PRESETS, help="model preset")
-    group.add_argument(
-        "--ray-address", metavar="ADDR", help="Ray cluster (default: $RAY_ADDRESS, else local)"
-    )
-    group.add_argument(
-        "--storage-endpoint", metavar="URL", help="S3-compatible endpoint ($AWS_ENDPOINT_URL)"
-    )
-    group.add_argument(
-        "--num-cpus-per-task",
-        type=_positive_float,
-        metavar="N",
-        help="CPUs reserved per Ray Data task, fractional allowed (default: the stage's)",
-    )
-    group.add_argument(
-        "--actor-pool-size",
-        type=_positive_int,
-        metavar="N",
-        help="model replicas per actor pool, in stages that have one",
-    )
-    group.add_argument(
-        "--batch-size", type=_positive_int, metavar="N", help="global, across all workers"
-    )
-    group.add_argument(
-        "--object-store-memory", type=parse_size, metavar="BYTES", help="e.g. 2G, 512MiB"
-    )
-    group.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace this output's earlier results (later stages must be re-run)",
-    )
-    group.add_argument(
-        "--allow-local-output",
-        action="store_true",
-        help="allow a local --output on a multi-node cluster (a shared mount on every node)",
-    )
-    group.add_argument(
-        "--debug", action="store_true", help=f"full tracebacks on failure (or {DEBUG_ENV}=1)"
-    )
+        add("--model", choices=MODEL_PRESETS, help="model preset")
+    add("--ray-address", metavar="ADDR", help="Ray cluster (default: $RAY_ADDRESS, else local)")
+    add("--storage-endpoint", metavar="URL", help="S3-compatible endpoint ($AWS_ENDPOINT_URL)")
+    cpus = "CPUs reserved per Ray Data task, fractional allowed (default: the stage's)"
+    add("--num-cpus-per-task", type=_positive_float, metavar="N", help=cpus)
+    pool = "model replicas per actor pool, in stages that have one"
+    add("--actor-pool-size", type=_positive_int, metavar="N", help=pool)
+    add("--batch-size", type=_positive_int, metavar="N", help="global, across all workers")
+    add("--object-store-memory", type=parse_size, metavar="BYTES", help="e.g. 2G, 512MiB")
+    overwrite = "replace this output's earlier results (later stages must be re-run)"
+    add("--overwrite", action="store_true", help=overwrite)
+    local = "allow a local --output on a multi-node cluster (a shared mount on every node)"
+    add("--allow-local-output", action="store_true", help=local)
+    add("--debug", action="store_true", help=f"full tracebacks on failure (or {DEBUG_ENV}=1)")
 
 
 def job_parser(
     module: str, doc: str | None, title: str, **common: bool
 ) -> tuple[argparse.ArgumentParser, argparse._ArgumentGroup]:
-    """A job's parser (`python -m <module>`, `doc` as its description) with the shared options,
-    and its own option group `title`; `common` goes to `add_common_args`."""
+    """A job's parser (`doc` its description) with the shared options (`common` goes to
+    `add_common_args`), and its own option group `title`."""
     parser = argparse.ArgumentParser(
         prog=f"python -m {module}",
         description=doc,
@@ -143,12 +101,8 @@ def job_parser(
 
 def add_max_error_fraction(group: argparse._ArgumentGroup) -> None:
     """`--max-error-fraction` of the stages that quarantine rows."""
-    group.add_argument(
-        "--max-error-fraction",
-        type=float,
-        metavar="F",
-        help="fail when more than this share of rows is quarantined (default 0.01)",
-    )
+    help = "fail when more than this share of rows is quarantined (default 0.01)"
+    group.add_argument("--max-error-fraction", type=float, metavar="F", help=help)
 
 
 def add_progress_every(group: argparse._ArgumentGroup, help: str) -> None:
@@ -183,7 +137,7 @@ def check_positive(args: argparse.Namespace, **messages: str) -> None:
     """Refuse a given option (by destination) that is not positive: `messages[dest]` says why.
 
     Raises:
-        UsageError: `--<dest>: <message>` for the first option given that is not > 0.
+        UsageError: `--<dest>: <message>` for the first one.
     """
     for name, message in messages.items():
         value = getattr(args, name, None)
@@ -192,12 +146,7 @@ def check_positive(args: argparse.Namespace, **messages: str) -> None:
 
 
 def reject_unused(args: argparse.Namespace, stage: str, *names: str) -> None:
-    """Refuse shared options this stage has no use for, rather than silently ignoring them.
-
-    Args:
-        args: parsed arguments.
-        stage: the stage's name, for the message.
-        names: argparse destinations (`"actor_pool_size"`, `"batch_size"`).
+    """Refuse the shared options (argparse destinations) `stage` has no use for.
 
     Raises:
         UsageError: one of them was given.
@@ -218,16 +167,12 @@ def storage_options(args: argparse.Namespace) -> StorageOptions:
 
 def resources(args: argparse.Namespace, defaults: Resources | None = None) -> Resources:
     """The resource flags given, the stage's `defaults` (else `Resources()`) for the rest."""
-    given = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(Resources)
-        if getattr(args, f.name, None) is not None
-    }
-    return dataclasses.replace(defaults or Resources(), **given)
+    flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(Resources)}
+    return dataclasses.replace(defaults or Resources(), **_set(flags))
 
 
 def job_options(args: argparse.Namespace, defaults: Resources | None = None) -> JobOptions:
-    """Resolve the shared options of parsed `args`.
+    """The shared options of parsed `args`, resolved.
 
     Raises:
         UsageError: an unusable `--input`, `--output` or `--storage-endpoint`.
@@ -267,6 +212,10 @@ def resolve_arg(flag: str, value: str, storage: StorageOptions) -> Location:
         return resolve(value, storage)
     except ValueError as e:
         raise UsageError(f"{flag}: {e}") from None
+
+
+def _set(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def _positive_int(text: str) -> int:

@@ -27,8 +27,7 @@ def init_ray(args: argparse.Namespace, *, node_count: Callable[[], int] = alive_
     process's environment (AWS credentials included); workers of an existing cluster use
     their own AWS credential chain, while the endpoint travels inside each `Location`.
 
-    Returns:
-        True when this call started or connected Ray, False when it was already initialised.
+    Returns True when this call started or connected Ray.
 
     Raises:
         UsageError: `--object-store-memory` with an existing cluster, or a local output on a

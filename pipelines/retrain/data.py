@@ -210,55 +210,6 @@ def _join_problem(
     return None
 
 
-def prepare_row(
-    *,
-    image_bytes: bytes,
-    mask_bytes: bytes,
-    height: int,
-    width: int,
-    rng: np.random.Generator,
-    augment: AugmentConfig,
-) -> dict[str, np.ndarray]:
-    """Decodes and augments one (image, mask) pair (pure numpy).
-
-    Returns:
-        `image` 3 x S x S float32 and `mask` S x S uint8 (255 where padded or ignored).
-    """
-    rgb = decode_image(image_bytes, height, width)
-    mask = decode_label_map(mask_bytes, height, width)
-    image, crop = augment_sample(rgb, mask, rng=rng, config=augment)
-    return {"image": image, "mask": crop}
-
-
-def augment_rows(
-    rows: Sequence[Mapping[str, Any]],
-    *,
-    epoch: int,
-    seed: int,
-    masks: Location,
-    train: Mapping[str, str],
-    augment: AugmentConfig,
-) -> dict[str, np.ndarray]:
-    """Source rows (`IMAGE_COLUMNS`) of training ids in, one `TRAIN_COLUMNS` batch out.
-
-    The masks are fetched in one batched read; each row's draws come from (seed, epoch, id).
-    """
-    paths = [masks.join(train[str(row[schema.IMAGE_ID])]) for row in rows]
-    got = masks.fs.cat(paths) if paths else {}
-    prepared = [
-        prepare_row(
-            image_bytes=row[schema.IMAGE],
-            mask_bytes=got[path],
-            height=int(row[schema.HEIGHT]),
-            width=int(row[schema.WIDTH]),
-            rng=np.random.default_rng(row_seed(seed, epoch, str(row[schema.IMAGE_ID]))),
-            augment=augment,
-        )
-        for row, path in zip(rows, paths, strict=True)
-    ]
-    return shared.stack(prepared, TRAIN_COLUMNS)
-
-
 def augment_units(
     batch: dict[str, np.ndarray],
     *,
@@ -269,7 +220,8 @@ def augment_units(
     seed: int,
     rows_per_block: int,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data batch function: work units in, `TRAIN_COLUMNS` blocks of training rows out."""
+    """Ray Data batch function: work units in, `TRAIN_COLUMNS` blocks of training rows out
+    (each block's masks fetched in one batched read, each row's draws from (seed, epoch, id))."""
     for epoch, rows in shared.unit_blocks(
         batch,
         source=source,
@@ -278,32 +230,42 @@ def augment_units(
         seed=seed,
         rows_per_block=rows_per_block,
     ):
-        yield augment_rows(rows, epoch=epoch, seed=seed, masks=masks, train=train, augment=augment)
+        paths = [masks.join(train[str(row[schema.IMAGE_ID])]) for row in rows]
+        got = masks.fs.cat(paths) if paths else {}
+        prepared = []
+        for row, path in zip(rows, paths, strict=True):
+            height, width = int(row[schema.HEIGHT]), int(row[schema.WIDTH])
+            rgb = decode_image(row[schema.IMAGE], height, width)
+            mask = decode_label_map(got[path], height, width)
+            rng = np.random.default_rng(row_seed(seed, epoch, str(row[schema.IMAGE_ID])))
+            image, crop = augment_sample(rgb, mask, rng=rng, config=augment)
+            prepared.append({"image": image, "mask": crop})
+        yield shared.stack(prepared, TRAIN_COLUMNS)
 
 
 def build_retrain_dataset(
     source: Manifest,
     *,
     masks: Location,
-    train: Mapping[str, str],
-    groups: Sequence[tuple[str, int]],
-    augment: AugmentConfig,
-    seed: int,
-    start_epoch: int,
-    epochs: int,
+    rows: RowPlan,
+    config: Any,
+    start_iteration: int,
     num_cpus_per_task: float,
     rows_per_block: int = 8,
 ) -> Any:
-    """The Ray Dataset of augmented training rows (`train`: id → mask path under `masks`) of
-    `source` for `epochs` epochs from `start_epoch`, one task per (epoch, group) unit."""
-    units = shared.epoch_units(groups, seed=seed, start_epoch=start_epoch, epochs=epochs)
+    """The Ray Dataset of the augmented training rows of `source` (`rows.train`: id → mask path
+    under `masks`) for the epochs a `RetrainConfig` run from `start_iteration` still needs, one
+    task per (epoch, group) unit (`pipelines.training.data.epoch_units`)."""
+    units = shared.epoch_units(
+        rows.groups, rows=len(rows.train), start_iteration=start_iteration, train=config
+    )
     fn = functools.partial(
         augment_units,
         source=source.location,
         masks=masks,
-        train=dict(train),
-        augment=augment,
-        seed=seed,
+        train=dict(rows.train),
+        augment=config.augment(),
+        seed=config.seed,
         rows_per_block=rows_per_block,
     )
     return shared.unit_dataset(units, fn, num_cpus_per_task=num_cpus_per_task)

@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from pipelines.io import schema
@@ -22,6 +21,7 @@ from pipelines.io.parquet import read_row_group
 from pipelines.io.storage import Location
 from pipelines.metrics import ConfusionAccumulator
 from pipelines.retrain.model import predict_labels
+from pipelines.training.worker import all_reduce_sum
 
 VAL_COLUMNS = [schema.IMAGE_ID, schema.IMAGE, schema.HEIGHT, schema.WIDTH, schema.GT]
 
@@ -72,22 +72,15 @@ def score_worker(
     device: torch.device,
     world: int,
 ) -> dict[str, Any]:
-    """Scores this worker's rows and sums over the workers (a collective: call on every rank).
-
-    Returns:
-        `confusion` (K x (K + 1) nested lists), `images`, `skipped`: totals of all workers.
-    """
+    """This worker's rows scored and summed over the workers (a collective: call on every rank):
+    `confusion` (K x (K + 1) nested lists), `images`, `skipped`."""
     scores = ConfusionAccumulator(num_classes)
     was_training = model.training
     model.eval()
     images, skipped = score_rows(model, rows, scores=scores, device=device)
     model.train(was_training)
     totals = torch.from_numpy(np.append(scores.matrix.ravel(), [images, skipped]))
-    if world > 1 and dist.is_initialized():
-        totals = totals.to(device if device.type == "cuda" else "cpu")
-        dist.all_reduce(totals)
-        totals = totals.cpu()
-    values = totals.numpy()
+    values = all_reduce_sum(totals, device, world).numpy()
     return {
         "confusion": values[:-2].reshape(scores.matrix.shape).tolist(),
         "images": int(values[-2]),

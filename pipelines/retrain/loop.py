@@ -23,12 +23,8 @@ from pipelines.training import worker
 
 
 def masked_cross_entropy(scores: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over labelled pixels (0 when none is labelled).
-
-    Args:
-        scores: B x K x H x W logits.
-        masks: B x H x W class ids, 255 = ignore.
-    """
+    """Mean cross-entropy of B x K x H x W logits over the labelled pixels of B x H x W masks
+    (255 = ignore); 0 when none is labelled."""
     total = F.cross_entropy(scores.float(), masks, ignore_index=IGNORE_INDEX, reduction="sum")
     labelled = (masks != IGNORE_INDEX).sum().clamp(min=1)
     return total / labelled
@@ -44,9 +40,7 @@ def retrain_loop_per_worker(loop_config: dict[str, Any]) -> None:
     restored = worker.restore_checkpoint(loop_config["signature"])
     if restored is not None:
         model.load_state_dict(restored.state["model"], strict=True)
-    elif (weights := loop_config["weights"]).location is not None:
-        path = worker.fetch_weights(weights.location, weights.sha256, what="backbone weights")
-        assert path is not None
+    elif (path := loop_config["weights"].fetch("backbone weights")) is not None:
         load_backbone_weights(model, path, architecture=config.architecture)
     autocast = worker.autocast_for(device)
 
@@ -73,14 +67,7 @@ def retrain_loop_per_worker(loop_config: dict[str, Any]) -> None:
         context=context,
         model=model,
         restored=restored,
-        schedule=worker.Schedule(
-            lr=config.lr,
-            min_lr=config.min_lr,
-            warmup=config.effective_warmup_iterations,
-            total=config.iterations,
-            weight_decay=config.weight_decay,
-        ),
-        seed=config.seed,
+        train=config,
         meta={
             "config": asdict(config),
             "class_names": class_names,

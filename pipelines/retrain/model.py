@@ -12,7 +12,6 @@ state dict and the iteration.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,7 +24,7 @@ from torchvision.models.resnet import BasicBlock, conv1x1
 from torchvision.models.segmentation.deeplabv3 import ASPP, DeepLabV3
 
 from pipelines.training.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
-from pipelines.training.checkpoint import load_weights_only, read_export_payload
+from pipelines.training.checkpoint import export_state, load_weights_only, read_export_payload
 
 ARCHITECTURES = ("small", "resnet50", "resnet101", "mobilenet_v3_large")
 EXPORT_FORMAT = "weakclip-retrain-v1"
@@ -82,10 +81,7 @@ def _small_deeplabv3(num_classes: int) -> DeepLabV3:
 
 
 def build_model(architecture: str, num_classes: int) -> DeepLabV3:
-    """A randomly initialised DeepLabV3 (torchvision) with `num_classes` outputs.
-
-    Its `forward` maps B x 3 x H x W to `{"out": B x K x H x W}` logits.
-    """
+    """A randomly initialised DeepLabV3: B x 3 x H x W → `{"out": B x K x H x W}` logits."""
     if num_classes < 2:
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
     if architecture == "small":
@@ -192,9 +188,7 @@ def export_model(
         "architecture": architecture,
         "class_names": list(class_names),
         "config": dict(config),
-        "state_dict": OrderedDict(
-            (k, v.detach().cpu().contiguous()) for k, v in model.state_dict().items()
-        ),
+        "state_dict": export_state(model),
         "iteration": int(iteration),
     }
     torch.save(payload, path)
@@ -209,11 +203,7 @@ def read_export(path: str) -> dict[str, Any]:
 
 
 def load_retrained_model(path: str) -> tuple[DeepLabV3, list[str]]:
-    """Rebuilds the network of a `model.pt`, every weight loaded strictly, in eval mode.
-
-    Returns:
-        (model, class names).
-    """
+    """(network of a `model.pt`, every weight loaded strictly, in eval mode; class names)."""
     payload = read_export(path)
     model = build_model(payload["architecture"], len(payload["class_names"]))
     model.load_state_dict(payload["state_dict"], strict=True)

@@ -1,13 +1,10 @@
 """The retrain stage driver: pseudo masks → a fully supervised DeepLabV3 on Ray Train.
 
-It waits (up to `wait_timeout_s`) for the pseudo-mask output's `_SUCCESS`, then reads only what
+It waits (up to `wait_timeout_s`) for the pseudo-mask output's `_SUCCESS` and reads only what
 manifests list: the pseudo-mask index and masks, and the images and val ground truth of the
-output the pseudo masks were made from (`inputs[0]`, whose manifest digest must still be the one
-recorded there). The join (`pipelines.retrain.data`) quarantines unusable masks
-(`quarantine/masks.parquet`); `pipelines.retrain.loop` trains on `pipelines.training`, scores the
-val rows, and the driver exports `model.pt` and writes `metrics.json`. The fingerprint is the
-config without `iterations`, the backbone weights' source and SHA-256, the class names and both
-input manifests' digests.
+output they were made from (`inputs[0]`, whose manifest digest must not have changed). Unusable
+masks are quarantined (`quarantine/masks.parquet`). The fingerprint is the config without
+`iterations`, the backbone weights' source and SHA-256, the class names and both input digests.
 """
 
 from __future__ import annotations
@@ -78,14 +75,7 @@ class RetrainConfig:
     def augment(self) -> AugmentConfig:
         """The training augmentation (`pipelines.training.augment`) these settings describe."""
         short = self.short_side or self.crop_size
-        return AugmentConfig(
-            crop_size=self.crop_size,
-            resize_scale=(4 * short, short),
-            ratio_range=tuple(self.ratio_range),  # type: ignore[arg-type]
-            cat_max_ratio=self.cat_max_ratio,
-            flip_prob=self.flip_prob,
-            photometric=self.photometric,
-        )
+        return AugmentConfig.of(self, crop_size=self.crop_size, short_side=short)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,12 +92,8 @@ class RetrainOptions(RunOptions):
 
 
 def micro_batching(config: RetrainConfig, options: RetrainOptions) -> tuple[int, int]:
-    """(micro-batch size, accumulation steps) per worker; at least 2 images per micro-batch
-    (BatchNorm, in DeepLabV3's image-pooling branch above all, cannot train on one sample).
-
-    Raises:
-        ValueError: the batch does not split evenly, or a micro-batch below 2.
-    """
+    """`pipelines.training.run.micro_batching` with at least 2 images per micro-batch
+    (BatchNorm, in DeepLabV3's image-pooling branch above all, cannot train on one sample)."""
     return tr.micro_batching(config.batch_size, options, min_micro=2)
 
 
@@ -156,7 +142,11 @@ def read_inputs(
 def plan(
     pseudo: mf.Manifest, source: mf.Manifest, output: Location, log: Callable[[str], Any]
 ) -> tuple[data.RowPlan, mf.FileEntry | None]:
-    """The join with every mask checked in storage; quarantined rows are written out."""
+    """The join with every mask checked in storage; quarantined rows are written out.
+
+    Raises:
+        ValueError: no usable pseudo masks.
+    """
     index = data.read_index(pseudo)
     source_rows = data.read_source_rows(source)
     listed = {f.path for f in pseudo.files}
@@ -178,6 +168,11 @@ def plan(
         + (f" ({', '.join(f'{k}: {v}' for k, v in reasons.most_common(5))})" if reasons else "")
         + f", {len(rows.val)} val images with ground truth"
     )
+    if not rows.train:
+        raise ValueError(
+            f"{pseudo.location.uri}: no usable pseudo masks ({len(rows.quarantined)} "
+            f"quarantined, see {output.child('quarantine').uri})"
+        )
     return rows, entry
 
 
@@ -189,8 +184,10 @@ def run_retrain(
     options: RetrainOptions | None = None,
     storage: StorageOptions | None = None,
     log: Callable[[str], Any] = print,
+    inputs: tuple[mf.Manifest, mf.Manifest] | None = None,
 ) -> RunResult:
-    """Runs (or resumes, or skips) the retrain stage on the current Ray instance.
+    """Runs (or resumes, or skips) the retrain stage on the current Ray instance; `inputs` are
+    `read_inputs(input_uri)` when the caller has read them already.
 
     Raises:
         TimeoutError, ValueError (bad input or settings), TrainRefused, StageConflictError: as
@@ -199,9 +196,11 @@ def run_retrain(
     from pipelines.retrain.loop import retrain_loop_per_worker
 
     options = options or RetrainOptions()
-    micro_batching(config, options)
+    batching = micro_batching(config, options)
     output = resolve(output_uri, storage)
-    pseudo, source = read_inputs(input_uri, storage=storage, wait_timeout_s=options.wait_timeout_s)
+    pseudo, source = inputs or read_inputs(
+        input_uri, storage=storage, wait_timeout_s=options.wait_timeout_s
+    )
     weights = tr.resolve_weights(config.backbone_weights, storage)
     signature = run_signature(config, pseudo.class_names, weights)
     inputs = [pseudo.input_ref(), source.input_ref()]
@@ -209,9 +208,9 @@ def run_retrain(
         output, STAGE, signature, inputs, iterations=config.iterations, options=options, log=log
     )
     if run.skipped:
-        return tr.skipped_result(run, config.iterations)
+        return run.result(config.iterations)
     rows, quarantine_entry = plan(pseudo, source, output, log)
-    checkpoint, seconds = tr.fit(
+    fitted = tr.fit(
         retrain_loop_per_worker,
         {
             "config": config,
@@ -223,82 +222,38 @@ def run_retrain(
         },
         output=output,
         options=options,
-        batch_size=config.batch_size,
-        dataset=_dataset(config, options, pseudo, source, output, rows, run.start_iteration),
-        min_micro=2,
+        batching=batching,
+        dataset=data.build_retrain_dataset(
+            source,
+            masks=pseudo.location,
+            rows=rows,
+            config=config,
+            start_iteration=run.start_iteration,
+            num_cpus_per_task=options.num_cpus_per_task,
+        ),
     )
-    manifest = _finish(
-        config,
-        options,
-        run.stage,
-        output,
-        checkpoint,
-        pseudo,
-        rows,
-        quarantine_entry,
-        weights,
-        seconds,
-        log,
-    )
-    return RunResult(manifest, run.start_iteration, config.iterations)
-
-
-def _dataset(
-    config: RetrainConfig,
-    options: RetrainOptions,
-    pseudo: mf.Manifest,
-    source: mf.Manifest,
-    output: Location,
-    rows: data.RowPlan,
-    start: int,
-) -> Any:
-    """The Ray Data pipeline of the epochs still to run from iteration `start`.
-
-    Raises:
-        ValueError: no usable pseudo masks.
-    """
-    if not rows.train:
-        raise ValueError(
-            f"{pseudo.location.uri}: no usable pseudo masks ({len(rows.quarantined)} "
-            f"quarantined, see {output.child('quarantine').uri})"
-        )
-    epochs = tr.epochs_needed(
-        rows=len(rows.train),
-        batch_size=config.batch_size,
-        start_iteration=start,
-        iterations=config.iterations,
-    )
-    return data.build_retrain_dataset(
-        source,
-        masks=pseudo.location,
-        train=rows.train,
-        groups=rows.groups,
-        augment=config.augment(),
-        seed=config.seed,
-        start_epoch=(start * config.batch_size) // len(rows.train),
-        epochs=epochs,
-        num_cpus_per_task=options.num_cpus_per_task,
-    )
+    files = [quarantine_entry] if quarantine_entry is not None else []
+    manifest = _finish(config, options, run.stage, fitted, pseudo, rows, files, weights, log)
+    return run.result(config.iterations, manifest)
 
 
 def _finish(
     config: RetrainConfig,
     options: RetrainOptions,
     stage: mf.StageOutput,
-    output: Location,
-    checkpoint: Any,
+    fitted: tuple[Any, float],
     pseudo: mf.Manifest,
     rows: data.RowPlan,
-    quarantine_entry: mf.FileEntry | None,
+    more_files: list[mf.FileEntry],
     weights: tr.Weights,
-    train_seconds: float,
     log: Callable[[str], Any],
 ) -> mf.Manifest:
     """Exports `model.pt` from the last checkpoint, writes `metrics.json` with the workers'
-    val scores (in the checkpoint's meta), commits."""
+    val scores (in the checkpoint's meta), commits. `fitted`: (last checkpoint, seconds)."""
     from pipelines.retrain.evaluation import score_dict
     from pipelines.training import checkpoint as ckpt
 
+    checkpoint, train_seconds = fitted
     class_names = list(pseudo.class_names)
     with tr.final_checkpoint(checkpoint, config.iterations) as (directory, meta, history):
         state = ckpt.read_train_state(directory)
@@ -330,7 +285,6 @@ def _finish(
     }
     manifest = tr.commit_run(
         stage,
-        output,
         export=lambda path: export_model(
             path,
             model=model,
@@ -342,7 +296,7 @@ def _finish(
         metrics_file=METRICS_FILE,
         metrics_data=json.dumps({**summary, "history": history}, indent=1, sort_keys=True).encode(),
         metrics_rows=None,
-        more_files=[quarantine_entry] if quarantine_entry is not None else [],
+        more_files=more_files,
         counts={
             "input": rows.index_rows,
             "output": 1,
@@ -365,7 +319,7 @@ def _finish(
     log(
         f"retrain: {config.iterations} iterations in {train_seconds:.0f} s, final loss "
         f"{summary['final_loss']:.4f}; val mIoU {miou} on {evaluation['images']} images "
-        f"({evaluation['seconds']:.1f} s); wrote {output.uri}"
+        f"({evaluation['seconds']:.1f} s); wrote {stage.location.uri}"
     )
     return manifest
 

@@ -66,8 +66,7 @@ class PendingTargets:
 class CRFPool:
     """Computes `boundary_crf_targets` over a batch in `processes` worker processes (0: in the
     calling process). `params` are `crf_params`; `absent_tolerance` is that of
-    `weakclip.crf.boundary_crf_target` (None keeps the class restriction exact up to the floor).
-    """
+    `weakclip.crf.boundary_crf_target` (None keeps the class restriction exact up to the floor)."""
 
     def __init__(
         self,

@@ -23,7 +23,6 @@ from pipelines.io.manifest import Manifest
 from pipelines.io.storage import Location
 from pipelines.training import data as shared
 from pipelines.training.augment import AugmentConfig, augment_sample, denormalize, row_seed
-from pipelines.training.run import epochs_needed
 
 TRAIN_COLUMNS = ("image", "seed", "crf_image", "class_mask")
 TRAIN_SPLIT = "train"
@@ -52,11 +51,8 @@ def prepare_row(
     augment: AugmentConfig,
     loss_resolution: int,
 ) -> dict[str, np.ndarray]:
-    """Decodes, validates and augments one refine row (pure numpy; no Ray).
-
-    Returns:
-        `image` 3 x S x S float32, `seed` S x S uint8, `crf_image` s x s x 3 uint8,
-        `class_mask` K bool.
+    """Decodes, validates and augments one refine row (pure numpy; no Ray): `image` 3 x S x S
+    float32, `seed` S x S uint8, `crf_image` s x s x 3 uint8, `class_mask` K bool.
 
     Raises:
         ValueError: undecodable bytes, sizes that disagree with the row, class ids outside
@@ -90,16 +86,13 @@ def prepare_row(
 
 def augment_config_for(model_config: Any) -> AugmentConfig:
     """The augmentation settings a model config asks for (crop = `clip.input_size`)."""
-    train = model_config.train
-    return AugmentConfig(
-        crop_size=model_config.clip.input_size,
-        resize_scale=(4 * model_config.clip.input_size, model_config.clip.input_size),
-        ratio_range=tuple(train.ratio_range),  # type: ignore[arg-type]
-        cat_max_ratio=train.cat_max_ratio,
-        flip_prob=train.flip_prob,
-        photometric=train.photometric,
-        mean=tuple(model_config.clip.pixel_mean),  # type: ignore[arg-type]
-        std=tuple(model_config.clip.pixel_std),  # type: ignore[arg-type]
+    clip = model_config.clip
+    return AugmentConfig.of(
+        model_config.train,
+        crop_size=clip.input_size,
+        short_side=clip.input_size,
+        mean=tuple(clip.pixel_mean),
+        std=tuple(clip.pixel_std),
     )
 
 
@@ -156,19 +149,9 @@ def train_dataset(
     train_only = any(train for _, train in counts.values())
     per_group = {key: n[1] if train_only else n[0] for key, n in counts.items()}
     rows = sum(per_group.values())
+    groups = [key for key, n in per_group.items() if n]
     train = model_config.train
-    epochs = epochs_needed(
-        rows=rows,
-        batch_size=train.batch_size,
-        start_iteration=start_iteration,
-        iterations=train.iterations,
-    )
-    units = shared.epoch_units(
-        [key for key, n in per_group.items() if n],
-        seed=train.seed,
-        start_epoch=(start_iteration * train.batch_size) // rows,
-        epochs=epochs,
-    )
+    units = shared.epoch_units(groups, rows=rows, start_iteration=start_iteration, train=train)
     fn = functools.partial(
         augment_units,
         source=source.location,

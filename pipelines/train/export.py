@@ -15,14 +15,7 @@ import torch
 from torch import nn
 
 from pipelines.io.schema import EXPORT_FORMAT
-from pipelines.training.checkpoint import (
-    frozen_parameter_names,
-    read_clip_state,
-    read_export_payload,
-    read_meta,
-    read_train_state,
-    weakclip_from_export,
-)
+from pipelines.training import checkpoint as ckpt
 from weakclip.build import build_weakclip
 from weakclip.config import WeakCLIPConfig, from_dict, to_dict
 from weakclip.model import WeakCLIP
@@ -59,26 +52,18 @@ def load_model_weights(
 
 
 def load_checkpoint_model(directory: str, *, clip_weights: str | None) -> WeakCLIP:
-    """Rebuilds the trained model from a local checkpoint directory.
-
-    Args:
-        directory: a checkpoint directory (local).
-        clip_weights: local CLIP weights file the run used; None when the checkpoint stores
-            the random-init CLIP.
-
-    Returns:
-        The model in eval mode.
-    """
-    meta = read_meta(directory)
+    """The trained model of a local checkpoint directory, in eval mode; `clip_weights` is the
+    local CLIP weights file the run used (None when the checkpoint stores its random CLIP)."""
+    meta = ckpt.read_meta(directory)
     config = from_dict(meta["config"], WeakCLIPConfig)
-    clip_state = read_clip_state(directory)
+    clip_state = ckpt.read_clip_state(directory)
     if clip_state is None and clip_weights is None:
         raise ValueError("the checkpoint stores no CLIP weights: pass the CLIP weights file")
     model = build_weakclip(
         config, meta["class_names"], clip_weights=None if clip_state is not None else clip_weights
     )
-    frozen = frozen_parameter_names(model)
-    state = read_train_state(directory)
+    frozen = ckpt.frozen_parameter_names(model)
+    state = ckpt.read_train_state(directory)
     load_model_weights(model, trainable=state["model"], clip=clip_state, frozen=frozen)
     return model.eval()
 
@@ -93,12 +78,12 @@ def export_model(
     clip_sha256: str,
     iteration: int,
 ) -> None:
-    """Writes the self-contained `model.pt` (every weight, config dict, class names)."""
+    """Writes the self-contained `model.pt` (module docstring)."""
     payload = {
         "format": EXPORT_FORMAT,
         "config": to_dict(config),
         "class_names": list(class_names),
-        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        "state_dict": ckpt.export_state(model),
         "clip_weights": {"source": clip_source, "sha256": clip_sha256},
         "iteration": int(iteration),
     }
@@ -107,9 +92,9 @@ def export_model(
 
 def read_export(path: str) -> dict[str, Any]:
     """The `model.pt` payload, read with `weights_only=True` and checked."""
-    return read_export_payload(path, fmt=EXPORT_FORMAT, kind="WeakCLIP")
+    return ckpt.read_export_payload(path, fmt=EXPORT_FORMAT, kind="WeakCLIP")
 
 
 def load_exported_model(path: str) -> WeakCLIP:
     """Rebuilds the `WeakCLIP` of a `model.pt` export, in eval mode (no CLIP weights file)."""
-    return weakclip_from_export(read_export(path))[0]
+    return ckpt.weakclip_from_export(read_export(path))[0]

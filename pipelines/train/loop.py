@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipelines.io.storage import Location
 from pipelines.train import export
 from pipelines.train.crf_pool import CRFPool, crf_params
 from pipelines.training import checkpoint as ckpt
@@ -24,10 +23,8 @@ from pipelines.training.worker import (
     Batches,
     Schedule,
     autocast_for,
-    fetch_weights,
     restore_checkpoint,
     train_steps,
-    warmup_cosine_scheduler,
     worker_context,
 )
 from weakclip.build import build_weakclip
@@ -35,34 +32,17 @@ from weakclip.config import WeakCLIPConfig, from_dict
 from weakclip.losses import auxiliary_loss, boundary_loss, loss_probabilities, seeding_loss
 
 
-def schedule_of(config: WeakCLIPConfig) -> Schedule:
-    """The paper's schedule, warm-up capped at `max_warmup_fraction` of the run (docs/METHOD.md)."""
-    train = config.train
-    return Schedule(
-        lr=train.lr,
-        min_lr=train.min_lr,
-        warmup=train.effective_warmup_iterations,
-        total=train.iterations,
-        weight_decay=train.weight_decay,
-    )
-
-
 def make_scheduler(
     optimizer: torch.optim.Optimizer, config: WeakCLIPConfig
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """`schedule_of(config)` as a scheduler of `optimizer`."""
-    s = schedule_of(config)
-    return warmup_cosine_scheduler(
-        optimizer, lr=s.lr, min_lr=s.min_lr, warmup=s.warmup, total=s.total
-    )
+    """The paper's schedule as a scheduler of `optimizer`, warm-up capped at
+    `max_warmup_fraction` of the run (docs/METHOD.md)."""
+    return Schedule.of(config.train).scheduler(optimizer)
 
 
 def freeze_dead_layers(model: nn.Module, config: WeakCLIPConfig) -> list[str]:
-    """Freezes co-attention layers whose output is discarded (`chain_layers=False`).
-
-    Returns:
-        Names of the parameters frozen here.
-    """
+    """Freezes the co-attention layers whose output is discarded (`chain_layers=False`); returns
+    the names of the parameters frozen here."""
     if config.co_attention.chain_layers:
         return []
     frozen = []
@@ -73,11 +53,6 @@ def freeze_dead_layers(model: nn.Module, config: WeakCLIPConfig) -> list[str]:
                     param.requires_grad_(False)
                     frozen.append(f"co_attention.{stack_name}.{index}.{name}")
     return frozen
-
-
-def fetch_clip_weights(location: Location | None, sha256: str | None) -> str | None:
-    """A local copy of the CLIP weights file, checked against the digest the driver recorded."""
-    return fetch_weights(location, sha256, what="CLIP weights")
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -96,7 +71,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     )
     try:
         clip = loop_config["clip"]
-        clip_path = fetch_clip_weights(clip.location, clip.sha256)
+        clip_path = clip.fetch("CLIP weights")
         # Same seed on every rank: a random-init CLIP is then the same everywhere.
         torch.manual_seed(config.train.seed)
         model = build_weakclip(config, class_names, clip_weights=clip_path)
@@ -107,15 +82,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             export.load_model_weights(
                 model, trainable=restored.state["model"], clip=restored.clip, frozen=frozen
             )
-        clip_sha256 = clip.sha256 or ckpt.state_digest(ckpt.frozen_state_dict(model, frozen))
+        clip_sha256 = clip.sha256 or ckpt.state_digest(ckpt.state_part(model, frozen, clip=True))
         autocast, size = autocast_for(device), config.loss.resolution
         train_steps(
             loop_config,
             context=context,
             model=model,
             restored=restored,
-            schedule=schedule_of(config),
-            seed=config.train.seed,
+            train=config.train,
             meta={
                 "config": loop_config["model_config"],
                 "class_names": class_names,

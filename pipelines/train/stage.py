@@ -1,9 +1,7 @@
 """The train stage driver: refine shards → WeakCLIP on Ray Train → `model.pt` + metrics.
 
-Workers run `pipelines.train.loop.train_loop_per_worker` on Ray Data shards
-(`pipelines.train.data`); the run, its re-running rules and its export path are
-`pipelines.training.run`. The fingerprint is the model config without `train.iterations`, the
-class names, the CLIP weights (source and SHA-256) and the input manifest digest.
+The fingerprint is the model config without `train.iterations`, the class names, the CLIP
+weights (source and SHA-256) and the input manifest digest.
 """
 
 from __future__ import annotations
@@ -13,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipelines.io import manifest as mf
-from pipelines.io.storage import Location, StorageOptions, resolve
+from pipelines.io.storage import StorageOptions, resolve
 from pipelines.train import export
 from pipelines.training import run as tr
 from pipelines.training.run import RunOptions, RunResult, TrainRefused
@@ -52,7 +50,7 @@ def run_signature(
 
 
 def run_train(config: TrainJobConfig, *, log: Any = print) -> RunResult:
-    """Runs (or resumes, or skips) the train stage. See the module docstring.
+    """Runs (or resumes, or skips) the train stage.
 
     Raises:
         TrainRefused: an interrupted or finished run and options that do not say what to do.
@@ -76,7 +74,7 @@ def run_train(config: TrainJobConfig, *, log: Any = print) -> RunResult:
         output, "train", signature, inputs, iterations=iterations, options=config, log=log
     )
     if run.skipped:
-        return tr.skipped_result(run, iterations)
+        return run.result(iterations)
     rows, dataset = data.train_dataset(
         input_manifest,
         config.model,
@@ -96,17 +94,16 @@ def run_train(config: TrainJobConfig, *, log: Any = print) -> RunResult:
         entries,
         output=output,
         options=config,
-        batch_size=config.model.train.batch_size,
+        batching=tr.micro_batching(config.model.train.batch_size, config),
         dataset=dataset,
     )
-    manifest = _finish(config, run.stage, output, checkpoint, clip, input_manifest, rows, seconds)
-    return RunResult(manifest, run.start_iteration, iterations)
+    manifest = _finish(config, run.stage, checkpoint, clip, input_manifest, rows, seconds)
+    return run.result(iterations, manifest)
 
 
 def _finish(
     config: TrainJobConfig,
     stage: mf.StageOutput,
-    output: Location,
     checkpoint: Any,
     clip: tr.Weights,
     input_manifest: mf.Manifest,
@@ -114,20 +111,17 @@ def _finish(
     seconds: float,
 ) -> mf.Manifest:
     """Exports `model.pt` and `metrics.jsonl` from the last checkpoint, then commits."""
-    from pipelines.train.loop import fetch_clip_weights
     from pipelines.training import checkpoint as ckpt
 
     iterations = config.model.train.iterations
     with tr.final_checkpoint(checkpoint, iterations) as (directory, meta, history):
-        clip_path = None
-        if not ckpt.has_clip_state(directory):  # CLIP came from a weights file
-            clip_path = fetch_clip_weights(clip.location, clip.sha256)
+        # Without stored CLIP weights, CLIP came from a weights file.
+        clip_path = None if ckpt.has_clip_state(directory) else clip.fetch("CLIP weights")
         model = export.load_checkpoint_model(directory, clip_weights=clip_path)
     metrics = "".join(json.dumps(row, sort_keys=True) + "\n" for row in history).encode()
     last = history[-1] if history else {}
     return tr.commit_run(
         stage,
-        output,
         export=lambda path: export.export_model(
             path,
             model=model,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -87,6 +88,20 @@ class AugmentConfig:
             raise ValueError("mean and std must have three (RGB) entries")
         if min(self.std) <= 0:
             raise ValueError(f"std must be positive, got {self.std}")
+
+    @classmethod
+    def of(cls, train: Any, *, crop_size: int, short_side: int, **more: Any) -> AugmentConfig:
+        """`crop_size` crops of images rescaled about `short_side` (long side bound 4x), with a
+        training config's `ratio_range`, `cat_max_ratio`, `flip_prob` and `photometric`."""
+        return cls(
+            crop_size=crop_size,
+            resize_scale=(4 * short_side, short_side),
+            ratio_range=tuple(train.ratio_range),
+            cat_max_ratio=train.cat_max_ratio,
+            flip_prob=train.flip_prob,
+            photometric=train.photometric,
+            **more,
+        )
 
 
 def augment_sample(

@@ -85,6 +85,11 @@ def read_export_payload(
     return payload
 
 
+def export_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight of `model`, detached, contiguous, on the CPU: a `model.pt`'s `state_dict`."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
 def weakclip_from_export(payload: Mapping[str, Any]) -> tuple[WeakCLIP, WeakCLIPConfig]:
     """The `WeakCLIP` of a train `model.pt` payload, in eval mode, and its config.
 
@@ -106,16 +111,11 @@ def frozen_parameter_names(model: nn.Module) -> set[str]:
     return {name for name, p in model.named_parameters() if not p.requires_grad}
 
 
-def trainable_state_dict(model: nn.Module, frozen: Iterable[str]) -> dict[str, torch.Tensor]:
-    """The model's state dict without the frozen CLIP parameters, detached on the CPU."""
-    skip = set(frozen)
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k not in skip}
-
-
-def frozen_state_dict(model: nn.Module, frozen: Iterable[str]) -> dict[str, torch.Tensor]:
-    """Only the frozen CLIP parameters, detached on the CPU."""
-    keep = set(frozen)
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in keep}
+def state_part(model: nn.Module, frozen: Iterable[str], *, clip: bool) -> dict[str, torch.Tensor]:
+    """The state dict without the `frozen` CLIP parameters (or, `clip`, only those), on the CPU."""
+    names = set(frozen)
+    state = model.state_dict().items()
+    return {k: v.detach().cpu().clone() for k, v in state if (k in names) == clip}
 
 
 def state_digest(state: Mapping[str, torch.Tensor]) -> str:
@@ -142,16 +142,15 @@ def save_checkpoint(
 ) -> None:
     """Writes a checkpoint into the existing local `directory` (see the module docstring);
     `frozen` are the model's `frozen_parameter_names`, saved only with `include_clip`."""
-    frozen = set(frozen)
     state = {
-        "model": trainable_state_dict(model, frozen),
+        "model": state_part(model, frozen, clip=False),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "iteration": int(iteration),
     }
     torch.save(state, os.path.join(directory, TRAIN_STATE))
     if include_clip:
-        torch.save(frozen_state_dict(model, frozen), os.path.join(directory, CLIP_STATE))
+        torch.save(state_part(model, frozen, clip=True), os.path.join(directory, CLIP_STATE))
     with open(os.path.join(directory, METRICS), "w", encoding="utf-8") as handle:
         for row in metrics:
             handle.write(json.dumps(row, sort_keys=True) + "\n")
@@ -181,9 +180,8 @@ def read_metrics(directory: str) -> list[dict[str, Any]]:
 def read_train_state(directory: str) -> dict[str, Any]:
     """`train_state.pt` (model, optimizer, scheduler, iteration), read with weights_only."""
     state = load_weights_only(os.path.join(directory, TRAIN_STATE), what="checkpoint state")
-    if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "iteration"} <= set(
-        state
-    ):
+    keys = {"model", "optimizer", "scheduler", "iteration"}
+    if not isinstance(state, dict) or not keys <= set(state):
         raise ValueError(f"checkpoint {directory!r}: {TRAIN_STATE} is incomplete")
     return state
 

@@ -10,6 +10,7 @@ else; the dataset chains every epoch the run still needs, so a worker's stream n
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -43,10 +44,31 @@ def read_row_groups(
     return found
 
 
+def epochs_needed(*, rows: int, batch_size: int, start_iteration: int, iterations: int) -> int:
+    """Epochs of data a run from `start_iteration` to `iterations` consumes, plus one spare.
+
+    The spare covers rows dropped to keep the workers' shards equal and partial last batches.
+
+    Raises:
+        ValueError: no training rows.
+    """
+    if rows <= 0:
+        raise ValueError("the input has no training rows")
+    images = (iterations - start_iteration) * batch_size
+    return max(1, math.ceil(images / rows)) + 1
+
+
 def epoch_units(
-    groups: Sequence[tuple[str, int]], *, seed: int, start_epoch: int, epochs: int
+    groups: Sequence[tuple[str, int]], *, rows: int, start_iteration: int, train: Any
 ) -> list[dict[str, Any]]:
-    """One work unit per (epoch, source row group), each epoch's groups in its own order."""
+    """One work unit per (epoch, source row group) of the `epochs_needed` by a run of `train`
+    (a training config: `seed`, `batch_size`, `iterations`) over `rows` training rows from the
+    epoch `start_iteration` is in, each epoch's groups in its own order."""
+    batch_size, seed, iterations = train.batch_size, train.seed, train.iterations
+    epochs = epochs_needed(
+        rows=rows, batch_size=batch_size, start_iteration=start_iteration, iterations=iterations
+    )
+    start_epoch = (start_iteration * batch_size) // rows
     units = []
     for epoch in range(start_epoch, start_epoch + epochs):
         order = np.random.default_rng([seed, epoch]).permutation(len(groups))

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from pipelines.cli import DEVICES, UsageError, add_common_args
+from pipelines.cli import DEVICES, UsageError, add_common_args, given
 from pipelines.training.run import RunResult
 
 Flag = tuple[str, dict[str, Any]]
@@ -28,8 +27,7 @@ def training_parser(
 ) -> argparse.ArgumentParser:
     """The parser of `jobs.<job>`: the shared options (`pipelines.cli`), then the Ray Train
     flags (in a group "<job> options" whose description keeps its layout, with `group`) and
-    the job's own: `extra[flag]` go before `flag`, `extra[""]` last.
-    """
+    the job's own: `extra[flag]` go before `flag`, `extra[""]` last."""
     formatter = argparse.RawDescriptionHelpFormatter if group else argparse.HelpFormatter
     parser = argparse.ArgumentParser(
         prog=f"python -m jobs.{job}", description=description, formatter_class=formatter
@@ -58,16 +56,11 @@ def training_parser(
 
 def run_kwargs(args: argparse.Namespace, job: Any) -> dict[str, Any]:
     """`RunOptions` fields from the parsed flags and the shared options (`cli.job_options`)."""
+    names = ("num_workers", "micro_batch_size", "resume", "checkpoint_every", "log_every")
     return {
-        "num_workers": args.num_workers,
-        "micro_batch_size": args.micro_batch_size,
-        "resume": args.resume,
+        **given(args, *names, "max_failures", "cpus_per_worker"),
         "overwrite": job.overwrite,
-        "checkpoint_every": args.checkpoint_every,
-        "log_every": args.log_every,
-        "max_failures": args.max_failures,
         "use_gpu": DEVICES[args.device],
-        "cpus_per_worker": args.cpus_per_worker,
         "num_cpus_per_task": job.resources.num_cpus_per_task,
     }
 
@@ -89,8 +82,3 @@ def usage_errors() -> Iterator[None]:
         yield
     except ValueError as error:
         raise UsageError(f"config: {error}") from None
-
-
-def console_script(main: Callable[[], int]) -> Callable[[], None]:
-    """A console-script entry point that exits with `main()`'s status."""
-    return lambda: sys.exit(main())

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import tempfile
 import time
@@ -89,6 +88,12 @@ class RunStart:
     start_iteration: int  # 0 for a fresh run, the restored iteration on resume
     skipped: bool = False  # complete with the same fingerprint and iterations
 
+    def result(self, iterations: int, manifest: mf.Manifest | None = None) -> RunResult:
+        """What the run did: `manifest` committed, or (None) nothing to do."""
+        manifest = manifest or self.stage.manifest
+        assert manifest is not None
+        return RunResult(manifest, self.start_iteration, iterations, skipped=self.skipped)
+
 
 @dataclass(frozen=True)
 class Weights:
@@ -102,13 +107,38 @@ class Weights:
         """`{"source": uri, "sha256": digest}` as signatures and manifests record it."""
         return {"source": self.location.uri if self.location else None, "sha256": self.sha256}
 
+    def fetch(self, what: str) -> str | None:
+        """A local copy of the file (None without one), checked against `sha256`. Remote files
+        are cached under the temporary directory by digest: a node downloads a file once.
+
+        Raises:
+            ValueError: the file's digest is no longer `sha256` (it changed since the run started).
+        """
+        if self.location is None:
+            return None
+        path = self.location.path
+        if not self.location.is_local:
+            cache = os.path.join(tempfile.gettempdir(), "weakclip-weights-cache")
+            os.makedirs(cache, exist_ok=True)
+            path = os.path.join(cache, f"{self.sha256}{os.path.splitext(path)[1]}")
+            if not os.path.exists(path):
+                partial = f"{path}.{os.getpid()}.part"
+                self.location.fs.get_file(self.location.path, partial)
+                os.replace(partial, path)
+        if self.sha256 is not None:
+            with open(path, "rb") as handle:
+                if hashlib.file_digest(handle, "sha256").hexdigest() != self.sha256:
+                    raise ValueError(f"{what} {self.location.uri} changed since the run started")
+        return path
+
 
 def resolve_weights(uri: str | None, storage: StorageOptions | None) -> Weights:
     """The weights file `uri` names, with its digest (no file: random initialisation)."""
     if not uri:
         return Weights()
     location = resolve(uri, storage)
-    return Weights(location, sha256_of(location))
+    with location.fs.open(location.path, "rb") as handle:
+        return Weights(location, hashlib.file_digest(handle, "sha256").hexdigest())
 
 
 def micro_batching(batch_size: int, options: RunOptions, *, min_micro: int = 1) -> tuple[int, int]:
@@ -142,12 +172,6 @@ def signature(**parts: Any) -> dict[str, Any]:
     return json.loads(json.dumps(parts))
 
 
-def sha256_of(location: Location) -> str:
-    """Hex SHA-256 of one stored file."""
-    with location.fs.open(location.path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def latest_checkpoint_iteration(output: Location) -> int | None:
     """Iteration of the latest checkpoint Ray Train would restore, or None."""
     from ray.train import Result
@@ -163,17 +187,6 @@ def latest_checkpoint_iteration(output: Location) -> int | None:
         return None
     iteration = (result.metrics or {}).get("iteration")
     return int(iteration) if isinstance(iteration, int) else None
-
-
-def epochs_needed(*, rows: int, batch_size: int, start_iteration: int, iterations: int) -> int:
-    """Epochs of data a run from `start_iteration` to `iterations` consumes, plus one spare.
-
-    The spare covers rows dropped to keep the workers' shards equal and partial last batches.
-    """
-    if rows <= 0:
-        raise ValueError("the input has no training rows")
-    images = (iterations - start_iteration) * batch_size
-    return max(1, math.ceil(images / rows)) + 1
 
 
 def use_gpu(requested: bool | None) -> bool:
@@ -240,34 +253,27 @@ def open_run(
     return RunStart(out, start_iteration)
 
 
-def skipped_result(run: RunStart, iterations: int) -> RunResult:
-    """The result of a run that had nothing to do."""
-    assert run.stage.manifest is not None
-    return RunResult(run.stage.manifest, run.start_iteration, iterations, skipped=True)
-
-
 def fit(
     loop: Callable[[dict[str, Any]], None],
     entries: Mapping[str, Any],
     *,
     output: Location,
     options: RunOptions,
-    batch_size: int,
+    batching: tuple[int, int],
     dataset: Any,
-    min_micro: int = 1,
 ) -> tuple[Any, float]:
     """Runs `loop` on a `TorchTrainer` (module docstring): (last checkpoint, seconds it took).
 
-    The loop's config holds `entries` and the batching, cadence, threads and failure switch.
+    The loop's config holds `entries`, the (micro-batch, accumulation) `batching`
+    (`micro_batching`), the cadence, threads and failure switch.
 
     Raises:
-        ValueError: the batch does not split (`micro_batching`).
         RuntimeError: training finished without a checkpoint.
     """
     import ray.train
     import ray.train.torch
 
-    micro, accumulation = micro_batching(batch_size, options, min_micro=min_micro)
+    micro, accumulation = batching
     gpu = use_gpu(options.use_gpu)
     fail_at = os.environ.get(FAIL_ENV)
     marker = os.path.join(
@@ -329,7 +335,6 @@ def final_checkpoint(
 
 def commit_run(
     stage: mf.StageOutput,
-    output: Location,
     *,
     export: Callable[[str], None],
     metrics_file: str,
@@ -339,6 +344,7 @@ def commit_run(
     **commit: Any,
 ) -> mf.Manifest:
     """Writes `model.pt` (`export(local path)`) and the metrics file, then commits the output."""
+    output = stage.location
     with tempfile.TemporaryDirectory(prefix="weakclip-export-") as tmp:
         local = os.path.join(tmp, MODEL_FILE)
         export(local)

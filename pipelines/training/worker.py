@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import math
 import os
 import resource
@@ -23,7 +22,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipelines.io.storage import Location
 from pipelines.training import checkpoint as ckpt
 
 
@@ -56,48 +54,6 @@ def lr_at(iteration: int, *, lr: float, min_lr: float, warmup: int, total: int) 
         return lr * (iteration + 1) / warmup
     progress = min(1.0, (iteration - warmup) / max(1, total - warmup))
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-def _lr_factor(iteration: int, *, lr: float, min_lr: float, warmup: int, total: int) -> float:
-    return lr_at(iteration, lr=lr, min_lr=min_lr, warmup=warmup, total=total) / lr
-
-
-def warmup_cosine_scheduler(
-    optimizer: torch.optim.Optimizer, *, lr: float, min_lr: float, warmup: int, total: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """`lr_at` as a scheduler of an optimizer whose base learning rate is `lr`."""
-    factor = functools.partial(_lr_factor, lr=lr, min_lr=min_lr, warmup=warmup, total=total)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def fetch_weights(location: Location | None, sha256: str | None, *, what: str) -> str | None:
-    """A local copy of a weights file, checked against the digest the driver recorded.
-
-    Remote files are cached under the temporary directory by digest, so the workers of one
-    node download a file once.
-
-    Raises:
-        ValueError: the file's digest is no longer `sha256` (it changed since the run started).
-    """
-    if location is None:
-        return None
-    if location.is_local:
-        path = location.path
-    else:
-        suffix = os.path.splitext(location.path)[1]
-        cache = os.path.join(tempfile.gettempdir(), "weakclip-weights-cache")
-        os.makedirs(cache, exist_ok=True)
-        path = os.path.join(cache, f"{sha256}{suffix}")
-        if not os.path.exists(path):
-            partial = f"{path}.{os.getpid()}.part"
-            location.fs.get_file(location.path, partial)
-            os.replace(partial, path)
-    if sha256 is not None:
-        with open(path, "rb") as handle:
-            digest = hashlib.file_digest(handle, "sha256")
-        if digest.hexdigest() != sha256:
-            raise ValueError(f"{what} {location.uri} changed since the run started")
-    return path
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -202,16 +158,30 @@ def wrap_ddp(model: nn.Module, device: torch.device, world: int) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
+def all_reduce_sum(values: torch.Tensor, device: torch.device, world: int) -> torch.Tensor:
+    """`values` summed over the workers (a collective: call on every rank), on the CPU."""
+    if world > 1 and dist.is_initialized():
+        values = values.to(device if device.type == "cuda" else "cpu")
+        dist.all_reduce(values)
+    return values.cpu()
+
+
 class LogWindow:
-    """Sums of scalars over the steps since the last logged row, and the row itself.
+    """Sums of scalars over the optimizer steps (`steps`) since the last logged row, and the
+    row itself. `waits` name counters of seconds spent waiting (e.g. for data); a row holds
+    their growth per step over the window."""
 
-    `waits` name counters of seconds spent waiting (e.g. for data); a row holds their growth
-    per step over the window.
-    """
-
-    def __init__(self, keys: Iterable[str], waits: Mapping[str, Callable[[], float]]) -> None:
-        self._keys = tuple(keys)
-        self._waits = dict(waits)
+    def __init__(
+        self,
+        keys: Iterable[str],
+        waits: Mapping[str, Callable[[], float]],
+        *,
+        global_batch: int,
+        device: torch.device,
+        world: int,
+    ) -> None:
+        self._keys, self._waits = tuple(keys), dict(waits)
+        self._global_batch, self._device, self._world = global_batch, device, world
         self._reset()
 
     def _reset(self) -> None:
@@ -225,55 +195,24 @@ class LogWindow:
         for key, value in terms.items():
             self.sums[key] += value * scale
 
-    def step(self) -> None:
-        """Counts one optimizer step."""
-        self.steps += 1
-
-    def row(
-        self, *, iteration: int, lr: float, global_batch: int, device: torch.device, world: int
-    ) -> dict[str, Any]:
+    def row(self, *, iteration: int, lr: float) -> dict[str, Any]:
         """The window's row (means over steps and workers, rates, timings); starts a new one."""
         steps, keys = max(self.steps, 1), sorted(self.sums)
         values = torch.tensor([self.sums[k] / steps for k in keys], dtype=torch.float64)
-        if world > 1 and dist.is_initialized():
-            values = values.to(device if device.type == "cuda" else "cpu")
-            dist.all_reduce(values)
-            values = values.cpu() / world
+        values = all_reduce_sum(values, self._device, self._world) / self._world
         row: dict[str, Any] = dict(zip(keys, values.tolist(), strict=True))
         elapsed = time.perf_counter() - self._start
         row.update(
             iteration=iteration,
             lr=lr,
-            images_per_s=global_batch * steps / max(elapsed, 1e-9),
+            images_per_s=self._global_batch * steps / max(elapsed, 1e-9),
             step_s=elapsed / steps,
-            peak_memory_bytes=peak_memory_bytes(device),
+            peak_memory_bytes=peak_memory_bytes(self._device),
         )
         for name, read in self._waits.items():
             row[name] = (read() - self._wait0[name]) / steps
         self._reset()
         return row
-
-
-def report_checkpoint(
-    iteration: int, history: Sequence[Mapping[str, Any]], rank: int, save: Callable[[str], None]
-) -> None:
-    """`ray.train.report` on every worker; only rank 0 writes (`save(directory)`) and attaches
-    the checkpoint. The reported metrics are the last logged row's numbers and `iteration`."""
-    import ray.train
-
-    metrics: dict[str, Any] = {}
-    if history:
-        metrics.update({k: v for k, v in history[-1].items() if isinstance(v, int | float)})
-    metrics["iteration"] = iteration
-    if rank != 0:
-        ray.train.report(metrics, checkpoint=None)
-        return
-    directory = tempfile.mkdtemp(prefix="weakclip-ckpt-")
-    try:
-        save(directory)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 Step = Callable[
@@ -292,6 +231,19 @@ class Schedule:
     total: int
     weight_decay: float
 
+    @classmethod
+    def of(cls, train: Any) -> Schedule:
+        """The schedule of a training config (WeakCLIP's `train`, or `RetrainConfig`)."""
+        warmup, total = train.effective_warmup_iterations, train.iterations
+        return cls(train.lr, train.min_lr, warmup, total, train.weight_decay)
+
+    def scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        """`lr_at` as a scheduler of an optimizer whose base learning rate is `lr`."""
+        factor = functools.partial(
+            lr_at, lr=self.lr, min_lr=self.min_lr, warmup=self.warmup, total=self.total
+        )
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: factor(i) / self.lr)
+
 
 def train_steps(
     loop_config: Mapping[str, Any],
@@ -299,8 +251,7 @@ def train_steps(
     context: tuple[int, int, torch.device],
     model: nn.Module,
     restored: Restored | None,
-    schedule: Schedule,
-    seed: int,
+    train: Any,
     meta: Mapping[str, Any],
     step: Step,
     keys: Sequence[str],
@@ -310,7 +261,8 @@ def train_steps(
     finish_row: Callable[[dict[str, Any]], None] | None = None,
     final_meta: Callable[[], Mapping[str, Any]] | None = None,
 ) -> None:
-    """The loop every training stage runs, from `restored` (or the start) to `schedule.total`.
+    """The loop every training stage runs, from `restored` (or the start) to the `iterations`
+    of `train` (a training config: its `Schedule.of` and `seed`).
 
     Per optimizer step, `accumulation_steps` calls of `step(ddp, batch, batches, accumulation)`
     (backward included; DDP syncs on the last) return the micro-step's scalars (`keys`) and the
@@ -322,20 +274,13 @@ def train_steps(
     import ray.train
 
     rank, world, device = context
+    schedule, seed = Schedule.of(train), train.seed
     history: list[dict[str, Any]] = list(restored.history) if restored else []
     start = restored.iteration if restored else 0
-    if restored is not None and rank == 0:
-        print(f"resumed from iteration {start}", flush=True)
     model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=schedule.lr, weight_decay=schedule.weight_decay)
-    scheduler = warmup_cosine_scheduler(
-        optimizer,
-        lr=schedule.lr,
-        min_lr=schedule.min_lr,
-        warmup=schedule.warmup,
-        total=schedule.total,
-    )
+    scheduler = schedule.scheduler(optimizer)
     if restored is not None:
         optimizer.load_state_dict(restored.state["optimizer"])
         scheduler.load_state_dict(restored.state["scheduler"])
@@ -354,22 +299,41 @@ def train_steps(
             )
         )
     )
-    window = LogWindow(keys, waits={**(waits or {}), "data_wait_s": lambda: batches.wait_seconds})
+    window = LogWindow(
+        keys,
+        waits={**(waits or {}), "data_wait_s": lambda: batches.wait_seconds},
+        global_batch=micro * accumulation * world,
+        device=device,
+        world=world,
+    )
 
     def report(iteration: int) -> None:
+        """`ray.train.report` on every worker of the last logged row's numbers and `iteration`;
+        only rank 0 writes the checkpoint and attaches it."""
         final = iteration == schedule.total and final_meta is not None
-        save = functools.partial(
-            ckpt.save_checkpoint,
-            model=model,
-            frozen=frozen,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            iteration=iteration,
-            meta={**meta, **final_meta()} if final and final_meta else meta,
-            metrics=history,
-            include_clip=include_frozen,
-        )
-        report_checkpoint(iteration, history, rank, save)
+        extra = final_meta() if final and final_meta else {}  # a collective: on every rank
+        last = history[-1] if history else {}
+        metrics = {k: v for k, v in last.items() if isinstance(v, int | float)}
+        metrics["iteration"] = iteration
+        if rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        directory = tempfile.mkdtemp(prefix="weakclip-ckpt-")
+        try:
+            ckpt.save_checkpoint(
+                directory,
+                model=model,
+                frozen=frozen,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                iteration=iteration,
+                meta={**meta, **extra},
+                metrics=history,
+                include_clip=include_frozen,
+            )
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
 
     iteration = start
     if iteration >= schedule.total:
@@ -390,17 +354,10 @@ def train_steps(
         optimizer.step()
         scheduler.step()
         iteration += 1
-        window.step()
+        window.steps += 1
         is_last = iteration == schedule.total
         if iteration % int(loop_config["log_every"]) == 0 or is_last:
-            global_batch = micro * accumulation * world
-            row = window.row(
-                iteration=iteration,
-                lr=step_lr,
-                global_batch=global_batch,
-                device=device,
-                world=world,
-            )
+            row = window.row(iteration=iteration, lr=step_lr)
             if finish_row is not None:
                 finish_row(row)
             history.append(row)

@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 
 from pipelines import cli
-from pipelines.cli import UsageError, add_common_args, build_config, run_job
+from pipelines.cli import (
+    UsageError,
+    add_common_args,
+    build_config,
+    exit_status,
+    options,
+    ray_init,
+    run_job,
+)
 from pipelines.io.storage import resolve
 
 
@@ -142,8 +150,8 @@ def test_job_options_resolve_and_default_resources(tmp_path: Path):
         object_store_memory=int(1.5 * 1024**3),
     )
     stage_defaults = cli.Resources(num_cpus_per_task=0.25, batch_size=2)
-    assert cli.resources(args, stage_defaults).num_cpus_per_task == 0.25
-    assert cli.resources(args, stage_defaults).batch_size == 8
+    assert options.resources(args, stage_defaults).num_cpus_per_task == 0.25
+    assert options.resources(args, stage_defaults).batch_size == 8
 
 
 def test_storage_endpoint_flag_reaches_locations():
@@ -179,13 +187,13 @@ def test_bad_location_is_a_usage_error():
     ],
 )
 def test_parse_size(text: str, value: int):
-    assert cli.parse_size(text) == value
+    assert options.parse_size(text) == value
 
 
 @pytest.mark.parametrize("text", ["", "lots", "-1G", "0"])
 def test_parse_size_refuses(text: str):
     with pytest.raises(argparse.ArgumentTypeError):
-        cli.parse_size(text)
+        options.parse_size(text)
 
 
 # --- run_job ---------------------------------------------------------------------------------
@@ -256,7 +264,7 @@ def test_ray_wrapped_errors_report_the_cause():
             self.cause = cause
 
     FakeRayTaskError.__module__ = "ray.exceptions"
-    line = cli.describe_error(FakeRayTaskError(ValueError("bad image size")))
+    line = exit_status.describe_error(FakeRayTaskError(ValueError("bad image size")))
     assert line == "ValueError: bad image size"
 
 
@@ -279,7 +287,7 @@ def test_ray_data_udf_errors_report_the_root_cause():
         "ray.exceptions.UserCodeException: UDF failed to process a data block."
     )
     error = FakeRayTaskError(text, UserCodeException("UDF failed to process a data block."))
-    line = cli.describe_error(error)
+    line = exit_status.describe_error(error)
     assert line == "ArrowInvalid: input shard s3://b/part-1.parquet is unreadable"
 
 
@@ -291,7 +299,7 @@ def test_ray_train_worker_errors_report_the_lowest_rank_cause():
 
     WorkerGroupError.__module__ = "ray.train.v2.api.exceptions"
     error = WorkerGroupError({1: RuntimeError("rank one"), 0: ValueError("syn_1: bad seed")})
-    assert cli.describe_error(error) == "ValueError: syn_1: bad seed"
+    assert exit_status.describe_error(error) == "ValueError: syn_1: bad seed"
 
 
 # --- local output on a cluster ---------------------------------------------------------------
@@ -300,22 +308,24 @@ def test_ray_train_worker_errors_report_the_lowest_rank_cause():
 def test_local_output_refused_on_multi_node_cluster(tmp_path: Path):
     local = resolve(str(tmp_path))
     with pytest.raises(UsageError, match="3 nodes") as info:
-        cli.check_local_output(local, allow_local_output=False, node_count=lambda: 3)
+        ray_init.check_local_output(local, allow_local_output=False, node_count=lambda: 3)
     assert "--allow-local-output" in str(info.value)
-    cli.check_local_output(local, allow_local_output=True, node_count=lambda: 3)
-    cli.check_local_output(local, allow_local_output=False, node_count=lambda: 1)
-    cli.check_local_output(resolve("s3://bucket/x"), allow_local_output=False, node_count=lambda: 3)
+    ray_init.check_local_output(local, allow_local_output=True, node_count=lambda: 3)
+    ray_init.check_local_output(local, allow_local_output=False, node_count=lambda: 1)
+    ray_init.check_local_output(
+        resolve("s3://bucket/x"), allow_local_output=False, node_count=lambda: 3
+    )
 
 
 def test_init_ray_reuses_session_and_checks_output(ray_session: None, tmp_path: Path):
     parser = _parser()
     local_args = parser.parse_args(["--input", "in", "--output", str(tmp_path)])
-    assert cli.init_ray(local_args) is False  # the test session's instance, one node
-    assert cli.alive_node_count() == 1
+    assert ray_init.init_ray(local_args) is False  # the test session's instance, one node
+    assert ray_init.alive_node_count() == 1
     with pytest.raises(UsageError, match="2 nodes"):
-        cli.init_ray(local_args, node_count=lambda: 2)
+        ray_init.init_ray(local_args, node_count=lambda: 2)
     s3_args = parser.parse_args(["--input", "in", "--output", "s3://bucket/out"])
-    assert cli.init_ray(s3_args, node_count=lambda: 2) is False
+    assert ray_init.init_ray(s3_args, node_count=lambda: 2) is False
 
 
 def test_base_values_sit_under_the_file_and_flags(tmp_path: Path):

@@ -87,7 +87,9 @@ def test_plan_quarantines_bad_masks_in_storage(tmp_path) -> None:
 def test_augment_units_read_their_row_group_and_are_deterministic(tmp_path) -> None:
     inputs = make_inputs(str(tmp_path), train=3, val=1, height=40, width=48)
     train = {i: f"masks/{i}.png" for i in inputs.train_ids[:2]}
-    units = epoch_units([("shards/part-00000.parquet", 0)], seed=1, start_epoch=0, epochs=2)
+    groups = [("shards/part-00000.parquet", 0)]
+    config = RetrainConfig(seed=1, batch_size=4, iterations=1)
+    units = epoch_units(groups, rows=4, start_iteration=0, train=config)
     assert [u["epoch"] for u in units] == [0, 1]
     kwargs = dict(
         source=inputs.source.location,

@@ -19,12 +19,8 @@ from pipelines.io.storage import resolve
 from pipelines.train import TrainJobConfig, TrainRefused, export, run_train
 from pipelines.train.data import prepare_row
 from pipelines.training.augment import row_seed
-from pipelines.training.run import (
-    FAIL_ENV,
-    FAIL_MARKER_ENV,
-    epochs_needed,
-    latest_checkpoint_iteration,
-)
+from pipelines.training.data import epochs_needed
+from pipelines.training.run import FAIL_ENV, FAIL_MARKER_ENV, latest_checkpoint_iteration
 from tests.pipelines.train.inputs import make_refine_input, refine_rows
 from weakclip.config import from_dict, preset
 
