@@ -39,7 +39,7 @@ from pipelines.io.manifest_format import (
     ManifestError,
     parse_manifest,
     read_manifest,
-    wait_for_success,  # noqa: F401  (re-exported: pipelines.retrain.stage)
+    wait_for_success,  # noqa: F401  (re-exported: pipelines.retrain.stage, README)
 )
 from pipelines.io.storage import (
     Location,

@@ -21,7 +21,7 @@ import tempfile
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -366,22 +366,23 @@ def _s3_fs(options: StorageOptions) -> fsspec.AbstractFileSystem:
     )
 
 
+def read_many(loc: Location, rels: Iterable[str]) -> dict[str, bytes | Exception]:
+    """Files below `loc` in one batched read (s3fs overlaps the GETs): relative path -> bytes,
+    or what reading it raised (FileNotFoundError: it does not exist)."""
+    paths = {loc.join(rel): rel for rel in rels}
+    got = loc.fs.cat(list(paths), on_error="return") if paths else {}
+    return {rel: got.get(path, FileNotFoundError(path)) for path, rel in paths.items()}
+
+
 def read_json_objects(loc: Location, rels: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     """Small JSON files below `loc` (`rels`: key -> relative path) in one batched read:
     key -> parsed object of those that exist and hold one (missing or torn ones left out)."""
-    paths = {loc.join(rel): key for key, rel in rels.items()}
-    if not paths:
-        return {}
-    got = loc.fs.cat(list(paths), on_error="return")
+    found = read_many(loc, rels.values())
     objects: dict[str, dict[str, Any]] = {}
-    for path, key in paths.items():
-        value = got.get(path)
-        if not isinstance(value, bytes):
-            continue
-        try:
-            parsed = json.loads(value)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            continue
-        if isinstance(parsed, dict):
-            objects[key] = parsed
+    for key, rel in rels.items():
+        value = found[rel]
+        with contextlib.suppress(UnicodeDecodeError, json.JSONDecodeError):
+            parsed = json.loads(value) if isinstance(value, bytes) else None
+            if isinstance(parsed, dict):
+                objects[key] = parsed
     return objects

@@ -31,7 +31,6 @@ from pipelines.units import (
     write_unit,
 )
 
-__all__ = ["WorkUnit", "enumerate_units", "process_unit"]
 METRIC_KEYS = ("cam_argmax", "seeds")
 _REQUIRED_COLUMNS = schema.INGEST_COLUMNS[: schema.INGEST_COLUMNS.index(schema.SOURCE)]
 
