@@ -1,15 +1,10 @@
 """CAM -> seed labels: a background plane, argmax, then a dense CRF (docs/METHOD.md). Pure numpy.
 
-Two recipes:
-- `weaktr` (WeakTr / MCTformer): a constant background plane at `bg_threshold`, argmax, then
-  a CRF whose unary comes from those hard labels (`unary_from_labels`, `zero_unsure=False`:
-  label 0 is background, a real class, not "unknown"). Every pixel gets a label.
-- `clip-es` (CLIP-ES): background = (1 - max cam) ** bg_power, a softmax unary, and pixels
-  whose CRF confidence is below `confidence_threshold` are set to 255 (ignore).
-
-Only background and the image's classes enter the CRF (K = 1 + CAM planes), several times
-cheaper than the whole class space (`restrict_to_present=False`, for the benchmark). Labels
-are uint8 ids of the full class space, 255 = ignore (docs/CONTRACTS.md, "Label maps").
+`weaktr` (WeakTr / MCTformer): a constant background plane at `bg_threshold`, argmax, then a CRF
+whose unary comes from those hard labels (label 0 is background, a real class, not "unknown").
+`clip-es` (CLIP-ES): background = (1 - max cam) ** bg_power, a softmax unary, and pixels whose
+CRF confidence is below `confidence_threshold` set to 255 (ignore). Only background and the
+image's classes enter the CRF (`restrict_to_present`), several times cheaper than all classes.
 """
 
 from __future__ import annotations
@@ -148,15 +143,10 @@ def cam_to_probabilities(
     bg_threshold: float = 0.43,
     bg_power: float = 1.0,
 ) -> np.ndarray:
-    """Background plane + C x H x W CAM planes in [0, 1], normalised to sum to 1 per pixel.
-
-    The background is a constant `bg_threshold` under "weaktr" (MCTformer PSA 0.39, WeakTr 0.43
-    VOC / 0.42 COCO), (1 - max_c cam) ** `bg_power` under "clip-es" (CLIP-ES's alpha).
-
-    Returns:
-        (1 + C) x H x W float32, plane 0 = background. The normalisation changes neither the
-        argmax nor, up to the unary floor, a softmax-unary CRF.
-    """
+    """(1 + C) x H x W float32: a background plane (0) + C x H x W CAM planes in [0, 1],
+    normalised to sum to 1 per pixel (which changes neither the argmax nor, up to the unary
+    floor, a softmax-unary CRF). The background is `bg_threshold` under "weaktr" (MCTformer PSA
+    0.39, WeakTr 0.43 VOC / 0.42 COCO), (1 - max_c cam) ** `bg_power` under "clip-es"."""
     cams = _check_cams(cams)
     if method == "weaktr":
         if not 0 < bg_threshold < 1:
@@ -194,15 +184,9 @@ def refine_seed(
     *,
     config: SeedConfig,
 ) -> np.ndarray:
-    """Seed labels of one image: CAMs + background plane, refined by a dense CRF.
-
-    Args:
-        image: H x W x 3 uint8 RGB (read-only arrays are fine).
-        cams: C x H x W float CAMs in [0, 1], one per present foreground class (C may be 0).
-        cam_classes: C class ids in the full class space (1..N - 1), one per plane.
-
-    Returns:
-        H x W uint8 labels in {0} ∪ cam_classes, plus 255 (ignore) under clip-es only.
+    """H x W uint8 seed labels in {0} ∪ `cam_classes` (plus 255, ignore, under clip-es) of an
+    H x W x 3 uint8 RGB `image` from its C x H x W CAMs in [0, 1] (C may be 0) of the C class
+    ids `cam_classes` (full class space): CAMs + background plane, refined by a dense CRF.
 
     Raises:
         ValueError: shapes differ, non-finite or out-of-range CAMs, bad or repeated class ids,

@@ -1,13 +1,10 @@
 """The unit of work every data stage shares (docs/ARCHITECTURE.md, "The unit of work").
 
-A stage cuts its input into units, each named only by the input (`unit_name`: `<shard
-stem>-rg<NNNN>`), run as one Ray task (`run_tasks`, `each_unit`), whose outputs and completion
-record are written by `write_unit` (`shards/<unit>.parquet`, `quarantine/<unit>.parquet`,
-last `_units/<unit>.json`). On the driver: `listed_shards`, `map_shards` and
-`check_unit_names` enumerate; `resume` (`read_records`, `keep_intact`) skips what an earlier
-attempt finished; `tally_records` and `error_gate` sum the records and gate on errors;
-`already_done` is the result of an output that is already complete. A record is a JSON object
-with at least `files` ([{"path", "rows", "bytes"}]), `output`, `quarantined` and `reasons`.
+A unit (a row group, named `unit_name`) runs as one Ray task (`run_tasks`, `each_unit`) and
+writes its outputs, then its completion record (`write_unit`); `resume` skips what an earlier
+attempt finished; `tally_records` and `error_gate` sum the records and gate on errors. A record
+is a JSON object with at least `files` ([{"path", "rows", "bytes"}]), `output`, `quarantined`
+and `reasons`.
 """
 
 from __future__ import annotations
@@ -79,14 +76,12 @@ class StageResult:
 
 
 def unit_fields(unit: Any) -> dict[str, Any]:
-    """A row-group unit (a dataclass with `name`) as the fields of its record: `unit` (the
-    name) and the others as they are."""
+    """A unit dataclass as the fields of its record: `unit` (its `name`) and the others."""
     return {"unit": unit.name, **{k: v for k, v in asdict(unit).items() if k != "name"}}
 
 
 def record_matches(unit: Any, record: Mapping[str, Any]) -> bool:
-    """Whether a record found on disk is this unit's: the same `unit_fields` (shard, row group,
-    rows, ...); `resume` then checks that its files are intact."""
+    """Whether a record found on disk is this unit's: the same `unit_fields`."""
     return all(record.get(key) == value for key, value in unit_fields(unit).items())
 
 
@@ -102,8 +97,7 @@ def map_shards(fn: Callable[[str], T], shards: Sequence[str]) -> list[T]:
 
 
 def check_unit_names(names: Iterable[str]) -> None:
-    """Refuses (ValueError) units that would write over each other (two units share a name:
-    input shards share a file name) or outside the output (an unsafe name)."""
+    """Refuses (ValueError) units that share a name or whose outputs would leave the output."""
     names = list(names)
     repeated = [n for n, c in Counter(names).items() if c > 1]
     if repeated:
@@ -120,9 +114,8 @@ def read_records(
     matches: Callable[[U, Record], bool],
     rel: Callable[[K], str],
 ) -> dict[K, Record]:
-    """Completion records of `units` (key -> unit; the record of key `k` at `rel(k)` below
-    `loc`) in one batched read; one missing, torn, not a JSON object or not `matches(unit,
-    record)` is left out (its unit is redone)."""
+    """The completion records (at `rel(key)` below `loc`) of `units` in one batched read; one
+    missing, torn or not `matches(unit, record)` is left out (its unit is redone)."""
     keys = {str(key): key for key in units}
     found = read_json_objects(loc, {name: rel(key) for name, key in keys.items()})
     return {
@@ -131,8 +124,7 @@ def read_records(
 
 
 def keep_intact(out: StageOutput, records: Mapping[K, Record]) -> dict[K, Record]:
-    """The records whose listed files are all still there with their recorded sizes (one
-    listing); a record whose files vanished, changed or were cut short is redone."""
+    """The records whose listed files all still have their recorded sizes (one listing)."""
     if not records:
         return {}
     listed = [f["path"] for r in records.values() for f in r["files"]]
@@ -151,8 +143,8 @@ def resume(
     *,
     rel: Callable[[K], str] = record_rel,  # type: ignore[assignment]
 ) -> dict[K, Record]:
-    """Which units an earlier attempt finished: records that match their unit and whose files
-    are intact (`read_records`, `keep_intact`); nothing unless the output is being resumed."""
+    """The records of the units an earlier attempt finished (`read_records`, `keep_intact`);
+    nothing unless the output is being resumed."""
     if out.state is not StageState.RESUME:
         return {}
     return keep_intact(out, read_records(out.location, units, matches, rel))
@@ -166,9 +158,8 @@ def run_tasks(
     fn_kwargs: Mapping[str, Any],
     batch_size: int = 1,
 ) -> Iterator[Record]:
-    """One Ray Data task per `batch_size` units (JSON in column `unit`, `map_batches(fn)`);
-    yields the records `fn` returns (JSON in column `record`) as they come back. Nothing
-    starts when `units` is empty."""
+    """One Ray Data task `fn` per `batch_size` units (JSON in column `unit`); yields the
+    records it returns (JSON in column `record`) as they come back."""
     if not units:
         return
     import ray
@@ -202,16 +193,10 @@ def write_unit(
     record_dir: str = UNIT_DIR,
     drop_parenthesis: bool = False,
 ) -> Record:
-    """Writes what unit `unit` made into the stage output `loc` and, last, its completion record
-    (`record_rel(unit, record_dir)`): `record` (the stage's own fields) with `files`,
-    `quarantined` and `reasons` ({kind: count, `reason_kind`}), which it returns.
-
-    Args:
-        table: the unit's rows (a `pyarrow.Table`), written to `shard_rel(unit)` unless empty.
-        rejected: (image id, source, reason) of its quarantined rows, written to
-            `quarantine/<unit>.parquet`.
-        files: files the unit wrote itself (FileEntry dicts), listed first.
-    """
+    """Writes a unit's rows (`table`, to `shard_rel(unit)` unless empty) and quarantined rows
+    (`rejected`: image id, source, reason) into the stage output `loc`, then its completion
+    record (`record_rel(unit, record_dir)`): `record` with `files` (`files` the unit wrote
+    itself first), `quarantined` and `reasons` ({`reason_kind`: count}), which it returns."""
     listed = [dict(f) for f in files]
     if table is not None and table.num_rows:
         listed.append(asdict(write_parquet(loc, shard_rel(unit), table)))
@@ -228,8 +213,8 @@ def write_unit(
 
 
 def reason_kind(reason: str, *, drop_parenthesis: bool = False) -> str:
-    """The kind of a quarantine reason: the text before its first ":" (and, for ingest's
-    reasons, before a " (" detail), counted in the manifest's `quarantine_reasons`."""
+    """The kind of a quarantine reason (manifest `quarantine_reasons`): the text before its
+    first ":" (and, with `drop_parenthesis`, before a " (" detail)."""
     kind = reason.split(":")[0]
     return kind.split(" (")[0] if drop_parenthesis else kind
 
@@ -272,9 +257,8 @@ def error_gate(
     output_loc: Location,
     report: Callable[[str], Any],
 ) -> str | None:
-    """The failure message (also reported, credentials redacted) when more than
-    `max_error_fraction` of `total` rows were quarantined, else None; on failure the stage
-    keeps its outputs and writes no `_SUCCESS`, so a run with a higher limit resumes them."""
+    """The failure message (also reported, redacted) when more than `max_error_fraction` of
+    `total` rows were quarantined, else None (the stage then keeps its outputs, no `_SUCCESS`)."""
     fraction = tally.quarantined / total if total else 0.0
     if fraction <= max_error_fraction:
         return None
@@ -288,8 +272,7 @@ def error_gate(
 
 
 def already_done(out: StageOutput, report: Callable[[str], Any]) -> dict[str, Any]:
-    """Reports that a complete output with this fingerprint exists; the `StageResult` fields
-    from its manifest."""
+    """Reports a complete output with this fingerprint; its `StageResult` fields."""
     assert out.manifest is not None
     message = out.done_message()
     report(message)

@@ -16,7 +16,7 @@ from pipelines.ingest.listing import Entry
 from pipelines.ingest.rows import SHARD_SCHEMA, RowLimits, build_row
 from pipelines.io.class_spaces import ClassSpace
 from pipelines.io.rows import RowRejected
-from pipelines.io.storage import Location, open_atomic
+from pipelines.io.storage import Location, open_atomic, read_many
 from pipelines.units import each_unit, record_rel, shard_rel, write_unit
 
 _FETCH_GROUP = 16  # rows whose files are fetched concurrently
@@ -46,7 +46,6 @@ def write_chunk(
     chunk, entries = int(unit["chunk"]), [Entry(**e) for e in unit["entries"]]
     space = ClassSpace(space_name, tuple(class_names))
     limits = RowLimits(max_pixels=config.max_pixels)
-    fs = input_loc.fs
     shard = shard_rel(chunk_name(chunk))
     good = 0
     rejected: list[tuple[str, str, str]] = []
@@ -55,8 +54,8 @@ def write_chunk(
         with pq.ParquetWriter(writer_file, SHARD_SCHEMA, compression="zstd") as writer:
             for start in range(0, len(entries), _FETCH_GROUP):
                 group = entries[start : start + _FETCH_GROUP]
-                blobs = _fetch(fs, input_loc, [p for e in group for p in (e.image, e.cam, e.gt)])
-                images = _find_images(fs, input_loc, group, blobs)
+                blobs = _fetch(input_loc, [p for e in group for p in (e.image, e.cam, e.gt)])
+                images = _find_images(input_loc, group, blobs)
                 for entry in group:
                     try:
                         pending.append(_row(entry, images, blobs, config, space, limits))
@@ -107,13 +106,13 @@ def _row(
 
 
 def _find_images(
-    fs: Any, input_loc: Location, group: Sequence[Entry], blobs: dict[str, bytes | None]
+    input_loc: Location, group: Sequence[Entry], blobs: dict[str, bytes | None]
 ) -> dict[str, bytes]:
     """{image id: image bytes}; ids whose image is missing get their alternates tried."""
     images = {e.image_id: blobs[e.image] for e in group if e.image and blobs.get(e.image)}
     retry = [e for e in group if e.image_id not in images and e.image_alternates]
     if retry:
-        more = _fetch(fs, input_loc, [p for e in retry for p in e.image_alternates])
+        more = _fetch(input_loc, [p for e in retry for p in e.image_alternates])
         for entry in retry:
             found = next((more[p] for p in entry.image_alternates if more.get(p)), None)
             if found is not None:
@@ -121,20 +120,13 @@ def _find_images(
     return images
 
 
-def _fetch(
-    fs: Any, input_loc: Location, rel_paths: Sequence[str | None]
-) -> dict[str, bytes | None]:
-    """Reads files concurrently (s3fs batches the GETs); a missing file maps to None."""
-    full = {input_loc.join(rel): rel for rel in rel_paths if rel}
-    if not full:
-        return {}
-    got = fs.cat(list(full), on_error="return")
+def _fetch(input_loc: Location, rel_paths: Sequence[str | None]) -> dict[str, bytes | None]:
+    """Reads files concurrently (`read_many`); a missing file maps to None."""
     blobs: dict[str, bytes | None] = {}
-    for path, rel in full.items():
-        value = got.get(path)
+    for rel, value in read_many(input_loc, [rel for rel in rel_paths if rel]).items():
         if isinstance(value, bytes):
             blobs[rel] = value
-        elif isinstance(value, FileNotFoundError) or value is None:
+        elif isinstance(value, FileNotFoundError):
             blobs[rel] = None
         else:  # a transient storage error must fail the task (Ray retries it), not the row
             raise OSError(f"reading {rel} failed: {type(value).__name__}: {value}")

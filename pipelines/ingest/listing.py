@@ -1,9 +1,8 @@
 """What the ingest driver knows before reading any file: the candidate rows and the class space.
 
-With split lists nothing is listed (millions of keys stay unlisted): each id's files are
-named from the config's folders. Without them every image and CAM file found is a row. What
-names alone reject (unsafe ids, duplicates) never reaches a task; the listing's names and
-sizes feed the stage's fingerprint.
+With split lists nothing is listed: each id's files are named from the config's folders;
+without them every image and CAM file found is a row. Rows that names alone reject (unsafe
+ids, duplicates) never reach a task; the listing's names and sizes feed the fingerprint.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """Validation of one raw input row (image + CAM + image-level label + optional GT) into a shard row.
 
-Pure functions on bytes and arrays, unit-tested without Ray. Every check raises `RowRejected`
-with a one-line reason that lands in the quarantine table; nothing here ever executes data from
-the input (CAM pickles go through the restricted loader in `pipelines.io.safe_pickle`).
+Pure functions; every check raises `RowRejected` with a one-line reason for the quarantine
+table. CAM pickles go through the restricted loader of `pipelines.io.safe_pickle`.
 """
 
 from __future__ import annotations

@@ -50,13 +50,9 @@ def run_ingest(
     overwrite: bool = False,
     report: Any = print,
 ) -> IngestResult:
-    """Runs the ingest stage on the current Ray instance (see the module docstring): a dataset
-    root at `input_uri` → `output_uri`, `num_cpus_per_task` CPUs per chunk task; `overwrite`
-    replaces an output made with another config or input.
-
-    Returns:
-        The counts; `ok` False (and no `_SUCCESS`) when too many rows were quarantined.
-    """
+    """Runs the ingest stage on the current Ray instance: a dataset root at `input_uri` →
+    `output_uri`; `overwrite` replaces an output made with another config or input. `ok` is
+    False (and no `_SUCCESS`) when too many rows were quarantined."""
     input_loc, output_loc = resolve(input_uri, storage), resolve(output_uri, storage)
     started = time.monotonic()
     found = enumerate_inputs(input_loc, config)

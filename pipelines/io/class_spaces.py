@@ -61,15 +61,10 @@ _MAX_NAME_LENGTH = 64
 
 @dataclass(frozen=True)
 class ClassSpace:
-    """Names of the classes of one dataset; the index of a name is its class id.
+    """Names of the classes of one dataset; the index of a name is its class id."""
 
-    Attributes:
-        name: "voc", "coco91", "coco81" or "custom".
-        class_names: index = class id, 0 = "background". Ids named `unused_<n>` (coco91)
-            exist only to keep COCO's numbering and are never produced.
-    """
-
-    name: str
+    name: str  # "voc", "coco91", "coco81" or "custom"
+    # index = class id, 0 = "background"; coco91's `unused_<n>` ids only keep COCO's numbering
     class_names: tuple[str, ...]
 
     def __post_init__(self) -> None:
@@ -105,12 +100,6 @@ class ClassSpace:
             return (90, 80)  # COCO category-id space (mapped), or already contiguous
         return (self.num_classes - 1,)
 
-    def check_class_id(self, class_id: int) -> int:
-        """Returns `class_id` if an image may hold it, else raises ValueError."""
-        if not 1 <= class_id < self.num_classes or class_id in self.unused_ids:
-            raise ValueError(f"class id {class_id} is not a foreground class of {self.name}")
-        return class_id
-
 
 VOC = ClassSpace("voc", VOC_CLASSES)
 COCO91 = ClassSpace("coco91", COCO91_CLASSES)
@@ -118,21 +107,10 @@ COCO81 = ClassSpace("coco81", COCO81_CLASSES)
 _BUILTIN = {"voc": VOC, "coco91": COCO91, "coco81": COCO81}
 
 
-def parse_class_names(text: str | Sequence[str]) -> ClassSpace:
-    """A custom space from classes.txt text (one name per line, background first) or a list.
-
-    Blank lines and surrounding whitespace are ignored; names must be unique printable text.
-    """
-    lines = text.splitlines() if isinstance(text, str) else list(text)
-    names = tuple(line.strip() for line in lines if line.strip())
-    for name in names:
-        if len(name) > _MAX_NAME_LENGTH or not name.isprintable():
-            raise ValueError(f"class name {name[:_MAX_NAME_LENGTH]!r} is not a printable name")
-    return ClassSpace("custom", names)
-
-
 def class_space_from_arg(arg: str | Sequence[str]) -> ClassSpace:
-    """Resolves `--classes`: "voc", "coco91", "coco81", or classes.txt content / a name list.
+    """Resolves `--classes`: "voc", "coco91", "coco81", or a custom space from classes.txt
+    content (one name per line, background first; blank lines and surrounding whitespace
+    ignored) or a name list; names must be unique printable text.
 
     Raises:
         ValueError: an unknown single word, or a malformed class list.
@@ -146,15 +124,19 @@ def class_space_from_arg(arg: str | Sequence[str]) -> ClassSpace:
                 f"unknown class space {arg.strip()[:64]!r}: expected voc, coco91, coco81 or "
                 "the text of a classes.txt (one name per line, background first)"
             )
-    return parse_class_names(arg)
+    lines = arg.splitlines() if isinstance(arg, str) else list(arg)
+    names = tuple(line.strip() for line in lines if line.strip())
+    for name in names:
+        if len(name) > _MAX_NAME_LENGTH or not name.isprintable():
+            raise ValueError(f"class name {name[:_MAX_NAME_LENGTH]!r} is not a printable name")
+    return ClassSpace("custom", names)
 
 
 def labels_from_multihot(vector: np.ndarray | Sequence[float], space: ClassSpace) -> list[int]:
-    """Class ids (ascending) of a `cls_labels` multi-hot vector.
+    """Class ids (ascending) of a `cls_labels` multi-hot vector (set: value > 0.5).
 
-    VOC and custom: index i -> id i + 1. COCO vectors have 90 entries in category-id space
-    without background (index i -> category id i + 1), mapped to 81 ids for coco81; coco81 also
-    takes 80-entry contiguous vectors. A set entry means value > 0.5.
+    VOC and custom: index i -> id i + 1. COCO: 90 entries in category-id space without
+    background (i -> category id i + 1), mapped to coco81 ids there; coco81 also takes 80.
 
     Raises:
         ValueError: wrong length for the space, non-finite values, or a set entry at an id that

@@ -1,15 +1,10 @@
 """Image and label-map codecs of every stage: encoded bytes in, numpy arrays out, and back.
 
-Untrusted bytes (input images, shard columns, mask files) are decoded here and nowhere else.
-`MAX_PIXELS` bounds every decoder: an image or label map declaring more pixels is refused
-before its pixels are decoded (decompression bombs). Decoders that validate a row for
-quarantine raise `RowRejected` (`pipelines.io.rows`) with the reason; those the training
-stages use raise `ValueError`, which fails the run.
-
-Label maps (GT, seeds, pseudo masks) are stored as palette PNGs whose pixel values are class ids
-(docs/CONTRACTS.md "Label maps"); the palette only makes them viewable. VOC's palette gives
-class i the colour whose bits interleave the bits of i across R, G and B, most significant
-first; 255 (ignore) is cream (224, 224, 192).
+Untrusted bytes (input images, shard columns, mask files) are decoded here and nowhere else,
+bounded by `MAX_PIXELS` (decompression bombs). Decoders that validate a row for quarantine
+raise `RowRejected`; those the training stages use raise `ValueError`, which fails the run.
+Label maps are palette PNGs whose pixel values are class ids (docs/CONTRACTS.md "Label maps");
+VOC's palette interleaves the bits of i across R, G and B, most significant first.
 """
 
 from __future__ import annotations
@@ -17,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from functools import cache
 from typing import Any
 
@@ -26,14 +21,10 @@ from PIL import Image
 
 from pipelines.io.class_spaces import ClassSpace
 from pipelines.io.rows import RowRejected
-from pipelines.io.schema import IGNORE_INDEX
+from pipelines.io.schema import HEIGHT, IGNORE_INDEX, WIDTH
 
 MAX_PIXELS = 50_000_000  # images and label maps declaring more are refused before decoding
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
-# ---------------------------------------------------------------------------------------------
-# The VOC palette
 
 
 @cache
@@ -56,11 +47,7 @@ def voc_palette() -> list[int]:
 
 
 def encode_label_png(labels: np.ndarray) -> bytes:
-    """A palette PNG (VOC palette) whose pixel values are the given class ids.
-
-    Args:
-        labels: H x W uint8 class ids, 255 = ignore.
-    """
+    """A VOC-palette PNG whose pixel values are the H x W uint8 class ids `labels`."""
     if labels.ndim != 2 or labels.dtype != np.uint8:
         raise ValueError(f"expected an H x W uint8 label map, got {labels.dtype} {labels.shape}")
     height, width = labels.shape
@@ -72,19 +59,11 @@ def encode_label_png(labels: np.ndarray) -> bytes:
 
 
 def decode_label_png(data: bytes) -> np.ndarray:
-    """The H x W uint8 class ids of a palette (or greyscale) PNG label map.
-
-    Raises:
-        ValueError: the image is not a single-channel label map.
-    """
+    """The H x W uint8 class ids of a palette (or greyscale) PNG label map (else ValueError)."""
     with Image.open(io.BytesIO(data)) as image:
         if image.mode not in ("P", "L"):
             raise ValueError(f"label PNG has mode {image.mode}, expected P or L")
         return np.array(image, dtype=np.uint8)
-
-
-# ---------------------------------------------------------------------------------------------
-# Label maps
 
 
 @contextlib.contextmanager
@@ -109,6 +88,33 @@ def decode_row_label_map(data: bytes, what: str, height: int, width: int) -> np.
     if labels.shape != (height, width):
         raise RowRejected(f"{what} is {labels.shape}, the row says {(height, width)}")
     return labels
+
+
+def row_size(row: Mapping[str, Any], max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """The (height, width) a shard row declares.
+
+    Raises:
+        RowRejected: not positive integers, or more than `max_pixels` pixels.
+    """
+    height, width = row.get(HEIGHT), row.get(WIDTH)
+    if not isinstance(height, int) or not isinstance(width, int) or height < 1 or width < 1:
+        raise RowRejected(f"bad image size {height}x{width}")
+    if height * width > max_pixels:
+        raise RowRejected(f"image over pixel limit: {height}x{width} > {max_pixels} pixels")
+    return height, width
+
+
+def decode_row_gt(data: bytes, height: int, width: int, num_classes: int) -> np.ndarray:
+    """`decode_row_label_map` of a row's ground truth, its ids in [0, K) or 255 (ignore).
+
+    Raises:
+        RowRejected: as `decode_row_label_map`, or class ids outside [0, `num_classes`).
+    """
+    gt = decode_row_label_map(data, "ground truth", height, width)
+    valid = gt[gt != IGNORE_INDEX]
+    if valid.size and int(valid.max()) >= num_classes:
+        raise RowRejected(f"ground truth holds class ids outside [0, {num_classes})")
+    return gt
 
 
 def decode_labels(data: Any, what: str, expected: tuple[int, int] | None = None) -> np.ndarray:
@@ -165,16 +171,9 @@ def decode_label_map(data: bytes, height: int, width: int) -> np.ndarray:
     return seed
 
 
-# ---------------------------------------------------------------------------------------------
-# Images
-
-
 def decode_image_header(data: bytes | None, *, max_pixels: int) -> tuple[int, int]:
-    """Checks an encoded image without trusting it; returns (height, width).
-
-    The size is read from the header and compared with `max_pixels` before any pixel is
-    decoded, then the whole image is decoded once to prove it is not truncated.
-    """
+    """(height, width) of an untrusted encoded image: its header checked against
+    `max_pixels` before any pixel is decoded, then decoded once to prove it is whole."""
     if data is None:
         raise RowRejected("missing image")
     if len(data) == 0:
@@ -227,16 +226,8 @@ def decode_image(data: bytes, height: int, width: int) -> np.ndarray:
     return rgb
 
 
-# ---------------------------------------------------------------------------------------------
-# CAMs
-
-
 def decode_cam_column(data: bytes, num_planes: int, height: int, width: int) -> np.ndarray:
-    """Inverse of the ingest shard's `cam` encoding: C x H x W float32 from float16 bytes.
-
-    Raises:
-        ValueError: the byte count does not match the declared shape.
-    """
+    """C x H x W float32 of the ingest shard's float16 `cam` bytes (ValueError: wrong size)."""
     expected = num_planes * height * width * 2
     if len(data) != expected:
         raise ValueError(f"cam column holds {len(data)} bytes, expected {expected}")

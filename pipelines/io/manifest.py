@@ -1,11 +1,9 @@
 """A stage's output directory: run record, resumable data files, manifest, `_SUCCESS` last.
 
-The layout and rules are docs/CONTRACTS.md "A stage's output directory" and "Re-running"; how a
-stage uses it, docs/ARCHITECTURE.md "The unit of work". `StageOutput.open` records the run's
-fingerprint (stage + config + inputs) in `_RUN.json` before any data: DONE, RESUME, FRESH, or
-`StageConflictError` for another fingerprint unless `overwrite` (which deletes the directory).
-Every manifest carries a unique `run_id`, so a re-run stage has a new digest and the stages
-after it see a different fingerprint. Reading a completed output is `manifest_format`.
+Layout and rules: docs/CONTRACTS.md "A stage's output directory" and "Re-running".
+`StageOutput.open` records the run's fingerprint (stage + config + inputs) in `_RUN.json`
+before any data. Every manifest carries a unique `run_id`, so a re-run stage has a new digest
+and the stages after it see a different fingerprint. Reading an output is `manifest_format`.
 """
 
 from __future__ import annotations
@@ -29,24 +27,19 @@ import pyarrow.parquet as pq
 
 from pipelines.io import schema
 from pipelines.io.manifest_format import (
-    CLASS_SPACES,
     MANIFEST,
     MAX_MANIFEST_BYTES,
-    REQUIRED_COUNTS,
     RUN_RECORD,
     STAGES,
     STANDARD_KEYS,
     SUCCESS,
     FileEntry,
-    IncompleteOutputError,
     InputRef,
     Manifest,
     ManifestError,
-    input_ref,
-    manifest_sha256,
     parse_manifest,
     read_manifest,
-    wait_for_success,
+    wait_for_success,  # noqa: F401  (re-exported: pipelines.retrain.stage, README)
 )
 from pipelines.io.storage import (
     Location,
@@ -97,20 +90,13 @@ class StageOutput:
         inputs: Sequence[InputRef],
         overwrite: bool = False,
     ) -> StageOutput:
-        """Inspect (and if needed prepare) the output directory of a run.
-
-        Args:
-            location: the stage's `--output`.
-            stage: one of `STAGES`.
-            config: the stage config (a dict or a dataclass); JSON-serialisable values only.
-            inputs: what the stage reads, with manifest digests where inputs are stage outputs.
-            overwrite: delete whatever this directory holds from an earlier stage run and start
-                fresh (even if that run was complete with the same config).
+        """Inspect (and if needed prepare) the output directory `location` of a run of `stage`
+        with `config` (a dict or dataclass of JSON values) reading `inputs`; `overwrite`
+        deletes an earlier stage run there (even a complete one with the same config).
 
         Raises:
             StageConflictError: the directory holds a run with another stage, config or inputs
-                (and `overwrite` is false), or files that no stage run wrote (always: those
-                are never deleted).
+                (and not `overwrite`), or files no stage run wrote (never deleted).
         """
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
@@ -124,8 +110,11 @@ class StageOutput:
                 f"{location.uri} is not empty and holds no stage run ({RUN_RECORD} missing): "
                 "choose an empty --output; this directory is never written into or deleted"
             )
-        if occupied and overwrite:
-            clear_output(location)
+        if occupied and overwrite:  # `_SUCCESS` first: no reader trusts a half-deleted output
+            for name in (SUCCESS, MANIFEST):
+                if exists(location, name):
+                    location.fs.rm(location.join(name))
+            remove_tree(location)
             occupied = False
         elif occupied and (run is None or run.get("fingerprint") != fp):
             why = _describe_difference(run, stage, config_dict, input_refs)
@@ -163,11 +152,8 @@ class StageOutput:
         )
 
     def existing(self, rel_paths: Iterable[str], *, check_parquet: bool = True) -> dict[str, int]:
-        """Which of the expected files an earlier attempt already finished, with their sizes.
-
-        One listing of the directory. With `check_parquet`, a `.parquet` file counts only if
-        it ends with the Parquet footer magic, so a file cut off mid-write is redone.
-        """
+        """Which of the expected files exist, with their sizes (one listing); with
+        `check_parquet`, a `.parquet` file only if it ends with the footer magic."""
         wanted = {safe_relpath(r) for r in rel_paths}
         found = {rel: size for rel, size in _list_sizes(self.location).items() if rel in wanted}
         if check_parquet:
@@ -189,19 +175,12 @@ class StageOutput:
         metrics: Mapping[str, Any] | None = None,
         extra: Mapping[str, Any] | None = None,
     ) -> Manifest:
-        """Check the listed files, write `manifest.json`, then `_SUCCESS` last.
-
-        Args:
-            files: every data file of the stage (quarantine files included), nothing else.
-            counts: at least `input`, `output`, `quarantined`.
-            class_names: index = class id, 0 = background.
-            class_space: one of `CLASS_SPACES`.
-            metrics: e.g. `{"miou": ..., "per_class_iou": [...]}` where ground truth exists.
-            extra: further top-level manifest keys (must not shadow the standard ones).
+        """Check `files` (every data file, quarantine included) on storage, write
+        `manifest.json`, then `_SUCCESS` last; `extra`: further top-level keys.
 
         Raises:
-            ManifestError: a file is missing, has another size than stated, is listed twice or
-                has a reserved/unsafe path; a field is malformed.
+            ManifestError: a file missing, of another size, listed twice or at a reserved or
+                unsafe path; a malformed field, or an `extra` key shadowing a standard one.
             StageConflictError: another run took over the directory meanwhile.
         """
         if self.state is StageState.DONE:
@@ -249,12 +228,8 @@ class StageOutput:
 
 
 class Quarantine:
-    """Collects rejected rows and writes them as `quarantine/<name>.parquet`.
-
-    Columns `image_id`, `source`, `reason` (schema.QUARANTINE_COLUMNS). Usable on the driver
-    or inside a Ray task (a `Location` pickles); pass `files` to `commit` and `count` as
-    `counts["quarantined"]`.
-    """
+    """Collects rejected rows and writes them as `quarantine/<name>.parquet`
+    (`schema.QUARANTINE_COLUMNS`); `files` and `count` are what it wrote."""
 
     SCHEMA = schema.arrow_schema(schema.QUARANTINE_COLUMNS)
 
@@ -265,13 +240,13 @@ class Quarantine:
         self._pending: list[dict[str, str]] = []
 
     def add(self, image_id: str, source: str, reason: str) -> None:
-        """Queue one rejected row; `reason` is cut to one redacted line."""
+        """Queue one rejected row; `reason` is cut to one redacted line of at most
+        `MAX_REASON_CHARS`."""
+        line = " ".join(redact(str(reason)).split())
+        if len(line) > MAX_REASON_CHARS:
+            line = line[: MAX_REASON_CHARS - 3] + "..."
         self._pending.append(
-            {
-                schema.IMAGE_ID: str(image_id),
-                schema.SOURCE: str(source),
-                schema.REASON: reason_line(reason),
-            }
+            {schema.IMAGE_ID: str(image_id), schema.SOURCE: str(source), schema.REASON: line}
         )
 
     def flush(self, name: str) -> FileEntry | None:
@@ -286,20 +261,10 @@ class Quarantine:
         return entry
 
 
-def reason_line(text: str) -> str:
-    """A quarantine reason: one line, credentials redacted, at most `MAX_REASON_CHARS`."""
-    line = " ".join(redact(str(text)).split())
-    return line if len(line) <= MAX_REASON_CHARS else line[: MAX_REASON_CHARS - 3] + "..."
-
-
 def write_parquet(
     location: Location, rel: str, table: pa.Table, *, compression: str = "zstd"
 ) -> FileEntry:
-    """Write `table` to `rel` below `location` atomically and return its `FileEntry`.
-
-    The file is encoded in memory and stored in one atomic put, so a reader (or a resumed run)
-    never sees half a file.
-    """
+    """Write `table` to `rel` below `location` in one atomic put; its `FileEntry`."""
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression=compression)
     data = buffer.getvalue()
@@ -307,20 +272,9 @@ def write_parquet(
     return FileEntry(path=safe_relpath(rel), rows=table.num_rows, bytes=len(data))
 
 
-def clear_output(location: Location) -> None:
-    """Delete a stage output: `_SUCCESS` first, so no reader trusts a half-deleted directory."""
-    for name in (SUCCESS, MANIFEST):
-        if exists(location, name):
-            location.fs.rm(location.join(name))
-    remove_tree(location)
-
-
 def fingerprint(stage: str, config: Mapping[str, Any], inputs: Sequence[InputRef]) -> str:
-    """SHA-256 of what determines a stage's outputs: stage, config and inputs.
-
-    The code version is deliberately left out: upgrading the package does not invalidate
-    finished outputs (use --overwrite to recompute them).
-    """
+    """SHA-256 of stage, config and inputs; not the code version (an upgrade does not
+    invalidate finished outputs)."""
     doc = {"stage": stage, "config": config, "inputs": [dataclasses.asdict(i) for i in inputs]}
     return hashlib.sha256(_canonical(doc)).hexdigest()
 
@@ -432,33 +386,3 @@ def _dumps(doc: Mapping[str, Any]) -> bytes:
 
 def _utc_now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-__all__ = [
-    "CLASS_SPACES",
-    "MANIFEST",
-    "MAX_REASON_CHARS",
-    "QUARANTINE_DIR",
-    "REQUIRED_COUNTS",
-    "RUN_RECORD",
-    "STAGES",
-    "SUCCESS",
-    "FileEntry",
-    "IncompleteOutputError",
-    "InputRef",
-    "Manifest",
-    "ManifestError",
-    "Quarantine",
-    "StageConflictError",
-    "StageOutput",
-    "StageState",
-    "clear_output",
-    "code_version",
-    "fingerprint",
-    "input_ref",
-    "manifest_sha256",
-    "read_manifest",
-    "reason_line",
-    "wait_for_success",
-    "write_parquet",
-]

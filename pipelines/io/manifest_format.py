@@ -3,8 +3,8 @@
 A directory is a result only once `_SUCCESS` exists; `read_manifest` then validates the JSON
 (types, known stage and class space, required counts) and refuses listed paths that could
 leave the directory or name bookkeeping files. Downstream stages read only the listed files,
-and name their input by the manifest's SHA-256 (`input_ref`), so a re-run upstream changes
-their fingerprint. Writing a stage output is `pipelines.io.manifest.StageOutput`.
+and name their input by the manifest's SHA-256 (`Manifest.input_ref`), so a re-run upstream
+changes their fingerprint. Writing a stage output is `pipelines.io.manifest.StageOutput`.
 """
 
 from __future__ import annotations
@@ -82,10 +82,6 @@ class Manifest:
         """Filesystem paths (for `location.fs` / `location.pyarrow_fs()`) of listed files."""
         return [self.location.join(f.path) for f in self.entries(prefix)]
 
-    def file_uris(self, prefix: str | None = None) -> list[str]:
-        """URIs of listed files."""
-        return [self.location.child(f.path).uri for f in self.entries(prefix)]
-
     def input_ref(self) -> InputRef:
         """How a downstream stage names this output among its inputs."""
         return InputRef(uri=self.location.uri, manifest_sha256=self.sha256)
@@ -119,16 +115,6 @@ def read_manifest(location: Location | str, stages: Sequence[str] = ()) -> Manif
         wanted = " or ".join(stages)
         raise ValueError(f"{loc.uri} is a {manifest.stage!r} output, not an {wanted} output")
     return manifest
-
-
-def manifest_sha256(location: Location | str) -> str:
-    """Hex SHA-256 of a completed output's `manifest.json` (what downstream inputs record)."""
-    return read_manifest(location).sha256
-
-
-def input_ref(location: Location | str) -> InputRef:
-    """An `InputRef` for a completed stage output (refuses one without `_SUCCESS`)."""
-    return read_manifest(location).input_ref()
 
 
 def wait_for_success(

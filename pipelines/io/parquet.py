@@ -23,20 +23,12 @@ _THREADS = 16  # files read at once by `read_shards` (storage round trips overla
 
 @dataclass(frozen=True)
 class Shard:
-    """What `read_shard` found in one file.
+    """What `read_shard` found in one file."""
 
-    Attributes:
-        names: the file's columns.
-        rows: the row count of each row group.
-        missing: the `required` columns the file lacks (then no data was read).
-        groups: one table per row group of the requested columns the file has; empty when no
-            column was requested or one is `missing`.
-    """
-
-    names: tuple[str, ...]
-    rows: tuple[int, ...]
-    missing: tuple[str, ...] = ()
-    groups: tuple[pa.Table, ...] = ()
+    names: tuple[str, ...]  # the file's columns
+    rows: tuple[int, ...]  # the row count of each row group
+    missing: tuple[str, ...] = ()  # the `required` columns it lacks (then no data was read)
+    groups: tuple[pa.Table, ...] = ()  # per row group, the requested columns the file has
 
 
 @contextlib.contextmanager

@@ -72,9 +72,6 @@ class _Global:
     def __setstate__(self, state: object) -> None:
         raise UnsafePickleError(f"unsafe pickle: refused BUILD on {self._name}")
 
-    def __repr__(self) -> str:
-        return f"<allowed global {self._name}>"
-
 
 # `numpy.ndarray` is only ever an argument of `_reconstruct`; calling it would allocate.
 _NDARRAY = _Global(None, "numpy.ndarray")
@@ -403,13 +400,9 @@ def load_npy_pickle(
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
 ) -> object:
-    """Decodes the bytes of a `.npy` file without ever running code from it.
-
-    Args:
-        data: a plain numeric array, or an object array as `np.save(path, obj)` writes for a
-            dict/list `obj` (a pickle inside).
-        max_bytes: larger inputs are refused before decoding.
-        max_elements: total number of array elements the file may decode to.
+    """Decodes the bytes of a `.npy` file (a numeric array, or the object array `np.save`
+    writes for a dict/list) without ever running code from it; larger than `max_bytes` or
+    decoding to more than `max_elements` array elements is refused.
 
     Returns:
         The numeric array, or the pickled value made only of dicts, lists, tuples, strings,
@@ -417,8 +410,7 @@ def load_npy_pickle(
 
     Raises:
         UnsafePickleError: the pickle names a global outside the allow-list.
-        CamDecodeError: anything else wrong with the bytes (truncated, corrupt, too large,
-            object arrays inside the pickle, unsupported dtypes).
+        CamDecodeError: anything else wrong with the bytes.
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise CamDecodeError(f"expected bytes, got {type(data).__name__}")
@@ -455,10 +447,8 @@ def load_npy_pickle(
 
 
 def load_cls_labels(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, np.ndarray]:
-    """Decodes MCTformer/WeakTr `cls_labels.npy`, a pickled dict, as `{image_id: float32 (C,)}`.
-
-    Only a malformed file is refused here; per-row checks (vector length, unsafe ids) are the
-    caller's, which can quarantine one row.
+    """Decodes MCTformer/WeakTr `cls_labels.npy`, a pickled dict, as `{image_id: float32 (C,)}`;
+    per-row checks (vector length, unsafe ids) are the caller's.
 
     Raises:
         UnsafePickleError / CamDecodeError: not a safe, well-formed dict of numeric vectors.

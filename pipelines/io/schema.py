@@ -1,9 +1,6 @@
 """Column names of every Parquet shard the stages write (docs/CONTRACTS.md, "What each stage
-writes").
-
-One place for the names, so a stage's docstring can say which columns it reads and writes and a
-typo is an ImportError rather than a silently empty column. The format tag of train's
-`model.pt` lives here too, so that the pseudo-mask stage checks it without importing the model.
+writes"), so a typo is an ImportError rather than a silently empty column; and the format tag
+of train's `model.pt`, which the pseudo-mask stage checks without importing the model.
 """
 
 from __future__ import annotations

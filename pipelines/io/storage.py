@@ -21,7 +21,7 @@ import tempfile
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,16 +46,12 @@ _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,253}[a-z0-9]$")
 
 @dataclass(frozen=True)
 class StorageOptions:
-    """Non-secret settings of the object store. Credentials are never fields.
+    """Non-secret settings of the object store. Credentials are never fields."""
 
-    Attributes:
-        endpoint_url: S3-compatible server, e.g. `http://127.0.0.1:9000` (`--storage-endpoint`);
-            None means `AWS_ENDPOINT_URL` if set, else AWS itself.
-        region: signing region; None means `AWS_REGION` / `AWS_DEFAULT_REGION`.
-    """
-
+    # S3-compatible server, e.g. http://127.0.0.1:9000 (--storage-endpoint); None:
+    # AWS_ENDPOINT_URL if set, else AWS itself
     endpoint_url: str | None = None
-    region: str | None = None
+    region: str | None = None  # signing region; None: AWS_REGION / AWS_DEFAULT_REGION
 
     def with_env_defaults(self) -> StorageOptions:
         """The same options with unset fields taken from the environment of this process."""
@@ -73,17 +69,11 @@ class StorageOptions:
 
 @dataclass(frozen=True)
 class Location:
-    """A resolved storage directory (or file) and how to reach it.
+    """A resolved storage directory (or file) and how to reach it."""
 
-    Attributes:
-        uri: normalised URI, `s3://bucket/prefix` or `file:///abs/dir` (no trailing slash).
-        path: the same place as a filesystem path: `bucket/prefix` or `/abs/dir`.
-        options: storage settings with environment defaults already applied.
-    """
-
-    uri: str
-    path: str
-    options: StorageOptions = field(default_factory=StorageOptions)
+    uri: str  # normalised, no trailing slash: s3://bucket/prefix or file:///abs/dir
+    path: str  # the same place as a filesystem path: bucket/prefix or /abs/dir
+    options: StorageOptions = field(default_factory=StorageOptions)  # environment applied
 
     @property
     def is_local(self) -> bool:
@@ -121,11 +111,8 @@ class Location:
 
 
 def resolve(uri: str, options: StorageOptions | None = None) -> Location:
-    """Parse a `--input`/`--output` value into a `Location`.
-
-    Args:
-        uri: `s3://bucket[/prefix]`, `file:///abs/dir` or a plain (relative or absolute) path.
-        options: endpoint/region; unset fields fall back to the environment.
+    """Parse a `--input`/`--output` value (`s3://bucket[/prefix]`, `file:///abs/dir` or a plain
+    path) into a `Location`; unset `options` fields fall back to the environment.
 
     Raises:
         ValueError: empty URI, unsupported scheme, credentials in the URI, bad bucket name,
@@ -173,10 +160,6 @@ def safe_relpath(*parts: str) -> str:
                 raise ValueError(f"unsafe relative path {'/'.join(parts)!r}")
             segments.append(segment)
     return "/".join(segments)
-
-
-# ---------------------------------------------------------------------------------------------
-# Small files (manifests, markers, run records); data shards go through `manifest.write_parquet`.
 
 
 def read_bytes(loc: Location, rel: str | None = None, *, max_bytes: int | None = None) -> bytes:
@@ -262,18 +245,6 @@ def exists(loc: Location, rel: str | None = None) -> bool:
     return bool(target.fs.exists(target.path))
 
 
-def file_size(loc: Location, rel: str | None = None) -> int | None:
-    """Size in bytes of a file, or None when it does not exist (or is a directory)."""
-    target = loc.child(rel) if rel else loc
-    try:
-        info = target.fs.info(target.path)
-    except FileNotFoundError:
-        return None
-    if info.get("type") != "file":
-        return None
-    return int(info["size"])
-
-
 def remove_tree(loc: Location) -> None:
     """Delete everything under `loc` (the directory itself too, where that means anything)."""
     fs = loc.fs
@@ -300,9 +271,6 @@ def retry_io(fn: Callable[[], _T], *, what: str, attempts: int = WRITE_ATTEMPTS)
     raise AssertionError(f"unreachable: {what}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Credentials never leave the process: scrub them from any text we print or store.
-
 _SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 _SECRET_PATTERNS = (
     # key=value / key: value pairs whose name says secret, token, password, signature, credential
@@ -328,9 +296,6 @@ def redact(text: str) -> str:
     for pattern in _SECRET_PATTERNS:
         out = pattern.sub(r"\1\2***", out)
     return out
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 def _local_location(raw: str, opts: StorageOptions) -> Location:
@@ -401,28 +366,23 @@ def _s3_fs(options: StorageOptions) -> fsspec.AbstractFileSystem:
     )
 
 
+def read_many(loc: Location, rels: Iterable[str]) -> dict[str, bytes | Exception]:
+    """Files below `loc` in one batched read (s3fs overlaps the GETs): relative path -> bytes,
+    or what reading it raised (FileNotFoundError: it does not exist)."""
+    paths = {loc.join(rel): rel for rel in rels}
+    got = loc.fs.cat(list(paths), on_error="return") if paths else {}
+    return {rel: got.get(path, FileNotFoundError(path)) for path, rel in paths.items()}
+
+
 def read_json_objects(loc: Location, rels: Mapping[str, str]) -> dict[str, dict[str, Any]]:
-    """Small JSON files below `loc` in one batched read: key -> parsed object.
-
-    Args:
-        rels: key -> path relative to `loc`.
-
-    Returns:
-        The files that exist and hold a JSON object; missing or torn ones are left out.
-    """
-    paths = {loc.join(rel): key for key, rel in rels.items()}
-    if not paths:
-        return {}
-    got = loc.fs.cat(list(paths), on_error="return")
+    """Small JSON files below `loc` (`rels`: key -> relative path) in one batched read:
+    key -> parsed object of those that exist and hold one (missing or torn ones left out)."""
+    found = read_many(loc, rels.values())
     objects: dict[str, dict[str, Any]] = {}
-    for path, key in paths.items():
-        value = got.get(path)
-        if not isinstance(value, bytes):
-            continue
-        try:
-            parsed = json.loads(value)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            continue
-        if isinstance(parsed, dict):
-            objects[key] = parsed
+    for key, rel in rels.items():
+        value = found[rel]
+        with contextlib.suppress(UnicodeDecodeError, json.JSONDecodeError):
+            parsed = json.loads(value) if isinstance(value, bytes) else None
+            if isinstance(parsed, dict):
+                objects[key] = parsed
     return objects

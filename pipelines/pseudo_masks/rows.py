@@ -1,13 +1,11 @@
 """Per-row work of the pseudo-mask stage that needs no model: validation and CRF post-processing.
 
-Pure functions on bytes and arrays, plus the Ray Data batch wrappers `read_unit` (first stage)
-and `postprocess_rows` (last stage) around the model stage (`infer.MaskPredictor`). Rows travel
-between the stages as columns `meta` (JSON: image id, unit, size, labels, split, the reason
-when rejected, baseline confusion counts, timings), `image` (encoded bytes as stored), `gt`
-(PNG bytes, b"" when none) and, after the model, `probs` (float16 C x H x W bytes of the classes
-`meta["prob_classes"]`). A rejected row keeps flowing with its reason, so the driver accounts
-for every row of a unit. Confusion counts are sparse (`to_sparse`): an image holds a handful of
-classes, so a few (index, count) pairs replace a K x (K + 1) matrix (8,372 entries for COCO).
+The Ray Data batch wrappers `read_unit` (first stage) and `postprocess_rows` (last stage) frame
+the model stage (`infer.MaskPredictor`). Rows travel as columns `meta` (JSON: id, unit, size,
+labels, split, the reason when rejected, confusion counts, timings), `image`, `gt` (PNG, b""
+when none) and, after the model, `probs` (float16 C x H x W of the classes
+`meta["prob_classes"]`); a rejected row keeps flowing with its reason. Confusion counts are
+sparse (`to_sparse`): a few (index, count) pairs replace a K x (K + 1) matrix.
 """
 
 from __future__ import annotations
@@ -27,8 +25,10 @@ from pipelines.io.codecs import (
     decode_cam_column,
     decode_label_png,
     decode_rgb,
+    decode_row_gt,
     decode_row_label_map,
     encode_label_png,
+    row_size,
 )
 from pipelines.io.rows import RowRejected, check_image_id
 from pipelines.io.storage import Location, write_bytes_atomic
@@ -105,22 +105,14 @@ def to_sparse(matrix: np.ndarray) -> dict[str, list[int]]:
 
 
 def row_cam_argmax(row: Mapping[str, Any], bg_threshold: float) -> np.ndarray:
-    """H x W CAM argmax of an ingest row.
-
-    Raises:
-        ValueError: the CAM bytes do not match the row's size and CAM classes.
-    """
+    """H x W CAM argmax of an ingest row (ValueError: CAM bytes not of the row's shape)."""
     classes = [int(c) for c in row[schema.CAM_CLASSES] or []]
     planes = decode_cam_column(row[schema.CAM], len(classes), row[schema.HEIGHT], row[schema.WIDTH])
     return cam_argmax(planes, classes, bg_threshold=bg_threshold)
 
 
 def check_labels(raw: Any, num_classes: int) -> list[int]:
-    """Sorted unique foreground class ids of a row, each in [1, K).
-
-    Raises:
-        RowRejected: not a list of integers, or ids outside the class space.
-    """
+    """Sorted unique foreground class ids of a row, each in [1, K) (else RowRejected)."""
     if raw is None:
         raw = []
     if not isinstance(raw, list | tuple) or not all(
@@ -136,21 +128,14 @@ def check_labels(raw: Any, num_classes: int) -> list[int]:
 
 def prepare_row(row: Mapping[str, Any], spec: RowSpec) -> tuple[dict[str, Any], bytes, bytes]:
     """Validates one input row (ingest or refine columns) and scores its baseline against the
-    ground truth.
-
-    Returns:
-        (meta, image bytes, GT bytes or b""); meta holds `image_id`, `height`, `width`,
-        `labels`, `split`, `has_gt` and, with GT, `baseline` (sparse confusion counts).
+    ground truth: (meta, image bytes, GT bytes or b""), meta with `image_id`, `height`,
+    `width`, `labels`, `split`, `has_gt` and, with GT, `baseline` (sparse confusion counts).
 
     Raises:
         RowRejected: an unsafe id, bad size, labels or bytes (the reason says which).
     """
     image_id = check_image_id(row.get(schema.IMAGE_ID))  # type: ignore[arg-type]
-    height, width = row.get(schema.HEIGHT), row.get(schema.WIDTH)
-    if not isinstance(height, int) or not isinstance(width, int) or height < 1 or width < 1:
-        raise RowRejected(f"bad image size {height}x{width}")
-    if height * width > spec.max_pixels:
-        raise RowRejected(f"image over pixel limit: {height}x{width} > {spec.max_pixels} pixels")
+    height, width = row_size(row, spec.max_pixels)
     labels = check_labels(row.get(schema.LABELS), spec.num_classes)
     image_bytes = row.get(schema.IMAGE)
     if not isinstance(image_bytes, bytes) or not image_bytes:
@@ -167,10 +152,7 @@ def prepare_row(row: Mapping[str, Any], spec: RowSpec) -> tuple[dict[str, Any], 
     }
     gt = None
     if meta["has_gt"]:
-        gt = decode_row_label_map(gt_bytes, "ground truth", height, width)  # type: ignore[arg-type]
-        valid = gt[gt != schema.IGNORE_INDEX]
-        if valid.size and int(valid.max()) >= spec.num_classes:
-            raise RowRejected(f"ground truth holds class ids outside [0, {spec.num_classes})")
+        gt = decode_row_gt(gt_bytes, height, width, spec.num_classes)  # type: ignore[arg-type]
     if spec.input_stage == "refine":
         seed_bytes = row.get(schema.SEED)
         if not isinstance(seed_bytes, bytes):
@@ -191,16 +173,13 @@ def prepare_row(row: Mapping[str, Any], spec: RowSpec) -> tuple[dict[str, Any], 
     return meta, image_bytes, gt_bytes if meta["has_gt"] else b""  # type: ignore[return-value]
 
 
-def read_columns(stage: str) -> tuple[str, ...]:
-    """Input columns the first stage reads for an ingest or refine input."""
+def read_row_group(input_loc: Location, unit: PseudoUnit, stage: str) -> pa.Table:
+    """The columns the first stage reads (of an ingest or refine input) of one unit's row
+    group, those its shard has."""
     extra = (schema.SEED,) if stage == "refine" else (schema.CAM, schema.CAM_CLASSES)
     base = (schema.IMAGE_ID, schema.IMAGE, schema.HEIGHT, schema.WIDTH, schema.LABELS)
-    return (*base, schema.GT, schema.SPLIT, *extra)
-
-
-def read_row_group(input_loc: Location, unit: PseudoUnit, stage: str) -> pa.Table:
-    """The columns of one unit's row group that exist in its shard."""
-    return parquet.read_row_group(input_loc, unit.path, unit.row_group, read_columns(stage))
+    columns = (*base, schema.GT, schema.SPLIT, *extra)
+    return parquet.read_row_group(input_loc, unit.path, unit.row_group, columns)
 
 
 def read_unit(
@@ -266,12 +245,9 @@ def finish_row(
     crf: CRFConfig | None,
     num_classes: int,
 ) -> dict[str, Any]:
-    """CRF, mask PNG written to `masks/<id>.png`, and its confusion counts against the GT.
-
-    Returns:
-        `meta` plus `mask_bytes`, `crf_s` and (with GT) `pseudo_masks` sparse counts; or plus
-        `reason` when the row cannot be finished.
-    """
+    """CRF, mask PNG written to `masks/<id>.png`, and its confusion counts against the GT:
+    `meta` plus `mask_bytes`, `crf_s` and (with GT) `pseudo_masks` sparse counts, or plus
+    `reason` when the row cannot be finished."""
     started = time.perf_counter()
     height, width = meta["height"], meta["width"]
     classes = [int(c) for c in meta["prob_classes"]]

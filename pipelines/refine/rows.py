@@ -15,11 +15,11 @@ import numpy as np
 
 from pipelines.io import schema
 from pipelines.io.codecs import (
-    MAX_PIXELS,
     decode_cam_column,
     decode_rgb,
-    decode_row_label_map,
+    decode_row_gt,
     encode_label_png,
+    row_size,
 )
 from pipelines.io.rows import RowRejected, check_image_id
 from pipelines.seeds import SeedConfig, cam_argmax, refine_seed
@@ -39,9 +39,8 @@ class RefinedRow:
 
 
 def refine_row(row: Mapping[str, Any], *, config: SeedConfig, num_classes: int) -> RefinedRow:
-    """Seed labels (`columns["seed"]`, a VOC-palette PNG) and CAM argmax of one row of ingest
-    columns (`cam` as float16 bytes, C x H x W), by the recipe `config` (its `bg_threshold` also
-    the argmax baseline's background), in a class space of K = `num_classes` classes.
+    """Seed labels (`columns["seed"]`, a VOC-palette PNG) and CAM argmax (background at
+    `config.bg_threshold`) of one row of ingest columns, in a space of `num_classes` classes.
 
     Raises:
         RowRejected: undecodable image, CAM or GT, mismatched shapes, bad class ids.
@@ -50,11 +49,7 @@ def refine_row(row: Mapping[str, Any], *, config: SeedConfig, num_classes: int) 
     if not isinstance(image_id, str) or not image_id:
         raise RowRejected("missing image id")
     check_image_id(image_id)  # later stages name files after it
-    height, width = row.get(schema.HEIGHT), row.get(schema.WIDTH)
-    if not isinstance(height, int) or not isinstance(width, int) or height < 1 or width < 1:
-        raise RowRejected(f"bad image size {height}x{width}")
-    if height * width > MAX_PIXELS:
-        raise RowRejected(f"image over pixel limit: {height}x{width} > {MAX_PIXELS} pixels")
+    height, width = row_size(row)
     labels = list(row.get(schema.LABELS) or [])
     if any(not isinstance(c, int) or not 1 <= c < num_classes for c in labels):
         raise RowRejected(f"label class ids {labels} outside [1, {num_classes})")
@@ -70,10 +65,7 @@ def refine_row(row: Mapping[str, Any], *, config: SeedConfig, num_classes: int) 
     image = decode_rgb(row[schema.IMAGE], height=height, width=width)
     gt = None
     if row.get(schema.GT) is not None:
-        gt = decode_row_label_map(row[schema.GT], "ground truth", height, width)
-        valid = gt[gt != schema.IGNORE_INDEX]
-        if valid.size and int(valid.max()) >= num_classes:
-            raise RowRejected(f"ground truth holds class ids outside [0, {num_classes})")
+        gt = decode_row_gt(row[schema.GT], height, width, num_classes)
     seed_config = replace(config, num_classes=num_classes)
     try:
         argmax = cam_argmax(cams, cam_classes, bg_threshold=config.bg_threshold)

@@ -1,10 +1,8 @@
 """Refine stage: ingested CAMs → dense-CRF seed labels on Ray Data CPU workers (docs/METHOD.md).
 
-Reads the ingest columns of the shards the input manifest lists; writes the refine columns
-(`schema.REFINE_COLUMNS`), the seed as a VOC-palette PNG. One unit per input row group
-(`pipelines.refine.units`), run as in docs/ARCHITECTURE.md "The unit of work". Metrics (when any
-row has ground truth): confusion matrices of CAM argmax and seeds in the input's class space,
-over every row with GT, with per-split mIoU beside them.
+Reads the ingest shards the input manifest lists, one unit per row group (`pipelines.refine.units`,
+docs/ARCHITECTURE.md "The unit of work"); writes `schema.REFINE_COLUMNS`. Metrics (rows with
+ground truth): confusion matrices of CAM argmax and seeds, with per-split mIoU beside them.
 """
 
 from __future__ import annotations
@@ -86,10 +84,9 @@ def run_refine(
     overwrite: bool = False,
     report: Callable[[str], Any] = print,
 ) -> RefineResult:
-    """Runs the refine stage on the current Ray instance (see the module docstring): a completed
-    ingest output at `input_uri` → `output_uri`, `num_cpus_per_task` CPUs per unit task
-    (pydensecrf is single-threaded), a line to `report` every `progress_every` units (default:
-    about 20 lines); `overwrite` replaces an output made with another config or input.
+    """Runs the refine stage on the current Ray instance: a completed ingest output at
+    `input_uri` → `output_uri`, a line to `report` every `progress_every` units (default: about
+    20 lines); `overwrite` replaces an output made with another config or input.
 
     Raises:
         IncompleteOutputError: the input has no `_SUCCESS`.

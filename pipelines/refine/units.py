@@ -31,7 +31,6 @@ from pipelines.units import (
     write_unit,
 )
 
-__all__ = ["WorkUnit", "enumerate_units", "process_unit"]
 METRIC_KEYS = ("cam_argmax", "seeds")
 _REQUIRED_COLUMNS = schema.INGEST_COLUMNS[: schema.INGEST_COLUMNS.index(schema.SOURCE)]
 
@@ -61,13 +60,9 @@ def process_unit(
     config: SeedConfig,
     num_classes: int,
 ) -> dict[str, Any]:
-    """Refines one row group and writes its shard, quarantine and completion record (last).
-
-    Returns:
-        The completion record: the unit's fields, `input_rows`, `output`, `quarantined`,
-        `files`, `reasons`, `confusion` ({split: {"images", "cam_argmax", "seeds"}}, K x (K + 1)
-        matrices as lists), `crf_s`, `task_s`.
-    """
+    """Refines one row group and writes its shard, quarantine and, last, its completion record,
+    returned: `write_unit`'s with `input_rows`, `output`, `confusion` ({split: {"images",
+    "cam_argmax", "seeds"}}, K x (K + 1) matrices as lists), `crf_s`, `task_s`."""
     started = time.perf_counter()
     table = _read_row_group(input_loc, unit)
     rows: list[dict[str, Any]] = []

@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.io import manifest as mf
+from pipelines.io import manifest_format as mff
 from pipelines.io import storage
 from pipelines.io.manifest import (
     FileEntry,
-    IncompleteOutputError,
     InputRef,
     ManifestError,
     Quarantine,
@@ -26,6 +26,7 @@ from pipelines.io.manifest import (
     read_manifest,
     write_parquet,
 )
+from pipelines.io.manifest_format import IncompleteOutputError
 from pipelines.io.storage import Location, resolve
 
 CONFIG = {"crf_iterations": 10, "scales": [1.0, 0.5]}
@@ -87,8 +88,7 @@ def test_fresh_run_commits_manifest_then_success(tmp_path: Path, monkeypatch: py
     data = (tmp_path / "refine" / mf.MANIFEST).read_bytes()
     assert again.sha256 == manifest.sha256 == hashlib.sha256(data).hexdigest()
     assert again.file_paths("shards/") == [str(tmp_path / "refine/shards/part-00000.parquet")]
-    assert again.file_uris() == [(tmp_path / "refine/shards/part-00000.parquet").as_uri()]
-    assert mf.manifest_sha256(loc.uri) == again.sha256
+    assert mf.read_manifest(loc.uri).sha256 == again.sha256
     assert again.input_ref() == InputRef(loc.uri, again.sha256)
 
 
@@ -155,14 +155,18 @@ def test_upstream_rerun_invalidates_downstream(tmp_path: Path):
     upstream = resolve(str(tmp_path / "ingest"))
     down = resolve(str(tmp_path / "refine"))
     _run_to_completion(upstream)
-    first = StageOutput.open(down, stage="refine", config=CONFIG, inputs=[mf.input_ref(upstream)])
+    first = StageOutput.open(
+        down, stage="refine", config=CONFIG, inputs=[read_manifest(upstream).input_ref()]
+    )
     _commit(first, [])
     _open(upstream, overwrite=True)
     with pytest.raises(IncompleteOutputError):
-        mf.input_ref(upstream)  # the upstream is being recomputed: nothing to build on
+        read_manifest(upstream)  # the upstream is being recomputed: nothing to build on
     _run_to_completion(upstream)
     with pytest.raises(StageConflictError, match="inputs differ"):
-        StageOutput.open(down, stage="refine", config=CONFIG, inputs=[mf.input_ref(upstream)])
+        StageOutput.open(
+            down, stage="refine", config=CONFIG, inputs=[read_manifest(upstream).input_ref()]
+        )
 
 
 def test_foreign_directory_is_never_written_or_deleted(tmp_path: Path):
@@ -216,14 +220,14 @@ def test_commit_checks_fields(tmp_path: Path):
     with pytest.raises(ManifestError, match="class_space"):
         out.commit(
             files=[],
-            counts=dict.fromkeys(mf.REQUIRED_COUNTS, 0),
+            counts=dict.fromkeys(mff.REQUIRED_COUNTS, 0),
             class_names=[],
             class_space="imagenet",
         )
     with pytest.raises(ManifestError, match="shadows"):
         out.commit(
             files=[],
-            counts=dict.fromkeys(mf.REQUIRED_COUNTS, 0),
+            counts=dict.fromkeys(mff.REQUIRED_COUNTS, 0),
             class_names=[],
             class_space="voc",
             extra={"files": []},
@@ -235,7 +239,7 @@ def test_commit_keeps_metrics_and_extra(tmp_path: Path):
     out = _open(loc)
     out.commit(
         files=[],
-        counts=dict.fromkeys(mf.REQUIRED_COUNTS, 0),
+        counts=dict.fromkeys(mff.REQUIRED_COUNTS, 0),
         class_names=["bg"],
         class_space="voc",
         metrics={"miou": 0.5},
@@ -324,9 +328,9 @@ def test_reader_refuses_non_json(tmp_path: Path):
 def test_wait_for_success(tmp_path: Path):
     loc = resolve(str(tmp_path / "out"))
     with pytest.raises(TimeoutError, match="no _SUCCESS"):
-        mf.wait_for_success(loc, timeout_s=0.2, poll_s=0.05)
+        mff.wait_for_success(loc, timeout_s=0.2, poll_s=0.05)
     _run_to_completion(loc)
-    assert mf.wait_for_success(loc.uri, timeout_s=0).stage == "refine"
+    assert mff.wait_for_success(loc.uri, timeout_s=0).stage == "refine"
 
 
 # --- quarantine ------------------------------------------------------------------------------
