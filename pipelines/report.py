@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import html
 import io
-import json
 import math
 import re
 import urllib.parse
@@ -36,7 +35,6 @@ GAP = 4  # pixels between panels
 INDEX_FILE = "index.html"
 _MAX_ID_CHARS = 64  # of an image id inside a file name
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]")
-_MAX_METRIC_ROWS = 512  # a metrics table longer than this is cut (with a note)
 
 
 @dataclass(frozen=True)
@@ -78,15 +76,11 @@ def render_row(row: ReportRow, class_names: Sequence[str]) -> bytes:
     shows them).
 
     Raises:
-        ValueError: the image is not H x W x 3 (or H x W) uint8, or a label map is not 2-D.
+        ValueError: the image is not H x W x 3 uint8, or a label map is not 2-D.
     """
     image = np.asarray(row.image)
-    if image.dtype != np.uint8 or not (
-        image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)
-    ):
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image must be H x W x 3 uint8, got {image.dtype} {image.shape}")
-    if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
     panels: list[tuple[str, Image.Image]] = [("image", _scaled(image, Image.Resampling.BILINEAR))]
     titles = ("CAM argmax", "seed", "pseudo mask", "ground truth")
     for title, labels in zip(titles, (row.cam, row.seed, row.mask, row.gt), strict=True):
@@ -190,14 +184,10 @@ def render_index(
 
 
 def _metrics_table(metrics: Mapping[str, Any]) -> str:
-    rows = _flatten(metrics)
     lines = ["<table><tr><th>metric</th><th>value</th></tr>"]
-    for key, value in rows[:_MAX_METRIC_ROWS]:
+    for key, value in _flatten(metrics):
         lines.append(f"<tr><td>{html.escape(key)}</td><td>{html.escape(value)}</td></tr>")
-    lines.append("</table>")
-    if len(rows) > _MAX_METRIC_ROWS:
-        lines.append(f"<p>({len(rows) - _MAX_METRIC_ROWS} more rows not shown)</p>")
-    return "\n".join(lines)
+    return "\n".join([*lines, "</table>"])
 
 
 def _flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
@@ -209,17 +199,9 @@ def _flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
 
 
 def _format_value(value: Any) -> str:
-    if value is None:
-        return "n/a"
     if isinstance(value, float):
         return "n/a" if math.isnan(value) else f"{value:.4f}"
-    if isinstance(value, (int, str)):
-        return str(value)
-    try:
-        text = json.dumps(value, default=str)
-    except (TypeError, ValueError):
-        text = str(value)
-    return text if len(text) <= 200 else text[:197] + "..."
+    return "n/a" if value is None else str(value)
 
 
 def _scaled(rgb: np.ndarray, resample: Image.Resampling) -> Image.Image:
