@@ -53,13 +53,13 @@ class SegmentationScore:
     per_class_iou: tuple[float, ...]
     num_pixels: int
 
-    def as_dict(self, class_names: list[str] | None = None) -> dict:
-        names = class_names or [str(i) for i in range(len(self.per_class_iou))]
-        if len(names) != len(self.per_class_iou):
-            raise ValueError(f"{len(names)} class names for {len(self.per_class_iou)} classes")
+    def as_dict(self, class_names: Sequence[str]) -> dict:
+        iou = self.per_class_iou
+        if len(class_names) != len(iou):
+            raise ValueError(f"{len(class_names)} class names for {len(iou)} classes")
         return {
             "miou": self.miou,
-            "per_class_iou": dict(zip(names, map(finite, self.per_class_iou), strict=True)),
+            "per_class_iou": dict(zip(class_names, map(finite, iou), strict=True)),
             "num_pixels": self.num_pixels,
         }
 
@@ -159,7 +159,7 @@ def summed_metrics(
     }
     for key in keys:
         overall = np.sum([acc[key] for acc in totals.values()], axis=0)
-        entry = score_from_confusion(overall).as_dict(list(class_names))
+        entry = score_from_confusion(overall).as_dict(class_names)
         entry["miou"] = finite(entry["miou"])
         result[key] = entry
     top = result[headline or keys[-1]]

@@ -26,12 +26,13 @@ from PIL import Image, ImageDraw, ImageFont
 from pipelines.io.codecs import voc_palette
 from pipelines.io.manifest_format import FileEntry
 from pipelines.io.schema import IGNORE_INDEX
-from pipelines.io.storage import Location, safe_relpath, write_bytes_atomic
+from pipelines.io.storage import Location, write_bytes_atomic
 
 PANEL_MAX_HEIGHT = 240  # pixels; panels are downscaled (never upscaled) to fit
 PANEL_MAX_WIDTH = 480  # pixels; caps very wide images
 TITLE_HEIGHT = 18  # pixels of the title strip above the panels
 GAP = 4  # pixels between panels
+REPORT_DIR = "report"
 INDEX_FILE = "index.html"
 _MAX_ID_CHARS = 64  # of an image id inside a file name
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]")
@@ -68,12 +69,9 @@ def colorize(labels: np.ndarray) -> np.ndarray:
     return _palette_lut()[np.asarray(labels, dtype=np.uint8)]
 
 
-def render_row(row: ReportRow, class_names: Sequence[str]) -> bytes:
-    """One PNG strip: titled panels image | CAM | seed | pseudo mask | GT (those present).
-
-    A label map of another size than the image is shown at its own size (scaled like the
-    image); colours follow class ids, so the strip does not need `class_names` (the legend
-    shows them).
+def render_row(row: ReportRow) -> bytes:
+    """One PNG strip: titled panels image | CAM | seed | pseudo mask | GT (those present), a
+    label map of another size than the image at its own size (scaled like the image).
 
     Raises:
         ValueError: the image is not H x W x 3 uint8, or a label map is not 2-D.
@@ -115,23 +113,21 @@ def write_report(
     class_names: Sequence[str],
     title: str,
     metrics: Mapping[str, Any] | None = None,
-    subdir: str = "report",
 ) -> list[FileEntry]:
-    """Writes `<subdir>/<n>-<id>.png` per row (in order) and `<subdir>/index.html` below
-    `output`; `metrics`, when given, as a table (nested mappings flattened to dotted keys).
+    """Writes `report/<n>-<id>.png` per row (in order) and `report/index.html` below `output`;
+    `metrics`, when given, as a table (nested mappings flattened to dotted keys).
 
     Returns:
         The `FileEntry` of every file written (PNGs, then index.html), for the manifest.
     """
-    base = safe_relpath(subdir)
     entries: list[FileEntry] = []
     items: list[tuple[str, str]] = []  # (image id, file name)
     for index, row in enumerate(rows):
         name = row_file_name(index, row.image_id)
-        entries.append(_write(output, f"{base}/{name}", render_row(row, class_names)))
+        entries.append(_write(output, f"{REPORT_DIR}/{name}", render_row(row)))
         items.append((str(row.image_id), name))
     page = render_index(items, class_names=class_names, title=title, metrics=metrics)
-    entries.append(_write(output, f"{base}/{INDEX_FILE}", page.encode()))
+    entries.append(_write(output, f"{REPORT_DIR}/{INDEX_FILE}", page.encode()))
     return entries
 
 

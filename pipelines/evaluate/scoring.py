@@ -97,7 +97,7 @@ def select_classes(space: ClassSpace, items: Sequence[str] | None) -> tuple[int,
     """
     if items is None:
         return tuple(range(space.num_classes))
-    ids: list[int] = []
+    ids: set[int] = set()
     for item in items:
         text = item.strip()
         if text.isdigit() and int(text) < space.num_classes:
@@ -109,8 +109,7 @@ def select_classes(space: ClassSpace, items: Sequence[str] | None) -> tuple[int,
                 f"average_over: {text[:64]!r} is neither a class name nor an id of "
                 f"{space.name} (0..{space.num_classes - 1})"
             )
-        if class_id not in ids:
-            ids.append(class_id)
+        ids.add(class_id)
     return tuple(sorted(ids))
 
 

@@ -18,7 +18,7 @@ from pipelines.io.codecs import decode_label_png, decode_rgb
 from pipelines.io.manifest import Manifest, read_manifest
 from pipelines.io.parquet import read_row_group, read_shard
 from pipelines.io.storage import Location, read_bytes, redact, resolve
-from pipelines.pseudo_masks.rows import mask_rel
+from pipelines.pseudo_masks.rows import mask_rel, read_columns
 from pipelines.pseudo_masks.rows import row_cam_argmax as _cam_argmax
 from pipelines.report import ReportRow
 
@@ -57,8 +57,7 @@ def build_report_rows(
     by_group: dict[tuple[str, int], list[tuple[str, int]]] = defaultdict(list)
     for image_id, (path, group, row) in sample.items():
         by_group[(path, group)].append((image_id, row))
-    columns = [schema.IMAGE_ID, schema.IMAGE, schema.HEIGHT, schema.WIDTH, schema.GT]
-    columns += [schema.SEED, schema.CAM, schema.CAM_CLASSES]
+    columns = read_columns(source.stage)
     inputs: dict[str, dict] = {}
     for (path, group), wanted in by_group.items():
         rows = read_row_group(input_loc, path, group, columns).to_pylist()

@@ -1,19 +1,11 @@
 """Writes the synthetic dataset in a real layout, and plants bad inputs for ingest tests.
 
-Layout (MCTformer/WeakTr, docs/CONTRACTS.md), under `root` of an fsspec filesystem (local or s3):
-```
-JPEGImages/<id>.jpg             RGB, JPEG quality 90
-cams/<id>.npy                   np.save of {fg index: H x W float32}  (layout "mctformer")
-                                or {"keys": fg indices, "attn_highres": float16 K x H x W}
-                                (layout "clip-es")
-SegmentationClassAug/<id>.png   palette PNG (VOC palette), class ids, 255 = ignore
-cls_labels.npy                  np.save of {id: float32 multi-hot over the foreground classes}
-classes.txt                     one name per line, background first
-train.txt, val.txt              one image id per line
-```
-Split lists are written last: a directory without them is an interrupted write. In the
-camouflage and colours families classes.txt lists the whole class space and the label vectors
-have its conventional length (VOC 20, COCO 90: entry class id - 1).
+The MCTformer/WeakTr layout of docs/CONTRACTS.md under `root` of an fsspec filesystem:
+`JPEGImages/<id>.jpg` (quality 90), `cams/<id>.npy` ({fg index: H x W float32}, or for layout
+"clip-es" {"keys", "attn_highres": float16 K x H x W}), `SegmentationClassAug/<id>.png`,
+`cls_labels.npy` (float32 multi-hot of the space's conventional length: VOC 20, COCO 90),
+`classes.txt` (the whole class space) and, written last so that a directory without them is an
+interrupted write, `train.txt` and `val.txt`.
 """
 
 from __future__ import annotations
@@ -280,17 +272,14 @@ def plant_bad_inputs(
     kinds: Sequence[str] | None = None,
     sentinel_path: str | None = None,
     layout: Layout = "mctformer",
-    seed: int = 0,
-    height: int = 96,
-    width: int = 128,
 ) -> dict[str, str]:
     """Adds one defective row per kind (keys of BAD_INPUTS, default all) to the train split of
     a shapes dataset written by `write_dataset` in `layout`.
 
-    Each bad row is a valid sample (drawn from `seed`, `height`, `width`) but for its one
-    defect, appended to train.txt and cls_labels.npy. Nothing is written outside `root` (the
-    path-traversal row is only a name). `sentinel_path`: the local file the malicious CAM would
-    create if its pickle ever ran (default: a fixed name in the temp directory).
+    Each bad row is a valid 96 x 128 sample (seed 0) but for its one defect, appended to
+    train.txt and cls_labels.npy. Nothing is written outside `root` (the path-traversal row is
+    only a name). `sentinel_path`: the local file the malicious CAM would create if its pickle
+    ever ran (default: a fixed name in the temp directory).
 
     Returns:
         {image id: keyword its quarantine reason must contain (case-insensitive)}.
@@ -308,7 +297,7 @@ def plant_bad_inputs(
         image_id, keyword = BAD_INPUTS[kind]
         expected[image_id] = keyword
         split.append(image_id)
-        sample = generate_sample(10**6 + offset, seed=seed, height=height, width=width)
+        sample = generate_sample(10**6 + offset, seed=0, height=96, width=128)
         vector = multihot(sample.labels, num_foreground)
         if kind == "empty_labels":
             vector[:] = 0
