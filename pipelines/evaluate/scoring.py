@@ -318,26 +318,23 @@ class EvaluationResult:
     def metrics(self) -> dict[str, Any]:
         """JSON-ready metrics (fractions in [0, 1], null for undefined IoU)."""
         iou, names, total = self.per_class_iou, self.space.class_names, self.total
+        averaged = self.average_over
+        by_split = {k: score_from_confusion(m).per_class_iou for k, m in total.matrices.items()}
         reasons = Counter(reason_kind(reason) for _, _, reason in self.quarantine)
         return {
             "miou": self.miou,
             "per_class_iou": dict(zip(names, map(finite, iou), strict=True)),
             "class_space": self.space.name,
             "num_classes": len(names),
-            "averaged_over": [names[i] for i in self.average_over],
-            "classes_with_iou": sum(1 for i in self.average_over if not math.isnan(iou[i])),
+            "averaged_over": [names[i] for i in averaged],
+            "classes_with_iou": sum(1 for i in averaged if not math.isnan(iou[i])),
             "miou_all_classes": miou_over(iou, range(len(iou))),
             "definition": DEFINITION,
             "images": sum(total.images.values()),
             "num_pixels": int(self.confusion.sum()),
             "by_split": {
-                split: {
-                    "images": total.images[split],
-                    "miou": miou_over(
-                        score_from_confusion(matrix).per_class_iou, self.average_over
-                    ),
-                }
-                for split, matrix in sorted(total.matrices.items())
+                split: {"images": total.images[split], "miou": miou_over(split_iou, averaged)}
+                for split, split_iou in sorted(by_split.items())
             },
             "counts": dict(self.counts),
             "gt_without_prediction_by_split": dict(sorted(total.gt_without_prediction.items())),
