@@ -53,13 +53,13 @@ class SegmentationScore:
     per_class_iou: tuple[float, ...]
     num_pixels: int
 
-    def as_dict(self, class_names: list[str] | None = None) -> dict:
-        names = class_names or [str(i) for i in range(len(self.per_class_iou))]
-        if len(names) != len(self.per_class_iou):
-            raise ValueError(f"{len(names)} class names for {len(self.per_class_iou)} classes")
+    def as_dict(self, class_names: Sequence[str]) -> dict:
+        iou = self.per_class_iou
+        if len(class_names) != len(iou):
+            raise ValueError(f"{len(class_names)} class names for {len(iou)} classes")
         return {
             "miou": self.miou,
-            "per_class_iou": dict(zip(names, map(finite, self.per_class_iou), strict=True)),
+            "per_class_iou": dict(zip(class_names, map(finite, iou), strict=True)),
             "num_pixels": self.num_pixels,
         }
 
@@ -128,23 +128,28 @@ def sum_by_split(
     return totals
 
 
-def metrics_by_split(
-    totals: Mapping[str, Mapping[str, Any]],
+def summed_metrics(
+    records: Iterable[Mapping[str, Any]],
     keys: Sequence[str],
     class_names: Sequence[str],
+    add: Callable[[np.ndarray, Any], None],
     *,
     class_space: str,
     ground_truth: str,
-    headline: str,
+    headline: str | None = None,
     extra: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Manifest metrics from `sum_by_split`'s (non-empty) totals.
+) -> dict[str, Any] | None:
+    """Manifest metrics of the records' `sum_by_split`; None when no record scored an image.
 
     Returns:
         `class_space`, `num_classes`, `ground_truth` (which rows were scored), `gt_images`,
         `extra`, one score per key over all splits (`miou` None when undefined), `miou` and
-        `per_class_iou` of `headline`, and `by_split` ({split: {"images", key: mIoU}}).
+        `per_class_iou` of `headline` (default: the last key), and `by_split` ({split:
+        {"images", key: mIoU}}).
     """
+    totals = sum_by_split(records, keys, len(class_names), add)
+    if not totals:
+        return None
     result: dict[str, Any] = {
         "class_space": class_space,
         "num_classes": len(class_names),
@@ -154,11 +159,11 @@ def metrics_by_split(
     }
     for key in keys:
         overall = np.sum([acc[key] for acc in totals.values()], axis=0)
-        entry = score_from_confusion(overall).as_dict(list(class_names))
+        entry = score_from_confusion(overall).as_dict(class_names)
         entry["miou"] = finite(entry["miou"])
         result[key] = entry
-    result["miou"] = result[headline]["miou"]
-    result["per_class_iou"] = result[headline]["per_class_iou"]
+    top = result[headline or keys[-1]]
+    result |= {"miou": top["miou"], "per_class_iou": top["per_class_iou"]}
     result["by_split"] = {
         split: {
             "images": acc["images"],
@@ -167,18 +172,3 @@ def metrics_by_split(
         for split, acc in sorted(totals.items())
     }
     return result
-
-
-def summed_metrics(
-    records: Iterable[Mapping[str, Any]],
-    keys: Sequence[str],
-    class_names: Sequence[str],
-    add: Callable[[np.ndarray, Any], None],
-    **block: Any,
-) -> dict[str, Any] | None:
-    """`metrics_by_split` (with `block`'s keywords; `headline` defaults to the last key) of the
-    records' `sum_by_split`; None when no record scored an image."""
-    totals = sum_by_split(records, keys, len(class_names), add)
-    if not totals:
-        return None
-    return metrics_by_split(totals, keys, class_names, **{"headline": keys[-1], **block})

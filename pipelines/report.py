@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import html
 import io
-import json
 import math
 import re
 import urllib.parse
@@ -27,16 +26,16 @@ from PIL import Image, ImageDraw, ImageFont
 from pipelines.io.codecs import voc_palette
 from pipelines.io.manifest_format import FileEntry
 from pipelines.io.schema import IGNORE_INDEX
-from pipelines.io.storage import Location, safe_relpath, write_bytes_atomic
+from pipelines.io.storage import Location, write_bytes_atomic
 
 PANEL_MAX_HEIGHT = 240  # pixels; panels are downscaled (never upscaled) to fit
 PANEL_MAX_WIDTH = 480  # pixels; caps very wide images
 TITLE_HEIGHT = 18  # pixels of the title strip above the panels
 GAP = 4  # pixels between panels
+REPORT_DIR = "report"
 INDEX_FILE = "index.html"
 _MAX_ID_CHARS = 64  # of an image id inside a file name
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]")
-_MAX_METRIC_ROWS = 512  # a metrics table longer than this is cut (with a note)
 
 
 @dataclass(frozen=True)
@@ -70,23 +69,16 @@ def colorize(labels: np.ndarray) -> np.ndarray:
     return _palette_lut()[np.asarray(labels, dtype=np.uint8)]
 
 
-def render_row(row: ReportRow, class_names: Sequence[str]) -> bytes:
-    """One PNG strip: titled panels image | CAM | seed | pseudo mask | GT (those present).
-
-    A label map of another size than the image is shown at its own size (scaled like the
-    image); colours follow class ids, so the strip does not need `class_names` (the legend
-    shows them).
+def render_row(row: ReportRow) -> bytes:
+    """One PNG strip: titled panels image | CAM | seed | pseudo mask | GT (those present), a
+    label map of another size than the image at its own size (scaled like the image).
 
     Raises:
-        ValueError: the image is not H x W x 3 (or H x W) uint8, or a label map is not 2-D.
+        ValueError: the image is not H x W x 3 uint8, or a label map is not 2-D.
     """
     image = np.asarray(row.image)
-    if image.dtype != np.uint8 or not (
-        image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)
-    ):
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image must be H x W x 3 uint8, got {image.dtype} {image.shape}")
-    if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
     panels: list[tuple[str, Image.Image]] = [("image", _scaled(image, Image.Resampling.BILINEAR))]
     titles = ("CAM argmax", "seed", "pseudo mask", "ground truth")
     for title, labels in zip(titles, (row.cam, row.seed, row.mask, row.gt), strict=True):
@@ -121,23 +113,21 @@ def write_report(
     class_names: Sequence[str],
     title: str,
     metrics: Mapping[str, Any] | None = None,
-    subdir: str = "report",
 ) -> list[FileEntry]:
-    """Writes `<subdir>/<n>-<id>.png` per row (in order) and `<subdir>/index.html` below
-    `output`; `metrics`, when given, as a table (nested mappings flattened to dotted keys).
+    """Writes `report/<n>-<id>.png` per row (in order) and `report/index.html` below `output`;
+    `metrics`, when given, as a table (nested mappings flattened to dotted keys).
 
     Returns:
         The `FileEntry` of every file written (PNGs, then index.html), for the manifest.
     """
-    base = safe_relpath(subdir)
     entries: list[FileEntry] = []
     items: list[tuple[str, str]] = []  # (image id, file name)
     for index, row in enumerate(rows):
         name = row_file_name(index, row.image_id)
-        entries.append(_write(output, f"{base}/{name}", render_row(row, class_names)))
+        entries.append(_write(output, f"{REPORT_DIR}/{name}", render_row(row)))
         items.append((str(row.image_id), name))
     page = render_index(items, class_names=class_names, title=title, metrics=metrics)
-    entries.append(_write(output, f"{base}/{INDEX_FILE}", page.encode()))
+    entries.append(_write(output, f"{REPORT_DIR}/{INDEX_FILE}", page.encode()))
     return entries
 
 
@@ -190,14 +180,10 @@ def render_index(
 
 
 def _metrics_table(metrics: Mapping[str, Any]) -> str:
-    rows = _flatten(metrics)
     lines = ["<table><tr><th>metric</th><th>value</th></tr>"]
-    for key, value in rows[:_MAX_METRIC_ROWS]:
+    for key, value in _flatten(metrics):
         lines.append(f"<tr><td>{html.escape(key)}</td><td>{html.escape(value)}</td></tr>")
-    lines.append("</table>")
-    if len(rows) > _MAX_METRIC_ROWS:
-        lines.append(f"<p>({len(rows) - _MAX_METRIC_ROWS} more rows not shown)</p>")
-    return "\n".join(lines)
+    return "\n".join([*lines, "</table>"])
 
 
 def _flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
@@ -209,17 +195,9 @@ def _flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
 
 
 def _format_value(value: Any) -> str:
-    if value is None:
-        return "n/a"
     if isinstance(value, float):
         return "n/a" if math.isnan(value) else f"{value:.4f}"
-    if isinstance(value, (int, str)):
-        return str(value)
-    try:
-        text = json.dumps(value, default=str)
-    except (TypeError, ValueError):
-        text = str(value)
-    return text if len(text) <= 200 else text[:197] + "..."
+    return "n/a" if value is None else str(value)
 
 
 def _scaled(rgb: np.ndarray, resample: Image.Resampling) -> Image.Image:

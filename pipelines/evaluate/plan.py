@@ -1,10 +1,5 @@
-"""The join of the evaluate stage, planned on the driver from id columns only.
-
-The driver reads the `image_id` column (and, for pseudo masks, `mask`) of every shard a
-manifest lists, never a label map or an image, and cuts the work into one unit per row group
-of the ground truth, each naming the predictions of its ids (`plan_units`). Duplicate ids,
-missing ids and mask paths the prediction manifest does not list are quarantined here; what
-a unit's task does is `pipelines.evaluate.scoring.score_unit`.
+"""The join of the evaluate stage, planned on the driver from the id columns (and, for pseudo
+masks, `mask`) of the listed shards only: one unit per ground-truth row group (`plan_units`).
 """
 
 from __future__ import annotations
@@ -17,7 +12,7 @@ from pipelines.evaluate.scoring import GT_STAGES, PRED_STAGES
 from pipelines.io import schema
 from pipelines.io.manifest import Manifest
 from pipelines.io.parquet import read_shard
-from pipelines.io.storage import Location, safe_relpath
+from pipelines.io.storage import safe_relpath
 from pipelines.units import listed_shards, map_shards
 
 MAX_MASK_BYTES = 64 * 1024 * 1024  # a listed mask PNG larger than this is quarantined
@@ -42,30 +37,26 @@ class JoinPlan:
     quarantine: list[tuple[str, str, str]] = field(default_factory=list)  # id, source, reason
 
 
-def read_id_index(
-    location: Location, rel: str, columns: Sequence[str], *, required: Sequence[str] = ()
-) -> list[tuple[int, dict[str, list[Any]]]]:
-    """The given (small) columns of one listed shard, per row group: [(row group, columns)].
-
-    Raises:
-        ValueError: the shard lacks one of `columns` or `required`.
-    """
-    shard = read_shard(location, rel, columns, required=(*columns, *required))
-    if shard.missing:
-        raise ValueError(f"{location.uri}/{rel} has no column(s) {', '.join(shard.missing)}")
-    return [(i, table.to_pydict()) for i, table in enumerate(shard.groups)]
-
-
 def _index_all(
     manifest: Manifest, columns: Sequence[str], required: Sequence[str]
 ) -> list[tuple[str, list[tuple[int, dict[str, list[Any]]]]]]:
-    """`read_id_index` of every shard the manifest lists (ValueError: none listed)."""
-    shards = listed_shards(manifest)
+    """The given (small) columns of every listed shard, per row group: [(shard, [(row group,
+    columns)])].
+
+    Raises:
+        ValueError: no shard listed, or a shard lacks one of `columns` or `required`.
+    """
+    shards, loc = listed_shards(manifest), manifest.location
     if not shards:
-        raise ValueError(f"{manifest.location.uri} lists no shards/*.parquet")
-    loc = manifest.location
-    found = map_shards(lambda rel: read_id_index(loc, rel, columns, required=required), shards)
-    return list(zip(shards, found, strict=True))
+        raise ValueError(f"{loc.uri} lists no shards/*.parquet")
+
+    def index(rel: str) -> list[tuple[int, dict[str, list[Any]]]]:
+        shard = read_shard(loc, rel, columns, required=(*columns, *required))
+        if shard.missing:
+            raise ValueError(f"{loc.uri}/{rel} has no column(s) {', '.join(shard.missing)}")
+        return [(i, table.to_pydict()) for i, table in enumerate(shard.groups)]
+
+    return list(zip(shards, map_shards(index, shards), strict=True))
 
 
 def _check_stage(manifest: Manifest, stages: Sequence[str], comes_from: str) -> None:
@@ -152,12 +143,7 @@ def plan_units(
                     if ref is not None:
                         predictions.append([position, image_id, ref.path, ref.row_group])
             units.append(
-                {
-                    "gt_path": rel,
-                    "gt_row_group": row_group,
-                    "predictions": predictions,
-                    "skip": skip,
-                }
+                dict(gt_path=rel, gt_row_group=row_group, predictions=predictions, skip=skip)
             )
     return JoinPlan(
         units=units,

@@ -1,9 +1,5 @@
-"""Scoring for the evaluate stage: class spaces, one task's work, and the result (docs/METHOD.md).
-
-Pure parts (class selection, label conversion, the table) take numpy arrays and strings;
-`score_unit` is one unit's work (a ground-truth row group and the predictions of its ids),
-`RecordSum` sums records and `EvaluationResult` is what the driver makes of the sum.
-"""
+"""Scoring for the evaluate stage (docs/METHOD.md): class spaces, one unit's task
+(`score_unit`), the sum of its records (`RecordSum`) and the driver's `EvaluationResult`."""
 
 from __future__ import annotations
 
@@ -101,7 +97,7 @@ def select_classes(space: ClassSpace, items: Sequence[str] | None) -> tuple[int,
     """
     if items is None:
         return tuple(range(space.num_classes))
-    ids: list[int] = []
+    ids: set[int] = set()
     for item in items:
         text = item.strip()
         if text.isdigit() and int(text) < space.num_classes:
@@ -113,8 +109,7 @@ def select_classes(space: ClassSpace, items: Sequence[str] | None) -> tuple[int,
                 f"average_over: {text[:64]!r} is neither a class name nor an id of "
                 f"{space.name} (0..{space.num_classes - 1})"
             )
-        if class_id not in ids:
-            ids.append(class_id)
+        ids.add(class_id)
     return tuple(sorted(ids))
 
 
@@ -250,8 +245,7 @@ def score_unit(
 
 
 class RecordSum:
-    """Sums `score_unit` records: in a unit over its images, in a task over its batch, then
-    on the driver over tasks."""
+    """Sums `score_unit` records (in a unit, in a task, then on the driver)."""
 
     def __init__(self, num_classes: int) -> None:
         self.num_classes = num_classes
@@ -293,18 +287,13 @@ class RecordSum:
 
 @dataclass(frozen=True, eq=False)
 class EvaluationResult:
-    """Summed confusion matrices of one evaluation and what could not be scored."""
+    """The summed records of one evaluation (`total`) and what the driver adds to them."""
 
-    prediction_uri: str
-    prediction_stage: str
-    gt_uri: str
-    gt_stage: str
-    class_space: str
-    class_names: tuple[str, ...]
+    prediction: Mapping[str, str]  # {"uri", "stage"} of the prediction output
+    ground_truth: Mapping[str, str]  # the same of the ground-truth output
+    space: ClassSpace
     average_over: tuple[int, ...]  # class ids the headline mIoU averages over
-    by_split: Mapping[str, np.ndarray]  # split -> K x (K + 1) confusion matrix
-    images_by_split: Mapping[str, int]
-    gt_without_prediction_by_split: Mapping[str, int]
+    total: RecordSum
     counts: Mapping[str, int]
     quarantine: tuple[tuple[str, str, str], ...] = ()  # (image id, source, reason)
     conversions: Mapping[str, str | None] = field(default_factory=dict)
@@ -313,8 +302,8 @@ class EvaluationResult:
     @property
     def confusion(self) -> np.ndarray:
         """K x (K + 1) over every scored image, all splits."""
-        k = len(self.class_names)
-        return sum(self.by_split.values(), np.zeros((k, k + 1), np.int64))
+        k = self.space.num_classes
+        return sum(self.total.matrices.values(), np.zeros((k, k + 1), np.int64))
 
     @property
     def per_class_iou(self) -> tuple[float, ...]:
@@ -328,36 +317,31 @@ class EvaluationResult:
 
     def metrics(self) -> dict[str, Any]:
         """JSON-ready metrics (fractions in [0, 1], null for undefined IoU)."""
-        iou = self.per_class_iou
+        iou, names, total = self.per_class_iou, self.space.class_names, self.total
+        averaged = self.average_over
+        by_split = {k: score_from_confusion(m).per_class_iou for k, m in total.matrices.items()}
         reasons = Counter(reason_kind(reason) for _, _, reason in self.quarantine)
         return {
             "miou": self.miou,
-            "per_class_iou": dict(zip(self.class_names, map(finite, iou), strict=True)),
-            "class_space": self.class_space,
-            "num_classes": len(self.class_names),
-            "averaged_over": [self.class_names[i] for i in self.average_over],
-            "classes_with_iou": sum(1 for i in self.average_over if not math.isnan(iou[i])),
+            "per_class_iou": dict(zip(names, map(finite, iou), strict=True)),
+            "class_space": self.space.name,
+            "num_classes": len(names),
+            "averaged_over": [names[i] for i in averaged],
+            "classes_with_iou": sum(1 for i in averaged if not math.isnan(iou[i])),
             "miou_all_classes": miou_over(iou, range(len(iou))),
             "definition": DEFINITION,
-            "images": sum(self.images_by_split.values()),
+            "images": sum(total.images.values()),
             "num_pixels": int(self.confusion.sum()),
             "by_split": {
-                split: {
-                    "images": self.images_by_split.get(split, 0),
-                    "miou": miou_over(
-                        score_from_confusion(matrix).per_class_iou, self.average_over
-                    ),
-                }
-                for split, matrix in sorted(self.by_split.items())
+                split: {"images": total.images[split], "miou": miou_over(split_iou, averaged)}
+                for split, split_iou in sorted(by_split.items())
             },
             "counts": dict(self.counts),
-            "gt_without_prediction_by_split": dict(
-                sorted(self.gt_without_prediction_by_split.items())
-            ),
+            "gt_without_prediction_by_split": dict(sorted(total.gt_without_prediction.items())),
             "quarantine_reasons": dict(reasons.most_common()),
             "conversions": dict(self.conversions),
-            "prediction": {"uri": self.prediction_uri, "stage": self.prediction_stage},
-            "ground_truth": {"uri": self.gt_uri, "stage": self.gt_stage},
+            "prediction": dict(self.prediction),
+            "ground_truth": dict(self.ground_truth),
         }
 
 

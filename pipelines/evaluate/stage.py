@@ -1,13 +1,7 @@
-"""Evaluate stage: per-class IoU and mIoU of a stage's label maps against ground truth.
-
-The metric follows docs/METHOD.md; the output layout, docs/CONTRACTS.md. Predictions: a refine
-output (`seed`) or a pseudo_masks output (`masks/*.png`); ground truth: an ingest or refine
-output (`gt`); only listed files are read. The driver joins them on `image_id` (`plan`), one
-Ray task per ground-truth row group (or several) scores them (`scoring.score_unit`) and the
-driver sums the per-split confusion matrices. Unmatched ids, null GT and pairs that cannot be
-scored are counted and reported, never fatal. Class space: `classes`, else the GT manifest's,
-else the prediction's, converted coco91 <-> coco81 where needed; mIoU is the nan-mean over
-`average_over` (default: every class).
+"""Driver of the evaluate stage (docs/METHOD.md, docs/CONTRACTS.md): the options, the class
+space, the plan (`plan`), one Ray task per ground-truth row group or several
+(`scoring.score_unit`), the sum of their confusion matrices and the output. Unmatched ids, null
+GT and pairs that cannot be scored are counted and reported, never fatal.
 """
 
 from __future__ import annotations
@@ -102,8 +96,8 @@ def config_fields(args: argparse.Namespace) -> dict[str, Any]:
 def check_inputs(
     options: JobOptions, gt: str, config: EvaluateConfig
 ) -> tuple[str, str, str | None]:
-    """The URIs of the prediction, the ground truth and the output (if any), once both inputs
-    are known complete and `classes` readable (before Ray starts).
+    """The URIs of prediction, ground truth and output (if any), once both inputs are complete
+    and `classes` readable (before Ray starts).
 
     Raises:
         UsageError: an unusable `--gt` or `--classes`.
@@ -134,8 +128,8 @@ def print_metrics(metrics: Mapping[str, Any], *, as_json: bool) -> int:
 def resolve_class_space(
     pred: Manifest, gt: Manifest, classes: str | None, *, storage: StorageOptions | None = None
 ) -> tuple[ClassSpace, str | None, str | None]:
-    """The space to score in, and the label conversions (`label_conversion`) of prediction
-    and GT into it.
+    """The space to score in (`classes`, else the GT's, else the prediction's), and the label
+    conversions (`label_conversion`) of prediction and GT into it.
 
     Raises:
         ValueError: no space anywhere, or spaces that cannot be converted into each other.
@@ -169,8 +163,8 @@ def requested_space(classes: str, storage: StorageOptions | None = None) -> Clas
 def score_units(
     batch: dict[str, np.ndarray], *, num_classes: int, **kwargs: Any
 ) -> dict[str, np.ndarray]:
-    """Ray Data batch wrapper of `score_unit` (`kwargs` are its locations and conversions):
-    JSON units in column `unit`, their sum out as one JSON `record` (one matrix per task)."""
+    """Ray Data batch wrapper of `score_unit`: JSON units in column `unit`, their sum out as
+    one JSON `record` (one matrix per task)."""
     total = RecordSum(num_classes)
     for unit_json in batch["unit"]:
         total.add(score_unit(json.loads(unit_json), num_classes=num_classes, **kwargs))
@@ -186,8 +180,7 @@ def evaluate_outputs(
     num_cpus_per_task: float,
     report: Callable[[str], Any],
 ) -> EvaluationResult:
-    """Scores the prediction (`pred`) against the ground truth (`gt`) on the current Ray
-    instance: the plan, one task per unit (or several), their records summed."""
+    """Scores `pred` against `gt` on the current Ray instance."""
     started = time.monotonic()
     space, pred_conversion, gt_conversion = resolve_class_space(
         pred, gt, config.classes, storage=storage
@@ -227,16 +220,11 @@ def evaluate_outputs(
         "quarantined": len(quarantine),
     }
     result = EvaluationResult(
-        prediction_uri=pred.location.uri,
-        prediction_stage=pred.stage,
-        gt_uri=gt.location.uri,
-        gt_stage=gt.stage,
-        class_space=space.name,
-        class_names=space.class_names,
+        prediction={"uri": pred.location.uri, "stage": pred.stage},
+        ground_truth={"uri": gt.location.uri, "stage": gt.stage},
+        space=space,
         average_over=average_ids,
-        by_split=total.matrices,
-        images_by_split=dict(total.images),
-        gt_without_prediction_by_split=dict(total.gt_without_prediction),
+        total=total,
         counts=counts,
         quarantine=tuple(quarantine),
         conversions=conversions,
@@ -264,8 +252,8 @@ def write_evaluation(out: StageOutput, result: EvaluationResult) -> Manifest:
     return out.commit(
         files=[FileEntry(path=METRICS_FILE, rows=None, bytes=len(data)), *quarantine.files],
         counts={**counts, "quarantined": quarantine.count},
-        class_names=result.class_names,
-        class_space=result.class_space,
+        class_names=result.space.class_names,
+        class_space=result.space.name,
         metrics=metrics,
     )
 
@@ -282,12 +270,9 @@ def run_evaluate(
     report: Callable[[str], Any] = print,
 ) -> dict[str, Any]:
     """Scores a refine or pseudo_masks output (`pred_uri`) against the GT of an ingest or
-    refine output (`gt_uri`) on the current Ray instance (see the module docstring), then
-    writes the stage output at `output_uri` when given; returns the metrics.
-
-    An output already complete with the same config and inputs is not recomputed: its stored
-    metrics are returned. When no image could be scored, nothing is committed (`images` is 0
-    in the returned metrics).
+    refine output (`gt_uri`) on the current Ray instance, writes the stage output at
+    `output_uri` when given (not when no image could be scored) and returns the metrics (the
+    stored ones of an output already complete with the same config and inputs).
 
     Args:
         num_cpus_per_task: CPUs reserved per scoring task.

@@ -1,10 +1,6 @@
-"""The model checkpoint of the pseudo-mask stage: read once, verified, refused when unsafe.
-
-Train's `model.pt` export (`pipelines.train.export.export_model`) is read into memory, hashed
-(the SHA-256 every pseudo-mask output records) and loaded with `weights_only=True`, which
-refuses every pickle global but tensors and plain containers: a file that would run code is
-refused without running it. Only then does the driver start Ray work; the actors receive the
-same bytes through the object store, check the digest and load them the same way.
+"""The model checkpoint of the pseudo-mask stage: read once, hashed, loaded with
+`weights_only=True` (a file that would run code is refused without running it) before any Ray
+work; the actors receive the same bytes, check the digest and load them the same way.
 """
 
 from __future__ import annotations
@@ -16,6 +12,7 @@ from typing import Any
 from pipelines.io.schema import EXPORT_FORMAT
 from pipelines.io.storage import Location, StorageOptions, redact, resolve
 from pipelines.io.storage import read_bytes as _read_bytes
+from weakclip.config import WeakCLIPConfig, from_dict
 
 MAX_CHECKPOINT_BYTES = 8 * 1024**3  # a ViT-B/16 export is ~0.6 GB
 
@@ -32,7 +29,7 @@ class VerifiedCheckpoint:
     sha256: str  # of the file's bytes
     data: bytes  # the file's bytes (handed to the actors unchanged)
     class_names: tuple[str, ...]  # K class names, index = class id
-    config: dict[str, Any]  # the model config (`weakclip.config.to_dict`)
+    config: WeakCLIPConfig  # the model config
     iteration: int  # training iterations of the exported weights
 
     def __repr__(self) -> str:  # keep the bytes out of logs and error messages
@@ -71,9 +68,7 @@ def verify_checkpoint(
         raise CheckpointRefused(f"cannot read checkpoint: {redact(str(exc))}") from None
     payload = load_export_payload(data, where=location.uri)
     try:
-        from weakclip.config import WeakCLIPConfig, from_dict
-
-        from_dict(payload["config"], WeakCLIPConfig)
+        config = from_dict(payload["config"], WeakCLIPConfig)
     except (TypeError, ValueError) as exc:
         raise CheckpointRefused(f"checkpoint {location.uri}: bad model config: {exc}") from None
     iteration = payload.get("iteration")
@@ -82,7 +77,7 @@ def verify_checkpoint(
         sha256=hashlib.sha256(data).hexdigest(),
         data=data,
         class_names=tuple(payload["class_names"]),
-        config=payload["config"],
+        config=config,
         iteration=int(iteration) if isinstance(iteration, int) else -1,
     )
 

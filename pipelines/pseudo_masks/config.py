@@ -24,12 +24,9 @@ _INFERENCE_FIELDS = {k: k for k in ("scales", "short_side", "flip", "window", "s
 
 @dataclass(frozen=True)
 class PseudoMaskConfig:
-    """Options of the pseudo-mask stage (CLI flags and `--config` fields).
-
-    Inference fields left None take the checkpoint's own `inference` settings (its model
-    preset's); CRF fields left None take the paper's values (docs/METHOD.md) for the input's class
-    space (COCO's for coco91/coco81, VOC's otherwise).
-    """
+    """Options of the pseudo-mask stage (CLI flags and `--config` fields). Inference fields left
+    None take the checkpoint's settings; CRF fields left None the paper's values (docs/METHOD.md)
+    for the input's class space (COCO's for coco91/coco81, VOC's otherwise)."""
 
     scales: tuple[float, ...] | None = None  # fractions of short_side, one pass (two with flip)
     short_side: int | None = None  # reference short side the scales apply to

@@ -1,9 +1,6 @@
-"""The model stage of the pseudo-mask pipeline: multi-scale + flip inference in an actor pool.
-
-`MaskPredictor` holds one model replica per actor (built once from the verified checkpoint
-bytes; inference mode, bf16 autocast on GPU) and hands on the planes of the allowed classes as
-float16 bytes: the CRF runs in a separate CPU stage (`rows.postprocess_rows`), so the model
-never waits for it.
+"""The model stage of the pseudo-mask pipeline: multi-scale + flip inference in an actor pool
+(`MaskPredictor`, bf16 autocast on GPU), handing on float16 planes of the allowed classes to
+the CPU stage of the CRF (`rows.postprocess_rows`).
 """
 
 from __future__ import annotations
@@ -110,9 +107,6 @@ class MaskPredictor:
         self.pixel_std = tuple(config.clip.pixel_std)
         self.inference = inference
 
-    def _model_fn(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images).logits
-
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         metas, probs_out = [], []
         cuda = self.device.type == "cuda"
@@ -140,7 +134,7 @@ class MaskPredictor:
         try:
             image = decode_rgb(bytes(image_bytes), height=meta["height"], width=meta["width"])
             probs = predict_probabilities(
-                self._model_fn,
+                lambda images: self.model(images).logits,
                 image,
                 classes,
                 num_classes=self.num_classes,

@@ -1,17 +1,14 @@
 """The visual report of a pseudo-mask output: image | CAM argmax | seed | pseudo mask | GT.
 
-The panels of the sampled masks come from where they live: the image, GT and (refine input)
-seed from the input rows, the mask from `masks/<id>.png` just written, the CAM argmax from the
-ingest output — the input itself, or for a refine input the ingest output its manifest names
-as `inputs[0]`. A CAM that cannot be found leaves its panel out (said on the progress sink);
-anything else that fails is an error. Only the sampled rows are read (their row groups, by
-position), so the driver never holds more than the sampled images.
+Image, GT and (refine input) seed come from the input rows, the mask from `masks/<id>.png`, the
+CAM argmax from the ingest output (the input, or the `inputs[0]` of a refine input; its panel
+is left out when it cannot be found). Only the sampled rows' row groups are read.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -21,13 +18,9 @@ from pipelines.io.codecs import decode_label_png, decode_rgb
 from pipelines.io.manifest import Manifest, read_manifest
 from pipelines.io.parquet import read_row_group, read_shard
 from pipelines.io.storage import Location, read_bytes, redact, resolve
-from pipelines.pseudo_masks.rows import mask_rel
+from pipelines.pseudo_masks.rows import mask_rel, read_columns
 from pipelines.pseudo_masks.rows import row_cam_argmax as _cam_argmax
 from pipelines.report import ReportRow
-
-
-def _read_rows(loc: Location, path: str, row_group: int, columns: Sequence[str]) -> list[dict]:
-    return read_row_group(loc, path, row_group, columns).to_pylist()
 
 
 def _ingest_cams(ingest: Manifest, ids: set[str], *, bg_threshold: float) -> dict[str, np.ndarray]:
@@ -64,11 +57,10 @@ def build_report_rows(
     by_group: dict[tuple[str, int], list[tuple[str, int]]] = defaultdict(list)
     for image_id, (path, group, row) in sample.items():
         by_group[(path, group)].append((image_id, row))
-    columns = [schema.IMAGE_ID, schema.IMAGE, schema.HEIGHT, schema.WIDTH, schema.GT]
-    columns += [schema.SEED, schema.CAM, schema.CAM_CLASSES]
+    columns = read_columns(source.stage)
     inputs: dict[str, dict] = {}
     for (path, group), wanted in by_group.items():
-        rows = _read_rows(input_loc, path, group, columns)
+        rows = read_row_group(input_loc, path, group, columns).to_pylist()
         for image_id, index in wanted:
             if rows[index][schema.IMAGE_ID] != image_id:
                 raise RuntimeError(f"{path} row group {group} changed under the stage")

@@ -1,15 +1,12 @@
-"""Pseudo-mask stage: a trained WeakCLIP → one pseudo-mask PNG per training image (docs/METHOD.md).
+"""Driver of the pseudo-mask stage (docs/METHOD.md): ingest or refine output + `model.pt` →
+`masks/<image_id>.png`, the index `shards/<unit>.parquet`, `quarantine/`, `report/`,
+`manifest.json` and `_SUCCESS` last.
 
-Reads an ingest or refine output and train's `model.pt` (verified before any Ray work, its class
-names equal to the input's); writes `masks/<image_id>.png` (VOC palette, full class space,
-original size), the index `shards/<unit>.parquet`, `quarantine/`, `report/`, `manifest.json` and
-`_SUCCESS` last. One Ray Data pipeline streams three operators: CPU tasks that read and validate
-a unit (an input row group) and score the baseline (CAM argmax for an ingest input, seeds for a
-refine input); a fixed pool of model replicas (one GPU each when the cluster has GPUs) for
-multi-scale + flip sliding-window inference restricted to background + the image's classes;
-CPU tasks for the dense CRF, the mask written straight to storage. Only small JSON rows come
-back to the driver, which writes each unit once all its rows are back. The fingerprint holds
-the resolved inference/CRF settings, the splits, the class names and the checkpoint's SHA-256.
+One Ray Data pipeline streams three operators: CPU tasks that read and validate a unit and score
+the baseline (`rows.read_unit`), a fixed pool of model replicas (`infer.MaskPredictor`, one GPU
+each when the cluster has GPUs) and CPU tasks for the CRF that write the masks
+(`rows.postprocess_rows`). Only small JSON rows come back; the driver writes each unit once all
+its rows are back.
 """
 
 from __future__ import annotations
@@ -20,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import partial
+from itertools import zip_longest
 from typing import Any
 
 from pipelines import units as core
@@ -32,7 +30,7 @@ from pipelines.pseudo_masks.report import build_report_rows
 from pipelines.pseudo_masks.rows import PseudoUnit, RowSpec, add_sparse
 from pipelines.pseudo_masks.units import enumerate_units, finish_unit
 from pipelines.report import sample_ids, write_report
-from weakclip.config import InferenceConfig, WeakCLIPConfig, from_dict
+from weakclip.config import InferenceConfig
 
 STAGE = "pseudo_masks"
 
@@ -54,14 +52,12 @@ def check_class_names(source: Manifest, checkpoint: VerifiedCheckpoint) -> None:
     Raises:
         ValueError: the class names differ (count, order or spelling).
     """
-    ours, theirs = list(checkpoint.class_names), list(source.class_names)
+    ours, theirs = checkpoint.class_names, tuple(source.class_names)
     if ours == theirs:
         return
-    first = next(
-        (i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b),
-        min(len(ours), len(theirs)),
-    )
-    ours_first, theirs_first = (n[first] if first < len(n) else "-" for n in (ours, theirs))
+    pairs = list(zip_longest(ours, theirs))
+    first = next(i for i, (a, b) in enumerate(pairs) if a != b)
+    ours_first, theirs_first = ("-" if n is None else n for n in pairs[first])
     raise ValueError(
         f"class names differ: the checkpoint has {len(ours)} classes, the input "
         f"({source.class_space}) {len(theirs)}; first difference at class id {first} "
@@ -88,17 +84,15 @@ def run_pseudo_masks(
     """Runs the pseudo-mask stage on the current Ray instance (see the module docstring).
 
     Args:
-        input_uri, output_uri: a completed ingest or refine output; this stage's output.
-        checkpoint, config: train's `model.pt` (URI, or one already verified); the options.
-        storage: endpoint/region of the object store.
+        checkpoint: train's `model.pt` (URI, or one already verified).
         actor_pool_size, cpus_per_actor: model replicas (a fixed pool) and CPUs (torch
             threads) of each; on 2 cores 1 CPU leaves room for the read and CRF tasks.
         num_cpus_per_task: CPUs per CRF task (read tasks take half of it).
         batch_size: images per model call; None = 8 on GPU, 2 on CPU.
         use_gpu: one GPU per replica; None = when the cluster has GPUs.
         overwrite: replace an output made with another checkpoint, config or input.
-        progress_every, report: a progress line every this many images (default: about 20
-            lines), and where it goes.
+        progress_every: a progress line (to `report`) every this many images (default:
+            about 20 lines).
 
     Raises:
         CheckpointRefused: the checkpoint is unsafe, unreadable or not an export (before Ray).
@@ -112,8 +106,7 @@ def run_pseudo_masks(
     if not isinstance(checkpoint, VerifiedCheckpoint):
         checkpoint = verify_checkpoint(checkpoint, storage)
     check_class_names(source, checkpoint)
-    model_config = from_dict(checkpoint.config, WeakCLIPConfig)
-    inference = config.inference(model_config.inference, source.class_space)
+    inference = config.inference(checkpoint.config.inference, source.class_space)
     out = StageOutput.open(
         output_loc,
         stage=STAGE,
@@ -203,7 +196,6 @@ def _gate_and_commit(
         add_sparse,
         class_space=source.class_space,
         ground_truth="every processed row with ground truth (per split under by_split)",
-        headline="pseudo_masks",
         extra={"cam_argmax_bg_threshold": config.cam_bg_threshold}
         if baseline == "cam_argmax"
         else None,

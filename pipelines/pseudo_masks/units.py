@@ -1,10 +1,6 @@
-"""Units of the pseudo-mask stage: one row group of an input shard each.
-
-`enumerate_units` reads each listed shard's footer and its `image_id` and `split` columns: the
-rows of every unit in the chosen splits (what the unit must return before it is complete) and
-repeated image ids, whose later copies are quarantined rather than written over the first one's
-mask. `finish_unit` writes a unit once all its rows are back; its record lists every file of
-the unit, masks included, so that `pipelines.units.resume` redoes a unit whose mask changed.
+"""Units of the pseudo-mask stage: one row group of an input shard each (`enumerate_units`),
+written once all its rows are back (`finish_unit`). A unit's record lists its masks too, so
+that `pipelines.units.resume` redoes a unit whose mask changed.
 """
 
 from __future__ import annotations
@@ -46,7 +42,8 @@ _REQUIRED = {
 def enumerate_units(
     input_loc: Location, manifest: Manifest, *, splits: tuple[str, ...] | None
 ) -> list[PseudoUnit]:
-    """One unit per row group of every listed shard, with its selected rows and duplicates.
+    """One unit per row group of every listed shard, with its rows in `splits` and repeated ids
+    (later copies are quarantined rather than written over the first one's mask).
 
     Raises:
         ValueError: a shard lacks a required column, two shards share a file name, or no row
@@ -63,13 +60,9 @@ def enumerate_units(
             )
         groups = []
         for group, table in enumerate(shard.groups):
-            ids = table.column(schema.IMAGE_ID).to_pylist()
-            split = (
-                table.column(schema.SPLIT).to_pylist()
-                if schema.SPLIT in shard.names
-                else [None] * len(ids)
-            )
-            groups.append((group, ids, split))
+            cols = table.to_pydict()
+            ids = cols[schema.IMAGE_ID]
+            groups.append((group, ids, cols.get(schema.SPLIT) or [None] * len(ids)))
         return groups
 
     scanned = map_shards(scan, shards)

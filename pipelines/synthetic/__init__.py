@@ -1,8 +1,5 @@
-"""Synthetic WSSS datasets in the MCTformer/WeakTr (or CLIP-ES) layout, for tests and the demo.
-
-Generators `shapes` and `camouflage` (also the `colours` family); `dataset` writes them as files
-that ingest reads like a real dataset and plants the defective rows ingest must quarantine. Not
-a chain stage: it has no config dataclass or manifest of its own.
+"""Synthetic WSSS datasets for tests and the demo: generators `shapes` and `camouflage` (also
+the `colours` family), written by `dataset` in a real layout. Not a chain stage (no manifest).
 """
 
 from pipelines.synthetic.dataset import write_dataset

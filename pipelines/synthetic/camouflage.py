@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -31,6 +30,7 @@ from pipelines.synthetic.shapes import (
     cam_response,
     finish_cam,
     ignore_band,
+    rotated,
     smooth_noise,
 )
 
@@ -118,7 +118,7 @@ def _frame(
 ) -> tuple[np.ndarray, np.ndarray]:
     """H x W object-frame coordinates (u, v) of every pixel centre; radius 1, rotated."""
     ys, xs = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float32) + 0.5
-    return _rotated((xs - centre[0]) / radius, (ys - centre[1]) / radius, angle)
+    return rotated((xs - centre[0]) / radius, (ys - centre[1]) / radius, angle)
 
 
 def _silhouette(name: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -179,12 +179,6 @@ def _pattern(
     raise ValueError(f"unknown texture {kind!r}")
 
 
-def _rotated(u: Any, v: Any, angle: float) -> tuple[Any, Any]:
-    """(u, v) in a frame turned by `angle` (arrays or floats)."""
-    cos, sin = math.cos(angle), math.sin(angle)
-    return cos * u + sin * v, cos * v - sin * u
-
-
 def _background(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """A warped mosaic of palette colours, each patch with its own pattern: the H x W x 3 image
     and the H x W x 3 plain colour of the patch under each pixel."""
@@ -200,7 +194,7 @@ def _background(rng: np.random.Generator, height: int, width: int) -> tuple[np.n
     for k in range(count):
         inside = region == k
         colour = PALETTE[rng.integers(len(PALETTE))] * rng.uniform(0.85, 1.15)
-        u, v = _rotated(xs[inside] / scale, ys[inside] / scale, rng.uniform(0, math.pi))
+        u, v = rotated(xs[inside] / scale, ys[inside] / scale, rng.uniform(0, math.pi))
         frequency = rng.uniform(2.0, 14.0) * rng.choice([0.4, 2.2])
         texture = _pattern(_TEXTURES[rng.integers(len(_TEXTURES))], u, v, frequency, rng)
         image[inside] = colour * (1 + rng.uniform(0.05, 0.12) * texture)[:, None]
@@ -225,7 +219,7 @@ def _low_res_cam(
 ) -> np.ndarray:
     """h x w activation of one instance on the CAM grid, before `finish_cam`."""
     pu, pv = (p + float(rng.normal(0, 0.12)) for p in obj.look.peak)
-    du, dv = _rotated(pu, pv, -obj.angle)  # object frame back to image axes
+    du, dv = rotated(pu, pv, -obj.angle)  # object frame back to image axes
     peak = (obj.centre[0] + obj.radius * du, obj.centre[1] + obj.radius * dv)
     return cam_response(_CAM, area_pool(visible), area_pool(others), peak, obj.radius)
 
@@ -273,7 +267,7 @@ def generate_camo_sample(
         beneath = float(image[mask].mean())
         # slight contrast: brightness shifted away from what lies beneath, so edges exist
         offset = rng.uniform(10, 22) * (1 if colour.mean() >= beneath else -1)
-        texture = _pattern(look.texture, *_rotated(u, v, look.orientation), look.frequency, rng)
+        texture = _pattern(look.texture, *rotated(u, v, look.orientation), look.frequency, rng)
         image[mask] = (colour + offset) * (1 + _OBJECT_TEXTURE * texture[mask])[:, None]
         instances[mask] = len(objects) + 1
         objects.append(_Object(class_id, look, centre, radius, angle))

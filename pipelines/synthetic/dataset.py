@@ -1,19 +1,11 @@
 """Writes the synthetic dataset in a real layout, and plants bad inputs for ingest tests.
 
-Layout (MCTformer/WeakTr, docs/CONTRACTS.md), under `root` of an fsspec filesystem (local or s3):
-```
-JPEGImages/<id>.jpg             RGB, JPEG quality 90
-cams/<id>.npy                   np.save of {fg index: H x W float32}  (layout "mctformer")
-                                or {"keys": fg indices, "attn_highres": float16 K x H x W}
-                                (layout "clip-es")
-SegmentationClassAug/<id>.png   palette PNG (VOC palette), class ids, 255 = ignore
-cls_labels.npy                  np.save of {id: float32 multi-hot over the foreground classes}
-classes.txt                     one name per line, background first
-train.txt, val.txt              one image id per line
-```
-Split lists are written last: a directory without them is an interrupted write. In the
-camouflage and colours families classes.txt lists the whole class space and the label vectors
-have its conventional length (VOC 20, COCO 90: entry class id - 1).
+The MCTformer/WeakTr layout of docs/CONTRACTS.md under `root` of an fsspec filesystem:
+`JPEGImages/<id>.jpg` (quality 90), `cams/<id>.npy` ({fg index: H x W float32}, or for layout
+"clip-es" {"keys", "attn_highres": float16 K x H x W}), `SegmentationClassAug/<id>.png`,
+`cls_labels.npy` (float32 multi-hot of the space's conventional length: VOC 20, COCO 90),
+`classes.txt` (the whole class space) and, written last so that a directory without them is an
+interrupted write, `train.txt` and `val.txt`.
 """
 
 from __future__ import annotations
@@ -26,9 +18,10 @@ import posixpath
 import shlex
 import tempfile
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
@@ -112,22 +105,13 @@ def cam_file_bytes(cams: dict[int, np.ndarray], layout: Layout) -> bytes:
 def multihot(labels: Iterable[int], num_foreground: int) -> np.ndarray:
     """float32 multi-hot vector (num_foreground,) with entry class id - 1 set per label."""
     vector = np.zeros(num_foreground, np.float32)
-    for class_id in labels:
-        vector[class_id - 1] = 1.0
+    vector[np.asarray(list(labels), dtype=np.int64) - 1] = 1.0
     return vector
 
 
-# (index, seed, height, width, layout, family, camouflage class space or None)
-_Task = tuple[int, int, int, int, Layout, Family, str | None]
-
-
-def _encode_one(task: _Task) -> tuple[str, dict[str, bytes], tuple[int, ...]]:
-    index, seed, height, width, layout, family, classes = task
-    if classes is None:  # shapes (write_dataset resolves the others' class space)
-        sample = generate_sample(index, seed=seed, height=height, width=width)
-    else:
-        space, colours = CAMO_CLASS_SPACES[classes], family == "colours"
-        sample = generate_camo_sample(index, seed=seed, class_space=space, class_colours=colours)
+def _encode_one(index: int, draw: Callable[[int], Sample], layout: Layout) -> tuple[Any, ...]:
+    """Sample `index` (`draw(index)`): its id, {path: bytes} of its files and its labels."""
+    sample = draw(index)
     files = {
         f"{IMAGE_DIR}/{sample.image_id}.jpg": _image_bytes(sample.image),
         f"{CAM_DIR}/{sample.image_id}.npy": cam_file_bytes(sample.cams, layout),
@@ -136,14 +120,17 @@ def _encode_one(task: _Task) -> tuple[str, dict[str, bytes], tuple[int, ...]]:
     return sample.image_id, files, sample.labels
 
 
-def _encoded(tasks: list[_Task], workers: int) -> Iterator[Any]:
-    if workers <= 1 or len(tasks) < 8:
-        yield from map(_encode_one, tasks)
+def _encoded(
+    draw: Callable[[int], Sample], layout: Layout, count: int, workers: int
+) -> Iterator[tuple[Any, ...]]:
+    encode = partial(_encode_one, draw=draw, layout=layout)
+    if workers <= 1 or count < 8:
+        yield from map(encode, range(count))
         return
     # spawn: the caller may hold threads (Ray, s3fs) that fork would copy mid-flight
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        yield from pool.map(_encode_one, tasks, chunksize=4)
+        yield from pool.map(encode, range(count), chunksize=4)
 
 
 def _put(fs: Any, root: str, relative: str, data: bytes) -> None:
@@ -199,12 +186,14 @@ def write_dataset(
     for directory in (IMAGE_DIR, CAM_DIR, GT_DIR):
         fs.makedirs(posixpath.join(root, directory), exist_ok=True)
     num_foreground = space.num_classes - 1  # VOC 20, COCO 90 (category-id space), shapes 6
-    tasks: list[_Task] = [
-        (index, seed, height, width, layout, family, classes) for index in range(num_images)
-    ]
     labels: dict[str, np.ndarray] = {}
     pending: dict[str, bytes] = {}
-    for image_id, files, sample_labels in _encoded(tasks, workers):
+    if classes is None:
+        draw = partial(generate_sample, seed=seed, height=height, width=width)
+    else:
+        colours = family == "colours"
+        draw = partial(generate_camo_sample, seed=seed, class_space=space, class_colours=colours)
+    for image_id, files, sample_labels in _encoded(draw, layout, num_images, workers):
         pending.update({posixpath.join(root, rel): data for rel, data in files.items()})
         labels[image_id] = multihot(sample_labels, num_foreground)
         if len(pending) >= _WRITE_BATCH:
@@ -283,17 +272,14 @@ def plant_bad_inputs(
     kinds: Sequence[str] | None = None,
     sentinel_path: str | None = None,
     layout: Layout = "mctformer",
-    seed: int = 0,
-    height: int = 96,
-    width: int = 128,
 ) -> dict[str, str]:
     """Adds one defective row per kind (keys of BAD_INPUTS, default all) to the train split of
     a shapes dataset written by `write_dataset` in `layout`.
 
-    Each bad row is a valid sample (drawn from `seed`, `height`, `width`) but for its one
-    defect, appended to train.txt and cls_labels.npy. Nothing is written outside `root` (the
-    path-traversal row is only a name). `sentinel_path`: the local file the malicious CAM would
-    create if its pickle ever ran (default: a fixed name in the temp directory).
+    Each bad row is a valid 96 x 128 sample (seed 0) but for its one defect, appended to
+    train.txt and cls_labels.npy. Nothing is written outside `root` (the path-traversal row is
+    only a name). `sentinel_path`: the local file the malicious CAM would create if its pickle
+    ever ran (default: a fixed name in the temp directory).
 
     Returns:
         {image id: keyword its quarantine reason must contain (case-insensitive)}.
@@ -311,7 +297,7 @@ def plant_bad_inputs(
         image_id, keyword = BAD_INPUTS[kind]
         expected[image_id] = keyword
         split.append(image_id)
-        sample = generate_sample(10**6 + offset, seed=seed, height=height, width=width)
+        sample = generate_sample(10**6 + offset, seed=0, height=96, width=128)
         vector = multihot(sample.labels, num_foreground)
         if kind == "empty_labels":
             vector[:] = 0

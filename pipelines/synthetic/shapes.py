@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -118,6 +119,21 @@ def area_pool(mask: np.ndarray, dtype: type = np.float64) -> np.ndarray:
     return grid.reshape(grid.shape[0] // CAM_STRIDE, CAM_STRIDE, -1, CAM_STRIDE).mean(axis=(1, 3))
 
 
+def rotated(u: Any, v: Any, angle: float) -> tuple[Any, Any]:
+    """(u, v) in a frame turned by `angle` (arrays or floats)."""
+    cos, sin = math.cos(angle), math.sin(angle)
+    return cos * u + sin * v, cos * v - sin * u
+
+
+def _unit_frame(
+    shape: tuple[int, int], centre: tuple[float, float], radius: float, angle: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """H x W coordinates (u, v) of every pixel centre in an object's rotated frame, radius 1."""
+    ys, xs = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float32) + 0.5
+    u, v = rotated(xs - centre[0], ys - centre[1], angle)
+    return u / radius, v / radius
+
+
 @dataclass(frozen=True)
 class CamShape:
     """How a synthetic CAM covers its object (stds in object radii)."""
@@ -176,16 +192,6 @@ def _cell_centres(grid: np.ndarray) -> np.ndarray:
     return (np.mgrid[0 : grid.shape[0], 0 : grid.shape[1]].astype(grid.dtype) + 0.5) * CAM_STRIDE
 
 
-def _unit_frame(
-    height: int, width: int, centre: tuple[float, float], radius: float, angle: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Coordinates (u, v) of every pixel centre in an object's rotated frame, radius = 1."""
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
-    dx, dy = xs - centre[0], ys - centre[1]
-    cos, sin = math.cos(angle), math.sin(angle)
-    return (cos * dx + sin * dy) / radius, (-sin * dx + cos * dy) / radius
-
-
 def _shape_mask(name: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     radius = np.hypot(u, v)
     if name == "disc":
@@ -231,7 +237,7 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
         colour = _BACKGROUND_COLOURS[rng.integers(len(_BACKGROUND_COLOURS))] * rng.uniform(0.8, 1.2)
         radius = rng.uniform(0.05, 0.14) * min(height, width)
         centre = (rng.uniform(0, width), rng.uniform(0, height))
-        u, v = _unit_frame(height, width, centre, radius, rng.uniform(0, math.pi))
+        u, v = _unit_frame((height, width), centre, radius, rng.uniform(0, math.pi))
         blob = u**2 + (v / rng.uniform(0.4, 1.0)) ** 2 <= 1.0
         image[blob] = 0.5 * image[blob] + 0.5 * colour
     return image
@@ -242,11 +248,9 @@ def _cam(rng: np.random.Generator, placed: _Placed, gt: np.ndarray) -> np.ndarra
     part, partial, spilling over (and firing a little on the other objects)."""
     visible = gt == placed.class_id
     shape = SHAPE_CLASSES[placed.class_id - 1]
-    cos, sin = math.cos(placed.angle), math.sin(placed.angle)
     pu = shape.peak[0] + rng.normal(0, 0.15)
-    pv = shape.peak[1] + rng.normal(0, 0.15)
-    peak_x = placed.centre[0] + placed.radius * (cos * pu - sin * pv)
-    peak_y = placed.centre[1] + placed.radius * (sin * pu + cos * pv)
+    du, dv = rotated(pu, shape.peak[1] + rng.normal(0, 0.15), -placed.angle)
+    peak_x, peak_y = placed.centre[0] + placed.radius * du, placed.centre[1] + placed.radius * dv
     own, other = area_pool(visible, np.float32), area_pool((gt != 0) & ~visible, np.float32)
     cam = cam_response(_CAM, own, other, (peak_x, peak_y), placed.radius)
     return finish_cam(rng, cam, gt.shape, _CAM.clutter)
@@ -292,7 +296,7 @@ def generate_sample(
                 float(rng.uniform(0.6 * radius, height - 0.6 * radius)),
             )
             angle = float(rng.uniform(0, 2 * math.pi))
-            u, v = _unit_frame(height, width, centre, radius, angle)
+            u, v = _unit_frame((height, width), centre, radius, angle)
             mask = _shape_mask(shape.name, u, v)
             if all(np.count_nonzero(mask & (gt == p.class_id)) <= 0.5 * p.area for p in placed):
                 break

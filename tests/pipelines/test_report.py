@@ -68,12 +68,12 @@ def test_colorize_uses_the_voc_palette() -> None:
 
 
 def test_render_row_shows_only_present_panels() -> None:
-    only_image = _decode(render_row(_row(), CLASSES))
+    only_image = _decode(render_row(_row()))
     assert only_image.shape == (40 + TITLE_HEIGHT, 60, 3)
     labels = _labels()
-    all_panels = _decode(render_row(_row(cam=labels, seed=labels, mask=labels, gt=labels), CLASSES))
+    all_panels = _decode(render_row(_row(cam=labels, seed=labels, mask=labels, gt=labels)))
     assert all_panels.shape[1] == 5 * 60 + 4 * 4
-    two = _decode(render_row(_row(gt=labels), CLASSES))
+    two = _decode(render_row(_row(gt=labels)))
     assert two.shape[1] == 2 * 60 + 4
     # the GT panel shows class 2's palette colour at its bottom-right corner
     palette = np.array(voc_palette(), np.uint8).reshape(256, 3)
@@ -83,18 +83,18 @@ def test_render_row_shows_only_present_panels() -> None:
 
 def test_render_row_downscales_large_panels() -> None:
     big = _row(height=1200, width=1600, mask=_labels(1200, 1600))
-    strip = _decode(render_row(big, CLASSES))
+    strip = _decode(render_row(big))
     assert strip.shape[0] == PANEL_MAX_HEIGHT + TITLE_HEIGHT
     assert strip.shape[1] <= 2 * 480 + 4
-    thin = _decode(render_row(_row(height=2, width=5000), CLASSES))
+    thin = _decode(render_row(_row(height=2, width=5000)))
     assert thin.shape[1] <= 480 and thin.shape[0] >= TITLE_HEIGHT + 1
 
 
 def test_render_row_refuses_bad_arrays() -> None:
     with pytest.raises(ValueError, match="uint8"):
-        render_row(ReportRow("x", np.zeros((4, 4, 3), np.float32)), CLASSES)
+        render_row(ReportRow("x", np.zeros((4, 4, 3), np.float32)))
     with pytest.raises(ValueError, match="label map"):
-        render_row(_row(seed=np.zeros((4, 4, 3), np.uint8)), CLASSES)
+        render_row(_row(seed=np.zeros((4, 4, 3), np.uint8)))
 
 
 def test_row_file_name_is_safe() -> None:
@@ -109,9 +109,7 @@ def test_write_report_escapes_untrusted_text(tmp_path) -> None:
     rows = [_row(hostile, gt=_labels()), _row("plain", mask=_labels())]
     classes = ["background", "<b>cat</b>", "dog"]
     metrics = {"miou": 0.5, "per_class_iou": {"<i>x</i>": 0.25, "dog": None}}
-    entries = write_report(
-        out, rows, class_names=classes, title="Report <&>", metrics=metrics, subdir="report"
-    )
+    entries = write_report(out, rows, class_names=classes, title="Report <&>", metrics=metrics)
     paths = [e.path for e in entries]
     assert paths == [
         "report/" + row_file_name(0, hostile),

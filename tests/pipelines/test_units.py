@@ -13,7 +13,7 @@ import pytest
 from pipelines import units as u
 from pipelines.io.manifest import FileEntry, InputRef, StageOutput, StageState
 from pipelines.io.storage import resolve, write_bytes_atomic
-from pipelines.metrics import NO_SPLIT, finite, metrics_by_split, sum_by_split
+from pipelines.metrics import NO_SPLIT, finite, sum_by_split, summed_metrics
 
 INPUTS = [InputRef("s3://bucket/ingest", "ab" * 32)]
 
@@ -145,10 +145,11 @@ def test_metrics_by_split_sums_and_scores() -> None:
 
     totals = sum_by_split(records, ("a", "b"), 2, add)
     assert sorted(totals) == [NO_SPLIT, "train"]
-    metrics = metrics_by_split(
-        totals,
+    metrics = summed_metrics(
+        records,
         ("a", "b"),
         ["background", "cat"],
+        add,
         class_space="custom",
         ground_truth="all",
         headline="a",

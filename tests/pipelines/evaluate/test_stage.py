@@ -176,18 +176,15 @@ def test_miou_over_and_result_metrics() -> None:
     space = ClassSpace("custom", ("background", "cat", "dog\x1b[31m"))
     gt = np.array([[0, 0, 1, 1]], np.uint8)
     pred = np.array([[0, 1, 1, 1]], np.uint8)
-    matrix = confusion_matrix(pred, gt, 3)
+    total = RecordSum(3)
+    total.add_matrix("train", confusion_matrix(pred, gt, 3))
+    total.gt_without_prediction["val"] = 2
     result = EvaluationResult(
-        prediction_uri="file:///p",
-        prediction_stage="refine",
-        gt_uri="file:///g",
-        gt_stage="ingest",
-        class_space=space.name,
-        class_names=space.class_names,
+        prediction={"uri": "file:///p", "stage": "refine"},
+        ground_truth={"uri": "file:///g", "stage": "ingest"},
+        space=space,
         average_over=(1,),
-        by_split={"train": matrix},
-        images_by_split={"train": 1},
-        gt_without_prediction_by_split={"val": 2},
+        total=total,
         counts={"scored": 1, "quarantined": 1},
         quarantine=(("x", "s", "size mismatch: a"),),
     )
