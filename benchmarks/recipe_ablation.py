@@ -37,7 +37,7 @@ from pipelines.pseudo_masks.infer import allowed_classes, predict_probabilities
 from pipelines.pseudo_masks.rows import postprocess
 from pipelines.train.crf_pool import crf_params
 from pipelines.train.data import augment_config_for, prepare_row
-from pipelines.train.loop import make_scheduler
+from pipelines.training.worker import Schedule
 from weakclip.build import build_weakclip
 from weakclip.config import WeakCLIPConfig, from_dict, preset
 from weakclip.crf import boundary_crf_targets
@@ -106,7 +106,7 @@ def _train(
     trainable = [p for p in model.parameters() if p.requires_grad]
     train = config.train
     optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
-    scheduler = make_scheduler(optimizer, config)
+    scheduler = Schedule.of(config.train).scheduler(optimizer)
     augment = augment_config_for(config)
     size = config.loss.resolution
     num_classes = len(class_names)

@@ -46,15 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     options = job.stage_options(args, "ingest")
-    fields = job.given(
-        args,
-        "layout",
-        "classes",
-        "max_error_fraction",
-        "max_pixels",
-        "rows_per_shard",
-        "rows_per_unit",
-    )
+    names = ("layout", "classes", "max_error_fraction", "max_pixels", "rows_per_shard")
+    fields = job.given(args, *names, "rows_per_unit")
     fields["splits"] = tuple(args.split) if args.split else None
     config = job.build_config(IngestConfig, args, fields)
     job.init_ray(args)

@@ -36,6 +36,8 @@ from pipelines.pseudo_masks import PseudoMaskConfig, run_pseudo_masks
 from pipelines.refine import RefineConfig, run_refine
 from pipelines.retrain import RetrainConfig, RetrainOptions, run_retrain
 from pipelines.synthetic import write_dataset
+from pipelines.train import TrainJobConfig, run_train
+from weakclip.config import WeakCLIPConfig, preset
 
 STAGES = ("ingest", "refine", "train", "pseudo_masks", "retrain", "evaluate")
 DEFAULT_DEMO_OUTPUT = "outputs/demo"
@@ -196,15 +198,33 @@ def run_pipeline(
     data = dict(storage=storage, num_cpus_per_task=config.num_cpus_per_task, report=report)
     stage("ingest", partial(run_ingest, input_uri, uri["ingest"], ingest_config, **data))
     stage("refine", partial(run_refine, uri["ingest"], uri["refine"], config.refine, **data))
-    stage("train", partial(_train, config, uri, storage, report))
+    stage(
+        "train",
+        lambda overwrite: run_train(
+            TrainJobConfig(
+                *(uri["refine"], uri["train"], _weakclip(config), config.clip_weights),
+                storage=storage,
+                **_run_options(config, overwrite),
+            ),
+            log=report,
+        ),
+    )
     model_pt = out.child("train", "model.pt").uri
     masks = (uri["refine"], uri["pseudo_masks"], model_pt, config.pseudo_masks)
     pool = dict(actor_pool_size=config.actor_pool_size, use_gpu=DEVICES[config.device])
     stage("pseudo_masks", partial(run_pseudo_masks, *masks, **pool, **data))
-    retrained = stage("retrain", partial(_retrain, uri, config, report, storage))
+    retrained = stage(
+        "retrain",
+        lambda overwrite: run_retrain(
+            *(uri["pseudo_masks"], uri["retrain"], config.retrain),
+            options=RetrainOptions(**_run_options(config, overwrite)),
+            storage=storage,
+            log=report,
+        ),
+    )
     scored = (uri["pseudo_masks"], uri["refine"], uri["evaluate"], config.evaluate)
     evaluated = stage("evaluate", partial(run_evaluate, *scored, **data))
-    summary = _summary(read_manifest(uri["refine"]), config, evaluated, retrained.metrics)
+    summary = _summary(read_manifest(uri["refine"]), config, evaluated, retrained.manifest.metrics)
     summary |= {"stages": uri, "report": out.child("pseudo_masks", "report", "index.html").uri}
     summary["seconds"] = {**seconds, "total": round(time.monotonic() - started, 1)}
     write_bytes_atomic(out, "summary.json", json.dumps(summary, indent=2).encode())
@@ -243,18 +263,8 @@ def _run_options(config: PipelineConfig, overwrite: bool) -> dict[str, Any]:
     return {**options, "resume": True, "overwrite": overwrite, "use_gpu": DEVICES[config.device]}
 
 
-def _train(
-    config: PipelineConfig,
-    uri: Mapping[str, str],
-    storage: StorageOptions,
-    report: Callable[[str], Any],
-    *,
-    overwrite: bool,
-) -> Any:
-    """Train in the chain: the preset's schedule with the pipeline's over it."""
-    from pipelines.train import TrainJobConfig, run_train
-    from weakclip.config import preset
-
+def _weakclip(config: PipelineConfig) -> WeakCLIPConfig:
+    """The WeakCLIP config the chain trains: the preset's, the pipeline's schedule over it."""
     base = preset(config.model)
     train = dataclasses.replace(
         base.train,
@@ -262,26 +272,7 @@ def _train(
         batch_size=config.batch_size or base.train.batch_size,
         lr=config.lr or base.train.lr,
     )
-    model = dataclasses.replace(base, train=train)
-    options = _run_options(config, overwrite)
-    job = TrainJobConfig(
-        uri["refine"], uri["train"], model, config.clip_weights, storage=storage, **options
-    )
-    return run_train(job, log=report)
-
-
-def _retrain(
-    uri: Mapping[str, str],
-    config: PipelineConfig,
-    report: Callable[[str], Any],
-    storage: StorageOptions,
-    *,
-    overwrite: bool,
-) -> Any:
-    """Retrain in the chain, on the pseudo masks."""
-    options = RetrainOptions(**_run_options(config, overwrite))
-    masks, out = uri["pseudo_masks"], uri["retrain"]
-    return run_retrain(masks, out, config.retrain, options=options, storage=storage, log=report)
+    return dataclasses.replace(base, train=train)
 
 
 def _summary(
@@ -322,15 +313,7 @@ def _ensure_demo_data(out: Location, demo: DemoData, report: Callable[[str], Any
         report(f"demo data: reusing {data.uri}")
         return data.uri
     report(f"demo data: generating {demo.num_images} synthetic images into {data.uri}")
-    write_dataset(
-        data.fs,
-        data.path,
-        num_images=demo.num_images,
-        seed=demo.seed,
-        height=demo.height,
-        width=demo.width,
-        val_fraction=demo.val_fraction,
-    )
+    write_dataset(data.fs, data.path, **dataclasses.asdict(demo))
     return data.uri
 
 
@@ -356,8 +339,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("retrained model", "retrained"),
     ]
     on = summary.get("measured_on") or {}
-    lines = [f"{'':<18}{'mIoU':>8}   measured on ({summary.get('class_space')} classes)"]
-    lines.append("-" * 64)
+    lines = [f"{'':<18}{'mIoU':>8}   measured on ({summary.get('class_space')} classes)", "-" * 64]
     for label, key in rows:
         value = summary.get(key)
         shown = "no GT" if value is None else f"{100 * value:.1f}%"

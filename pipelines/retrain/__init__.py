@@ -2,6 +2,6 @@
 (`pipelines.training`), scored on val.
 """
 
-from pipelines.retrain.stage import RetrainConfig, RetrainOptions, RetrainResult, run_retrain
+from pipelines.retrain.stage import RetrainConfig, RetrainOptions, run_retrain
 
-__all__ = ["RetrainConfig", "RetrainOptions", "RetrainResult", "run_retrain"]
+__all__ = ["RetrainConfig", "RetrainOptions", "run_retrain"]

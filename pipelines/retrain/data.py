@@ -2,9 +2,7 @@
 
 Inputs (docs/CONTRACTS.md): a `pseudo_masks` output (index shards: `image_id`, `mask`, `height`,
 `width`, `split`; one palette PNG per image) and its `inputs[0]`, the ingest or refine output
-the images came from. Only listed files are read. `plan_rows` is the join (pure): training rows
-are the index rows whose mask is usable (else quarantined with the reason), val rows the source
-rows of split `val` with ground truth that are not in the index at all. The stream follows
+the images came from. Only listed files are read. `plan_rows` is the join. The stream follows
 `pipelines.training.data`; batches (`TRAIN_COLUMNS`): `image` B x 3 x S x S float32 normalised
 crops and `mask` B x S x S uint8 (255 = ignore).
 """
@@ -32,7 +30,6 @@ TRAIN_COLUMNS = ("image", "mask")
 VAL_SPLIT = "val"
 INDEX_COLUMNS = (schema.IMAGE_ID, schema.MASK, schema.HEIGHT, schema.WIDTH)
 SOURCE_COLUMNS = (schema.IMAGE_ID, schema.HEIGHT, schema.WIDTH, schema.SPLIT, schema.GT)
-IMAGE_COLUMNS = [schema.IMAGE_ID, schema.IMAGE, schema.HEIGHT, schema.WIDTH]
 _FETCH_CHUNK = 64  # masks per batched read
 _THREADS = 8
 
@@ -72,10 +69,9 @@ class RowPlan:
 
 def read_index(pseudo: Manifest) -> list[IndexRow]:
     """The index rows of a pseudo-mask output (its listed `shards/*.parquet`)."""
-    paths = source_shards(pseudo)
     return [
         IndexRow(str(r[schema.IMAGE_ID]), str(r[schema.MASK]), r[schema.HEIGHT], r[schema.WIDTH])
-        for _, _, table in shared.read_row_groups(pseudo.location, paths, INDEX_COLUMNS)
+        for _, _, table in shared.read_row_groups(pseudo, INDEX_COLUMNS)
         for r in table.to_pylist()
     ]
 
@@ -87,9 +83,7 @@ def read_source_rows(source: Manifest) -> dict[str, SourceRow]:
         ValueError: an image id appears twice in the source.
     """
     rows: dict[str, SourceRow] = {}
-    for path, group, table in shared.read_row_groups(
-        source.location, source_shards(source), SOURCE_COLUMNS
-    ):
+    for path, group, table in shared.read_row_groups(source, SOURCE_COLUMNS):
         has_gt = pc.is_valid(table[schema.GT]).to_pylist()
         for row, gt in zip(table.drop_columns([schema.GT]).to_pylist(), has_gt, strict=True):
             image_id = str(row[schema.IMAGE_ID])
@@ -99,11 +93,6 @@ def read_source_rows(source: Manifest) -> dict[str, SourceRow]:
                 row[schema.HEIGHT], row[schema.WIDTH], row[schema.SPLIT], gt, path, group
             )
     return rows
-
-
-def source_shards(source: Manifest) -> list[str]:
-    """Relative paths of an output's listed Parquet shards (`shards/*.parquet`)."""
-    return [f.path for f in source.entries("shards/") if f.path.endswith(".parquet")]
 
 
 def validate_mask(data: bytes, *, height: int, width: int, num_classes: int) -> np.ndarray:
@@ -150,11 +139,8 @@ def check_masks(
         return result
 
     chunks = [rows[i : i + _FETCH_CHUNK] for i in range(0, len(rows), _FETCH_CHUNK)]
-    out: dict[str, str | None] = {}
     with ThreadPoolExecutor(max_workers=max(1, min(_THREADS, len(chunks)))) as pool:
-        for part in pool.map(check_chunk, chunks):
-            out.update(part)
-    return out
+        return {key: why for part in pool.map(check_chunk, chunks) for key, why in part.items()}
 
 
 def plan_rows(
@@ -164,9 +150,11 @@ def plan_rows(
     listed: set[str],
     mask_problems: Mapping[str, str | None] | None = None,
 ) -> RowPlan:
-    """The join (module docstring) of the index with `read_source_rows`; pure. `listed`: files
-    of the pseudo-mask manifest; `mask_problems` (`check_masks`): id → reason or None, ids
-    absent there taken as usable (the structural checks still apply)."""
+    """The join of the index with `read_source_rows` (pure): training rows are the index rows
+    whose mask is usable (else quarantined with the reason), val rows the source rows of split
+    `val` with ground truth that are not in the index at all. `listed`: files of the pseudo-mask
+    manifest; `mask_problems` (`check_masks`): id → reason or None, ids absent there taken as
+    usable (the structural checks still apply)."""
     problems = mask_problems or {}
     train: dict[str, str] = {}
     quarantined: list[tuple[str, str, str]] = []
@@ -225,7 +213,7 @@ def augment_units(
     for epoch, rows in shared.unit_blocks(
         batch,
         source=source,
-        columns=IMAGE_COLUMNS,
+        columns=shared.IMAGE_COLUMNS,
         keep=lambda row: str(row[schema.IMAGE_ID]) in train,
         seed=seed,
         rows_per_block=rows_per_block,

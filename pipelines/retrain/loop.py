@@ -1,25 +1,33 @@
-"""The per-worker step of the retraining job, run by `pipelines.training.worker.train_steps`.
+"""The per-worker step of the retraining job (`masked_cross_entropy` under autocast), run by
+`pipelines.training.worker.train_steps`, and the val scoring after the last step.
 
-Pixel-wise cross-entropy against the pseudo masks (255 ignored; the mean over labelled pixels,
-0 for a batch without any) under autocast. After the last step the workers score the network
-on the val rows (`pipelines.retrain.evaluation`) and the last checkpoint's `meta.json` carries
-the result under `evaluation`.
+The workers score the network on val ground truth at the original image size (docs/METHOD.md),
+on their device: the val rows (`pipelines.retrain.data.plan_rows`) are dealt by `ids_of_rank`,
+each worker reads only the row groups holding its ids, and `score_worker` sums the confusion
+matrices; the last checkpoint's `meta.json` carries the result under `evaluation`.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipelines.io import schema
+from pipelines.io.codecs import decode_image, decode_label_map
+from pipelines.io.parquet import read_row_group
 from pipelines.io.schema import IGNORE_INDEX
-from pipelines.retrain.evaluation import ids_of_rank, read_val_rows, score_worker
-from pipelines.retrain.model import build_model, load_backbone_weights, logits
+from pipelines.io.storage import Location
+from pipelines.metrics import ConfusionAccumulator
+from pipelines.retrain.model import build_model, load_backbone_weights, logits, predict_labels
 from pipelines.training import worker
+from pipelines.training.data import IMAGE_COLUMNS
 
 
 def masked_cross_entropy(scores: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -74,6 +82,55 @@ def retrain_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "signature": loop_config["signature"],
         },
         step=step,
-        keys=("loss",),
         final_meta=evaluate,
     )
+
+
+def ids_of_rank(val_ids: Iterable[str], rank: int, world: int) -> list[str]:
+    """The val ids worker `rank` of `world` scores (every id goes to exactly one worker)."""
+    return sorted(val_ids)[rank::world]
+
+
+def read_val_rows(
+    source: Location, refs: Mapping[str, tuple[str, int]], ids: Sequence[str]
+) -> Iterator[dict[str, Any]]:
+    """The source rows of `ids`, reading only the row groups `refs` (id → (shard, group)) names."""
+    wanted = set(ids)
+    for path, group in sorted({refs[image_id] for image_id in wanted}):
+        for row in read_row_group(source, path, group, (*IMAGE_COLUMNS, schema.GT)).to_pylist():
+            if row[schema.IMAGE_ID] in wanted:
+                yield row
+
+
+def score_worker(
+    model: nn.Module,
+    rows: Iterable[Mapping[str, Any]],
+    *,
+    num_classes: int,
+    device: torch.device,
+    world: int,
+) -> dict[str, Any]:
+    """This worker's rows scored against their GT (undecodable ones skipped) and summed over the
+    workers (a collective: call on every rank): `confusion` (K x (K + 1) lists), `images`,
+    `skipped`."""
+    scores = ConfusionAccumulator(num_classes)
+    was_training = model.training
+    model.eval()
+    images = skipped = 0
+    for row in rows:
+        height, width = int(row[schema.HEIGHT]), int(row[schema.WIDTH])
+        try:
+            rgb = decode_image(row[schema.IMAGE], height, width)
+            gt = decode_label_map(row[schema.GT], height, width)
+            scores.add(predict_labels(model, rgb, device=device), gt)
+            images += 1
+        except (OSError, ValueError, TypeError, SyntaxError, EOFError):
+            skipped += 1
+    model.train(was_training)
+    totals = torch.from_numpy(np.append(scores.matrix.ravel(), [images, skipped]))
+    values = worker.all_reduce_sum(totals, device, world).numpy()
+    return {
+        "confusion": values[:-2].reshape(scores.matrix.shape).tolist(),
+        "images": int(values[-2]),
+        "skipped": int(values[-1]),
+    }

@@ -3,11 +3,8 @@
 `ARCHITECTURES`: torchvision's `deeplabv3_{resnet50,resnet101,mobilenet_v3_large}` (nothing
 downloaded, no auxiliary head), and `small`, the same composition on a narrow one-block-per-stage
 ResNet with a 64-channel ASPP (about 0.6M parameters) for tests and the 2-core demo. Backbone
-weights (`load_backbone_weights`: torch.load with weights_only, or safetensors) may hold the
-backbone's keys, a segmentation model's under `backbone.`, or an ImageNet classifier's (head
-dropped, MobileNet's `features.` stripped); every backbone key must then fit. `model.pt` is one
-`torch.save` of plain containers: format tag, architecture, class names, the stage config, the
-state dict and the iteration.
+weights: `load_backbone_weights`. `model.pt` is one `torch.save` of plain containers: format
+tag, architecture, class names, the stage config, the state dict and the iteration.
 """
 
 from __future__ import annotations
@@ -24,7 +21,7 @@ from torchvision.models.resnet import BasicBlock, conv1x1
 from torchvision.models.segmentation.deeplabv3 import ASPP, DeepLabV3
 
 from pipelines.training.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
-from pipelines.training.checkpoint import export_state, load_weights_only, read_export_payload
+from pipelines.training.checkpoint import load_weights_only, read_export_payload, write_export
 
 ARCHITECTURES = ("small", "resnet50", "resnet101", "mobilenet_v3_large")
 EXPORT_FORMAT = "weakclip-retrain-v1"
@@ -115,7 +112,9 @@ def read_weights_file(path: str) -> dict[str, torch.Tensor]:
 def backbone_state(
     weights: Mapping[str, torch.Tensor], architecture: str
 ) -> dict[str, torch.Tensor]:
-    """`weights` renamed to the backbone's keys (prefixes stripped, classifier heads dropped)."""
+    """`weights` renamed to the backbone's keys: they may hold the backbone's keys, a segmentation
+    model's under `backbone.`, or an ImageNet classifier's (head dropped, MobileNet's `features.`
+    stripped)."""
     out: dict[str, torch.Tensor] = {}
     for key, value in weights.items():
         name = key.removeprefix("module.")
@@ -130,7 +129,8 @@ def backbone_state(
 
 
 def load_backbone_weights(model: DeepLabV3, path: str, *, architecture: str) -> None:
-    """Loads a backbone weights file into `model.backbone`, refusing any mismatch.
+    """Loads a backbone weights file (`read_weights_file`) into `model.backbone`, refusing any
+    mismatch: every backbone key must fit.
 
     Raises:
         ValueError: keys missing or unexpected, or shapes that differ (the message names them).
@@ -183,15 +183,15 @@ def export_model(
     iteration: int,
 ) -> None:
     """Writes `model.pt` (see the module docstring)."""
-    payload = {
-        "format": EXPORT_FORMAT,
-        "architecture": architecture,
-        "class_names": list(class_names),
-        "config": dict(config),
-        "state_dict": export_state(model),
-        "iteration": int(iteration),
-    }
-    torch.save(payload, path)
+    write_export(
+        path,
+        fmt=EXPORT_FORMAT,
+        model=model,
+        config=config,
+        architecture=architecture,
+        class_names=list(class_names),
+        iteration=int(iteration),
+    )
 
 
 def read_export(path: str) -> dict[str, Any]:

@@ -1,10 +1,7 @@
 """The retrain stage driver: pseudo masks → a fully supervised DeepLabV3 on Ray Train.
 
-It waits (up to `wait_timeout_s`) for the pseudo-mask output's `_SUCCESS` and reads only what
-manifests list: the pseudo-mask index and masks, and the images and val ground truth of the
-output they were made from (`inputs[0]`, whose manifest digest must not have changed). Unusable
-masks are quarantined (`quarantine/masks.parquet`). The fingerprint is the config without
-`iterations`, the backbone weights' source and SHA-256, the class names and both input digests.
+Inputs as `read_inputs` says; unusable masks are quarantined (`quarantine/masks.parquet`). The
+fingerprint is `run_signature` and both input digests.
 """
 
 from __future__ import annotations
@@ -19,14 +16,13 @@ import numpy as np
 
 from pipelines.io import manifest as mf
 from pipelines.io.storage import Location, StorageOptions, resolve
+from pipelines.metrics import ConfusionAccumulator
 from pipelines.retrain import data
 from pipelines.retrain.model import ARCHITECTURES, build_model, export_model
 from pipelines.training import run as tr
 from pipelines.training.augment import AugmentConfig
 from pipelines.training.run import RunOptions, RunResult
 
-RetrainResult = RunResult
-STAGE = "retrain"
 METRICS_FILE = "metrics.json"
 SOURCE_STAGES = ("ingest", "refine")
 
@@ -111,7 +107,8 @@ def run_signature(
 def read_inputs(
     input_uri: str, *, storage: StorageOptions | None, wait_timeout_s: float
 ) -> tuple[mf.Manifest, mf.Manifest]:
-    """(pseudo-mask manifest, source manifest), once the pseudo masks are complete.
+    """(pseudo-mask manifest, source manifest), once the pseudo masks are complete: the source
+    is the output the masks were made from (`inputs[0]`), whose digest must not have changed.
 
     Raises:
         TimeoutError: no `_SUCCESS` within `wait_timeout_s`.
@@ -205,7 +202,7 @@ def run_retrain(
     signature = run_signature(config, pseudo.class_names, weights)
     inputs = [pseudo.input_ref(), source.input_ref()]
     run = tr.open_run(
-        output, STAGE, signature, inputs, iterations=config.iterations, options=options, log=log
+        output, "retrain", signature, inputs, iterations=config.iterations, options=options, log=log
     )
     if run.skipped:
         return run.result(config.iterations)
@@ -250,7 +247,6 @@ def _finish(
 ) -> mf.Manifest:
     """Exports `model.pt` from the last checkpoint, writes `metrics.json` with the workers'
     val scores (in the checkpoint's meta), commits. `fitted`: (last checkpoint, seconds)."""
-    from pipelines.retrain.evaluation import score_dict
     from pipelines.training import checkpoint as ckpt
 
     checkpoint, train_seconds = fitted
@@ -324,4 +320,14 @@ def _finish(
     return manifest
 
 
-__all__ = ["RetrainConfig", "RetrainOptions", "RetrainResult", "micro_batching", "run_retrain"]
+def score_dict(confusion: np.ndarray, class_names: list[str]) -> dict[str, Any]:
+    """`miou` (None without scored pixels), `per_class_iou` by class name, `num_pixels`."""
+    scores = ConfusionAccumulator(len(class_names))
+    scores.merge(np.asarray(confusion, dtype=np.int64))
+    values = scores.score().as_dict(class_names)
+    if values["num_pixels"] == 0 or np.isnan(values["miou"]):
+        values["miou"] = None
+    return values
+
+
+__all__ = ["RetrainConfig", "RetrainOptions", "micro_batching", "run_retrain"]

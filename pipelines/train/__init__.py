@@ -2,7 +2,7 @@
 exported as a self-contained model.pt.
 """
 
-from pipelines.train.stage import TrainJobConfig, TrainResult, run_train
+from pipelines.train.stage import TrainJobConfig, run_train
 from pipelines.training.run import TrainRefused
 
-__all__ = ["TrainJobConfig", "TrainRefused", "TrainResult", "run_train"]
+__all__ = ["TrainJobConfig", "TrainRefused", "run_train"]

@@ -2,10 +2,7 @@
 
 The design is `pipelines.training.data` (one task per (epoch, row group) unit). Rows are those
 of the `train` split when any row has a split of "train", else every row; each is decoded,
-checked and augmented (`prepare_row`). Batches (`TRAIN_COLUMNS`): `image` B x 3 x S x S float32
-normalised crops (S = `clip.input_size`), `seed` B x S x S uint8 seed labels (255 = ignore),
-`crf_image` B x s x s x 3 uint8 RGB at the loss resolution s for the CRF, `class_mask` B x K
-bool (background and the image's labels).
+checked and augmented (`prepare_row`, whose outputs `TRAIN_COLUMNS` batches stack, B x ...).
 """
 
 from __future__ import annotations
@@ -27,15 +24,7 @@ from pipelines.training.augment import AugmentConfig, augment_sample, denormaliz
 TRAIN_COLUMNS = ("image", "seed", "crf_image", "class_mask")
 TRAIN_SPLIT = "train"
 ROWS_PER_BLOCK = 8  # rows per prepared block
-READ_COLUMNS = [
-    schema.IMAGE_ID,
-    schema.IMAGE,
-    schema.HEIGHT,
-    schema.WIDTH,
-    schema.LABELS,
-    schema.SEED,
-    schema.SPLIT,
-]
+READ_COLUMNS = (*shared.IMAGE_COLUMNS, schema.LABELS, schema.SEED, schema.SPLIT)
 
 
 def prepare_row(
@@ -52,7 +41,9 @@ def prepare_row(
     loss_resolution: int,
 ) -> dict[str, np.ndarray]:
     """Decodes, validates and augments one refine row (pure numpy; no Ray): `image` 3 x S x S
-    float32, `seed` S x S uint8, `crf_image` s x s x 3 uint8, `class_mask` K bool.
+    float32 normalised crop (S = `clip.input_size`), `seed` S x S uint8 seed labels (255 =
+    ignore), `crf_image` s x s x 3 uint8 RGB at the loss resolution s for the CRF, `class_mask`
+    K bool (background and the image's labels).
 
     Raises:
         ValueError: undecodable bytes, sizes that disagree with the row, class ids outside
@@ -141,9 +132,8 @@ def train_dataset(
     Raises:
         ValueError: the refine manifest lists no shards, or no training rows.
     """
-    paths = [entry.path for entry in source.entries("shards/")]
     counts: dict[tuple[str, int], tuple[int, int]] = {}  # (shard, group) -> rows, train rows
-    for path, group, table in shared.read_row_groups(source.location, paths, [schema.SPLIT]):
+    for path, group, table in shared.read_row_groups(source, [schema.SPLIT]):
         splits = table[schema.SPLIT].to_pylist()
         counts[(path, group)] = (len(splits), splits.count(TRAIN_SPLIT))
     train_only = any(train for _, train in counts.values())

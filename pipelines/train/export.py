@@ -9,7 +9,6 @@ rebuilds the `WeakCLIP`. The checkpoint directory format is `pipelines.training.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
 
 import torch
 from torch import nn
@@ -79,22 +78,19 @@ def export_model(
     iteration: int,
 ) -> None:
     """Writes the self-contained `model.pt` (module docstring)."""
-    payload = {
-        "format": EXPORT_FORMAT,
-        "config": to_dict(config),
-        "class_names": list(class_names),
-        "state_dict": ckpt.export_state(model),
-        "clip_weights": {"source": clip_source, "sha256": clip_sha256},
-        "iteration": int(iteration),
-    }
-    torch.save(payload, path)
-
-
-def read_export(path: str) -> dict[str, Any]:
-    """The `model.pt` payload, read with `weights_only=True` and checked."""
-    return ckpt.read_export_payload(path, fmt=EXPORT_FORMAT, kind="WeakCLIP")
+    ckpt.write_export(
+        path,
+        fmt=EXPORT_FORMAT,
+        model=model,
+        config=to_dict(config),
+        class_names=list(class_names),
+        clip_weights={"source": clip_source, "sha256": clip_sha256},
+        iteration=int(iteration),
+    )
 
 
 def load_exported_model(path: str) -> WeakCLIP:
-    """Rebuilds the `WeakCLIP` of a `model.pt` export, in eval mode (no CLIP weights file)."""
-    return ckpt.weakclip_from_export(read_export(path))[0]
+    """Rebuilds the `WeakCLIP` of a `model.pt` export (read with `weights_only=True` and
+    checked), in eval mode (no CLIP weights file)."""
+    payload = ckpt.read_export_payload(path, fmt=EXPORT_FORMAT, kind="WeakCLIP")
+    return ckpt.weakclip_from_export(payload)[0]

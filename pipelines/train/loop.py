@@ -21,7 +21,6 @@ from pipelines.train.crf_pool import CRFPool, crf_params
 from pipelines.training import checkpoint as ckpt
 from pipelines.training.worker import (
     Batches,
-    Schedule,
     autocast_for,
     restore_checkpoint,
     train_steps,
@@ -30,14 +29,6 @@ from pipelines.training.worker import (
 from weakclip.build import build_weakclip
 from weakclip.config import WeakCLIPConfig, from_dict
 from weakclip.losses import auxiliary_loss, boundary_loss, loss_probabilities, seeding_loss
-
-
-def make_scheduler(
-    optimizer: torch.optim.Optimizer, config: WeakCLIPConfig
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """The paper's schedule as a scheduler of `optimizer`, warm-up capped at
-    `max_warmup_fraction` of the run (docs/METHOD.md)."""
-    return Schedule.of(config.train).scheduler(optimizer)
 
 
 def freeze_dead_layers(model: nn.Module, config: WeakCLIPConfig) -> list[str]:
@@ -64,12 +55,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if processes is None:  # auto: parallel CRFs on GPU workers, one process on CPU workers
         processes = min(int(loop_config["micro_batch_size"]), 4) if device.type == "cuda" else 1
     # Fork the CRF processes before the model exists: the children stay small.
-    pool = CRFPool(
+    with CRFPool(
         processes=int(processes),
         params=crf_params(config.loss.boundary_crf, prob_floor=config.loss.prob_clamp),
         absent_tolerance=loop_config.get("absent_tolerance"),
-    )
-    try:
+    ) as pool:
         clip = loop_config["clip"]
         clip_path = clip.fetch("CLIP weights")
         # Same seed on every rank: a random-init CLIP is then the same everywhere.
@@ -99,18 +89,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             step=lambda ddp, batch, batches, accumulation: _micro_step(
                 ddp, batch, batches, pool, config, device, autocast, size, accumulation
             ),
-            keys=("loss", "loss_seeding", "loss_boundary", "loss_auxiliary"),
             waits={"crf_wait_s": lambda: pool.wait_seconds},
             frozen=frozen,
             include_frozen=clip_path is None,
-            finish_row=_crf_wait_share,
+            finish_row=lambda row: row.update(
+                crf_wait_share=row["crf_wait_s"] / max(row["step_s"], 1e-9)
+            ),
         )
-    finally:
-        pool.close()
-
-
-def _crf_wait_share(row: dict[str, Any]) -> None:
-    row["crf_wait_share"] = row["crf_wait_s"] / max(row["step_s"], 1e-9)
 
 
 def _micro_step(

@@ -1,12 +1,9 @@
-"""The train stage driver: refine shards → WeakCLIP on Ray Train → `model.pt` + metrics.
-
-The fingerprint is the model config without `train.iterations`, the class names, the CLIP
-weights (source and SHA-256) and the input manifest digest.
+"""The train stage driver: refine shards → WeakCLIP on Ray Train → `model.pt` + metrics; the
+fingerprint is `run_signature` and the input manifest digest.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +14,6 @@ from pipelines.training import run as tr
 from pipelines.training.run import RunOptions, RunResult, TrainRefused
 from weakclip.config import WeakCLIPConfig, to_dict
 
-TrainResult = RunResult
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -43,14 +39,15 @@ class TrainJobConfig(RunOptions):
 def run_signature(
     model: WeakCLIPConfig, class_names: list[str], clip: tr.Weights
 ) -> dict[str, Any]:
-    """What a resume must not change: everything but `train.iterations`."""
+    """What a resume must not change: the model config but `train.iterations`, the class names
+    and the CLIP weights (source and SHA-256)."""
     model_dict = to_dict(model)
     del model_dict["train"]["iterations"]
     return tr.signature(model=model_dict, class_names=class_names, clip_weights=clip.source)
 
 
 def run_train(config: TrainJobConfig, *, log: Any = print) -> RunResult:
-    """Runs (or resumes, or skips) the train stage.
+    """Runs (or resumes, or skips) the train stage; writes `model.pt` and `metrics.jsonl`.
 
     Raises:
         TrainRefused: an interrupted or finished run and options that do not say what to do.
@@ -59,6 +56,7 @@ def run_train(config: TrainJobConfig, *, log: Any = print) -> RunResult:
     """
     from pipelines.train import data
     from pipelines.train.loop import train_loop_per_worker
+    from pipelines.training import checkpoint as ckpt
 
     output = resolve(config.output, config.storage)
     source = resolve(config.input, config.storage)
@@ -97,42 +95,25 @@ def run_train(config: TrainJobConfig, *, log: Any = print) -> RunResult:
         batching=tr.micro_batching(config.model.train.batch_size, config),
         dataset=dataset,
     )
-    manifest = _finish(config, run.stage, checkpoint, clip, input_manifest, rows, seconds)
-    return run.result(iterations, manifest)
-
-
-def _finish(
-    config: TrainJobConfig,
-    stage: mf.StageOutput,
-    checkpoint: Any,
-    clip: tr.Weights,
-    input_manifest: mf.Manifest,
-    rows: int,
-    seconds: float,
-) -> mf.Manifest:
-    """Exports `model.pt` and `metrics.jsonl` from the last checkpoint, then commits."""
-    from pipelines.training import checkpoint as ckpt
-
-    iterations = config.model.train.iterations
+    # Exports `model.pt` and `metrics.jsonl` from the last checkpoint, then commits.
     with tr.final_checkpoint(checkpoint, iterations) as (directory, meta, history):
         # Without stored CLIP weights, CLIP came from a weights file.
         clip_path = None if ckpt.has_clip_state(directory) else clip.fetch("CLIP weights")
         model = export.load_checkpoint_model(directory, clip_weights=clip_path)
-    metrics = "".join(json.dumps(row, sort_keys=True) + "\n" for row in history).encode()
     last = history[-1] if history else {}
-    return tr.commit_run(
-        stage,
+    manifest = tr.commit_run(
+        run.stage,
         export=lambda path: export.export_model(
             path,
             model=model,
             config=config.model,
-            class_names=input_manifest.class_names,
+            class_names=class_names,
             clip_source=meta["clip_weights"]["source"],
             clip_sha256=meta["clip_weights"]["sha256"],
             iteration=iterations,
         ),
         metrics_file=METRICS_FILE,
-        metrics_data=metrics,
+        metrics_data=ckpt.jsonl(history).encode(),
         metrics_rows=len(history),
         counts={
             "input": rows,
@@ -141,7 +122,7 @@ def _finish(
             "iterations": iterations,
             "images_seen": iterations * config.model.train.batch_size,
         },
-        class_names=list(input_manifest.class_names),
+        class_names=class_names,
         class_space=input_manifest.class_space,
         metrics={k: v for k, v in last.items() if k.startswith("loss")},
         extra={
@@ -151,6 +132,7 @@ def _finish(
             "wall_seconds_last_attempt": round(seconds, 3),
         },
     )
+    return run.result(iterations, manifest)
 
 
-__all__ = ["TrainJobConfig", "TrainRefused", "TrainResult", "run_signature", "run_train"]
+__all__ = ["TrainJobConfig", "TrainRefused", "run_signature", "run_train"]

@@ -21,6 +21,7 @@ normalised space (the mean colour), which is also what the sliding-window infere
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,15 +149,11 @@ def photometric_distortion(
         out = _random_contrast(out, rng=rng, config=config)
     if rng.integers(2):
         factor = rng.uniform(*config.saturation_range)
-        hsv = np.array(Image.fromarray(out).convert("HSV"))
-        hsv[..., 1] = _saturate(hsv[..., 1].astype(np.float32) * factor)
-        out = _hsv_to_rgb(hsv)
+        out = _in_hsv(out, 1, lambda s: _saturate(s.astype(np.float32) * factor))
     if rng.integers(2):
         shift_cv2 = int(rng.integers(-config.hue_delta, config.hue_delta + 1))
         shift = round(shift_cv2 * _PIL_HUE_PER_CV2_HUE)
-        hsv = np.array(Image.fromarray(out).convert("HSV"))
-        hsv[..., 0] = ((hsv[..., 0].astype(np.int32) + shift) % 256).astype(np.uint8)
-        out = _hsv_to_rgb(hsv)
+        out = _in_hsv(out, 0, lambda h: ((h.astype(np.int32) + shift) % 256).astype(np.uint8))
     if contrast_last:
         out = _random_contrast(out, rng=rng, config=config)
     return out
@@ -276,7 +273,12 @@ def _saturate(values: np.ndarray) -> np.ndarray:
     return np.clip(values, 0, 255).astype(np.uint8)
 
 
-def _hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
+def _in_hsv(
+    rgb: np.ndarray, channel: int, change: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """`rgb` with `change` applied to one channel of its HSV form (PIL's 0..255 units)."""
+    hsv = np.array(Image.fromarray(rgb).convert("HSV"))
+    hsv[..., channel] = change(hsv[..., channel])
     height, width = hsv.shape[:2]
     image = Image.frombytes("HSV", (width, height), np.ascontiguousarray(hsv).tobytes())
     return np.array(image.convert("RGB"))

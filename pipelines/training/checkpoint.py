@@ -1,5 +1,5 @@
 """The checkpoint directory both training stages report (one per `ray.train.report`), and the
-`model.pt` reader both exports share (`read_export_payload`).
+`model.pt` writer and reader both exports share (`write_export`, `read_export_payload`).
 
 - `train_state.pt`: the state dict without the frozen CLIP parameters, the optimizer and
   LR-scheduler states and the iteration (`torch.save`, read with `weights_only=True`);
@@ -78,16 +78,18 @@ def read_export_payload(
     names = payload.get("class_names")
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise ValueError(f"{where}: class_names must be a list of strings")
-    if not isinstance(payload.get("config"), dict) or not isinstance(
-        payload.get("state_dict"), dict
-    ):
+    if not all(isinstance(payload.get(key), dict) for key in ("config", "state_dict")):
         raise ValueError(f"{where}: config or state_dict missing")
     return payload
 
 
-def export_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every weight of `model`, detached, contiguous, on the CPU: a `model.pt`'s `state_dict`."""
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+def write_export(
+    path: str, *, fmt: str, model: nn.Module, config: Mapping[str, Any], **fields: Any
+) -> None:
+    """Writes a `model.pt` (`read_export_payload` reads it): the format tag `fmt`, `config`,
+    every weight of `model` (detached, contiguous, on the CPU) and further plain `fields`."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    torch.save({"format": fmt, "config": dict(config), "state_dict": state, **fields}, path)
 
 
 def weakclip_from_export(payload: Mapping[str, Any]) -> tuple[WeakCLIP, WeakCLIPConfig]:
@@ -152,11 +154,15 @@ def save_checkpoint(
     if include_clip:
         torch.save(state_part(model, frozen, clip=True), os.path.join(directory, CLIP_STATE))
     with open(os.path.join(directory, METRICS), "w", encoding="utf-8") as handle:
-        for row in metrics:
-            handle.write(json.dumps(row, sort_keys=True) + "\n")
+        handle.write(jsonl(metrics))
     # Written last: a directory with meta.json has every other file.
     with open(os.path.join(directory, META), "w", encoding="utf-8") as handle:
         json.dump({**meta, "iteration": int(iteration)}, handle, indent=1, sort_keys=True)
+
+
+def jsonl(rows: Iterable[Mapping[str, Any]]) -> str:
+    """`rows` as JSON lines (keys sorted), as `metrics.jsonl` files hold them."""
+    return "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
 
 
 def read_meta(directory: str) -> dict[str, Any]:

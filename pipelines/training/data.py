@@ -17,21 +17,26 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pipelines.io import schema
+from pipelines.io.manifest import Manifest
 from pipelines.io.parquet import read_row_group, read_shards
 from pipelines.io.storage import Location
 from pipelines.training.augment import row_seed
 
+IMAGE_COLUMNS = (schema.IMAGE_ID, schema.IMAGE, schema.HEIGHT, schema.WIDTH)  # image + size
 
-def read_row_groups(
-    location: Location, paths: Sequence[str], columns: Sequence[str]
-) -> list[tuple[str, int, pa.Table]]:
-    """(path, row group, table of `columns`) for every row group of the listed shards.
+
+def read_row_groups(output: Manifest, columns: Sequence[str]) -> list[tuple[str, int, pa.Table]]:
+    """(path, row group, table of `columns`) for every row group of the Parquet shards an
+    output's manifest lists (`shards/*.parquet`).
 
     A missing optional column (a source without `split`) reads as nulls.
 
     Raises:
         ValueError: no shards listed.
     """
+    location = output.location
+    paths = [f.path for f in output.entries("shards/") if f.path.endswith(".parquet")]
     if not paths:
         raise ValueError(f"{location.uri}: the manifest lists no shards/")
     found = []

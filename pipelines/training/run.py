@@ -74,11 +74,6 @@ class RunResult:
     iterations: int
     skipped: bool = False  # nothing to do (already complete)
 
-    @property
-    def metrics(self) -> dict[str, Any]:
-        """The manifest's metrics."""
-        return dict(self.manifest.metrics or {})
-
 
 @dataclass(frozen=True)
 class RunStart:
@@ -189,15 +184,6 @@ def latest_checkpoint_iteration(output: Location) -> int | None:
     return int(iteration) if isinstance(iteration, int) else None
 
 
-def use_gpu(requested: bool | None) -> bool:
-    """`requested`, or (None) whether the connected cluster has GPUs."""
-    import ray
-
-    if requested is not None:
-        return requested
-    return float(ray.cluster_resources().get("GPU", 0)) > 0
-
-
 def open_run(
     output: Location,
     stage: str,
@@ -274,7 +260,9 @@ def fit(
     import ray.train.torch
 
     micro, accumulation = batching
-    gpu = use_gpu(options.use_gpu)
+    gpu = options.use_gpu
+    if gpu is None:  # when the connected cluster has GPUs
+        gpu = float(ray.cluster_resources().get("GPU", 0)) > 0
     fail_at = os.environ.get(FAIL_ENV)
     marker = os.path.join(
         tempfile.gettempdir(),

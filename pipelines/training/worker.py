@@ -1,20 +1,18 @@
-"""Worker side of every Ray Train loop (train and retrain): `train_steps` is the loop skeleton
-(optimizer, schedule, DDP, accumulation, logging, checkpoint reports) with the model's micro-step
-injected; the helpers below it are its parts (device, schedule, batches, DDP, logging, reports,
-the test-only failure switch `pipelines.training.run.FAIL_ENV`).
-"""
+"""Worker side of every Ray Train loop (train and retrain): `train_steps`, the loop skeleton
+with the model's micro-step injected, and its parts (the test-only failure switch included:
+`pipelines.training.run.FAIL_ENV`)."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import math
 import os
 import resource
-import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,10 +83,6 @@ class Restored:
     state: dict[str, Any]  # `checkpoint.read_train_state`: model, optimizer, scheduler, iteration
     history: list[dict[str, Any]]  # logged rows so far
     clip: dict[str, torch.Tensor] | None  # stored random-init frozen weights, if any
-
-    @property
-    def iteration(self) -> int:
-        return int(self.state["iteration"])
 
 
 def restore_checkpoint(signature: Any) -> Restored | None:
@@ -173,19 +167,18 @@ class LogWindow:
 
     def __init__(
         self,
-        keys: Iterable[str],
         waits: Mapping[str, Callable[[], float]],
         *,
         global_batch: int,
         device: torch.device,
         world: int,
     ) -> None:
-        self._keys, self._waits = tuple(keys), dict(waits)
+        self._waits = dict(waits)
         self._global_batch, self._device, self._world = global_batch, device, world
         self._reset()
 
     def _reset(self) -> None:
-        self.sums = dict.fromkeys(self._keys, 0.0)
+        self.sums: dict[str, float] = collections.defaultdict(float)
         self.steps = 0
         self._start = time.perf_counter()
         self._wait0 = {name: read() for name, read in self._waits.items()}
@@ -254,7 +247,6 @@ def train_steps(
     train: Any,
     meta: Mapping[str, Any],
     step: Step,
-    keys: Sequence[str],
     waits: Mapping[str, Callable[[], float]] | None = None,
     frozen: Iterable[str] = (),
     include_frozen: bool = False,
@@ -265,18 +257,18 @@ def train_steps(
     of `train` (a training config: its `Schedule.of` and `seed`).
 
     Per optimizer step, `accumulation_steps` calls of `step(ddp, batch, batches, accumulation)`
-    (backward included; DDP syncs on the last) return the micro-step's scalars (`keys`) and the
-    next batch; then AdamW and the scheduler step. Rows of window means are logged every
-    `log_every` steps, checkpoints reported every `checkpoint_every` (and at the end, with
-    `final_meta()` in the meta: a collective, called on every rank). A run restored at its
-    last iteration reports again (an export interrupted after training).
+    (backward included; DDP syncs on the last) return the micro-step's scalars (the same keys
+    each call) and the next batch; then AdamW and the scheduler step. Rows of window means are
+    logged every `log_every` steps, checkpoints reported every `checkpoint_every` (and at the
+    end, with `final_meta()` in the meta: a collective, called on every rank). A run restored at
+    its last iteration reports again (an export interrupted after training).
     """
     import ray.train
 
     rank, world, device = context
     schedule, seed = Schedule.of(train), train.seed
     history: list[dict[str, Any]] = list(restored.history) if restored else []
-    start = restored.iteration if restored else 0
+    start = int(restored.state["iteration"]) if restored else 0
     model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=schedule.lr, weight_decay=schedule.weight_decay)
@@ -300,7 +292,6 @@ def train_steps(
         )
     )
     window = LogWindow(
-        keys,
         waits={**(waits or {}), "data_wait_s": lambda: batches.wait_seconds},
         global_batch=micro * accumulation * world,
         device=device,
@@ -310,16 +301,14 @@ def train_steps(
     def report(iteration: int) -> None:
         """`ray.train.report` on every worker of the last logged row's numbers and `iteration`;
         only rank 0 writes the checkpoint and attaches it."""
-        final = iteration == schedule.total and final_meta is not None
-        extra = final_meta() if final and final_meta else {}  # a collective: on every rank
+        extra = final_meta() if final_meta and iteration == schedule.total else {}  # every rank
         last = history[-1] if history else {}
         metrics = {k: v for k, v in last.items() if isinstance(v, int | float)}
         metrics["iteration"] = iteration
         if rank != 0:
             ray.train.report(metrics, checkpoint=None)
             return
-        directory = tempfile.mkdtemp(prefix="weakclip-ckpt-")
-        try:
+        with tempfile.TemporaryDirectory(prefix="weakclip-ckpt-") as directory:
             ckpt.save_checkpoint(
                 directory,
                 model=model,
@@ -332,8 +321,6 @@ def train_steps(
                 include_clip=include_frozen,
             )
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-        finally:
-            shutil.rmtree(directory, ignore_errors=True)
 
     iteration = start
     if iteration >= schedule.total:

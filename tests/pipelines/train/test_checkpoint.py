@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from pipelines.train import export
-from pipelines.train.loop import freeze_dead_layers, make_scheduler
+from pipelines.train.loop import freeze_dead_layers
 from pipelines.training import checkpoint as ckpt
-from pipelines.training.worker import lr_at
+from pipelines.training.worker import Schedule, lr_at
 from weakclip.build import build_weakclip
 from weakclip.config import from_dict, preset, to_dict
 
@@ -26,7 +26,7 @@ def _trained_model(config):
     model = build_weakclip(config, NAMES)
     frozen = ckpt.frozen_parameter_names(model)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
-    scheduler = make_scheduler(optimizer, config)
+    scheduler = Schedule.of(config.train).scheduler(optimizer)
     images = torch.randn(2, 3, 64, 64)
     for _ in range(2):
         optimizer.zero_grad()
@@ -64,7 +64,7 @@ def test_checkpoint_round_trip_restores_everything(tmp_path) -> None:
         torch.testing.assert_close(restored(images).logits, model(images).logits)
     optimizer2 = torch.optim.AdamW(restored.trainable_parameters(), lr=1e-3)
     optimizer2.load_state_dict(state["optimizer"])
-    scheduler2 = make_scheduler(optimizer2, config)
+    scheduler2 = Schedule.of(config.train).scheduler(optimizer2)
     scheduler2.load_state_dict(state["scheduler"])
     assert scheduler2.last_epoch == 2
 
