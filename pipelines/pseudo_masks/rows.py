@@ -173,13 +173,16 @@ def prepare_row(row: Mapping[str, Any], spec: RowSpec) -> tuple[dict[str, Any], 
     return meta, image_bytes, gt_bytes if meta["has_gt"] else b""  # type: ignore[return-value]
 
 
-def read_row_group(input_loc: Location, unit: PseudoUnit, stage: str) -> pa.Table:
-    """The columns the first stage reads (of an ingest or refine input) of one unit's row
-    group, those its shard has."""
+def read_columns(stage: str) -> tuple[str, ...]:
+    """The columns the first stage (and the report) reads of an ingest or refine input."""
     extra = (schema.SEED,) if stage == "refine" else (schema.CAM, schema.CAM_CLASSES)
     base = (schema.IMAGE_ID, schema.IMAGE, schema.HEIGHT, schema.WIDTH, schema.LABELS)
-    columns = (*base, schema.GT, schema.SPLIT, *extra)
-    return parquet.read_row_group(input_loc, unit.path, unit.row_group, columns)
+    return (*base, schema.GT, schema.SPLIT, *extra)
+
+
+def read_row_group(input_loc: Location, unit: PseudoUnit, stage: str) -> pa.Table:
+    """`read_columns` of one unit's row group, those its shard has."""
+    return parquet.read_row_group(input_loc, unit.path, unit.row_group, read_columns(stage))
 
 
 def read_unit(
