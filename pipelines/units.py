@@ -266,6 +266,7 @@ def gate_and_commit(
     class_names: Sequence[str],
     class_space: str,
     metrics: Mapping[str, Any] | None = None,
+    scores: Mapping[str, str] | None = None,
     rows: str = "input",
     units: int | None = None,
     written: Callable[[], tuple[list[FileEntry], dict[str, Any]]] = lambda: ([], {}),
@@ -274,8 +275,10 @@ def gate_and_commit(
     `max_error_fraction` of `counts[rows]` rows were quarantined; else writes `written()` (files,
     first `extra` keys), commits `out` (`counts` + the tally's `output`, `quarantined`; `extra` +
     `quarantine_reasons`, `units`) and reports `<stage>: <summary[0]>, <N> quarantined
-    (<reasons>)<summary[1]>; <output> (<s> s)`. Returns `result(uri, counts, metrics, ok,
-    message, seconds=...)`; RuntimeError when the tally's rows do not add up to `counts[rows]`.
+    (<reasons>)<summary[1]>; mIoU (<space>, <n> images with GT): <label> <mIoU>, ...; <output>
+    (<s> s)`, the mIoU of the `metrics` keys in `scores` (key: label). Returns `result(uri,
+    counts, metrics, ok, message, seconds=...)`; RuntimeError when the tally's rows do not add
+    up to `counts[rows]`.
     """
     counts = {**counts, "output": tally.output, "quarantined": tally.quarantined}
     total, loc = counts[rows], out.location
@@ -303,10 +306,14 @@ def gate_and_commit(
         metrics=metrics,
         extra=extra,
     )
+    head, detail = summary
+    if metrics is not None and scores:
+        shown = ", ".join(f"{label} {pct(metrics[key]['miou'])}" for key, label in scores.items())
+        detail += f"; mIoU ({class_space}, {metrics['gt_images']} images with GT): {shown}"
     seconds = time.monotonic() - started
     message = (
-        f"{stage}: {summary[0]}, {tally.quarantined} quarantined{tally.summary_suffix()}"
-        f"{summary[1]}; {loc.uri} ({seconds:.0f} s)"
+        f"{stage}: {head}, {tally.quarantined} quarantined{tally.summary_suffix()}{detail}; "
+        f"{loc.uri} ({seconds:.0f} s)"
     )
     report(message)
     return finish(True, message, seconds=seconds)

@@ -190,13 +190,6 @@ def _gate_and_commit(
         if baseline == "cam_argmax"
         else None,
     )
-    scores = ""
-    if metrics is not None:
-        scores = (
-            f"; mIoU ({source.class_space}, {metrics['gt_images']} images with GT): "
-            f"{baseline.replace('_', ' ')} {core.pct(metrics[baseline]['miou'])}, "
-            f"pseudo masks {core.pct(metrics['pseudo_masks']['miou'])}"
-        )
 
     def written() -> tuple[list[FileEntry], dict[str, Any]]:
         files = _write_report(run, ordered, metrics) if config.report_images else []
@@ -214,11 +207,12 @@ def _gate_and_commit(
         max_error_fraction=config.max_error_fraction,
         started=started,
         result=partial(PseudoMaskResult, **run_timing),
-        summary=(f"{tally.output} masks", f", {skipped} rows of other splits skipped{scores}"),
+        summary=(f"{tally.output} masks", f", {skipped} rows of other splits skipped"),
         report=run.report,
         class_names=source.class_names,
         class_space=source.class_space,
         metrics=metrics,
+        scores={baseline: baseline.replace("_", " "), "pseudo_masks": "pseudo masks"},
         rows="selected",
         units=len(units),
         written=written,

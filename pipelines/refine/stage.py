@@ -147,12 +147,6 @@ def _gate_and_commit(
         class_space=space,
         bg_threshold=config.seed_config().bg_threshold,
     )
-    scores = ""
-    if metrics is not None:
-        scores = (
-            f"; mIoU ({space}, {metrics['gt_images']} images with GT): CAM argmax "
-            f"{work.pct(metrics['cam_argmax']['miou'])}, seeds {work.pct(metrics['seeds']['miou'])}"
-        )
     return work.gate_and_commit(
         "refine",
         out,
@@ -161,11 +155,12 @@ def _gate_and_commit(
         max_error_fraction=config.max_error_fraction,
         started=started,
         result=partial(RefineResult, **timing),
-        summary=(f"{tally.output} rows", scores),
+        summary=(f"{tally.output} rows", ""),
         report=report,
         class_names=source.class_names,
         class_space=space,
         metrics=metrics,
+        scores={"cam_argmax": "CAM argmax", "seeds": "seeds"},
         units=len(units),
     )
 

@@ -112,7 +112,7 @@ def test_gate_and_commit_fails_above_the_fraction_else_commits(tmp_path: Path) -
     tally = u.Tally(output=98, quarantined=2)
     tally.reasons.update({"bad": 2})
 
-    def gate(fraction: float, counts: dict[str, int]) -> u.StageResult:
+    def gate(fraction: float, counts: dict[str, int], **more: Any) -> u.StageResult:
         return u.gate_and_commit(
             "refine",
             out,
@@ -126,6 +126,7 @@ def test_gate_and_commit_fails_above_the_fraction_else_commits(tmp_path: Path) -
             class_names=["background", "cat"],
             class_space="custom",
             units=3,
+            **more,
         )
 
     with pytest.raises(RuntimeError, match="row counts do not add up"):
@@ -139,10 +140,12 @@ def test_gate_and_commit_fails_above_the_fraction_else_commits(tmp_path: Path) -
     assert lines == [f"refine: FAILED: {failed.message}"]
     assert not (tmp_path / "_SUCCESS").exists()
     lines.clear()
-    passed = gate(0.02, {"input": 100})
+    metrics = {"gt_images": 4, "seeds": {"miou": 0.5}}
+    passed = gate(0.02, {"input": 100}, metrics=metrics, scores={"seeds": "seed"})
     assert passed.ok and lines == [passed.message]
     assert passed.message.startswith(
-        f"refine: 98 rows, 2 quarantined (bad: 2); more; {out.location.uri} ("
+        "refine: 98 rows, 2 quarantined (bad: 2); more; mIoU (custom, 4 images with GT): "
+        f"seed 50.0; {out.location.uri} ("
     )
     manifest = read_manifest(out.location)
     assert manifest.counts == {"input": 100, "output": 98, "quarantined": 2}
