@@ -2,9 +2,9 @@
 
 A unit (a row group, named `unit_name`) runs as one Ray task (`run_tasks`, `each_unit`) and
 writes its outputs, then its completion record (`write_unit`); `resume` skips what an earlier
-attempt finished; `tally_records` and `error_gate` sum the records and gate on errors. A record
-is a JSON object with at least `files` ([{"path", "rows", "bytes"}]), `output`, `quarantined`
-and `reasons`.
+attempt finished; `tally_records` and `gate_and_commit` sum the records, gate on errors and
+commit the manifest. A record is a JSON object with at least `files` ([{"path", "rows",
+"bytes"}]), `output`, `quarantined` and `reasons`.
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ from __future__ import annotations
 import json
 import math
 import posixpath
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 import numpy as np
@@ -43,6 +45,7 @@ _THREADS = 16
 K = TypeVar("K")
 T = TypeVar("T")
 U = TypeVar("U")
+R = TypeVar("R")
 Record = dict[str, Any]
 
 
@@ -249,26 +252,71 @@ def tally_records(records: Iterable[Mapping[str, Any]]) -> Tally:
     return tally
 
 
-def error_gate(
+def gate_and_commit(
     stage: str,
+    out: StageOutput,
     tally: Tally,
-    total: int,
+    counts: Mapping[str, int],
+    *,
     max_error_fraction: float,
-    output_loc: Location,
+    started: float,
+    result: Callable[..., R],
+    summary: tuple[str, str],
     report: Callable[[str], Any],
-) -> str | None:
-    """The failure message (also reported, redacted) when more than `max_error_fraction` of
-    `total` rows were quarantined, else None (the stage then keeps its outputs, no `_SUCCESS`)."""
+    class_names: Sequence[str],
+    class_space: str,
+    metrics: Mapping[str, Any] | None = None,
+    scores: Mapping[str, str] | None = None,
+    rows: str = "input",
+    units: int | None = None,
+    written: Callable[[], tuple[list[FileEntry], dict[str, Any]]] = lambda: ([], {}),
+) -> R:
+    """Fails (reported, redacted; outputs kept, no `_SUCCESS`) when more than
+    `max_error_fraction` of `counts[rows]` rows were quarantined; else writes `written()` (files,
+    first `extra` keys), commits `out` (`counts` + the tally's `output`, `quarantined`; `extra` +
+    `quarantine_reasons`, `units`) and reports `<stage>: <summary[0]>, <N> quarantined
+    (<reasons>)<summary[1]>; mIoU (<space>, <n> images with GT): <label> <mIoU>, ...; <output>
+    (<s> s)`, the mIoU of the `metrics` keys in `scores` (key: label). Returns `result(uri,
+    counts, metrics, ok, message, seconds=...)`; RuntimeError when the tally's rows do not add
+    up to `counts[rows]`.
+    """
+    counts = {**counts, "output": tally.output, "quarantined": tally.quarantined}
+    total, loc = counts[rows], out.location
+    if tally.output + tally.quarantined != total:
+        raise RuntimeError(f"row counts do not add up: {counts}")
+    finish = partial(result, loc.uri, counts, metrics)
     fraction = tally.quarantined / total if total else 0.0
-    if fraction <= max_error_fraction:
-        return None
-    message = (
-        f"{tally.quarantined} of {total} rows quarantined ({fraction:.1%} > max_error_fraction "
-        f"{max_error_fraction:.1%}): {tally.summary()}; see {output_loc.child('quarantine').uri} "
-        "(outputs kept, no _SUCCESS written)"
+    if fraction > max_error_fraction:
+        message = (
+            f"{tally.quarantined} of {total} rows quarantined ({fraction:.1%} > "
+            f"max_error_fraction {max_error_fraction:.1%}): {tally.summary()}; see "
+            f"{loc.child('quarantine').uri} (outputs kept, no _SUCCESS written)"
+        )
+        report(f"{stage}: FAILED: {redact(message)}")
+        return finish(False, message, seconds=time.monotonic() - started)
+    files, extra = written()
+    extra["quarantine_reasons"] = dict(tally.reasons)
+    if units is not None:
+        extra["units"] = units
+    out.commit(
+        files=tally.files + files,
+        counts=counts,
+        class_names=class_names,
+        class_space=class_space,
+        metrics=metrics,
+        extra=extra,
     )
-    report(f"{stage}: FAILED: {redact(message)}")
-    return message
+    head, detail = summary
+    if metrics is not None and scores:
+        shown = ", ".join(f"{label} {pct(metrics[key]['miou'])}" for key, label in scores.items())
+        detail += f"; mIoU ({class_space}, {metrics['gt_images']} images with GT): {shown}"
+    seconds = time.monotonic() - started
+    message = (
+        f"{stage}: {head}, {tally.quarantined} quarantined{tally.summary_suffix()}{detail}; "
+        f"{loc.uri} ({seconds:.0f} s)"
+    )
+    report(message)
+    return finish(True, message, seconds=seconds)
 
 
 def already_done(out: StageOutput, report: Callable[[str], Any]) -> dict[str, Any]:

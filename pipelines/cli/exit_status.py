@@ -47,7 +47,6 @@ def entry_points(
     fn: Callable[[list[str]], int | None],
 ) -> tuple[Callable[..., int], Callable[[], None]]:
     """A job's `main(argv=None) -> status` (`run_job` around `fn`) and its console script."""
-
     main = functools.partial(run_job, fn)
     return main, lambda: sys.exit(main())
 

@@ -115,6 +115,11 @@ def given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names}
 
 
+def comma_list(text: str) -> tuple[str, ...]:
+    """The items of a comma-separated flag value, stripped, empty ones left out."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
 def stage_options(
     args: argparse.Namespace,
     stage: str,
@@ -167,8 +172,9 @@ def storage_options(args: argparse.Namespace) -> StorageOptions:
 
 def resources(args: argparse.Namespace, defaults: Resources | None = None) -> Resources:
     """The resource flags given, the stage's `defaults` (else `Resources()`) for the rest."""
-    flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(Resources)}
-    return dataclasses.replace(defaults or Resources(), **_set(flags))
+    names = [f.name for f in dataclasses.fields(Resources)]
+    flags = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    return dataclasses.replace(defaults or Resources(), **flags)
 
 
 def job_options(args: argparse.Namespace, defaults: Resources | None = None) -> JobOptions:
@@ -212,10 +218,6 @@ def resolve_arg(flag: str, value: str, storage: StorageOptions) -> Location:
         return resolve(value, storage)
     except ValueError as e:
         raise UsageError(f"{flag}: {e}") from None
-
-
-def _set(values: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in values.items() if v is not None}
 
 
 def _positive_int(text: str) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.cli.options import CLASSES_METAVAR, JobOptions, UsageError, resolve_arg
+from pipelines.cli.options import CLASSES_METAVAR, JobOptions, UsageError, comma_list, resolve_arg
 from pipelines.evaluate.plan import make_plan
 from pipelines.evaluate.scoring import (
     EvaluationResult,
@@ -89,8 +89,7 @@ def add_options(parser: argparse.ArgumentParser, stage: argparse._ArgumentGroup)
 def config_fields(args: argparse.Namespace) -> dict[str, Any]:
     """The config fields the flags set (None: not given)."""
     names = args.average_over
-    average_over = tuple(c.strip() for c in names.split(",") if c.strip()) if names else None
-    return {"classes": args.classes, "average_over": average_over}
+    return {"classes": args.classes, "average_over": comma_list(names) if names else None}
 
 
 def check_inputs(

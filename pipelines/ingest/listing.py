@@ -112,7 +112,7 @@ def enumerate_inputs(input_loc: Location, config: IngestConfig) -> Enumeration:
         image_id: str,
         source: str,
         split: str | None,
-        files: tuple[str | None, str | None, str | None],
+        files: Sequence[str | None],  # image, CAM, GT
         alternates: Sequence[str] = (),
     ) -> None:
         """A candidate row of (image, CAM, GT) files, unless its id is unsafe or repeated."""
@@ -149,8 +149,8 @@ def enumerate_inputs(input_loc: Location, config: IngestConfig) -> Enumeration:
         cams = _list_folder(input_loc, config.cam_dir, (".npy",), digest)
         gts = _list_folder(input_loc, config.gt_dir, (".png",), digest)
         for image_id in sorted(set(images) | set(cams)):
-            image_files, cam_files = images.get(image_id, []), cams.get(image_id, [])
-            found = (_first(image_files), _first(cam_files), _first(gts.get(image_id, [])))
+            image_files, cam_files, gt_files = (d.get(image_id, []) for d in (images, cams, gts))
+            found = [next(iter(paths), None) for paths in (image_files, cam_files, gt_files)]
             add(image_id, cam_files[0] if cam_files else image_files[0], None, found)
             for extra in image_files[1:] + cam_files[1:]:
                 reject(image_id, extra, "duplicate image id")
@@ -163,10 +163,6 @@ def enumerate_inputs(input_loc: Location, config: IngestConfig) -> Enumeration:
     if unlabelled:
         notes.append(f"{unlabelled} images have no entry in {config.labels_file}")
     return Enumeration(entries, rejects, space, digest.hexdigest(), notes)
-
-
-def _first(paths: Sequence[str]) -> str | None:
-    return paths[0] if paths else None
 
 
 def _list_folder(

@@ -25,7 +25,7 @@ from pipelines.io.storage import StorageOptions, resolve
 from pipelines.units import (
     StageResult,
     already_done,
-    error_gate,
+    gate_and_commit,
     reason_kind,
     resume,
     run_tasks,
@@ -103,8 +103,7 @@ def _gate_and_commit(
     started: float,
 ) -> IngestResult:
     """Sums the chunks' records and the rows refused by name (their quarantine file
-    `quarantine/part-driver.parquet` listed after the chunks' files), gates on the quarantined
-    share, and commits the manifest."""
+    `quarantine/part-driver.parquet` listed after the chunks' files); `units.gate_and_commit`."""
     output_loc, rejects = out.location, found.rejects
     tally = tally_records(records)
     quarantine = Quarantine(output_loc)
@@ -116,30 +115,24 @@ def _gate_and_commit(
     kinds = Counter(reason_kind(r[schema.REASON], drop_parenthesis=True) for r in rejects)
     tally.reasons = kinds + tally.reasons  # the rows refused by name first
     tally.quarantined += len(rejects)
-    good, bad = tally.output, tally.quarantined
-    counts = {"input": len(found.entries) + len(found.rejects), "output": good, "quarantined": bad}
-    assert counts["input"] == good + bad, counts
-    result = partial(IngestResult, output_loc.uri, counts, None, reasons=dict(tally.reasons))
+    counts = {"input": len(found.entries) + len(rejects)}
     if counts["input"] == 0:
         message = f"no input rows found in {input_uri}"
         report(f"ingest: FAILED: {message}")
-        return result(False, message)
-    failure = error_gate(
-        "ingest", tally, counts["input"], config.max_error_fraction, output_loc, report
-    )
-    if failure is not None:
-        return result(False, failure)
-    out.commit(
-        files=tally.files,
-        counts=counts,
+        return IngestResult(
+            output_loc.uri, counts | {"output": 0, "quarantined": 0}, None, False, message
+        )
+    shards = sum(1 for f in tally.files if f.path.startswith("shards/"))
+    return gate_and_commit(
+        "ingest",
+        out,
+        tally,
+        counts,
+        max_error_fraction=config.max_error_fraction,
+        started=started,
+        result=partial(IngestResult, reasons=dict(tally.reasons)),
+        summary=(f"{tally.output} rows in {shards} shards", ""),
+        report=report,
         class_names=found.space.class_names,
         class_space=found.space.name,
-        extra={"quarantine_reasons": dict(tally.reasons)},
     )
-    message = (
-        f"ingest: {good} rows in {sum(1 for f in tally.files if f.path.startswith('shards/'))} "
-        f"shards, {bad} quarantined{tally.summary_suffix()}; "
-        f"{output_loc.uri} ({time.monotonic() - started:.0f} s)"
-    )
-    report(message)
-    return result(True, message)

@@ -12,6 +12,7 @@ from pipelines.cli.options import (
     JobOptions,
     add_max_error_fraction,
     add_progress_every,
+    comma_list,
     given,
     stage_kwargs,
 )
@@ -104,7 +105,7 @@ def stage_config(
 
 def _scales(text: str) -> tuple[float, ...]:
     try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
+        values = tuple(float(v) for v in comma_list(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
     if not values:
@@ -148,8 +149,7 @@ def config_fields(args: argparse.Namespace) -> dict[str, Any]:
         "use_crf": False if args.no_crf else None,
     }
     if args.splits is not None:
-        names = tuple(s.strip() for s in args.splits.split(",") if s.strip())
-        flags["splits"] = NULL if args.splits == "all" else names
+        flags["splits"] = NULL if args.splits == "all" else comma_list(args.splits)
     return flags
 
 

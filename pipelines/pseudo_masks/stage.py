@@ -177,17 +177,7 @@ def _gate_and_commit(
 ) -> PseudoMaskResult:
     """Sums the units' records, applies the error gate, writes the report and commits."""
     ordered = [records[u.name] for u in units]
-    tally = core.tally_records(ordered)
     total_rows, selected = sum(u.rows for u in units), sum(u.selected for u in units)
-    counts = {
-        "input": total_rows,
-        "selected": selected,
-        "skipped": total_rows - selected,
-        "output": tally.output,
-        "quarantined": tally.quarantined,
-    }
-    if tally.output + tally.quarantined != selected:
-        raise RuntimeError(f"row counts do not add up: {counts}")
     source, config, baseline = run.source, run.config, run.spec.baseline
     metrics = summed_metrics(
         ordered,
@@ -200,42 +190,33 @@ def _gate_and_commit(
         if baseline == "cam_argmax"
         else None,
     )
-    timing = dict(seconds=time.monotonic() - started, **run_timing)
-    result = partial(PseudoMaskResult, run.output_loc.uri, counts, metrics, **timing)
-    failure = core.error_gate(
-        STAGE, tally, selected, config.max_error_fraction, run.output_loc, run.report
-    )
-    if failure is not None:
-        return result(False, failure)
-    report_files = _write_report(run, ordered, metrics) if config.report_images else []
-    ckpt = run.checkpoint
-    out.commit(
-        files=tally.files + report_files,
-        counts=counts,
+
+    def written() -> tuple[list[FileEntry], dict[str, Any]]:
+        files = _write_report(run, ordered, metrics) if config.report_images else []
+        ckpt = run.checkpoint
+        checkpoint = {"uri": ckpt.uri, "sha256": ckpt.sha256, "iteration": ckpt.iteration}
+        return files, {"checkpoint": checkpoint, "report": [f.path for f in files]}
+
+    tally = core.tally_records(ordered)
+    skipped = total_rows - selected
+    return core.gate_and_commit(
+        STAGE,
+        out,
+        tally,
+        {"input": total_rows, "selected": selected, "skipped": skipped},
+        max_error_fraction=config.max_error_fraction,
+        started=started,
+        result=partial(PseudoMaskResult, **run_timing),
+        summary=(f"{tally.output} masks", f", {skipped} rows of other splits skipped"),
+        report=run.report,
         class_names=source.class_names,
         class_space=source.class_space,
         metrics=metrics,
-        extra={
-            "checkpoint": {"uri": ckpt.uri, "sha256": ckpt.sha256, "iteration": ckpt.iteration},
-            "report": [f.path for f in report_files],
-            "quarantine_reasons": dict(tally.reasons),
-            "units": len(units),
-        },
+        scores={baseline: baseline.replace("_", " "), "pseudo_masks": "pseudo masks"},
+        rows="selected",
+        units=len(units),
+        written=written,
     )
-    scores = ""
-    if metrics is not None:
-        scores = (
-            f"; mIoU ({source.class_space}, {metrics['gt_images']} images with GT): "
-            f"{baseline.replace('_', ' ')} {core.pct(metrics[baseline]['miou'])}, "
-            f"pseudo masks {core.pct(metrics['pseudo_masks']['miou'])}"
-        )
-    message = (
-        f"pseudo_masks: {tally.output} masks, {tally.quarantined} quarantined"
-        f"{tally.summary_suffix()}, {counts['skipped']} rows of other splits "
-        f"skipped{scores}; {run.output_loc.uri} ({timing['seconds']:.0f} s)"
-    )
-    run.report(message)
-    return result(True, message)
 
 
 def _write_report(

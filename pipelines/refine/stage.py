@@ -138,47 +138,31 @@ def _gate_and_commit(
     started: float,
     report: Callable[[str], Any],
 ) -> RefineResult:
-    """Sums the units' records and their metrics, gates on the quarantined share, commits."""
-    output_loc, total_rows = out.location, sum(u.rows for u in units)
-    ordered = [records[u.name] for u in units]
+    """Sums the units' records and their metrics; `units.gate_and_commit`."""
+    ordered, space = [records[u.name] for u in units], source.class_space
     tally = work.tally_records(ordered)
-    counts = {"input": total_rows, "output": tally.output, "quarantined": tally.quarantined}
-    if tally.output + tally.quarantined != total_rows:
-        raise RuntimeError(f"row counts do not add up: {counts}")
-    space = source.class_space
     metrics = build_metrics(
         ordered,
         class_names=source.class_names,
         class_space=space,
         bg_threshold=config.seed_config().bg_threshold,
     )
-    result = partial(RefineResult, output_loc.uri, counts, metrics, **timing)
-    failure = work.error_gate(
-        "refine", tally, total_rows, config.max_error_fraction, output_loc, report
-    )
-    if failure is not None:
-        return result(False, failure, seconds=time.monotonic() - started)
-    out.commit(
-        files=tally.files,
-        counts=counts,
+    return work.gate_and_commit(
+        "refine",
+        out,
+        tally,
+        {"input": sum(u.rows for u in units)},
+        max_error_fraction=config.max_error_fraction,
+        started=started,
+        result=partial(RefineResult, **timing),
+        summary=(f"{tally.output} rows", ""),
+        report=report,
         class_names=source.class_names,
         class_space=space,
         metrics=metrics,
-        extra={"quarantine_reasons": dict(tally.reasons), "units": len(units)},
+        scores={"cam_argmax": "CAM argmax", "seeds": "seeds"},
+        units=len(units),
     )
-    scores = ""
-    if metrics is not None:
-        scores = (
-            f"; mIoU ({space}, {metrics['gt_images']} images with GT): CAM argmax "
-            f"{work.pct(metrics['cam_argmax']['miou'])}, seeds {work.pct(metrics['seeds']['miou'])}"
-        )
-    seconds = time.monotonic() - started
-    message = (
-        f"refine: {tally.output} rows, {tally.quarantined} quarantined{tally.summary_suffix()}"
-        f"{scores}; {output_loc.uri} ({seconds:.0f} s)"
-    )
-    report(message)
-    return result(True, message, seconds=seconds)
 
 
 def _collect(

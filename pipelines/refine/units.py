@@ -45,13 +45,6 @@ class WorkUnit:
     rows: int
 
 
-def _read_row_group(input_loc: Location, unit: WorkUnit) -> pa.Table:
-    try:
-        return read_row_group(input_loc, unit.path, unit.row_group, schema.INGEST_COLUMNS)
-    except (OSError, pa.ArrowException) as exc:
-        raise _unreadable(input_loc, unit.path, exc, f" (row group {unit.row_group})") from None
-
-
 def process_unit(
     unit: WorkUnit,
     *,
@@ -64,7 +57,10 @@ def process_unit(
     returned: `write_unit`'s with `input_rows`, `output`, `confusion` ({split: {"images",
     "cam_argmax", "seeds"}}, K x (K + 1) matrices as lists), `crf_s`, `task_s`."""
     started = time.perf_counter()
-    table = _read_row_group(input_loc, unit)
+    try:
+        table = read_row_group(input_loc, unit.path, unit.row_group, schema.INGEST_COLUMNS)
+    except (OSError, pa.ArrowException) as exc:
+        raise _unreadable(input_loc, unit.path, exc, f" (row group {unit.row_group})") from None
     rows: list[dict[str, Any]] = []
     rejected: list[tuple[str, str, str]] = []
     confusion: dict[str, dict[str, Any]] = {}

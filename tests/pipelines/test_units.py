@@ -1,9 +1,10 @@
 """`pipelines.units`: unit names, completion records and resumption, the tally and the error
-gate, and the per-split metrics of `pipelines.metrics` the stages build on them."""
+gate with the commit, and the per-split metrics of `pipelines.metrics` the stages build on them."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from pipelines import units as u
-from pipelines.io.manifest import FileEntry, InputRef, StageOutput, StageState
+from pipelines.io.manifest import FileEntry, InputRef, StageOutput, StageState, read_manifest
 from pipelines.io.storage import resolve, write_bytes_atomic
 from pipelines.metrics import NO_SPLIT, finite, sum_by_split, summed_metrics
 
@@ -105,18 +106,50 @@ def _file(path: str) -> dict[str, Any]:
     return {"path": path, "rows": 1, "bytes": 10}
 
 
-def test_error_gate(tmp_path: Path) -> None:
+def test_gate_and_commit_fails_above_the_fraction_else_commits(tmp_path: Path) -> None:
     lines: list[str] = []
-    loc = resolve(str(tmp_path))
+    out = _open(tmp_path)
     tally = u.Tally(output=98, quarantined=2)
     tally.reasons.update({"bad": 2})
-    assert u.error_gate("refine", tally, 100, 0.02, loc, lines.append) is None
-    assert lines == []
-    message = u.error_gate("refine", tally, 100, 0.01, loc, lines.append)
-    assert message is not None
-    assert message.startswith("2 of 100 rows quarantined (2.0% > max_error_fraction 1.0%): bad: 2")
-    assert message.endswith("(outputs kept, no _SUCCESS written)")
-    assert lines == [f"refine: FAILED: {message}"]
+
+    def gate(fraction: float, counts: dict[str, int], **more: Any) -> u.StageResult:
+        return u.gate_and_commit(
+            "refine",
+            out,
+            tally,
+            counts,
+            max_error_fraction=fraction,
+            started=time.monotonic(),
+            result=u.StageResult,
+            summary=("98 rows", "; more"),
+            report=lines.append,
+            class_names=["background", "cat"],
+            class_space="custom",
+            units=3,
+            **more,
+        )
+
+    with pytest.raises(RuntimeError, match="row counts do not add up"):
+        gate(0.02, {"input": 101})
+    failed = gate(0.01, {"input": 100})
+    assert not failed.ok and failed.counts == {"input": 100, "output": 98, "quarantined": 2}
+    assert failed.message.startswith(
+        "2 of 100 rows quarantined (2.0% > max_error_fraction 1.0%): bad: 2"
+    )
+    assert failed.message.endswith("(outputs kept, no _SUCCESS written)")
+    assert lines == [f"refine: FAILED: {failed.message}"]
+    assert not (tmp_path / "_SUCCESS").exists()
+    lines.clear()
+    metrics = {"gt_images": 4, "seeds": {"miou": 0.5}}
+    passed = gate(0.02, {"input": 100}, metrics=metrics, scores={"seeds": "seed"})
+    assert passed.ok and lines == [passed.message]
+    assert passed.message.startswith(
+        "refine: 98 rows, 2 quarantined (bad: 2); more; mIoU (custom, 4 images with GT): "
+        f"seed 50.0; {out.location.uri} ("
+    )
+    manifest = read_manifest(out.location)
+    assert manifest.counts == {"input": 100, "output": 98, "quarantined": 2}
+    assert manifest.extra == {"quarantine_reasons": {"bad": 2}, "units": 3}
 
 
 def test_reason_kind_and_pct() -> None:
