@@ -56,7 +56,6 @@ def run_train(config: TrainJobConfig, *, log: Any = print) -> RunResult:
     """
     from pipelines.train import data
     from pipelines.train.loop import train_loop_per_worker
-    from pipelines.training import checkpoint as ckpt
 
     output = resolve(config.output, config.storage)
     source = resolve(config.input, config.storage)
@@ -95,7 +94,23 @@ def run_train(config: TrainJobConfig, *, log: Any = print) -> RunResult:
         batching=tr.micro_batching(config.model.train.batch_size, config),
         dataset=dataset,
     )
-    # Exports `model.pt` and `metrics.jsonl` from the last checkpoint, then commits.
+    manifest = _export_and_commit(config, run, checkpoint, input_manifest, clip, rows, seconds)
+    return run.result(iterations, manifest)
+
+
+def _export_and_commit(
+    config: TrainJobConfig,
+    run: tr.RunStart,
+    checkpoint: Any,
+    input_manifest: mf.Manifest,
+    clip: tr.Weights,
+    rows: int,
+    seconds: float,
+) -> mf.Manifest:
+    """Exports `model.pt` and `metrics.jsonl` from the last checkpoint, then commits."""
+    from pipelines.training import checkpoint as ckpt
+
+    iterations, class_names = config.model.train.iterations, list(input_manifest.class_names)
     with tr.final_checkpoint(checkpoint, iterations) as (directory, meta, history):
         # Without stored CLIP weights, CLIP came from a weights file.
         clip_path = None if ckpt.has_clip_state(directory) else clip.fetch("CLIP weights")
@@ -132,7 +147,7 @@ def run_train(config: TrainJobConfig, *, log: Any = print) -> RunResult:
             "wall_seconds_last_attempt": round(seconds, 3),
         },
     )
-    return run.result(iterations, manifest)
+    return manifest
 
 
 __all__ = ["TrainJobConfig", "TrainRefused", "run_signature", "run_train"]
