@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipelines.io import schema
-from pipelines.io.codecs import decode_image, decode_label_map
+from pipelines.io.codecs import decode_label_map, decode_rgb
 from pipelines.io.manifest_format import read_manifest
 from pipelines.io.storage import resolve
 from pipelines.metrics import ConfusionAccumulator
@@ -193,8 +193,8 @@ def _score(
     with torch.inference_mode():
         for row in rows:
             height, width = row[schema.HEIGHT], row[schema.WIDTH]
-            image = decode_image(row[schema.IMAGE], height, width)
-            gt = decode_label_map(row[schema.GT], height, width)
+            image = decode_rgb(row[schema.IMAGE], height, width)
+            gt = decode_label_map(row[schema.GT], "ground truth", (height, width))
             classes = allowed_classes(row[schema.LABELS], num_classes, restrict=True)
             probs = predict_probabilities(
                 lambda x: model(x).logits,
@@ -208,7 +208,7 @@ def _score(
             ).astype(np.float32)
             raw.add(postprocess(image, probs, classes, crf=None), gt)
             post.add(postprocess(image, probs, classes, crf=config.inference.crf), gt)
-            seeds.add(decode_label_map(row[schema.SEED], height, width), gt)
+            seeds.add(decode_label_map(row[schema.SEED], "seed", (height, width)), gt)
     present = sorted({int(c) for row in rows for c in row[schema.LABELS]})
     post_score = post.score()
     zero = [c for c in present if not (post_score.per_class_iou[c] > 0)]

@@ -18,7 +18,7 @@ from pipelines.io.class_spaces import (
     coco81_to_coco91,
     coco91_to_coco81,
 )
-from pipelines.io.codecs import decode_labels
+from pipelines.io.codecs import decode_label_map
 from pipelines.io.manifest import Manifest
 from pipelines.io.parquet import read_row_group
 from pipelines.io.rows import RowRejected
@@ -225,11 +225,11 @@ def score_unit(
             expected = None
             if schema.HEIGHT in cols and schema.WIDTH in cols:
                 expected = (int(cols[schema.HEIGHT][position]), int(cols[schema.WIDTH][position]))
-            gt = decode_labels(gt_bytes, "ground truth", expected)
+            gt = decode_label_map(gt_bytes, "ground truth", expected)
             data = pred_data.get(image_id)
             if isinstance(data, str):
                 raise RowRejected(data)
-            pred = decode_labels(data, "prediction", gt.shape)
+            pred = decode_label_map(data, "prediction", gt.shape)
             matrix = score_pair(
                 pred, gt, num_classes, pred_conversion=pred_conversion, gt_conversion=gt_conversion
             )

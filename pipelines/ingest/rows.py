@@ -14,7 +14,7 @@ import numpy as np
 
 from pipelines.io import schema
 from pipelines.io.class_spaces import ClassSpace, labels_from_multihot
-from pipelines.io.codecs import MAX_PIXELS, check_gt, decode_image_header
+from pipelines.io.codecs import MAX_PIXELS, decode_image_header, decode_label_map
 from pipelines.io.rows import RowRejected, check_image_id
 from pipelines.io.safe_pickle import CamDecodeError, UnsafePickleError, load_npy_pickle
 
@@ -169,6 +169,8 @@ def build_row(
     if missing:
         names = [space.class_names[c] for c in missing]
         raise RowRejected(f"labelled classes without a CAM plane: {names}")
+    if gt is not None:  # checked, then stored as given
+        decode_label_map(gt, "ground truth", (height, width), num_classes=space.num_classes)
     return {
         schema.IMAGE_ID: image_id,
         schema.IMAGE: image,
@@ -177,7 +179,7 @@ def build_row(
         schema.LABELS: labels,
         schema.CAM: np.ascontiguousarray(planes.astype(np.float16)).tobytes(),
         schema.CAM_CLASSES: cam_classes,
-        schema.GT: check_gt(gt, height=height, width=width, space=space),
+        schema.GT: gt,
         schema.SOURCE: source,
         schema.SPLIT: split,
     }

@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipelines.io.class_spaces import ClassSpace
 from pipelines.io.rows import RowRejected
 from pipelines.io.schema import HEIGHT, IGNORE_INDEX, WIDTH
 
@@ -58,14 +57,6 @@ def encode_label_png(labels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def decode_label_png(data: bytes) -> np.ndarray:
-    """The H x W uint8 class ids of a palette (or greyscale) PNG label map (else ValueError)."""
-    with Image.open(io.BytesIO(data)) as image:
-        if image.mode not in ("P", "L"):
-            raise ValueError(f"label PNG has mode {image.mode}, expected P or L")
-        return np.array(image, dtype=np.uint8)
-
-
 @contextlib.contextmanager
 def _rejecting(prefix: str, errors: Any = _DECODE_ERRORS) -> Iterator[None]:
     """`errors` raised inside as `RowRejected("<prefix>: <type>: <error>")`."""
@@ -77,16 +68,41 @@ def _rejecting(prefix: str, errors: Any = _DECODE_ERRORS) -> Iterator[None]:
         raise RowRejected(f"{prefix}: {type(exc).__name__}: {exc}") from None
 
 
-def decode_row_label_map(data: bytes, what: str, height: int, width: int) -> np.ndarray:
-    """H x W uint8 class ids of a row's label-map PNG (ground truth, seed), sized as the row.
+def decode_label_map(
+    data: Any,
+    what: str = "label map",
+    shape: tuple[int, int] | None = None,
+    *,
+    num_classes: int | None = None,
+) -> np.ndarray:
+    """H x W uint8 class ids of a single-channel (P or L) label PNG: ground truth, a seed, a
+    mask. Its header is checked against `MAX_PIXELS` and `shape` (the row's H x W) before any
+    pixel is decoded; with `num_classes`, every id must lie in [0, K) or be 255 (ignore).
 
     Raises:
-        RowRejected: undecodable, not single-channel, or another size than the row declares.
+        RowRejected (a ValueError): missing, not a P/L PNG, undecodable, over the pixel limit,
+            of another size than `shape`, or ids outside [0, `num_classes`).
     """
-    with _rejecting(f"undecodable {what}"):
-        labels = decode_label_png(data)
-    if labels.shape != (height, width):
-        raise RowRejected(f"{what} is {labels.shape}, the row says {(height, width)}")
+    if not isinstance(data, bytes):
+        raise RowRejected(f"missing {what}")
+    with _rejecting(f"undecodable {what}"), Image.open(io.BytesIO(data)) as image:
+        if image.format != "PNG" or image.mode not in ("P", "L"):
+            raise RowRejected(
+                f"undecodable {what}: {image.format} {image.mode}, expected a P/L label PNG"
+            )
+        size = (image.height, image.width)
+        if size[0] * size[1] > MAX_PIXELS:
+            raise RowRejected(f"{what} too large: {size[0]}x{size[1]}")
+        if shape is not None and size != tuple(shape):
+            raise RowRejected(
+                f"size mismatch: {what} is {size[0]}x{size[1]}, expected {shape[0]}x{shape[1]}"
+            )
+        labels = np.array(image, dtype=np.uint8)  # P mode: the palette indices are the ids
+    if num_classes is not None:
+        bad = [int(i) for i in np.unique(labels) if i >= num_classes and i != IGNORE_INDEX]
+        if bad:
+            space = f"the class space [0, {num_classes})"
+            raise RowRejected(f"{what} holds class ids {bad[:5]} outside {space}")
     return labels
 
 
@@ -102,73 +118,6 @@ def row_size(row: Mapping[str, Any], max_pixels: int = MAX_PIXELS) -> tuple[int,
     if height * width > max_pixels:
         raise RowRejected(f"image over pixel limit: {height}x{width} > {max_pixels} pixels")
     return height, width
-
-
-def decode_row_gt(data: bytes, height: int, width: int, num_classes: int) -> np.ndarray:
-    """`decode_row_label_map` of a row's ground truth, its ids in [0, K) or 255 (ignore).
-
-    Raises:
-        RowRejected: as `decode_row_label_map`, or class ids outside [0, `num_classes`).
-    """
-    gt = decode_row_label_map(data, "ground truth", height, width)
-    valid = gt[gt != IGNORE_INDEX]
-    if valid.size and int(valid.max()) >= num_classes:
-        raise RowRejected(f"ground truth holds class ids outside [0, {num_classes})")
-    return gt
-
-
-def decode_labels(data: Any, what: str, expected: tuple[int, int] | None = None) -> np.ndarray:
-    """H x W uint8 ids of a label PNG, its size checked against `expected` before decoding.
-
-    Raises:
-        RowRejected: not bytes, not a P/L PNG, undecodable, too large, or of another size.
-    """
-    if not isinstance(data, bytes):
-        raise RowRejected(f"missing {what}")
-    with _rejecting(f"undecodable {what}"), Image.open(io.BytesIO(data)) as image:
-        if image.format != "PNG" or image.mode not in ("P", "L"):
-            raise RowRejected(
-                f"undecodable {what}: {image.format} {image.mode}, expected a P/L label PNG"
-            )
-        shape = (image.height, image.width)
-        if expected is not None and shape != tuple(expected):
-            raise RowRejected(
-                f"size mismatch: {what} is {shape[0]}x{shape[1]}, "
-                f"expected {expected[0]}x{expected[1]}"
-            )
-        if shape[0] * shape[1] > MAX_PIXELS:
-            raise RowRejected(f"{what} too large: {shape[0]}x{shape[1]}")
-        return np.array(image, dtype=np.uint8)
-
-
-def check_gt(data: bytes | None, *, height: int, width: int, space: ClassSpace) -> bytes | None:
-    """Validates an optional ground-truth PNG (class ids, 255 = ignore); returns it as given."""
-    if data is None:
-        return None
-    with _rejecting("cannot decode ground truth", Exception), Image.open(io.BytesIO(data)) as img:
-        if img.format != "PNG" or img.mode not in ("P", "L"):
-            raise RowRejected(f"ground truth must be a P/L-mode PNG, got {img.format} {img.mode}")
-        if img.size != (width, height):
-            raise RowRejected(f"ground truth size {img.size} != image size {(width, height)}")
-        ids = np.unique(np.asarray(img))
-    bad = [int(i) for i in ids if i != IGNORE_INDEX and i >= space.num_classes]
-    if bad:
-        raise RowRejected(f"ground truth holds class ids {bad} outside the class space")
-    return data
-
-
-def decode_label_map(data: bytes, height: int, width: int) -> np.ndarray:
-    """H x W uint8 class ids of an L or P PNG whose size must match the row (ValueError)."""
-    with Image.open(io.BytesIO(data)) as image:
-        if image.mode not in ("L", "P"):
-            raise ValueError(f"label PNG must be single-channel (L or P), got mode {image.mode}")
-        if image.width * image.height > MAX_PIXELS:
-            raise ValueError("label map is too large")
-        # P-mode PNGs hold class ids as palette indices: read the indices, not the colours.
-        seed = np.array(image, dtype=np.uint8)
-    if seed.shape != (height, width):
-        raise ValueError(f"label map is {seed.shape}, the row says {(height, width)}")
-    return seed
 
 
 def decode_image_header(data: bytes | None, *, max_pixels: int) -> tuple[int, int]:
@@ -201,29 +150,20 @@ def decode_image_header(data: bytes | None, *, max_pixels: int) -> tuple[int, in
     return height, width
 
 
-def decode_rgb(data: bytes, *, height: int, width: int) -> np.ndarray:
-    """H x W x 3 uint8 (writable) from encoded image bytes whose size must match the row.
+def decode_rgb(data: bytes, height: int, width: int) -> np.ndarray:
+    """H x W x 3 uint8 RGB (writable) of encoded image bytes whose size must match the row.
 
     Raises:
-        RowRejected: undecodable, or another size than the row declares.
+        RowRejected (a ValueError): undecodable, over `MAX_PIXELS`, or of another size.
     """
     with _rejecting("undecodable image"), Image.open(io.BytesIO(data)) as image:
+        if image.width * image.height > MAX_PIXELS:
+            raise RowRejected(f"image too large: {image.height}x{image.width}")
         if image.size != (width, height):
             raise RowRejected(
                 f"image is {image.size[1]}x{image.size[0]}, the row says {height}x{width}"
             )
         return np.array(image.convert("RGB"), dtype=np.uint8)
-
-
-def decode_image(data: bytes, height: int, width: int) -> np.ndarray:
-    """H x W x 3 uint8 RGB of encoded image bytes whose size must match the row (ValueError)."""
-    with Image.open(io.BytesIO(data)) as image:
-        if image.width * image.height > MAX_PIXELS:
-            raise ValueError(f"image of {image.width} x {image.height} pixels is too large")
-        rgb = np.asarray(image.convert("RGB"))
-    if rgb.shape[:2] != (height, width):
-        raise ValueError(f"image is {rgb.shape[:2]}, the row says {(height, width)}")
-    return rgb
 
 
 def decode_cam_column(data: bytes, num_planes: int, height: int, width: int) -> np.ndarray:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.io import schema
-from pipelines.io.codecs import decode_label_png, decode_rgb
+from pipelines.io.codecs import decode_label_map, decode_rgb
 from pipelines.io.manifest import Manifest, read_manifest
 from pipelines.io.parquet import read_row_group, read_shard
 from pipelines.io.storage import Location, read_bytes, redact, resolve
@@ -85,9 +85,9 @@ def build_report_rows(
                 image_id=image_id,
                 image=decode_rgb(row[schema.IMAGE], height=height, width=width),
                 cam=cams.get(image_id),
-                seed=decode_label_png(row[schema.SEED]) if row.get(schema.SEED) else None,
-                mask=decode_label_png(read_bytes(output_loc, mask_rel(image_id))),
-                gt=decode_label_png(row[schema.GT]) if row.get(schema.GT) else None,
+                seed=decode_label_map(row[schema.SEED]) if row.get(schema.SEED) else None,
+                mask=decode_label_map(read_bytes(output_loc, mask_rel(image_id))),
+                gt=decode_label_map(row[schema.GT]) if row.get(schema.GT) else None,
             )
         )
     return rows

@@ -23,10 +23,8 @@ from pipelines.io import parquet, schema
 from pipelines.io.codecs import (
     MAX_PIXELS,
     decode_cam_column,
-    decode_label_png,
+    decode_label_map,
     decode_rgb,
-    decode_row_gt,
-    decode_row_label_map,
     encode_label_png,
     row_size,
 )
@@ -150,14 +148,12 @@ def prepare_row(row: Mapping[str, Any], spec: RowSpec) -> tuple[dict[str, Any], 
         "split": row.get(schema.SPLIT),
         "has_gt": isinstance(gt_bytes, bytes) and bool(gt_bytes),
     }
+    shape, num_classes = (height, width), spec.num_classes
     gt = None
     if meta["has_gt"]:
-        gt = decode_row_gt(gt_bytes, height, width, spec.num_classes)  # type: ignore[arg-type]
+        gt = decode_label_map(gt_bytes, "ground truth", shape, num_classes=num_classes)
     if spec.input_stage == "refine":
-        seed_bytes = row.get(schema.SEED)
-        if not isinstance(seed_bytes, bytes):
-            raise RowRejected("missing seed")
-        baseline = decode_row_label_map(seed_bytes, "seed", height, width)
+        baseline = decode_label_map(row.get(schema.SEED), "seed", shape)
     else:
         classes = [int(c) for c in row.get(schema.CAM_CLASSES) or []]
         if any(not 1 <= c < spec.num_classes for c in classes) or not isinstance(
@@ -269,7 +265,7 @@ def finish_row(
     write_bytes_atomic(output_loc, mask_rel(meta["image_id"]), data)
     result = {**meta, "mask_bytes": len(data), "crf_s": crf_seconds}
     if meta.get("has_gt"):
-        gt = decode_label_png(gt_bytes)
+        gt = decode_label_map(gt_bytes, "ground truth")
         result["pseudo_masks"] = sparse_confusion(mask, gt, num_classes)
     return result
 

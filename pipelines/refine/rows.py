@@ -16,8 +16,8 @@ import numpy as np
 from pipelines.io import schema
 from pipelines.io.codecs import (
     decode_cam_column,
+    decode_label_map,
     decode_rgb,
-    decode_row_gt,
     encode_label_png,
     row_size,
 )
@@ -63,9 +63,9 @@ def refine_row(row: Mapping[str, Any], *, config: SeedConfig, num_classes: int) 
     except ValueError as exc:
         raise RowRejected(f"undecodable CAM: {exc}") from None
     image = decode_rgb(row[schema.IMAGE], height=height, width=width)
-    gt = None
-    if row.get(schema.GT) is not None:
-        gt = decode_row_gt(row[schema.GT], height, width, num_classes)
+    gt = row.get(schema.GT)
+    if gt is not None:
+        gt = decode_label_map(gt, "ground truth", (height, width), num_classes=num_classes)
     seed_config = replace(config, num_classes=num_classes)
     try:
         argmax = cam_argmax(cams, cam_classes, bg_threshold=config.bg_threshold)

@@ -17,10 +17,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
-from PIL import Image
 
 from pipelines.io import schema
-from pipelines.io.codecs import decode_image, decode_label_map
+from pipelines.io.codecs import decode_label_map, decode_rgb
 from pipelines.io.manifest import Manifest
 from pipelines.io.storage import Location, safe_relpath
 from pipelines.training import data as shared
@@ -95,23 +94,6 @@ def read_source_rows(source: Manifest) -> dict[str, SourceRow]:
     return rows
 
 
-def validate_mask(data: bytes, *, height: int, width: int, num_classes: int) -> np.ndarray:
-    """H x W uint8 class ids of a mask PNG, checked against the row and the class space.
-
-    Raises:
-        ValueError: undecodable, another size, or ids outside [0, K) other than 255.
-    """
-    try:
-        mask = decode_label_map(data, height, width)
-    except (OSError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
-        raise ValueError(f"undecodable: {type(error).__name__}: {error}") from None
-    ids = np.unique(mask)
-    bad = [int(i) for i in ids if i >= num_classes and i != schema.IGNORE_INDEX]
-    if bad:
-        raise ValueError(f"mask holds class ids {bad[:5]} outside [0, {num_classes})")
-    return mask
-
-
 def check_masks(
     location: Location, rows: Sequence[IndexRow], *, num_classes: int
 ) -> dict[str, str | None]:
@@ -132,7 +114,7 @@ def check_masks(
                 result[row.image_id] = f"mask unreadable: {type(data).__name__}: {data}"
             else:
                 try:
-                    validate_mask(data, height=row.height, width=row.width, num_classes=num_classes)
+                    decode_label_map(data, "mask", (row.height, row.width), num_classes=num_classes)
                     result[row.image_id] = None
                 except ValueError as error:
                     result[row.image_id] = f"bad mask: {row.mask}: {error}"
@@ -223,8 +205,8 @@ def augment_units(
         prepared = []
         for row, path in zip(rows, paths, strict=True):
             height, width = int(row[schema.HEIGHT]), int(row[schema.WIDTH])
-            rgb = decode_image(row[schema.IMAGE], height, width)
-            mask = decode_label_map(got[path], height, width)
+            rgb = decode_rgb(row[schema.IMAGE], height, width)
+            mask = decode_label_map(got[path], "mask", (height, width))
             rng = np.random.default_rng(row_seed(seed, epoch, str(row[schema.IMAGE_ID])))
             image, crop = augment_sample(rgb, mask, rng=rng, config=augment)
             prepared.append({"image": image, "mask": crop})

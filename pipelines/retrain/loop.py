@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines.io import schema
-from pipelines.io.codecs import decode_image, decode_label_map
+from pipelines.io.codecs import decode_label_map, decode_rgb
 from pipelines.io.parquet import read_row_group
 from pipelines.io.schema import IGNORE_INDEX
 from pipelines.io.storage import Location
@@ -120,8 +120,8 @@ def score_worker(
     for row in rows:
         height, width = int(row[schema.HEIGHT]), int(row[schema.WIDTH])
         try:
-            rgb = decode_image(row[schema.IMAGE], height, width)
-            gt = decode_label_map(row[schema.GT], height, width)
+            rgb = decode_rgb(row[schema.IMAGE], height, width)
+            gt = decode_label_map(row[schema.GT], "ground truth", (height, width))
             scores.add(predict_labels(model, rgb, device=device), gt)
             images += 1
         except (OSError, ValueError, TypeError, SyntaxError, EOFError):

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines.io import schema
-from pipelines.io.codecs import MAX_PIXELS, decode_image, decode_label_map
+from pipelines.io.codecs import MAX_PIXELS, decode_label_map, decode_rgb
 from pipelines.io.manifest import Manifest
 from pipelines.io.storage import Location
 from pipelines.training import data as shared
@@ -54,8 +54,8 @@ def prepare_row(
     class_ids = np.asarray(list(labels), dtype=np.int64)
     if class_ids.size and (class_ids.min() < 1 or class_ids.max() >= num_classes):
         raise ValueError(f"{image_id}: labels {class_ids.tolist()} outside 1..{num_classes - 1}")
-    rgb = decode_image(image_bytes, height, width)
-    seed = decode_label_map(seed_bytes, height, width)
+    rgb = decode_rgb(image_bytes, height, width)
+    seed = decode_label_map(seed_bytes, "seed", (height, width))
     allowed = np.zeros(256, dtype=bool)
     allowed[0] = allowed[schema.IGNORE_INDEX] = True
     allowed[class_ids] = True

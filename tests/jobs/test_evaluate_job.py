@@ -11,7 +11,7 @@ import pytest
 from jobs.evaluate import main
 from pipelines.evaluate import stage as evaluate
 from pipelines.io import schema
-from pipelines.io.codecs import decode_label_png
+from pipelines.io.codecs import decode_label_map
 from pipelines.io.manifest import read_manifest
 from pipelines.io.storage import exists, read_bytes, resolve
 from pipelines.metrics import confusion_matrix, score_from_confusion
@@ -56,7 +56,7 @@ def test_pseudo_masks_on_s3_against_ingest_gt(
     gt_loc = resolve(f"{s3_bucket}/ingest")
     gt = write_ingest_output(gt_loc, rows, rows_per_shard=4, rows_per_group=2)
     monkeypatch.setattr(evaluate, "TARGET_TASKS", 2)
-    truth = {r[schema.IMAGE_ID]: decode_label_png(r[schema.GT]) for r in rows}
+    truth = {r[schema.IMAGE_ID]: decode_label_map(r[schema.GT]) for r in rows}
     ids = sorted(truth)
     masks = {i: truth[i].copy() for i in ids[:5]}
     for mask in masks.values():

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from pipelines.io import schema
-from pipelines.io.codecs import decode_label_png
+from pipelines.io.codecs import decode_label_map
 from pipelines.io.manifest import read_manifest
 from pipelines.io.storage import Location, resolve
 from pipelines.metrics import confusion_matrix, score_from_confusion
@@ -103,7 +103,7 @@ def _expected_miou(masks: Location, source: Location, image_ids: list[str]) -> f
         pred = np.asarray(
             Image.open(io.BytesIO(masks.fs.cat_file(masks.join(f"masks/{image_id}.png"))))
         )
-        gt = decode_label_png(gts[image_id])
+        gt = decode_label_map(gts[image_id])
         total += confusion_matrix(pred, gt, NUM_CLASSES)
     return float(score_from_confusion(total).miou)
 

@@ -31,7 +31,7 @@ from pipelines.evaluate.scoring import (
 from pipelines.evaluate.stage import resolve_class_space
 from pipelines.io import schema
 from pipelines.io.class_spaces import COCO81, COCO91, VOC, ClassSpace
-from pipelines.io.codecs import decode_label_png, decode_labels, encode_label_png
+from pipelines.io.codecs import decode_label_map, encode_label_png
 from pipelines.io.manifest import (
     FileEntry,
     InputRef,
@@ -107,8 +107,8 @@ def refine_pairs(manifest: Manifest) -> dict[str, tuple[np.ndarray, np.ndarray, 
         with manifest.location.fs.open(path, "rb") as f:
             for row in pq.read_table(f).to_pylist():
                 pairs[row[schema.IMAGE_ID]] = (
-                    decode_label_png(row[schema.SEED]),
-                    decode_label_png(row[schema.GT]),
+                    decode_label_map(row[schema.SEED]),
+                    decode_label_map(row[schema.GT]),
                     row[schema.SPLIT],
                 )
     return pairs
@@ -145,17 +145,17 @@ def test_conversions_are_explicit() -> None:
 def test_decode_labels_checks_size_before_decoding() -> None:
     labels = np.zeros((6, 8), np.uint8)
     data = encode_label_png(labels)
-    assert decode_labels(data, "prediction", (6, 8)).shape == (6, 8)
+    assert decode_label_map(data, "prediction", (6, 8)).shape == (6, 8)
     with pytest.raises(RowRejected, match="size mismatch: prediction is 6x8, expected 8x6"):
-        decode_labels(data, "prediction", (8, 6))
+        decode_label_map(data, "prediction", (8, 6))
     rgb = io.BytesIO()
     Image.new("RGB", (4, 4)).save(rgb, format="PNG")
     with pytest.raises(RowRejected, match="undecodable prediction"):
-        decode_labels(rgb.getvalue(), "prediction")
+        decode_label_map(rgb.getvalue(), "prediction")
     with pytest.raises(RowRejected, match="undecodable ground truth"):
-        decode_labels(b"\x89PNG not really", "ground truth")
+        decode_label_map(b"\x89PNG not really", "ground truth")
     with pytest.raises(RowRejected, match="missing prediction"):
-        decode_labels(None, "prediction")
+        decode_label_map(None, "prediction")
 
 
 def test_score_pair_matches_confusion_matrix() -> None:

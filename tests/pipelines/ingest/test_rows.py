@@ -103,7 +103,7 @@ def test_clip_es_layout() -> None:
         ({"label_vector": _label(0, length=80)}, "bad label vector"),
         ({"label_vector": None}, "no image-level label"),
         ({"gt": _png(np.full((H, W), 40))}, "outside the class space"),
-        ({"gt": _png(np.zeros((H, W + 1)))}, "ground truth size"),
+        ({"gt": _png(np.zeros((H, W + 1)))}, "size mismatch: ground truth"),
     ],
 )
 def test_bad_rows_are_rejected_with_reason(overrides: dict, reason: str) -> None:

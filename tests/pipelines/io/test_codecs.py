@@ -10,10 +10,9 @@ from pipelines.ingest import IngestConfig
 from pipelines.ingest.rows import RowLimits
 from pipelines.io.codecs import (
     MAX_PIXELS,
-    decode_image,
     decode_image_header,
     decode_label_map,
-    decode_labels,
+    decode_rgb,
 )
 from pipelines.io.rows import RowRejected
 from pipelines.pseudo_masks.rows import RowSpec
@@ -36,12 +35,12 @@ def _png_header(side: int) -> bytes:
 def test_every_decoder_refuses_an_image_over_the_pixel_limit() -> None:
     assert SIDE * SIDE > MAX_PIXELS
     data = _png_header(SIDE)
-    with pytest.raises(ValueError, match="too large"):
-        decode_image(data, SIDE, SIDE)
-    with pytest.raises(ValueError, match="too large"):
-        decode_label_map(data, SIDE, SIDE)
     with pytest.raises(RowRejected, match="too large"):
-        decode_labels(data, "mask", (SIDE, SIDE))
+        decode_rgb(data, SIDE, SIDE)
+    with pytest.raises(RowRejected, match="too large"):
+        decode_label_map(data, "mask", (SIDE, SIDE))
+    with pytest.raises(RowRejected, match="too large"):
+        decode_label_map(data)  # with no size to check against
     with pytest.raises(RowRejected, match="pixel limit"):
         decode_image_header(data, max_pixels=MAX_PIXELS)
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from pipelines.io import schema
-from pipelines.io.codecs import decode_label_png, voc_palette
+from pipelines.io.codecs import decode_label_map, voc_palette
 from pipelines.io.rows import RowRejected
 from pipelines.io.storage import resolve
 from pipelines.metrics import confusion_matrix
@@ -170,8 +170,8 @@ def test_predictor_and_crf_stage_write_a_palette_mask(tmp_path) -> None:
     with Image.open(io.BytesIO(written)) as png:
         assert png.mode == "P" and png.size == (WIDTH, HEIGHT)
         assert png.getpalette()[: 3 * 256] == voc_palette()
-    assert set(np.unique(decode_label_png(written))) <= set(classes)
-    assert sum(result["pseudo_masks"]["cnt"]) == int((decode_label_png(gt) != 255).sum())
+    assert set(np.unique(decode_label_map(written))) <= set(classes)
+    assert sum(result["pseudo_masks"]["cnt"]) == int((decode_label_map(gt) != 255).sum())
     broken = finish_row(
         got, image, gt, b"\x00" * 7, output_loc=output, crf=VOC_POST_CRF, num_classes=K
     )

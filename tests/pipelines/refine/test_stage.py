@@ -20,7 +20,7 @@ from PIL import Image
 
 from pipelines.ingest.rows import SHARD_SCHEMA
 from pipelines.io import schema
-from pipelines.io.codecs import decode_label_png
+from pipelines.io.codecs import decode_label_map
 from pipelines.io.manifest import (
     FileEntry,
     InputRef,
@@ -140,7 +140,7 @@ def test_refine_row_matches_the_pure_seed_function(rows: list[dict]) -> None:
     refined = refine_row(row, config=config, num_classes=NUM_CLASSES)
     expected = refine_seed(_rgb(row), _planes(row), row[schema.CAM_CLASSES], config=config)
     np.testing.assert_array_equal(refined.seed, expected)
-    np.testing.assert_array_equal(decode_label_png(refined.columns[schema.SEED]), expected)
+    np.testing.assert_array_equal(decode_label_map(refined.columns[schema.SEED]), expected)
     np.testing.assert_array_equal(
         refined.argmax, cam_argmax(_planes(row), row[schema.CAM_CLASSES], bg_threshold=0.43)
     )
@@ -253,7 +253,7 @@ def test_stage_seeds_beat_cam_argmax(
     out_rows = read_refine_rows(output)
     assert sorted(r[schema.IMAGE_ID] for r in out_rows) == [f"syn_{i:06d}" for i in range(16)]
     for row in out_rows:
-        seed = decode_label_png(row[schema.SEED])
+        seed = decode_label_map(row[schema.SEED])
         assert seed.shape == (row[schema.HEIGHT], row[schema.WIDTH])
         # weaktr labels every pixel: no 255, only background and the image's own classes
         assert set(np.unique(seed).tolist()) <= {0, *row[schema.LABELS]}
@@ -276,7 +276,7 @@ def test_stage_clip_es_puts_255_only_on_low_confidence_pixels(
     by_id = {r[schema.IMAGE_ID]: r for r in rows}
     ignored = 0
     for row in read_refine_rows(output):
-        seed = decode_label_png(row[schema.SEED])
+        seed = decode_label_map(row[schema.SEED])
         source = by_id[row[schema.IMAGE_ID]]
         # exactly the pure recipe: 255 where its CRF confidence < 0.95 and nowhere else
         expected = refine_seed(

@@ -79,7 +79,7 @@ def test_plan_quarantines_bad_masks_in_storage(tmp_path) -> None:
     by_id = {row["image_id"]: row["reason"] for row in table}
     assert by_id[ids[0]].startswith("mask missing")
     assert "undecodable" in by_id[ids[1]]
-    assert "(8, 8)" in by_id[ids[2]] and "(40, 48)" in by_id[ids[2]]
+    assert "8x8" in by_id[ids[2]] and "40x48" in by_id[ids[2]]
     assert "[9]" in by_id[ids[3]]
     assert "4 quarantined" in messages[0]
 

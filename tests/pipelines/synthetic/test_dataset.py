@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from pipelines.io.class_spaces import class_space_from_arg, labels_from_multihot
-from pipelines.io.codecs import decode_label_png, voc_palette
+from pipelines.io.codecs import decode_label_map, voc_palette
 from pipelines.io.safe_pickle import (
     CamDecodeError,
     UnsafePickleError,
@@ -78,7 +78,7 @@ def test_files_decode_and_agree(dataset: Path) -> None:
         gt_bytes = (dataset / f"SegmentationClassAug/{image_id}.png").read_bytes()
         with Image.open(io.BytesIO(gt_bytes)) as gt_image:
             assert gt_image.mode == "P" and gt_image.getpalette()[:60] == voc_palette()[:60]
-        np.testing.assert_array_equal(decode_label_png(gt_bytes), sample.gt)
+        np.testing.assert_array_equal(decode_label_map(gt_bytes), sample.gt)
 
 
 def test_same_seed_same_bytes_whatever_the_workers(dataset: Path, tmp_path: Path) -> None:
