@@ -37,7 +37,7 @@ from pipelines.refine import RefineConfig, run_refine
 from pipelines.retrain import RetrainConfig, RetrainOptions, run_retrain
 from pipelines.synthetic import write_dataset
 from pipelines.train import TrainJobConfig, run_train
-from weakclip.config import WeakCLIPConfig, preset
+from weakclip.config import WeakCLIPConfig, check_fields, preset
 
 STAGES = ("ingest", "refine", "train", "pseudo_masks", "retrain", "evaluate")
 DEFAULT_DEMO_OUTPUT = "outputs/demo"
@@ -105,14 +105,8 @@ class PipelineConfig:
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {sorted(DEVICES)}, got {self.device!r}")
         counts = ("num_workers", "checkpoint_every", "log_every", "actor_pool_size")
-        for name in (*counts, "iterations", "coco_iterations", "batch_size"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if self.lr is not None and self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.num_cpus_per_task <= 0:
-            raise ValueError(f"num_cpus_per_task must be > 0, got {self.num_cpus_per_task}")
+        check_fields(self, ">= 1", *counts, "iterations", "coco_iterations", "batch_size")
+        check_fields(self, "> 0", "lr", "num_cpus_per_task")
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from pipelines.ingest.rows import LAYOUTS
 from pipelines.io.codecs import MAX_PIXELS
+from weakclip.config import check_fields
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 DEFAULT_ROWS_PER_UNIT = 16
@@ -33,10 +34,8 @@ class IngestConfig:
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout: expected one of {LAYOUTS}, got {self.layout!r}")
-        if not 0.0 <= self.max_error_fraction <= 1.0:
-            raise ValueError("max_error_fraction: must be in [0, 1]")
-        if self.max_pixels <= 0:
-            raise ValueError("max_pixels: must be positive")
+        check_fields(self, "in [0, 1]", "max_error_fraction")
+        check_fields(self, "> 0", "max_pixels")
         if not 1 <= self.rows_per_shard <= 100_000:
             raise ValueError("rows_per_shard: must be in [1, 100000]")
         # the default also goes with smaller shards (which then are one row group)

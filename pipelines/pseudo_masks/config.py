@@ -17,7 +17,7 @@ from pipelines.cli.options import (
     stage_kwargs,
 )
 from pipelines.pseudo_masks.checkpoint import VerifiedCheckpoint
-from weakclip.config import COCO_POST_CRF, VOC_POST_CRF, CRFConfig, InferenceConfig
+from weakclip.config import COCO_POST_CRF, VOC_POST_CRF, CRFConfig, InferenceConfig, check_fields
 
 _CRF_FIELDS = {f.name: f.name for f in fields(CRFConfig)} | {"iterations": "crf_iterations"}
 _INFERENCE_FIELDS = {k: k for k in ("scales", "short_side", "flip", "window", "stride")}
@@ -54,14 +54,9 @@ class PseudoMaskConfig:
             raise ValueError("splits: a non-empty list of split names, or null for all rows")
         if not 0 < self.cam_bg_threshold < 1:
             raise ValueError("cam_bg_threshold: must be in (0, 1)")
-        if self.report_images < 0:
-            raise ValueError("report_images: must be >= 0")
-        if not 0.0 <= self.max_error_fraction <= 1.0:
-            raise ValueError("max_error_fraction: must be in [0, 1]")
-        for name in ("short_side", "window", "stride", "crf_iterations"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name}: must be >= 1, got {value}")
+        check_fields(self, ">= 0", "report_images")
+        check_fields(self, "in [0, 1]", "max_error_fraction")
+        check_fields(self, ">= 1", "short_side", "window", "stride", "crf_iterations")
         if self.window is not None and self.stride is not None and self.stride > self.window:
             raise ValueError(f"stride: must be <= window={self.window}, got {self.stride}")
         if self.scales is not None and (not self.scales or min(self.scales) <= 0):

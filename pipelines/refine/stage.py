@@ -18,6 +18,7 @@ from pipelines.io.manifest import Manifest, StageOutput, StageState, read_manife
 from pipelines.io.storage import StorageOptions, resolve
 from pipelines.refine.units import WorkUnit, build_metrics, enumerate_units, refine_units
 from pipelines.seeds import METHODS, SeedConfig
+from weakclip.config import check_fields
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,7 @@ class RefineConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
-        if not 0.0 <= self.max_error_fraction <= 1.0:
-            raise ValueError("max_error_fraction: must be in [0, 1]")
+        check_fields(self, "in [0, 1]", "max_error_fraction")
         self.seed_config()  # SeedConfig names the offending field
 
     def seed_config(self) -> SeedConfig:

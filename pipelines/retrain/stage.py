@@ -22,6 +22,7 @@ from pipelines.retrain.model import ARCHITECTURES, build_model, export_model
 from pipelines.training import run as tr
 from pipelines.training.augment import AugmentConfig
 from pipelines.training.run import RunOptions, RunResult
+from weakclip.config import check_fields
 
 METRICS_FILE = "metrics.json"
 SOURCE_STAGES = ("ingest", "refine")
@@ -51,17 +52,11 @@ class RetrainConfig:
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {ARCHITECTURES}")
-        for name in ("iterations", "batch_size", "crop_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_fields(self, ">= 1", "iterations", "batch_size", "crop_size", "short_side")
+        check_fields(self, ">= 0", "weight_decay", "warmup_iterations")
+        check_fields(self, "in [0, 1]", "max_warmup_fraction")
         if not 0 < self.lr or not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"lr must be > 0 and min_lr in [0, lr], got {self.lr}, {self.min_lr}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.warmup_iterations < 0 or not 0 <= self.max_warmup_fraction <= 1:
-            raise ValueError("warmup_iterations must be >= 0, max_warmup_fraction in [0, 1]")
-        if self.short_side is not None and self.short_side < 1:
-            raise ValueError(f"short_side must be >= 1, got {self.short_side}")
         self.augment()  # AugmentConfig names a bad ratio_range, cat_max_ratio or flip_prob
 
     @property
@@ -83,8 +78,7 @@ class RetrainOptions(RunOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.wait_timeout_s < 0:
-            raise ValueError(f"wait_timeout_s must be >= 0, got {self.wait_timeout_s}")
+        check_fields(self, ">= 0", "wait_timeout_s")
 
 
 def micro_batching(config: RetrainConfig, options: RetrainOptions) -> tuple[int, int]:

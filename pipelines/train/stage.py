@@ -12,7 +12,7 @@ from pipelines.io.storage import StorageOptions, resolve
 from pipelines.train import export
 from pipelines.training import run as tr
 from pipelines.training.run import RunOptions, RunResult, TrainRefused
-from weakclip.config import WeakCLIPConfig, to_dict
+from weakclip.config import WeakCLIPConfig, check_fields, to_dict
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -32,8 +32,7 @@ class TrainJobConfig(RunOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         tr.micro_batching(self.model.train.batch_size, self)
-        if self.crf_processes is not None and self.crf_processes < 0:
-            raise ValueError(f"crf_processes must be >= 0, got {self.crf_processes}")
+        check_fields(self, ">= 0", "crf_processes")
 
 
 def run_signature(

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines.io.schema import IGNORE_INDEX
+from weakclip.config import check_fields
 
 RGB = tuple[float, float, float]
 IMAGENET_MEAN: RGB = (123.675, 116.28, 103.53)  # RGB, 0–255 scale
@@ -64,8 +65,8 @@ class AugmentConfig:
     std: tuple[float, float, float] = IMAGENET_STD  # per-channel RGB std on 0–255
 
     def __post_init__(self) -> None:
-        if self.crop_size <= 0:
-            raise ValueError(f"crop_size must be positive, got {self.crop_size}")
+        check_fields(self, ">= 1", "crop_size", "crop_attempts")
+        check_fields(self, "in [0, 1]", "flip_prob")
         if len(self.resize_scale) != 2 or min(self.resize_scale) <= 0:
             raise ValueError(f"resize_scale must be two positive ints, got {self.resize_scale}")
         lo, hi = self.ratio_range
@@ -73,10 +74,6 @@ class AugmentConfig:
             raise ValueError(f"ratio_range must satisfy 0 < low <= high, got {self.ratio_range}")
         if not 0 < self.cat_max_ratio <= 1:
             raise ValueError(f"cat_max_ratio must be in (0, 1], got {self.cat_max_ratio}")
-        if self.crop_attempts < 1:
-            raise ValueError(f"crop_attempts must be >= 1, got {self.crop_attempts}")
-        if not 0 <= self.flip_prob <= 1:
-            raise ValueError(f"flip_prob must be in [0, 1], got {self.flip_prob}")
         if not 0 <= self.brightness_delta <= 255:
             raise ValueError(f"brightness_delta must be in [0, 255], got {self.brightness_delta}")
         for name in ("contrast_range", "saturation_range"):

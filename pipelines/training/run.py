@@ -26,6 +26,7 @@ from typing import Any
 from pipelines.io import manifest as mf
 from pipelines.io.storage import Location, StorageOptions, resolve, upload_file, write_bytes_atomic
 from pipelines.training import checkpoint as ckpt
+from weakclip.config import check_fields
 
 RUN_NAME = "run"  # Ray Train experiment name under <output>/checkpoints/
 CHECKPOINTS = "checkpoints"
@@ -54,15 +55,12 @@ class RunOptions:
     num_cpus_per_task: float = 0.5  # Ray Data read/augment tasks
 
     def __post_init__(self) -> None:
-        for name in ("num_workers", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_fields(self, ">= 1", "num_workers", "checkpoint_every", "log_every")
+        check_fields(self, "> 0", "cpus_per_worker", "num_cpus_per_task")
         if self.max_failures < -1:
             raise ValueError(
                 f"max_failures must be >= -1 (-1 = unlimited), got {self.max_failures}"
             )
-        if self.cpus_per_worker <= 0 or self.num_cpus_per_task <= 0:
-            raise ValueError("cpus_per_worker and num_cpus_per_task must be positive")
 
 
 @dataclass(frozen=True)

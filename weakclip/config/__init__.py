@@ -25,6 +25,7 @@ from weakclip.config.components import (
     PromptConfig,
     TrainConfig,
     WeakCLIPConfig,
+    check_fields,
 )
 from weakclip.config.presets import (
     DATASETS,
@@ -56,6 +57,7 @@ __all__ = [
     "TrainConfig",
     "VOC_POST_CRF",
     "WeakCLIPConfig",
+    "check_fields",
     "for_dataset",
     "from_dict",
     "preset",

@@ -26,6 +26,24 @@ def _probability(name: str, value: float) -> None:
     _require(0 <= value < 1, name, "must be in [0, 1)", value)
 
 
+_RULES = {
+    ">= 0": lambda v: v >= 0,
+    ">= 1": lambda v: v >= 1,
+    "> 0": lambda v: v > 0,
+    "in [0, 1]": lambda v: 0 <= v <= 1,
+}
+
+
+def check_fields(config: object, rule: str, *names: str) -> None:
+    """For configs' `__post_init__`: ValueError `"<name> must be <rule>, got <value>"` for the
+    first of the fields `names` of `config` that is set (not None) and breaks `rule` (a key of
+    `_RULES`: ">= 0", ">= 1", "> 0" or "in [0, 1]")."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None:
+            _require(_RULES[rule](value), name, f"must be {rule}", value)
+
+
 @dataclass(frozen=True)
 class CustomCLIPConfig:
     """A small CLIP built directly from open_clip's `CLIPVisionCfg`/`CLIPTextCfg` (tiny preset)."""
