@@ -51,7 +51,8 @@ from weakclip.losses import (
 )
 
 
-def _load_rows(refine_uri: str) -> tuple[list[dict[str, Any]], list[str]]:
+def load_rows(refine_uri: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every row of a finished refine output (local or remote) and its class names."""
     loc = resolve(refine_uri)
     manifest = read_manifest(loc)
     rows: list[dict[str, Any]] = []
@@ -248,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write the rows to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows, class_names = _load_rows(args.refine)
+    rows, class_names = load_rows(args.refine)
     train_rows = [r for r in rows if r.get(schema.SPLIT) in (None, "train")]
     base = _merge({"train": {"iterations": args.iterations}}, json.loads(args.base))
     results = []

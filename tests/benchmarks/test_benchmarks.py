@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import pkgutil
 
 import pytest
@@ -40,3 +41,18 @@ def test_quality_table_shows_the_gain_and_zero_iou_classes() -> None:
         "colours-voc",
         "colours-coco91",
     }
+
+
+def test_feature_control_learns_what_its_targets_show(tmp_path) -> None:
+    from benchmarks import feature_control
+    from tests.pipelines.train.inputs import make_refine_input
+
+    make_refine_input(str(tmp_path / "refine"), count=8, val=2)
+    scores = {}
+    for iterations in (0, 60):
+        out = tmp_path / f"control-{iterations}.json"
+        argv = ["--refine", str(tmp_path / "refine"), "--targets", "gt", "--json", str(out)]
+        assert feature_control.main([*argv, "--iterations", str(iterations)]) == 0
+        scores[iterations] = json.loads(out.read_text())
+    assert scores[0]["seeds"] == scores[60]["seeds"]  # the seeds are scored, never trained on
+    assert scores[60]["argmax"] > scores[0]["argmax"] + 10  # colour-separable: learnt fast
