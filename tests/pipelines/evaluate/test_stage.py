@@ -142,7 +142,7 @@ def test_conversions_are_explicit() -> None:
     assert convert_labels(lenient, "coco81->coco91", strict=True).tolist()[0] == [0, 1, 13, 255]
 
 
-def test_decode_labels_checks_size_before_decoding() -> None:
+def test_decode_label_map_checks_size_before_decoding() -> None:
     labels = np.zeros((6, 8), np.uint8)
     data = encode_label_png(labels)
     assert decode_label_map(data, "prediction", (6, 8)).shape == (6, 8)
