@@ -184,6 +184,7 @@ def _gate_and_commit(
         ("pseudo_masks", baseline),
         source.class_names,
         add_sparse,
+        headline="pseudo_masks",
         class_space=source.class_space,
         ground_truth="every processed row with ground truth (per split under by_split)",
         extra={"cam_argmax_bg_threshold": config.cam_bg_threshold}

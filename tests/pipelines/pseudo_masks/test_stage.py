@@ -106,6 +106,7 @@ def test_ingest_input_quarantine_resume_and_checkpoint_change(tmp_path, ray_sess
     metrics = manifest.metrics
     assert metrics["gt_images"] == 6 and metrics["by_split"]["train"]["images"] == 6
     assert 0 <= metrics["pseudo_masks"]["miou"] <= 1 and 0 <= metrics["cam_argmax"]["miou"] <= 1
+    assert metrics["miou"] == metrics["pseudo_masks"]["miou"]  # the headline: the masks' score
     assert len(manifest.extra["report"]) == 4  # 3 strips + index.html
     assert result.actor_memory_mb and all(v > 0 for v in result.actor_memory_mb.values())
 
