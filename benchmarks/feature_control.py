@@ -27,12 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.recipe_ablation import load_rows
+from benchmarks.recipe_ablation import load_rows, score_rows
 from pipelines.io import schema
-from pipelines.io.codecs import decode_label_map, decode_rgb
-from pipelines.metrics import ConfusionAccumulator
-from pipelines.pseudo_masks.rows import postprocess
 from pipelines.train.data import augment_config_for, prepare_row
+from pipelines.training.augment import normalize
 from weakclip.config import preset
 
 PATCH, WIDTH, LAYERS, BATCH = 16, 64, 4, 8
@@ -108,25 +106,18 @@ def run(rows: list[dict[str, Any]], names: list[str], args: argparse.Namespace) 
         loss.backward()
         optimizer.step()
     train_seconds = time.perf_counter() - started
-    mean, std = (np.asarray(v, np.float32) for v in (augment.mean, augment.std))
-    scores = {k: ConfusionAccumulator(len(names)) for k in ("seeds", "argmax", "crf")}
-    with torch.inference_mode():
-        for r in rows:
-            h, w = r["height"], r["width"]
-            image = decode_rgb(r[schema.IMAGE], h, w)
-            gt = decode_label_map(r[schema.GT], "ground truth", (h, w))
-            x = torch.from_numpy(((image - mean) / std).transpose(2, 0, 1).copy())[None]
-            x = F.pad(x, (0, -w % PATCH, 0, -h % PATCH))
-            classes = [0, *sorted(int(c) for c in r[schema.LABELS])]
-            probs = torch.softmax(model(x)[0, classes, :h, :w], 0).numpy()
-            scores["argmax"].add(postprocess(image, probs, classes, crf=None), gt)
-            scores["crf"].add(postprocess(image, probs, classes, crf=config.inference.crf), gt)
-            scores["seeds"].add(decode_label_map(r[schema.SEED], "seed", (h, w)), gt)
-    present = sorted({int(c) for r in rows for c in r[schema.LABELS]})
-    crf = scores["crf"].score()
+
+    def probs_of(image: np.ndarray, classes: list[int]) -> np.ndarray:
+        h, w = image.shape[:2]
+        x = torch.from_numpy(normalize(image, mean=augment.mean, std=augment.std))[None]
+        logits = model(F.pad(x, (0, -w % PATCH, 0, -h % PATCH)))[0, classes, :h, :w]
+        return torch.softmax(logits, 0).numpy()
+
+    scores = score_rows(rows, len(names), config.inference.crf, probs_of)
     return {
-        **{k: round(100 * v.score().miou, 1) for k, v in scores.items()},
-        "zero_iou": [names[c] for c in present if not crf.per_class_iou[c] > 0],
+        **{k: round(100 * scores[k], 1) for k in ("seeds", "argmax")},
+        "crf": round(100 * scores["pseudo"], 1),
+        "zero_iou": [names[c] for c in scores["zero_iou_classes"]],
         "train_seconds": round(train_seconds, 1),
         "settings": {k: v for k, v in vars(args).items() if k not in ("refine", "json")},
     }

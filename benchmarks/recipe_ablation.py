@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -182,13 +182,15 @@ def _train(
     return model, history
 
 
-def _score(
-    model: torch.nn.Module,
-    config: WeakCLIPConfig,
+def score_rows(
     rows: list[dict[str, Any]],
     num_classes: int,
+    crf: Any,
+    probs_of: Callable[[np.ndarray, list[int]], np.ndarray],
 ) -> dict[str, Any]:
-    model.eval()
+    """Seeds, argmax and post-CRF (`crf`) mIoU of `rows` against their ground truth, where
+    `probs_of(image, classes)` gives the C x H x W float32 probabilities of an H x W x 3 image
+    over its classes (background + labels); `zero_iou_classes`: present ids at IoU 0 after CRF."""
     raw, post = ConfusionAccumulator(num_classes), ConfusionAccumulator(num_classes)
     seeds = ConfusionAccumulator(num_classes)
     with torch.inference_mode():
@@ -197,18 +199,9 @@ def _score(
             image = decode_rgb(row[schema.IMAGE], height, width)
             gt = decode_label_map(row[schema.GT], "ground truth", (height, width))
             classes = allowed_classes(row[schema.LABELS], num_classes, restrict=True)
-            probs = predict_probabilities(
-                lambda x: model(x).logits,
-                image,
-                classes,
-                num_classes=num_classes,
-                inference=config.inference,
-                pixel_mean=config.clip.pixel_mean,
-                pixel_std=config.clip.pixel_std,
-                device=torch.device("cpu"),
-            ).astype(np.float32)
+            probs = probs_of(image, classes)
             raw.add(postprocess(image, probs, classes, crf=None), gt)
-            post.add(postprocess(image, probs, classes, crf=config.inference.crf), gt)
+            post.add(postprocess(image, probs, classes, crf=crf), gt)
             seeds.add(decode_label_map(row[schema.SEED], "seed", (height, width)), gt)
     present = sorted({int(c) for row in rows for c in row[schema.LABELS]})
     post_score = post.score()
@@ -219,6 +212,30 @@ def _score(
         "pseudo": post_score.miou,
         "zero_iou_classes": zero,
     }
+
+
+def _score(
+    model: torch.nn.Module,
+    config: WeakCLIPConfig,
+    rows: list[dict[str, Any]],
+    num_classes: int,
+) -> dict[str, Any]:
+    model.eval()
+    return score_rows(
+        rows,
+        num_classes,
+        config.inference.crf,
+        lambda image, classes: predict_probabilities(
+            lambda x: model(x).logits,
+            image,
+            classes,
+            num_classes=num_classes,
+            inference=config.inference,
+            pixel_mean=config.clip.pixel_mean,
+            pixel_std=config.clip.pixel_std,
+            device=torch.device("cpu"),
+        ).astype(np.float32),
+    )
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

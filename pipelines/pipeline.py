@@ -201,11 +201,13 @@ def run_pipeline(
     data = dict(storage=storage, num_cpus_per_task=config.num_cpus_per_task, report=report)
     stage("ingest", partial(run_ingest, input_uri, uri["ingest"], ingest_config, **data))
     stage("refine", partial(run_refine, uri["ingest"], uri["refine"], config.refine, **data))
+    refined = read_manifest(uri["refine"])  # class space: the schedule; metrics: the summary
+    weakclip = _weakclip(config, refined.class_space)
     stage(
         "train",
         lambda overwrite: run_train(
             TrainJobConfig(
-                *(uri["refine"], uri["train"], _weakclip(config, _space(uri)), config.clip_weights),
+                *(uri["refine"], uri["train"], weakclip, config.clip_weights),
                 storage=storage,
                 **_run_options(config, overwrite),
             ),
@@ -227,7 +229,7 @@ def run_pipeline(
     )
     scored = (uri["pseudo_masks"], uri["refine"], uri["evaluate"], config.evaluate)
     evaluated = stage("evaluate", partial(run_evaluate, *scored, **data))
-    summary = _summary(read_manifest(uri["refine"]), config, evaluated, retrained.manifest.metrics)
+    summary = _summary(refined, config, evaluated, retrained.manifest.metrics)
     summary |= {"stages": uri, "report": out.child("pseudo_masks", "report", "index.html").uri}
     summary["seconds"] = {**seconds, "total": round(time.monotonic() - started, 1)}
     write_bytes_atomic(out, "summary.json", json.dumps(summary, indent=2).encode())
@@ -278,11 +280,6 @@ def _weakclip(config: PipelineConfig, class_space: str) -> WeakCLIPConfig:
         lr=config.lr or base.train.lr,
     )
     return dataclasses.replace(base, train=train)
-
-
-def _space(uri: Mapping[str, str]) -> str:
-    """The class space the chain's ingest stage wrote."""
-    return read_manifest(uri["ingest"]).class_space
 
 
 def _summary(

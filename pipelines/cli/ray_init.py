@@ -18,6 +18,15 @@ def alive_node_count() -> int:
     return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
+def use_gpu(requested: bool | None) -> bool:
+    """`requested`, or (None) whether the connected Ray cluster has GPUs."""
+    import ray
+
+    if requested is None:
+        return float(ray.cluster_resources().get("GPU", 0)) > 0
+    return requested
+
+
 def init_ray(args: argparse.Namespace, *, node_count: Callable[[], int] = alive_node_count) -> bool:
     """Connect to Ray, then refuse a node-local `--output` on a multi-node cluster.
 

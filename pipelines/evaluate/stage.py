@@ -193,7 +193,7 @@ def evaluate_outputs(
         f"({space.num_classes} classes)"
         + "".join(
             f"; {who} converted {conv}"
-            for who, conv in zip(("prediction", "GT"), conversions.values(), strict=True)
+            for who, conv in (("prediction", pred_conversion), ("GT", gt_conversion))
             if conv
         )
     )

@@ -21,6 +21,7 @@ from itertools import zip_longest
 from typing import Any
 
 from pipelines import units as core
+from pipelines.cli.ray_init import use_gpu
 from pipelines.io.manifest import FileEntry, Manifest, StageOutput, StageState, read_manifest
 from pipelines.io.storage import Location, StorageOptions, resolve
 from pipelines.metrics import summed_metrics
@@ -320,9 +321,7 @@ def _dataset(run: _Run, work: Sequence[PseudoUnit], pool: _Pool) -> Any:
     from pipelines.pseudo_masks.infer import MaskPredictor
     from pipelines.pseudo_masks.rows import postprocess_rows, read_unit
 
-    use_gpu = pool.use_gpu
-    if use_gpu is None:
-        use_gpu = float(ray.cluster_resources().get("GPU", 0)) > 0
+    gpu = use_gpu(pool.use_gpu)
     items = [{"unit": json.dumps(asdict(u))} for u in work]
     return (
         ray.data.from_items(items, override_num_blocks=len(items))
@@ -334,15 +333,15 @@ def _dataset(run: _Run, work: Sequence[PseudoUnit], pool: _Pool) -> Any:
         )
         .map_batches(
             MaskPredictor,
-            batch_size=pool.batch_size or (8 if use_gpu else 2),
+            batch_size=pool.batch_size or (8 if gpu else 2),
             compute=ray.data.ActorPoolStrategy(size=pool.actor_pool_size),
             num_cpus=pool.cpus_per_actor,
-            num_gpus=1 if use_gpu else 0,
+            num_gpus=1 if gpu else 0,
             fn_constructor_kwargs={
                 "checkpoint": [ray.put(run.checkpoint.data)],
                 "sha256": run.checkpoint.sha256,
                 "inference": run.inference,
-                "use_gpu": use_gpu,
+                "use_gpu": gpu,
                 "threads": max(1, int(pool.cpus_per_actor)),
             },
         )

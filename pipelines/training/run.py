@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from pipelines.cli.ray_init import use_gpu
 from pipelines.io import manifest as mf
 from pipelines.io.storage import Location, StorageOptions, resolve, upload_file, write_bytes_atomic
 from pipelines.training import checkpoint as ckpt
@@ -258,9 +259,7 @@ def fit(
     import ray.train.torch
 
     micro, accumulation = batching
-    gpu = options.use_gpu
-    if gpu is None:  # when the connected cluster has GPUs
-        gpu = float(ray.cluster_resources().get("GPU", 0)) > 0
+    gpu = use_gpu(options.use_gpu)
     fail_at = os.environ.get(FAIL_ENV)
     marker = os.path.join(
         tempfile.gettempdir(),
