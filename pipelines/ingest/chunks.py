@@ -90,13 +90,12 @@ def _row(
 ) -> dict[str, Any]:
     if entry.cam is None and entry.image is not None:
         raise RowRejected("missing CAM file")
-    gt = blobs.get(entry.gt) if entry.gt else None
     return build_row(
         image_id=entry.image_id,
         image=images.get(entry.image_id),
         cam=blobs.get(entry.cam) if entry.cam else None,
         label_vector=entry.label,
-        gt=gt,
+        gt=blobs.get(entry.gt) if entry.gt else None,
         source=entry.cam or entry.image or entry.image_id,
         split=entry.split,
         layout=config.layout,

@@ -304,9 +304,6 @@ def code_version() -> str:
     return version
 
 
-# ---------------------------------------------------------------------------------------------
-
-
 def _read_run_record(location: Location) -> dict[str, Any] | None:
     try:
         data = read_bytes(location, RUN_RECORD, max_bytes=MAX_MANIFEST_BYTES)

@@ -55,13 +55,9 @@ class StorageOptions:
 
     def with_env_defaults(self) -> StorageOptions:
         """The same options with unset fields taken from the environment of this process."""
-        endpoint = self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
-        region = (
-            self.region
-            or os.environ.get("AWS_REGION")
-            or os.environ.get("AWS_DEFAULT_REGION")
-            or None
-        )
+        env = os.environ.get
+        endpoint = self.endpoint_url or env("AWS_ENDPOINT_URL") or None
+        region = self.region or env("AWS_REGION") or env("AWS_DEFAULT_REGION") or None
         if endpoint is not None:
             _check_endpoint(endpoint)
         return StorageOptions(endpoint_url=endpoint, region=region)

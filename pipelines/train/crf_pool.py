@@ -74,7 +74,6 @@ class CRFPool:
         processes: int,
         params: dict[str, float],
         absent_tolerance: float | None = None,
-        start_method: str = "fork",
     ) -> None:
         if processes < 0:
             raise ValueError(f"processes must be >= 0, got {processes}")
@@ -86,10 +85,9 @@ class CRFPool:
         self.compute_seconds = 0.0  # submission-to-completion time of finished batches
         self._executor: ProcessPoolExecutor | None = None
         if processes > 0:
-            context = multiprocessing.get_context(start_method)
             self._executor = ProcessPoolExecutor(
                 max_workers=processes,
-                mp_context=context,
+                mp_context=multiprocessing.get_context("fork"),
                 initializer=_die_with_parent,
                 initargs=(os.getpid(),),
             )

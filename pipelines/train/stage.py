@@ -115,7 +115,7 @@ def _export_and_commit(
         clip_path = None if ckpt.has_clip_state(directory) else clip.fetch("CLIP weights")
         model = export.load_checkpoint_model(directory, clip_weights=clip_path)
     last = history[-1] if history else {}
-    manifest = tr.commit_run(
+    return tr.commit_run(
         run.stage,
         export=lambda path: export.export_model(
             path,
@@ -146,7 +146,6 @@ def _export_and_commit(
             "wall_seconds_last_attempt": round(seconds, 3),
         },
     )
-    return manifest
 
 
 __all__ = ["TrainJobConfig", "TrainRefused", "run_signature", "run_train"]
