@@ -17,29 +17,23 @@ from pipelines.ingest import IngestConfig, run_ingest
 
 def build_parser() -> argparse.ArgumentParser:
     parser, stage = job.job_parser("jobs.ingest", __doc__, "ingest options")
-    stage.add_argument("--layout", choices=("mctformer", "clip-es"), help="CAM file layout")
-    stage.add_argument(
-        "--classes",
-        metavar=job.CLASSES_METAVAR,
-        help="class space, or a classes.txt (default: the input's classes.txt)",
+    add = stage.add_argument
+    add("--layout", choices=("mctformer", "clip-es"), help="CAM file layout")
+    classes = "class space, or a classes.txt (default: the input's classes.txt)"
+    add("--classes", metavar=job.CLASSES_METAVAR, help=classes)
+    split = (
+        "split list (one id per line), relative to --input or a URI; repeatable. "
+        "Without it every image of the input is ingested, with no split"
     )
-    stage.add_argument(
-        "--split",
-        action="append",
-        metavar="[NAME=]FILE",
-        help="split list (one id per line), relative to --input or a URI; repeatable. "
-        "Without it every image of the input is ingested, with no split",
-    )
+    add("--split", action="append", metavar="[NAME=]FILE", help=split)
     job.add_max_error_fraction(stage)
-    stage.add_argument("--max-pixels", type=int, metavar="N", help="per image (default 50e6)")
-    stage.add_argument("--rows-per-shard", type=int, metavar="N", help="default 256")
-    stage.add_argument(
-        "--rows-per-unit",
-        type=int,
-        metavar="N",
-        help="rows per Parquet row group of the shards = the unit of work of refine, "
-        "pseudo_masks and evaluate (default 16)",
+    add("--max-pixels", type=int, metavar="N", help="per image (default 50e6)")
+    add("--rows-per-shard", type=int, metavar="N", help="default 256")
+    unit = (
+        "rows per Parquet row group of the shards = the unit of work of refine, "
+        "pseudo_masks and evaluate (default 16)"
     )
+    add("--rows-per-unit", type=int, metavar="N", help=unit)
     return parser
 
 

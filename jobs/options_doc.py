@@ -26,9 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--output", metavar="FILE", help="write the Markdown to FILE")
-    where.add_argument(
-        "--check", metavar="FILE", help="exit 1 when FILE differs from the generated Markdown"
-    )
+    check = "exit 1 when FILE differs from the generated Markdown"
+    where.add_argument("--check", metavar="FILE", help=check)
     return parser
 
 

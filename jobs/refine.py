@@ -27,12 +27,8 @@ DEFAULT_RESOURCES = job.Resources(num_cpus_per_task=1.0)
 def build_parser() -> argparse.ArgumentParser:
     parser, stage = job.job_parser("jobs.refine", __doc__, "refine options")
     stage.add_argument("--method", choices=METHODS, help="seed recipe (default weaktr)")
-    stage.add_argument(
-        "--bg-threshold",
-        type=float,
-        metavar="T",
-        help="background plane value, in (0, 1) (default 0.43, WeakTr VOC)",
-    )
+    threshold = "background plane value, in (0, 1) (default 0.43, WeakTr VOC)"
+    stage.add_argument("--bg-threshold", type=float, metavar="T", help=threshold)
     job.add_max_error_fraction(stage)
     job.add_progress_every(stage, "a progress line every N units")
     return parser

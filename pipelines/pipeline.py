@@ -114,12 +114,8 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", metavar="URI", help="dataset root (MCTformer/WeakTr layout)")
     source.add_argument("--demo", action="store_true", help="generate the synthetic dataset")
-    parser.add_argument(
-        "--demo-settings",
-        action="store_true",
-        help="with --input: the demo's settings (tiny model, short schedules) under the config "
-        "file and flags",
-    )
+    demo = "the demo's settings (tiny model, short schedules) under the config file and flags"
+    parser.add_argument("--demo-settings", action="store_true", help=f"with --input: {demo}")
     add_common_args(parser, model=True, input=False)
     for action in parser._actions:  # --output is optional for the demo
         if action.dest == "output":
@@ -131,12 +127,8 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     add("--iterations", type=int, metavar="N", help="training iterations")
     add("--num-workers", type=int, metavar="W", help="Ray Train workers")
     add("--clip-weights", metavar="URI", help="CLIP weights (default random)")
-    add(
-        "--device",
-        choices=sorted(DEVICES),
-        help="training, pseudo masks and retraining on GPU or CPU (default auto: GPU when the "
-        "cluster has one)",
-    )
+    gpu = "GPU or CPU (default auto: GPU when the cluster has one)"
+    add("--device", choices=sorted(DEVICES), help=f"training, pseudo masks and retraining on {gpu}")
     add("--num-images", type=int, metavar="N", help="--demo dataset size (40)")
 
 

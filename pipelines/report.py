@@ -180,10 +180,9 @@ def render_index(
 
 
 def _metrics_table(metrics: Mapping[str, Any]) -> str:
-    lines = ["<table><tr><th>metric</th><th>value</th></tr>"]
-    for key, value in _flatten(metrics):
-        lines.append(f"<tr><td>{html.escape(key)}</td><td>{html.escape(value)}</td></tr>")
-    return "\n".join([*lines, "</table>"])
+    esc = html.escape
+    rows = [f"<tr><td>{esc(k)}</td><td>{esc(v)}</td></tr>" for k, v in _flatten(metrics)]
+    return "\n".join(["<table><tr><th>metric</th><th>value</th></tr>", *rows, "</table>"])
 
 
 def _flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:

@@ -336,6 +336,4 @@ def already_done(out: StageOutput, report: Callable[[str], Any]) -> dict[str, An
 
 def pct(value: float | None) -> str:
     """A score as a percentage with one decimal; `n/a` for None or NaN."""
-    if value is None or value != value:
-        return "n/a"
-    return f"{100 * value:.1f}"
+    return "n/a" if value is None or value != value else f"{100 * value:.1f}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -220,24 +221,20 @@ def resolve_arg(flag: str, value: str, storage: StorageOptions) -> Location:
         raise UsageError(f"{flag}: {e}") from None
 
 
-def _positive_int(text: str) -> int:
+def _positive(text: str, kind: type[int] | type[float]) -> Any:
+    """`text` as a finite `kind` above 0 (an argparse type through `functools.partial`)."""
     try:
-        value = int(text)
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+        what = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be above 0 (finite), got {text}")
     return value
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+_positive_int = functools.partial(_positive, kind=int)
+_positive_float = functools.partial(_positive, kind=float)
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)

@@ -70,20 +70,13 @@ def add_options(parser: argparse.ArgumentParser, stage: argparse._ArgumentGroup)
             action.help = "optional: also write an evaluate stage directory here"
         elif action.dest == "input":
             action.help = "refine or pseudo_masks output holding the label maps to score"
-    stage.add_argument(
-        "--gt", required=True, metavar="URI", help="ingest or refine output holding `gt`"
-    )
-    stage.add_argument(
-        "--classes",
-        metavar=CLASSES_METAVAR,
-        help="class space to score in (default: the manifests'); converts coco91 <-> coco81",
-    )
-    stage.add_argument(
-        "--average-over",
-        metavar="NAMES",
-        help="comma-separated class names or ids the mIoU averages over (default: all)",
-    )
-    stage.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    add = stage.add_argument
+    add("--gt", required=True, metavar="URI", help="ingest or refine output holding `gt`")
+    classes = "class space to score in (default: the manifests'); converts coco91 <-> coco81"
+    add("--classes", metavar=CLASSES_METAVAR, help=classes)
+    average = "comma-separated class names or ids the mIoU averages over (default: all)"
+    add("--average-over", metavar="NAMES", help=average)
+    add("--json", action="store_true", help="print the metrics as JSON")
 
 
 def config_fields(args: argparse.Namespace) -> dict[str, Any]:

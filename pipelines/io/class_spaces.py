@@ -96,9 +96,8 @@ class ClassSpace:
     @property
     def multihot_lengths(self) -> tuple[int, ...]:
         """Accepted lengths of a `cls_labels` multi-hot vector for this space."""
-        if self.name == "coco81":
-            return (90, 80)  # COCO category-id space (mapped), or already contiguous
-        return (self.num_classes - 1,)
+        # coco81: COCO's category-id space (mapped), or already contiguous
+        return (90, 80) if self.name == "coco81" else (self.num_classes - 1,)
 
 
 VOC = ClassSpace("voc", VOC_CLASSES)

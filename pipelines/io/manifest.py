@@ -216,9 +216,8 @@ class StageOutput:
             elif actual != entry.bytes:
                 problems.append(f"{entry.path}: {actual} bytes on storage, {entry.bytes} listed")
         if problems:
-            shown = "; ".join(problems[:5]) + (
-                f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
-            )
+            more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+            shown = "; ".join(problems[:5]) + more
             raise ManifestError(f"cannot commit {self.location.uri}: {shown}")
         write_bytes_atomic(self.location, MANIFEST, data)
         write_bytes_atomic(self.location, SUCCESS, b"")

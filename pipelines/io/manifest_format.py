@@ -137,6 +137,7 @@ def wait_for_success(
 
 
 def parse_manifest(loc: Location, data: bytes) -> Manifest:
+    """The bytes of `loc`'s `manifest.json` as a validated `Manifest` (else ManifestError)."""
     where = f"{loc.uri}/{MANIFEST}"
     try:
         doc = json.loads(data)
@@ -145,70 +146,53 @@ def parse_manifest(loc: Location, data: bytes) -> Manifest:
     if not isinstance(doc, dict):
         raise ManifestError(f"{where} must hold a JSON object")
 
-    def need(key: str, kind: type | tuple[type, ...]) -> Any:
-        if key not in doc:
-            raise ManifestError(f"{where}: missing {key!r}")
-        value = doc[key]
-        if not isinstance(value, kind):
-            raise ManifestError(f"{where}: {key!r} has the wrong type")
+    def check(ok: bool, problem: str) -> None:
+        if not ok:
+            raise ManifestError(f"{where}: {problem}")
+
+    def need(key: str, kind: type | tuple[type, ...], nullable: bool = False) -> Any:
+        check(key in doc or nullable, f"missing {key!r}")
+        value = doc.get(key)
+        ok = isinstance(value, kind) or (nullable and value is None)
+        check(ok, f"{key!r} has the wrong type")
         return value
 
     stage = need("stage", str)
-    if stage not in STAGES:
-        raise ManifestError(f"{where}: unknown stage {stage!r}")
-    files = []
-    seen = set()
+    check(stage in STAGES, f"unknown stage {stage!r}")
+    files: dict[str, FileEntry] = {}  # by path: a path listed twice is refused
     for raw in need("files", list):
-        if not isinstance(raw, dict) or set(raw) != {"path", "rows", "bytes"}:
-            raise ManifestError(f"{where}: each file needs exactly path, rows, bytes")
+        ok = isinstance(raw, dict) and set(raw) == {"path", "rows", "bytes"}
+        check(ok, "each file needs exactly path, rows, bytes")
         path, rows, size = raw["path"], raw["rows"], raw["bytes"]
-        if not isinstance(path, str):
-            raise ManifestError(f"{where}: file path must be a string")
+        check(isinstance(path, str), "file path must be a string")
         try:
             clean = safe_relpath(path)
         except ValueError as e:
             raise ManifestError(f"{where}: file path escapes the directory: {e}") from None
-        if _reserved(clean):
-            raise ManifestError(f"{where}: {clean!r} is a reserved name, not a data file")
-        if clean in seen:
-            raise ManifestError(f"{where}: {clean!r} listed twice")
-        seen.add(clean)
-        if rows is not None and not _is_count(rows):
-            raise ManifestError(f"{where}: rows of {clean!r} must be a count or null")
-        if not _is_count(size):
-            raise ManifestError(f"{where}: bytes of {clean!r} must be a count")
-        files.append(FileEntry(path=clean, rows=rows, bytes=size))
+        check(not _reserved(clean), f"{clean!r} is a reserved name, not a data file")
+        check(clean not in files, f"{clean!r} listed twice")
+        check(rows is None or _is_count(rows), f"rows of {clean!r} must be a count or null")
+        check(_is_count(size), f"bytes of {clean!r} must be a count")
+        files[clean] = FileEntry(path=clean, rows=rows, bytes=size)
     counts = need("counts", dict)
     for key in REQUIRED_COUNTS:
-        if key not in counts:
-            raise ManifestError(f"{where}: counts lacks {key!r}")
-    if not all(isinstance(k, str) and _is_count(v) for k, v in counts.items()):
-        raise ManifestError(f"{where}: counts must map names to non-negative integers")
+        check(key in counts, f"counts lacks {key!r}")
+    valid = all(isinstance(k, str) and _is_count(v) for k, v in counts.items())
+    check(valid, "counts must map names to non-negative integers")
     class_names = need("class_names", list)
-    if not all(isinstance(n, str) for n in class_names):
-        raise ManifestError(f"{where}: class_names must be strings")
+    check(all(isinstance(n, str) for n in class_names), "class_names must be strings")
     class_space = need("class_space", str)
-    if class_space not in CLASS_SPACES:
-        raise ManifestError(f"{where}: class_space must be one of {CLASS_SPACES}")
+    check(class_space in CLASS_SPACES, f"class_space must be one of {CLASS_SPACES}")
     inputs = []
     for raw in need("inputs", list):
-        if (
-            not isinstance(raw, dict)
-            or not isinstance(raw.get("uri"), str)
-            or not isinstance(raw.get("manifest_sha256"), (str, type(None)))
-        ):
-            raise ManifestError(f"{where}: each input needs uri and manifest_sha256")
-        inputs.append(InputRef(uri=raw["uri"], manifest_sha256=raw["manifest_sha256"]))
-    metrics = doc.get("metrics")
-    if metrics is not None and not isinstance(metrics, dict):
-        raise ManifestError(f"{where}: metrics must be an object or null")
-    run_id = doc.get("run_id")
-    if run_id is not None and not isinstance(run_id, str):
-        raise ManifestError(f"{where}: run_id must be a string or null")
+        ok = isinstance(raw, dict) and isinstance(raw.get("uri"), str)
+        ok = ok and isinstance(raw.get("manifest_sha256"), str | None)
+        check(ok, "each input needs uri and manifest_sha256")
+        inputs.append(InputRef(uri=raw["uri"], manifest_sha256=raw.get("manifest_sha256")))
     return Manifest(
         location=loc,
         stage=stage,
-        files=tuple(files),
+        files=tuple(files.values()),
         counts=dict(counts),
         class_names=tuple(class_names),
         class_space=class_space,
@@ -216,8 +200,8 @@ def parse_manifest(loc: Location, data: bytes) -> Manifest:
         inputs=tuple(inputs),
         code_version=need("code_version", str),
         created=need("created", str),
-        metrics=metrics,
-        run_id=run_id,
+        metrics=need("metrics", dict, nullable=True),
+        run_id=need("run_id", str, nullable=True),
         extra={k: v for k, v in doc.items() if k not in STANDARD_KEYS},
         sha256=hashlib.sha256(data).hexdigest(),
     )

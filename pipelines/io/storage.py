@@ -79,9 +79,7 @@ class Location:
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
         """The fsspec filesystem for this location (cached per process and options)."""
-        if self.is_local:
-            return _local_fs()
-        return _s3_fs(self.options)
+        return _local_fs() if self.is_local else _s3_fs(self.options)
 
     def pyarrow_fs(self) -> pafs.FileSystem:
         """A picklable pyarrow filesystem for Ray Data, for `Location.path`-style paths."""

@@ -110,28 +110,18 @@ def _scales(text: str) -> tuple[float, ...]:
 
 def add_options(stage: argparse._ArgumentGroup) -> None:
     """The job's own options (`jobs.pseudo_masks`); `config_fields` maps them to the config."""
-    stage.add_argument(
-        "--checkpoint", required=True, metavar="URI", help="train's model.pt (s3://, file://)"
-    )
-    stage.add_argument(
-        "--scales", type=_scales, metavar="S,S,...", help="default: the checkpoint preset's"
-    )
-    stage.add_argument("--no-flip", action="store_true", help="no mirrored passes")
-    stage.add_argument(
-        "--no-restrict", action="store_true", help="all classes, not just the image's labels"
-    )
-    stage.add_argument("--no-crf", action="store_true", help="argmax without CRF")
-    stage.add_argument(
-        "--splits", metavar="S,S|all", help="splits to process (default train; all = every row)"
-    )
-    stage.add_argument("--report-images", type=int, metavar="N", help="images in report/ (8)")
+    add = stage.add_argument
+    add("--checkpoint", required=True, metavar="URI", help="train's model.pt (s3://, file://)")
+    add("--scales", type=_scales, metavar="S,S,...", help="default: the checkpoint preset's")
+    add("--no-flip", action="store_true", help="no mirrored passes")
+    add("--no-restrict", action="store_true", help="all classes, not just the image's labels")
+    add("--no-crf", action="store_true", help="argmax without CRF")
+    add("--splits", metavar="S,S|all", help="splits to process (default train; all = every row)")
+    add("--report-images", type=int, metavar="N", help="images in report/ (8)")
     add_max_error_fraction(stage)
-    stage.add_argument(
-        "--cpus-per-actor", type=float, default=1.0, metavar="N", help="CPUs per model replica"
-    )
-    stage.add_argument(
-        "--device", choices=("auto", "cpu", "gpu"), default="auto", help="gpu when present (auto)"
-    )
+    add("--cpus-per-actor", type=float, default=1.0, metavar="N", help="CPUs per model replica")
+    device = "gpu when present (auto)"
+    add("--device", choices=("auto", "cpu", "gpu"), default="auto", help=device)
     add_progress_every(stage, "a line every N images")
 
 
