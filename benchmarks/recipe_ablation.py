@@ -170,7 +170,7 @@ def _train(
                 )
                 total = total + boundary * bnd
             (total / workers).backward()
-            terms += [float(seeding), float(bnd), float(auxiliary)]
+            terms += [float(t.detach()) for t in (seeding, bnd, auxiliary)]
         optimizer.step()
         scheduler.step()
         if (iteration + 1) % 25 == 0 or iteration + 1 == train.iterations:

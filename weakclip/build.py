@@ -51,7 +51,8 @@ def build_weakclip(
             or None for random CLIP weights (tests, benchmarks).
 
     Returns:
-        The model in train mode; its CLIP weights are frozen.
+        The model in train mode; its CLIP weights are frozen (but for the image encoder's
+        with `clip.train_image_encoder`).
 
     Raises:
         ValueError: unknown architecture, unreadable or mismatched weights, a class name that
@@ -61,6 +62,8 @@ def build_weakclip(
     image_encoder = CLIPImageEncoder(
         visual=clip.visual, input_size=config.clip.input_size, tap_layers=config.clip.tap_layers
     )
+    if config.clip.train_image_encoder:  # not the paper's: see `CLIPConfig`
+        image_encoder.requires_grad_(True)
     if image_encoder.width != config.adapter.channels:
         raise ValueError(
             f"adapter.channels={config.adapter.channels} must equal the ViT width "

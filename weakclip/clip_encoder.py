@@ -103,7 +103,8 @@ class CLIPImageEncoder(nn.Module):
             images: B x 3 x H x W normalised images, H, W >= the patch size p.
 
         Returns:
-            `ImageFeatures` with h = floor(H / p), w = floor(W / p); no autograd graph.
+            `ImageFeatures` with h = floor(H / p), w = floor(W / p); no autograd graph while
+            the encoder is frozen (`clip.train_image_encoder` or a probe unfreezes it).
         """
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be B x 3 x H x W, got {tuple(images.shape)}")
@@ -112,8 +113,11 @@ class CLIPImageEncoder(nn.Module):
                 f"images must be at least {self.patch_size} pixels on each side, "
                 f"got {tuple(images.shape[-2:])}"
             )
-        with torch.no_grad():
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self._trainable()):
             return self._forward(images)
+
+    def _trainable(self) -> bool:
+        return any(p.requires_grad for p in self.parameters())
 
     def _forward(self, images: Tensor) -> ImageFeatures:
         visual = self.visual
@@ -146,6 +150,8 @@ class CLIPImageEncoder(nn.Module):
         stored = self.visual.positional_embedding
         if tuple(grid) == self.grid_size:
             return stored
+        if stored.requires_grad and torch.is_grad_enabled():  # being trained: keep the graph
+            return _resize_positional_embedding(stored, self.grid_size, tuple(grid))
         # The version counter changes when the weights are loaded or edited in place.
         key = (tuple(grid), stored.device, stored.dtype, stored._version)
         cached = self._grid_cache.get(key)
@@ -184,4 +190,4 @@ def _resize_positional_embedding(
         patches.float(), size=(new_h, new_w), mode="bilinear", align_corners=False
     ).to(embedding.dtype)
     patches = patches.permute(0, 2, 3, 1).reshape(new_h * new_w, -1)
-    return torch.cat([cls, patches], dim=0).detach()
+    return torch.cat([cls, patches], dim=0)  # in the graph only when `embedding` trains

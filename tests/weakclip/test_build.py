@@ -39,6 +39,22 @@ def _clip_parameter_names(model: WeakCLIP) -> set[str]:
     return names - {"text_encoder.context"}
 
 
+def test_train_image_encoder_trains_the_image_tower_only() -> None:
+    assert not TINY.clip.train_image_encoder and not preset("vit-b-16").clip.train_image_encoder
+    torch.manual_seed(0)
+    config = dataclasses.replace(
+        TINY, clip=dataclasses.replace(TINY.clip, train_image_encoder=True)
+    )
+    model = build_weakclip(config, VOC_NAMES[:3])
+    out = model(torch.randn(2, 3, 64, 64))
+    (out.logits.square().mean() + out.score_map.square().mean()).backward()
+    for name, parameter in model.image_encoder.named_parameters():
+        assert parameter.requires_grad and parameter.grad is not None, name
+    text = [n for n, p in model.text_encoder.named_parameters() if p.requires_grad]
+    assert text == ["context"]
+    assert not model.image_encoder.training  # no dropout or BatchNorm to switch
+
+
 @pytest.mark.parametrize("size", [(256, 256), (192, 320)])
 def test_output_shapes(tiny_model: WeakCLIP, size: tuple[int, int]) -> None:
     height, width = size

@@ -128,6 +128,15 @@ def test_frozen_and_without_graph() -> None:
     assert not any(tap.requires_grad for tap in features.taps)
 
 
+def test_unfrozen_by_a_probe_builds_a_graph() -> None:
+    encoder = tiny_encoder().requires_grad_(True)  # as clip.train_image_encoder does
+    features = encoder(torch.randn(1, 3, 64, 64))
+    features.taps[-1].sum().backward()
+    assert encoder.visual.conv1.weight.grad is not None
+    with torch.no_grad():
+        assert not encoder(torch.randn(1, 3, 64, 64)).taps[0].requires_grad
+
+
 def test_stays_in_eval_mode_inside_a_training_parent() -> None:
     encoder = tiny_encoder()
     parent = nn.ModuleDict({"encoder": encoder, "head": nn.Linear(2, 2)})

@@ -182,6 +182,7 @@ def test_ints_are_accepted_for_floats() -> None:
         (lambda: TrainConfig(min_lr=1.0), "min_lr"),
         (lambda: TrainConfig(ratio_range=(2.0, 0.5)), "ratio_range"),
         (lambda: TrainConfig(cat_max_ratio=0.0), "cat_max_ratio"),
+        (lambda: TrainConfig(lr_schedule="step"), "lr_schedule"),
         (
             lambda: dataclasses.replace(preset("tiny"), adapter=AdapterConfig(channels=768)),
             "adapter.channels",
@@ -213,6 +214,12 @@ def test_configs_are_frozen() -> None:
 def test_warmup_is_capped_for_short_runs() -> None:
     assert TrainConfig().effective_warmup_iterations == 1500
     assert TrainConfig(iterations=100).effective_warmup_iterations == 10
+
+
+def test_a_constant_schedule_has_no_warmup_and_no_decay() -> None:
+    constant = TrainConfig(iterations=100, lr=1e-3, lr_schedule="constant")
+    assert (constant.effective_warmup_iterations, constant.effective_min_lr) == (0, 1e-3)
+    assert TrainConfig().effective_min_lr == TrainConfig().min_lr == 1e-6
 
 
 def test_coco_settings() -> None:

@@ -96,9 +96,12 @@ class CustomCLIPConfig:
 
 @dataclass(frozen=True)
 class CLIPConfig:
-    """The frozen CLIP backbone and how images enter it."""
+    """The CLIP backbone (frozen, as in the paper) and how images enter it."""
 
     model_name: str = "ViT-B-16-quickgelu"  # open_clip architecture; "custom" uses `custom`
+    # Paper: False (both encoders frozen). True trains the image encoder too, an ablation for
+    # random weights (docs/METHOD.md, "Training the image encoder").
+    train_image_encoder: bool = False
     custom: CustomCLIPConfig | None = None  # architecture when model_name == "custom"
     input_size: int = 512  # training crop side; position embeddings are resized for it at load
     tap_layers: tuple[int, ...] = (4, 6, 8, 12)  # 1-based ViT blocks feeding the adapter
@@ -321,6 +324,7 @@ class TrainConfig:
     warmup_iterations: int = 1_500  # linear warm-up length
     max_warmup_fraction: float = 0.1  # warm-up is capped at this fraction of `iterations`
     min_lr: float = 1e-6  # cosine floor
+    lr_schedule: str = "cosine"  # "cosine": warm-up, cosine to min_lr (paper); "constant": lr
     seed: int = 504  # global random seed
     ratio_range: tuple[float, ...] = (0.5, 2.0)  # random resize of the short side
     cat_max_ratio: float = 0.75  # a crop may be at most this fraction one class
@@ -353,12 +357,24 @@ class TrainConfig:
             0 < self.cat_max_ratio <= 1, "cat_max_ratio", "must be in (0, 1]", self.cat_max_ratio
         )
         _require(0 <= self.flip_prob <= 1, "flip_prob", "must be in [0, 1]", self.flip_prob)
+        schedules = ("cosine", "constant")
+        _require(
+            self.lr_schedule in schedules,
+            "lr_schedule",
+            f"must be in {schedules}",
+            self.lr_schedule,
+        )
 
     @property
     def effective_warmup_iterations(self) -> int:
-        """Warm-up length after the cap for short runs."""
+        """Warm-up length after the cap for short runs (none under a constant schedule)."""
         cap = int(self.iterations * self.max_warmup_fraction)
-        return min(self.warmup_iterations, cap)
+        return 0 if self.lr_schedule == "constant" else min(self.warmup_iterations, cap)
+
+    @property
+    def effective_min_lr(self) -> float:
+        """The learning rate the schedule ends at: `min_lr`, or `lr` under a constant one."""
+        return self.lr if self.lr_schedule == "constant" else self.min_lr
 
 
 @dataclass(frozen=True)

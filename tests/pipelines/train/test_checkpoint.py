@@ -12,13 +12,14 @@ from pipelines.train.loop import freeze_dead_layers
 from pipelines.training import checkpoint as ckpt
 from pipelines.training.worker import Schedule, lr_at
 from weakclip.build import build_weakclip
-from weakclip.config import from_dict, preset, to_dict
+from weakclip.config import TrainConfig, from_dict, preset, to_dict
 
 NAMES = ["background", "disc", "square"]
 
 
-def _config():
-    return from_dict({"clip": {"input_size": 64}, "loss": {"resolution": 16}}, base=preset("tiny"))
+def _config(train_image_encoder: bool = False):
+    clip = {"input_size": 64, "train_image_encoder": train_image_encoder}
+    return from_dict({"clip": clip, "loss": {"resolution": 16}}, base=preset("tiny"))
 
 
 def _trained_model(config):
@@ -37,8 +38,9 @@ def _trained_model(config):
     return model.eval(), frozen, optimizer, scheduler, images
 
 
-def test_checkpoint_round_trip_restores_everything(tmp_path) -> None:
-    config = _config()
+@pytest.mark.parametrize("train_image_encoder", [False, True], ids=["frozen", "image-trained"])
+def test_checkpoint_round_trip_restores_everything(tmp_path, train_image_encoder: bool) -> None:
+    config = _config(train_image_encoder)
     model, frozen, optimizer, scheduler, images = _trained_model(config)
     meta = {"config": to_dict(config), "class_names": NAMES, "clip_weights": {}, "signature": {}}
     rows = [{"iteration": 1, "loss": 2.0}, {"iteration": 2, "loss": 1.5}]
@@ -57,6 +59,8 @@ def test_checkpoint_round_trip_restores_everything(tmp_path) -> None:
     assert ckpt.read_metrics(str(tmp_path)) == rows
     state = ckpt.read_train_state(str(tmp_path))
     assert not set(state["model"]) & frozen  # CLIP is not in the trainable state
+    trained_encoder = {n for n in state["model"] if n.startswith("image_encoder.")}
+    assert bool(trained_encoder) == train_image_encoder  # ... but a trained image encoder is
     assert set(ckpt.read_clip_state(str(tmp_path))) == frozen
     # A fresh model from another seed gets back every weight.
     restored = export.load_checkpoint_model(str(tmp_path), clip_weights=None)
@@ -130,6 +134,18 @@ def test_lr_schedule_warmup_and_cosine() -> None:
     assert lr_at(100, **kwargs) == pytest.approx(1e-6)
     values = [lr_at(i, **kwargs) for i in range(10, 101)]
     assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+
+
+def test_a_constant_schedule_keeps_the_peak_rate() -> None:
+    train = TrainConfig(iterations=50, lr=1e-3, warmup_iterations=20, lr_schedule="constant")
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    scheduler = Schedule.of(train).scheduler(optimizer)
+    rates = []
+    for _ in range(50):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([1e-3] * 50)
 
 
 def test_unchained_co_attention_dead_layers_are_frozen() -> None:
