@@ -21,13 +21,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
-from pipelines.cli.options import (
-    CLASSES_METAVAR,
-    DEVICES,
-    UsageError,
-    add_common_args,
-    given,
-)
+from pipelines.cli.options import CLASSES_METAVAR, DEVICES, UsageError, add_common_args, given
 from pipelines.evaluate import EvaluateConfig, run_evaluate
 from pipelines.ingest import IngestConfig, run_ingest
 from pipelines.io.manifest import Manifest, StageConflictError, read_manifest

@@ -63,6 +63,10 @@ class RetrainConfig:
     def effective_warmup_iterations(self) -> int:
         return min(self.warmup_iterations, int(self.max_warmup_fraction * self.iterations))
 
+    @property
+    def effective_min_lr(self) -> float:  # as WeakCLIP's TrainConfig (`Schedule.of` reads both)
+        return self.min_lr
+
     def augment(self) -> AugmentConfig:
         """The training augmentation (`pipelines.training.augment`) these settings describe."""
         short = self.short_side or self.crop_size

@@ -228,8 +228,7 @@ class Schedule:
     def of(cls, train: Any) -> Schedule:
         """The schedule of a training config (WeakCLIP's `train`, or `RetrainConfig`)."""
         warmup, total = train.effective_warmup_iterations, train.iterations
-        min_lr = getattr(train, "effective_min_lr", train.min_lr)  # RetrainConfig: min_lr
-        return cls(train.lr, min_lr, warmup, total, train.weight_decay)
+        return cls(train.lr, train.effective_min_lr, warmup, total, train.weight_decay)
 
     def scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         """`lr_at` as a scheduler of an optimizer whose base learning rate is `lr`."""
