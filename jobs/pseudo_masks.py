@@ -1,4 +1,5 @@
-r"""Pseudo masks: a trained WeakCLIP (train's model.pt) run over an ingest or refine output.
+r"""Pseudo masks: a trained WeakCLIP (train's model.pt, or the authors' released .pth) run
+over an ingest or refine output.
 
     python -m jobs.pseudo_masks --input s3://bucket/run/refine \
         --checkpoint s3://bucket/run/train/model.pt --output s3://bucket/run/pseudo_masks \
@@ -7,7 +8,10 @@ r"""Pseudo masks: a trained WeakCLIP (train's model.pt) run over an ingest or re
 
 Multi-scale + flip sliding-window inference in a fixed pool of model replicas (one GPU each
 when the cluster has GPUs), restricted to background + each image's classes, then dense-CRF
-post-processing on CPU tasks. `--config FILE` holds fields of
+post-processing on CPU tasks. A released checkpoint (hustvl/WeakCLIP's
+`train_74p03_iter_8000.pth` and the like) is detected by its layout; its class names are its
+`meta["CLASSES"]`, its architecture `--released-config FILE` (default the paper's vit-b-16).
+`--config FILE` holds fields of
 `pipelines.pseudo_masks.PseudoMaskConfig` (e.g. `bilateral_sxy`, `crf_iterations`); flags
 override it. The checkpoint is loaded with `torch.load(weights_only=True)` before Ray starts;
 anything else is refused. Exit status: 0 success; 1 failure with a one-line reason on stderr;
@@ -22,7 +26,7 @@ from pipelines import cli as job
 from pipelines.io.manifest import read_manifest
 from pipelines.pseudo_masks import PseudoMaskConfig, run_pseudo_masks
 from pipelines.pseudo_masks.checkpoint import verify_checkpoint
-from pipelines.pseudo_masks.config import add_options, config_fields, run_options
+from pipelines.pseudo_masks.config import add_options, config_fields, released_model, run_options
 from pipelines.pseudo_masks.stage import check_class_names
 
 # One model replica on 1 CPU; CRF tasks on half a CPU: on 2 cores both stages run at once.
@@ -43,7 +47,8 @@ def _main(argv: list[str]) -> int:
     # Everything that can be refused is refused before Ray starts: an unfinished input, an
     # unsafe or foreign checkpoint, a class-space mismatch.
     source = read_manifest(options.input)
-    checkpoint = verify_checkpoint(args.checkpoint, options.storage)
+    released = released_model(args, options.storage)
+    checkpoint = verify_checkpoint(args.checkpoint, options.storage, released)
     check_class_names(source, checkpoint)
     job.init_ray(args)
     result = run_pseudo_masks(*options.uris, checkpoint, config, **run_options(args, options))

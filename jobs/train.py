@@ -11,10 +11,13 @@ import sys
 
 from pipelines import cli as common
 from pipelines.training import options as opts
+from weakclip.config import PROFILES
 
 CLIP = {"metavar": "URI", "help": "CLIP weights file (default: random)"}
 CRF = {"type": int, "metavar": "N", "help": "CRF pool size per worker"}
+PROFILE = {"choices": PROFILES, "help": "released: the authors' code's behaviour (D1-D9)"}
 FLAGS = {"--resume": [("--clip-weights", CLIP)], "--device": [("--crf-processes", CRF)]}
+FLAGS[""] = [("--profile", PROFILE)]
 
 
 def build_parser() -> opts.argparse.ArgumentParser:
@@ -23,7 +26,7 @@ def build_parser() -> opts.argparse.ArgumentParser:
 
 def _main(argv: list[str]) -> int:
     from pipelines.train import TrainJobConfig, TrainRefused, run_train
-    from weakclip.config import WeakCLIPConfig, from_dict, preset
+    from weakclip.config import WeakCLIPConfig, from_dict, preset, profile
 
     args = build_parser().parse_args(argv)
     common.reject_unused(args, "train", "actor_pool_size")
@@ -33,7 +36,7 @@ def _main(argv: list[str]) -> int:
     flags = {k: v for k in ("iterations", "batch_size") if (v := getattr(args, k)) is not None}
     train = {**(overrides.get("train") or {}), **flags}
     with opts.usage_errors():
-        base = preset(args.model or "tiny")
+        base = profile(preset(args.model or "tiny"), args.profile)
         config = TrainJobConfig(
             input=job.input.uri,
             output=job.output.uri,

@@ -1,4 +1,5 @@
-"""Builds WeakCLIP from a config: the only place that reads a checkpoint (CLIP weights).
+"""Builds WeakCLIP from a config: the only place that reads a checkpoint (CLIP weights, or a
+whole model in the authors' released layout: `build_released`).
 
 CLIP weights come from a local file (fetching from object storage is the caller's job):
 - an open_clip state dict, `.safetensors` or a `torch.save` file (`.bin`, `.pt`, `.pth`), read
@@ -24,11 +25,17 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
 from weakclip.clip_encoder import CLIPImageEncoder
 from weakclip.co_attention import CoAttentionMatching
-from weakclip.config import CLIPConfig, WeakCLIPConfig
+from weakclip.config import CLIPConfig, WeakCLIPConfig, released_forward
 from weakclip.decoder import TextGuidedDecoder
 from weakclip.model import WeakCLIP
 from weakclip.prompt import PromptTextEncoder
 from weakclip.pyramid_adapter import PyramidAdapter
+from weakclip.released import (
+    from_released,
+    is_released_checkpoint,
+    released_class_names,
+    to_released,
+)
 
 WeightsFormat = Literal["torchscript", "state_dict", "safetensors"]
 TAG_PREFIX = "tag:"
@@ -60,7 +67,11 @@ def build_weakclip(
     """
     clip = build_clip(config.clip, clip_weights=clip_weights)
     image_encoder = CLIPImageEncoder(
-        visual=clip.visual, input_size=config.clip.input_size, tap_layers=config.clip.tap_layers
+        visual=clip.visual,
+        input_size=config.clip.input_size,
+        tap_layers=config.clip.tap_layers,
+        class_embedding_twice=config.clip.class_embedding_twice,
+        drop_path_rate=config.clip.drop_path_rate,
     )
     if config.clip.train_image_encoder:  # not the paper's: see `CLIPConfig`
         image_encoder.requires_grad_(True)
@@ -103,10 +114,68 @@ def build_weakclip(
             width=config.decoder.width,
             head_blocks=config.decoder.head_blocks,
             dropout=config.decoder.dropout,
+            upsample_by_two=config.decoder.upsample_by_two,
+            default_init=config.decoder.default_init,
         ),
         tau=config.loss.tau,
     )
     return model.train()
+
+
+def read_released_checkpoint(path: str | os.PathLike[str]) -> dict[str, object]:
+    """A released checkpoint file (`{"meta", "state_dict", ...}`), read with `weights_only=True`.
+
+    Raises:
+        ValueError: missing, not loadable without running code, or not the released layout.
+    """
+    path = os.fspath(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for foreign or unsafe files
+        raise ValueError(f"cannot read released checkpoint {path!r}: {error}") from None
+    if not is_released_checkpoint(payload):
+        raise ValueError(f"{path!r} is not a released WeakCLIP checkpoint (mmseg layout)")
+    return dict(payload)
+
+
+def build_released(
+    payload: Mapping[str, object],
+    config: WeakCLIPConfig,
+    class_names: Sequence[str] | None = None,
+) -> WeakCLIP:
+    """The WeakCLIP of a released checkpoint, in eval mode, every weight loaded strictly.
+
+    Args:
+        payload: the loaded file (`read_released_checkpoint`).
+        config: its architecture (e.g. `preset("vit-b-16")`, the released models'); the forward
+            flags a released model needs are set here (`released_forward`).
+        class_names: K names; None takes the checkpoint's `meta["CLASSES"]`.
+
+    Raises:
+        ValueError: not the released layout, no class names, or a tensor that does not fit the
+            architecture (named, in the released layout).
+    """
+    if not is_released_checkpoint(payload):
+        raise ValueError("not a released WeakCLIP checkpoint (mmseg layout)")
+    names = tuple(class_names) if class_names is not None else released_class_names(payload)
+    if not names:
+        raise ValueError("the released checkpoint records no class names (meta CLASSES)")
+    state = from_released(payload["state_dict"])  # type: ignore[arg-type]
+    model = build_weakclip(released_forward(config), names)
+    expected = model.state_dict()
+    for name in sorted(set(expected) ^ set(state)):
+        released_name = next(iter(to_released({name: expected.get(name, state.get(name))})))
+        what = "lacks" if name in expected else "has a tensor this architecture does not:"
+        raise ValueError(f"released checkpoint {what} {released_name!r}")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            released_name = next(iter(to_released({name: tensor})))
+            raise ValueError(
+                f"released tensor {released_name!r} has shape {tuple(tensor.shape)}, the config "
+                f"expects {tuple(expected[name].shape)}"
+            )
+    model.load_state_dict(state, strict=True)
+    return model.eval()
 
 
 def build_clip(config: CLIPConfig, *, clip_weights: str | os.PathLike[str] | None = None) -> CLIP:

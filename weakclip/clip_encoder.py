@@ -47,6 +47,8 @@ class CLIPImageEncoder(nn.Module):
         visual: VisionTransformer,
         input_size: int | tuple[int, int],
         tap_layers: Sequence[int],
+        class_embedding_twice: bool = False,
+        drop_path_rate: float = 0.0,
     ) -> None:
         """
         Args:
@@ -54,6 +56,10 @@ class CLIPImageEncoder(nn.Module):
                 projection; taken over (its position embedding is replaced) and frozen.
             input_size: the training input side (or height, width); sets the stored grid.
             tap_layers: 1-based numbers of the blocks whose outputs become `taps`.
+            class_embedding_twice: add the class embedding to the class token a second time,
+                after the position embedding (the released ViT; `clip.class_embedding_twice`).
+            drop_path_rate: stochastic depth while the model trains, linear over the blocks
+                from 0 to this rate (`clip.drop_path_rate`); never in eval mode.
         """
         super().__init__()
         if not isinstance(visual, VisionTransformer):
@@ -75,6 +81,12 @@ class CLIPImageEncoder(nn.Module):
         self.width: int = visual.conv1.out_channels  # C
         self.embed_dim: int = visual.proj.shape[1]  # D
         self.tap_layers: tuple[int, ...] = tuple(tap_layers)
+        self.class_embedding_twice = class_embedding_twice
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        # Per block, as the released ViT: linspace(0, rate, blocks).
+        self.drop_path_rates = torch.linspace(0, drop_path_rate, num_blocks).tolist()
+        self.stochastic_depth = False  # on while the model trains (`train`)
 
         grid = (height // patch_h, width // patch_w)
         with torch.no_grad():
@@ -94,7 +106,9 @@ class CLIPImageEncoder(nn.Module):
         return tuple(self.visual.grid_size)  # type: ignore[return-value]
 
     def train(self, mode: bool = True) -> CLIPImageEncoder:
-        """Stays in eval mode whatever `mode` is: the encoder is frozen."""
+        """Stays in eval mode whatever `mode` is (the encoder is frozen); `mode` only turns the
+        stochastic depth of `drop_path_rate` on or off."""
+        self.stochastic_depth = mode and max(self.drop_path_rates) > 0
         return super().train(False)
 
     def forward(self, images: Tensor) -> ImageFeatures:
@@ -128,12 +142,17 @@ class CLIPImageEncoder(nn.Module):
         cls = visual.class_embedding.to(x.dtype).expand(batch, 1, -1)
         x = torch.cat([cls, x], dim=1)  # B x (1 + hw) x C
         x = x + self.positional_embedding_for((h, w)).to(x.dtype)
+        if self.class_embedding_twice:  # the released ViT: 2 e_cls + pos_0 (D1)
+            x = torch.cat([x[:, :1] + cls, x[:, 1:]], dim=1)
         x = visual.ln_pre(x)
 
         batch_first = visual.transformer.batch_first
         taps: list[Tensor] = []
         for index, block in enumerate(visual.transformer.resblocks, start=1):
-            if batch_first:
+            rate = self.drop_path_rates[index - 1] if self.stochastic_depth else 0.0
+            if rate > 0:
+                x = _block_with_drop_path(block, x, rate)
+            elif batch_first:
                 x = block(x)
             else:
                 x = block(x.transpose(0, 1)).transpose(0, 1)
@@ -170,6 +189,25 @@ class CLIPImageEncoder(nn.Module):
 
     def extra_repr(self) -> str:
         return f"grid_size={self.grid_size}, tap_layers={self.tap_layers}"
+
+
+def _block_with_drop_path(block: nn.Module, x: Tensor, rate: float) -> Tensor:
+    """An open_clip residual block on B x N x C tokens whose two residual branches are each
+    dropped for a whole sample with probability `rate` (kept ones scaled by 1 / (1 - rate))."""
+
+    def drop(branch: Tensor) -> Tensor:
+        keep = branch.new_empty(branch.shape[0], 1, 1).bernoulli_(1.0 - rate)
+        return branch * keep / (1.0 - rate)
+
+    batch_first = getattr(block.attn, "batch_first", False)
+
+    def attend(tokens: Tensor) -> Tensor:
+        if batch_first:
+            return block.attention(q_x=tokens)
+        return block.attention(q_x=tokens.transpose(0, 1)).transpose(0, 1)
+
+    x = x + drop(block.ls_1(attend(block.ln_1(x))))
+    return x + drop(block.ls_2(block.mlp(block.ln_2(x))))
 
 
 def _resize_positional_embedding(

@@ -32,7 +32,10 @@ class TextGuidedDecoder(nn.Module):
     summed at the finest level, then Dropout2d and a 1x1 classifier.
 
     Every resize targets the actual size of the destination level, so odd and non-square
-    inputs (where levels are not exact multiples of each other) work.
+    inputs (where levels are not exact multiples of each other) work. With `upsample_by_two`
+    each block of a coarser level is followed by a x2 upsample instead and the level is resized
+    to the finest size only at the end (the released head; the same on grids that are multiples
+    of 8).
     """
 
     def __init__(
@@ -43,6 +46,8 @@ class TextGuidedDecoder(nn.Module):
         width: int,
         head_blocks: Sequence[int],
         dropout: float,
+        upsample_by_two: bool = False,
+        default_init: bool = False,
     ) -> None:
         """
         Args:
@@ -51,6 +56,8 @@ class TextGuidedDecoder(nn.Module):
             width: FPN and head width (256).
             head_blocks: C.B.R. blocks per level, finest first ((1, 1, 2, 3)).
             dropout: Dropout2d probability before the classifier (0.1).
+            upsample_by_two: x2 upsampling steps in the head (`decoder.upsample_by_two`).
+            default_init: keep PyTorch's default initialisation (`decoder.default_init`).
         """
         super().__init__()
         for name, value in (
@@ -68,6 +75,7 @@ class TextGuidedDecoder(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.in_channels = in_channels
         self.num_classes = num_classes
+        self.upsample_by_two = upsample_by_two
 
         self.lateral_convs = nn.ModuleList(
             nn.Conv2d(in_channels + num_classes, width, kernel_size=1) for _ in range(NUM_LEVELS)
@@ -81,20 +89,24 @@ class TextGuidedDecoder(nn.Module):
         )
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(width, num_classes, kernel_size=1)
-        self._init_weights()
+        self._init_weights(default_init)
 
-    def _init_weights(self) -> None:
+    def _init_weights(self, default_init: bool) -> None:
         # The usual semantic-FPN initialisation: Xavier for the neck, He for the ReLU blocks,
-        # and a near-zero classifier so the initial logits are close to uniform.
+        # and a near-zero classifier so the initial logits are close to uniform. The released
+        # code never calls it: its neck keeps mmcv ConvModule's He init and its classifier
+        # PyTorch's default (`default_init`).
         for conv in [*self.lateral_convs, *self.fpn_convs]:
-            nn.init.xavier_uniform_(conv.weight)
-            if conv.bias is not None:
-                nn.init.zeros_(conv.bias)
+            if default_init:
+                nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            else:
+                nn.init.xavier_uniform_(conv.weight)
+            nn.init.zeros_(conv.bias)
         for module in self.scale_heads.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        nn.init.normal_(self.classifier.weight, std=0.01)
-        if self.classifier.bias is not None:
+        if not default_init:
+            nn.init.normal_(self.classifier.weight, std=0.01)
             nn.init.zeros_(self.classifier.bias)
 
     def forward(self, features: Sequence[Tensor], score_map: Tensor) -> Tensor:
@@ -135,7 +147,9 @@ class TextGuidedDecoder(nn.Module):
             for step, block in enumerate(blocks.children()):
                 x = block(x)
                 target = index - 1 - step
-                if target >= 0:
+                if target >= 0 and self.upsample_by_two:
+                    x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+                elif target >= 0:
                     x = F.interpolate(x, size=sizes[target], mode="bilinear", align_corners=False)
             if x.shape[-2:] != sizes[0]:
                 x = F.interpolate(x, size=sizes[0], mode="bilinear", align_corners=False)

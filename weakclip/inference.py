@@ -28,6 +28,7 @@ def sliding_window_logits(
     window: int = 512,
     stride: int = 341,
     max_windows_per_call: int = 8,
+    pad_small: bool = True,
 ) -> torch.Tensor:
     """Logits of a whole image from overlapping square windows.
 
@@ -35,7 +36,8 @@ def sliding_window_logits(
     end at the border (mmseg's `slide_inference` grid), so every pixel is covered. Each
     window's logits are resized bilinearly to the window and overlapping windows are averaged.
     An image smaller than the window is padded bottom/right with 0 — the mean colour after
-    normalisation, which is also what training pads crops with — and the result cropped back.
+    normalisation, which is also what training pads crops with — and the result cropped back;
+    with `pad_small` False its windows are cut to the image instead (mmseg's slide inference).
 
     Args:
         model_fn: B x 3 x window x window -> B x K x h' x w' logits at any resolution.
@@ -44,6 +46,7 @@ def sliding_window_logits(
         window: side of the square window.
         stride: step between windows, 1 <= stride <= window.
         max_windows_per_call: windows batched into one model call (bounds memory).
+        pad_small: pad a side shorter than the window (`inference.pad_small_images`).
 
     Returns:
         1 x K x H x W float32 logits on the image's device.
@@ -55,21 +58,22 @@ def sliding_window_logits(
     if not 1 <= stride <= window:
         raise ValueError(f"stride must be in [1, window={window}], got {stride}")
     height, width = image.shape[-2:]
-    pad_bottom, pad_right = max(window - height, 0), max(window - width, 0)
+    win_h, win_w = (window, window) if pad_small else (min(window, height), min(window, width))
+    pad_bottom, pad_right = max(win_h - height, 0), max(win_w - width, 0)
     if pad_bottom or pad_right:
         image = F.pad(image, (0, pad_right, 0, pad_bottom), value=0.0)
     padded_height, padded_width = image.shape[-2:]
     corners = [
         (top, left)
-        for top in _window_starts(padded_height, window=window, stride=stride)
-        for left in _window_starts(padded_width, window=window, stride=stride)
+        for top in _window_starts(padded_height, window=win_h, stride=stride)
+        for left in _window_starts(padded_width, window=win_w, stride=stride)
     ]
     logit_sum = image.new_zeros((num_classes, padded_height, padded_width), dtype=torch.float32)
     count = image.new_zeros((padded_height, padded_width), dtype=torch.float32)
     for first in range(0, len(corners), max_windows_per_call):
         chunk = corners[first : first + max_windows_per_call]
         crops = torch.cat(
-            [image[:, :, top : top + window, left : left + window] for top, left in chunk]
+            [image[:, :, top : top + win_h, left : left + win_w] for top, left in chunk]
         )
         logits = model_fn(crops)  # B x K x h' x w'
         if logits.ndim != 4 or logits.shape[:2] != (len(chunk), num_classes):
@@ -78,13 +82,13 @@ def sliding_window_logits(
                 f"expected ({len(chunk)}, {num_classes}, h, w)"
             )
         logits = logits.float()
-        if logits.shape[-2:] != (window, window):
+        if logits.shape[-2:] != (win_h, win_w):
             logits = F.interpolate(
-                logits, size=(window, window), mode="bilinear", align_corners=False
+                logits, size=(win_h, win_w), mode="bilinear", align_corners=False
             )
         for crop_logits, (top, left) in zip(logits, chunk, strict=True):
-            logit_sum[:, top : top + window, left : left + window] += crop_logits
-            count[top : top + window, left : left + window] += 1
+            logit_sum[:, top : top + win_h, left : left + win_w] += crop_logits
+            count[top : top + win_h, left : left + win_w] += 1
     mean_logits = logit_sum / count  # K x H_pad x W_pad; count >= 1 everywhere by construction
     return mean_logits[None, :, :height, :width]
 
@@ -101,6 +105,7 @@ def multiscale_probabilities(
     stride: int = 341,
     class_mask: torch.Tensor | None = None,
     max_windows_per_call: int = 8,
+    pad_small: bool = True,
 ) -> torch.Tensor:
     """Class probabilities averaged over scales and horizontal flips (6 × 2 = 12 passes).
 
@@ -126,6 +131,7 @@ def multiscale_probabilities(
         stride: sliding-window step.
         class_mask: K bool, True for the classes allowed in this image, or None for all.
         max_windows_per_call: windows batched into one model call.
+        pad_small: see `sliding_window_logits`.
 
     Returns:
         K x H x W float32 probabilities on the image's device, summing to 1 over K.
@@ -160,6 +166,7 @@ def multiscale_probabilities(
                 window=window,
                 stride=stride,
                 max_windows_per_call=max_windows_per_call,
+                pad_small=pad_small,
             )[0]  # K x h x w
             if allowed is not None:
                 logits = logits.masked_fill(~allowed, float("-inf"))

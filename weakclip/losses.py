@@ -69,7 +69,9 @@ def downsample_seeds(seeds: torch.Tensor, *, size: Size) -> torch.Tensor:
     return small[:, 0].long()
 
 
-def seeding_loss(logits: torch.Tensor, seeds: torch.Tensor, *, size: Size) -> torch.Tensor:
+def seeding_loss(
+    logits: torch.Tensor, seeds: torch.Tensor, *, size: Size, log_epsilon: float = 0.0
+) -> torch.Tensor:
     """Seeding loss: mean_batch(L_bg) + mean_batch(L_fg) on seed pixels at the loss resolution.
 
     Per image, L_bg = -sum over background seeds of log P_bg / max(#bg, 1e-4) and
@@ -81,13 +83,19 @@ def seeding_loss(logits: torch.Tensor, seeds: torch.Tensor, *, size: Size) -> to
         logits: B x K x h x w logits (class 0 = background).
         seeds: B x H x W integer labels in [0, K) or 255 (ignore).
         size: loss resolution; logits are resized bilinearly, seeds by nearest neighbour.
+        log_epsilon: 0 takes log_softmax; > 0 takes log(softmax + log_epsilon), the released
+            code's 1e-7 (`loss.seeding_log_epsilon`), which caps a pixel's loss near 16.
 
     Returns:
         Scalar loss.
     """
     batch, num_classes = logits.shape[:2]
     _check_seeds(seeds, num_classes, batch)
-    log_p = torch.log_softmax(resize_logits(logits, size=size).float(), dim=1)  # B x K x s x s
+    resized = resize_logits(logits, size=size).float()
+    if log_epsilon > 0:
+        log_p = torch.log(torch.softmax(resized, dim=1) + log_epsilon)
+    else:
+        log_p = torch.log_softmax(resized, dim=1)  # B x K x s x s
     small = downsample_seeds(seeds, size=size)  # B x s x s
     valid = small != IGNORE_INDEX
     background = small == BACKGROUND
@@ -111,6 +119,7 @@ def boundary_loss(
     prob_floor: float = 1e-4,
     ratio_min: float = 0.05,
     ratio_max: float = 20.0,
+    clamp_probs: bool = True,
 ) -> torch.Tensor:
     """Boundary loss: mean over pixels of sum_c Q_c log(clip(Q_c / P_c, ratio_min, ratio_max)).
 
@@ -122,6 +131,8 @@ def boundary_loss(
         probs: B x K x h x w softmax probabilities P (from `loss_probabilities`).
         crf_q: B x K x h x w CRF marginals Q (any device/dtype; detached here).
         prob_floor, ratio_min, ratio_max: the clamps above.
+        clamp_probs: False leaves P unclamped (the released code; `loss.clamp_boundary_probs`),
+            so gradients also flow where P < prob_floor unless the ratio is clipped.
 
     Returns:
         Scalar loss; 0 where Q == P (and P >= prob_floor).
@@ -133,13 +144,17 @@ def boundary_loss(
         )
     q = crf_q.detach().to(device=probs.device, dtype=torch.float32).clamp_min(prob_floor)
     q = q / q.sum(dim=1, keepdim=True)
-    p = probs.float().clamp_min(prob_floor)
+    p = probs.float().clamp_min(prob_floor) if clamp_probs else probs.float()
     ratio = (q / p).clamp(ratio_min, ratio_max)
     return (q * torch.log(ratio)).sum(dim=1).mean()
 
 
 def auxiliary_loss(
-    score_map: torch.Tensor, seeds: torch.Tensor, *, tau: float = 0.07
+    score_map: torch.Tensor,
+    seeds: torch.Tensor,
+    *,
+    tau: float = 0.07,
+    over_all_pixels: bool = False,
 ) -> torch.Tensor:
     """Auxiliary loss: cross-entropy of score_map / tau, upsampled to the seeds' size.
 
@@ -147,10 +162,12 @@ def auxiliary_loss(
         score_map: B x K x h x w text-to-pixel cosine similarities.
         seeds: B x H x W integer labels, 255 = ignore.
         tau: temperature.
+        over_all_pixels: divide by every pixel, ignored ones included (mmseg 0.19's mean, the
+            released code; `loss.aux_over_all_pixels`) instead of the valid ones.
 
     Returns:
-        Scalar: mean over valid pixels; 0 (with a graph) when every pixel is ignored, where
-        `F.cross_entropy` would return nan.
+        Scalar: the summed cross-entropy over valid pixels divided by their number (or by all
+        pixels); 0 (with a graph) when every pixel is ignored.
     """
     batch, num_classes = score_map.shape[:2]
     _check_seeds(seeds, num_classes, batch)
@@ -160,7 +177,7 @@ def auxiliary_loss(
         score_map.float() / tau, size=tuple(seeds.shape[-2:]), mode="bilinear", align_corners=False
     )
     total = F.cross_entropy(logits, seeds.long(), ignore_index=IGNORE_INDEX, reduction="sum")
-    count = (seeds != IGNORE_INDEX).sum().clamp_min(1)
+    count = seeds.numel() if over_all_pixels else (seeds != IGNORE_INDEX).sum().clamp_min(1)
     return total / count
 
 
@@ -195,6 +212,9 @@ def weakclip_loss(
     prob_floor: float = 1e-4,
     ratio_min: float = 0.05,
     ratio_max: float = 20.0,
+    log_epsilon: float = 0.0,
+    clamp_probs: bool = True,
+    aux_over_all_pixels: bool = False,
 ) -> WeakCLIPLoss:
     """total = seeding + boundary_weight x boundary + aux_weight x auxiliary.
 
@@ -207,17 +227,23 @@ def weakclip_loss(
         size: loss resolution of the seeding and boundary terms.
         aux_weight: weight of the auxiliary term (0.4 in the paper).
         boundary_weight: weight of the boundary term (1 in the paper).
-        tau, prob_floor, ratio_min, ratio_max: see the single losses.
+        tau, prob_floor, ratio_min, ratio_max, log_epsilon, clamp_probs: see the single
+            losses; aux_over_all_pixels: `auxiliary_loss`'s over_all_pixels.
     """
-    seeding = seeding_loss(logits, seeds, size=size)
+    seeding = seeding_loss(logits, seeds, size=size, log_epsilon=log_epsilon)
     if crf_q is None:
         boundary = seeding.new_zeros(())
     else:
         probs = loss_probabilities(logits, size=size)
         boundary = boundary_loss(
-            probs, crf_q, prob_floor=prob_floor, ratio_min=ratio_min, ratio_max=ratio_max
+            probs,
+            crf_q,
+            prob_floor=prob_floor,
+            ratio_min=ratio_min,
+            ratio_max=ratio_max,
+            clamp_probs=clamp_probs,
         )
-    auxiliary = auxiliary_loss(score_map, seeds, tau=tau)
+    auxiliary = auxiliary_loss(score_map, seeds, tau=tau, over_all_pixels=aux_over_all_pixels)
     total = seeding + boundary_weight * boundary + aux_weight * auxiliary
     return WeakCLIPLoss(
         total=total,

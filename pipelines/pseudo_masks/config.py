@@ -6,18 +6,30 @@ import argparse
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from pipelines.cli.config import NULL
+from pipelines.cli.config import NULL, load_config_file
 from pipelines.cli.options import (
     DEVICES,
     JobOptions,
+    UsageError,
     add_max_error_fraction,
     add_progress_every,
     comma_list,
     given,
     stage_kwargs,
 )
+from pipelines.io.storage import StorageOptions
 from pipelines.pseudo_masks.checkpoint import VerifiedCheckpoint
-from weakclip.config import COCO_POST_CRF, VOC_POST_CRF, CRFConfig, InferenceConfig, check_fields
+from weakclip.config import (
+    COCO_POST_CRF,
+    VOC_POST_CRF,
+    CRFConfig,
+    InferenceConfig,
+    WeakCLIPConfig,
+    check_fields,
+    from_dict,
+    preset,
+    to_dict,
+)
 
 _CRF_FIELDS = {f.name: f.name for f in fields(CRFConfig)} | {"iterations": "crf_iterations"}
 _INFERENCE_FIELDS = {k: k for k in ("scales", "short_side", "flip", "window", "stride")}
@@ -84,11 +96,16 @@ def stage_config(
     config: PseudoMaskConfig, inference: InferenceConfig, checkpoint: VerifiedCheckpoint
 ) -> dict[str, Any]:
     """What fingerprints an output: resolved recipe, splits, report size, class names and the
-    checkpoint digest (not the error tolerance, so a failed run can be resumed with another)."""
+    checkpoint digest, with a released checkpoint's model config (not the error tolerance, so a
+    failed run can be resumed with another)."""
     recipe = asdict(inference)
     if not config.use_crf:
         recipe["crf"] = None
+    released = (
+        {"released_model": to_dict(checkpoint.config)} if checkpoint.layout == "released" else {}
+    )
     return {
+        **released,
         "inference": recipe,
         "splits": list(config.splits) if config.splits is not None else None,
         "cam_bg_threshold": config.cam_bg_threshold,
@@ -111,7 +128,9 @@ def _scales(text: str) -> tuple[float, ...]:
 def add_options(stage: argparse._ArgumentGroup) -> None:
     """The job's own options (`jobs.pseudo_masks`); `config_fields` maps them to the config."""
     add = stage.add_argument
-    add("--checkpoint", required=True, metavar="URI", help="train's model.pt (s3://, file://)")
+    add("--checkpoint", required=True, metavar="URI", help="train's model.pt or a released .pth")
+    released = "a released .pth's architecture: YAML or JSON model fields over vit-b-16 (default)"
+    add("--released-config", metavar="FILE", help=released)
     add("--scales", type=_scales, metavar="S,S,...", help="default: the checkpoint preset's")
     add("--no-flip", action="store_true", help="no mirrored passes")
     add("--no-restrict", action="store_true", help="all classes, not just the image's labels")
@@ -123,6 +142,21 @@ def add_options(stage: argparse._ArgumentGroup) -> None:
     device = "gpu when present (auto)"
     add("--device", choices=("auto", "cpu", "gpu"), default="auto", help=device)
     add_progress_every(stage, "a line every N images")
+
+
+def released_model(args: argparse.Namespace, storage: StorageOptions) -> WeakCLIPConfig | None:
+    """`--released-config`'s model config over the `vit-b-16` preset (None: not given).
+
+    Raises:
+        UsageError: unreadable file, or fields the model config refuses.
+    """
+    if not args.released_config:
+        return None
+    values = load_config_file(args.released_config, storage)
+    try:
+        return from_dict(values, WeakCLIPConfig, base=preset("vit-b-16"))
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--released-config: {e}") from None
 
 
 def config_fields(args: argparse.Namespace) -> dict[str, Any]:

@@ -68,6 +68,7 @@ def predict_probabilities(
         window=inference.window,
         stride=inference.stride,
         class_mask=class_mask,
+        pad_small=inference.pad_small_images,
     )  # K x H x W float32
     return probs.index_select(0, index).to(torch.float16).cpu().numpy()
 
@@ -86,10 +87,12 @@ class MaskPredictor:
         inference: InferenceConfig,
         use_gpu: bool,
         threads: int | None = None,
+        released_config: Any = None,
     ) -> None:
         """`checkpoint`: its bytes, or a one-element list holding their ObjectRef, with the
         verified digest `sha256`; `use_gpu`: run on CUDA (the actor was given a GPU);
-        `threads`: torch CPU threads (None keeps torch's default)."""
+        `threads`: torch CPU threads (None keeps torch's default); `released_config`: the
+        model config of a released checkpoint (`build_model`)."""
         from pipelines.pseudo_masks.checkpoint import build_model
 
         if isinstance(checkpoint, list):
@@ -99,7 +102,7 @@ class MaskPredictor:
         if threads is not None:
             torch.set_num_threads(max(1, threads))
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        model, config = build_model(checkpoint, sha256=sha256)
+        model, config = build_model(checkpoint, sha256=sha256, released_config=released_config)
         del checkpoint
         self.model = model.to(self.device)
         self.num_classes = len(model.class_names)

@@ -196,7 +196,12 @@ def _gate_and_commit(
     def written() -> tuple[list[FileEntry], dict[str, Any]]:
         files = _write_report(run, ordered, metrics) if config.report_images else []
         ckpt = run.checkpoint
-        checkpoint = {"uri": ckpt.uri, "sha256": ckpt.sha256, "iteration": ckpt.iteration}
+        checkpoint = {
+            "uri": ckpt.uri,
+            "sha256": ckpt.sha256,
+            "iteration": ckpt.iteration,
+            "layout": ckpt.layout,
+        }
         return files, {"checkpoint": checkpoint, "report": [f.path for f in files]}
 
     tally = core.tally_records(ordered)
@@ -321,7 +326,7 @@ def _dataset(run: _Run, work: Sequence[PseudoUnit], pool: _Pool) -> Any:
     from pipelines.pseudo_masks.infer import MaskPredictor
     from pipelines.pseudo_masks.rows import postprocess_rows, read_unit
 
-    gpu = use_gpu(pool.use_gpu)
+    gpu, ckpt = use_gpu(pool.use_gpu), run.checkpoint
     items = [{"unit": json.dumps(asdict(u))} for u in work]
     return (
         ray.data.from_items(items, override_num_blocks=len(items))
@@ -338,11 +343,12 @@ def _dataset(run: _Run, work: Sequence[PseudoUnit], pool: _Pool) -> Any:
             num_cpus=pool.cpus_per_actor,
             num_gpus=1 if gpu else 0,
             fn_constructor_kwargs={
-                "checkpoint": [ray.put(run.checkpoint.data)],
-                "sha256": run.checkpoint.sha256,
+                "checkpoint": [ray.put(ckpt.data)],
+                "sha256": ckpt.sha256,
                 "inference": run.inference,
                 "use_gpu": gpu,
                 "threads": max(1, int(pool.cpus_per_actor)),
+                "released_config": ckpt.config if ckpt.layout == "released" else None,
             },
         )
         .map_batches(

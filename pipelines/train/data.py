@@ -39,11 +39,12 @@ def prepare_row(
     rng: np.random.Generator,
     augment: AugmentConfig,
     loss_resolution: int,
+    crf_resize: str = "bilinear",
 ) -> dict[str, np.ndarray]:
     """Decodes, validates and augments one refine row (pure numpy; no Ray): `image` 3 x S x S
     float32 normalised crop (S = `clip.input_size`), `seed` S x S uint8 seed labels (255 =
     ignore), `crf_image` s x s x 3 uint8 RGB at the loss resolution s for the CRF, `class_mask`
-    K bool (background and the image's labels).
+    K bool (background and the image's labels). `crf_resize` is `loss.boundary_image_resize`.
 
     Raises:
         ValueError: undecodable bytes, sizes that disagree with the row, class ids outside
@@ -64,11 +65,16 @@ def prepare_row(
         raise ValueError(f"{image_id}: seed holds class ids {bad} absent from its labels")
     image, crop_seed = augment_sample(rgb, seed, rng=rng, config=augment)
     # The CRF sees the augmented crop as the network does (photometric changes included).
-    crf_image = np.asarray(
-        Image.fromarray(denormalize(image, mean=augment.mean, std=augment.std)).resize(
-            (loss_resolution, loss_resolution), resample=Image.Resampling.BILINEAR
+    rgb_crop = denormalize(image, mean=augment.mean, std=augment.std)  # S x S x 3 uint8
+    if crf_resize == "nearest":  # the released point-sampled zoom: truncated coordinates
+        picks = np.arange(loss_resolution) * rgb_crop.shape[0] // loss_resolution
+        crf_image = np.ascontiguousarray(rgb_crop[picks][:, picks])
+    else:
+        crf_image = np.asarray(
+            Image.fromarray(rgb_crop).resize(
+                (loss_resolution, loss_resolution), resample=Image.Resampling.BILINEAR
+            )
         )
-    )
     class_mask = np.zeros(num_classes, dtype=bool)
     class_mask[0] = True
     class_mask[class_ids] = True
@@ -118,6 +124,7 @@ def augment_units(
                 rng=np.random.default_rng(row_seed(seed, epoch, str(row[schema.IMAGE_ID]))),
                 augment=augment,
                 loss_resolution=model_config.loss.resolution,
+                crf_resize=model_config.loss.boundary_image_resize,
             )
             for row in rows
         ]

@@ -114,9 +114,9 @@ def _micro_step(
     seeds = batch["seed"].to(device, non_blocking=True).long()
     with autocast:
         output = ddp(images)
-    logits, score_map = output.logits, output.score_map
+    logits, score_map, loss = output.logits, output.score_map, config.loss
     probs = loss_probabilities(logits, size=size)  # B x K x s x s, float32
-    weight = config.loss.boundary_weight
+    weight = loss.boundary_weight
     pending = None
     if weight > 0:  # a zero weight (an ablation) skips the CRF altogether
         pending = pool.submit(
@@ -126,9 +126,11 @@ def _micro_step(
         )
     # While the pool works: the losses that do not need Q, their gradients with respect to the
     # outputs (a few small kernels), and the next batch.
-    seeding = seeding_loss(logits, seeds, size=size)
-    auxiliary = auxiliary_loss(score_map, seeds, tau=config.loss.tau)
-    partial = (seeding + config.loss.aux_weight * auxiliary) / accumulation
+    seeding = seeding_loss(logits, seeds, size=size, log_epsilon=loss.seeding_log_epsilon)
+    auxiliary = auxiliary_loss(
+        score_map, seeds, tau=loss.tau, over_all_pixels=loss.aux_over_all_pixels
+    )
+    partial = (seeding + loss.aux_weight * auxiliary) / accumulation
     grad_logits, grad_score = torch.autograd.grad(partial, [logits, score_map], retain_graph=True)
     next_batch = batches.next()
     boundary_value = 0.0
@@ -137,9 +139,10 @@ def _micro_step(
         boundary = boundary_loss(
             probs,
             q,
-            prob_floor=config.loss.prob_clamp,
-            ratio_min=config.loss.ratio_min,
-            ratio_max=config.loss.ratio_max,
+            prob_floor=loss.prob_clamp,
+            ratio_min=loss.ratio_min,
+            ratio_max=loss.ratio_max,
+            clamp_probs=loss.clamp_boundary_probs,
         )
         (grad_boundary,) = torch.autograd.grad(
             weight * boundary / accumulation, [logits], retain_graph=True
@@ -151,7 +154,7 @@ def _micro_step(
     seeding_value = float(seeding.detach())
     auxiliary_value = float(auxiliary.detach())
     terms = {
-        "loss": seeding_value + weight * boundary_value + config.loss.aux_weight * auxiliary_value,
+        "loss": seeding_value + weight * boundary_value + loss.aux_weight * auxiliary_value,
         "loss_seeding": seeding_value,
         "loss_boundary": boundary_value,
         "loss_auxiliary": auxiliary_value,

@@ -72,7 +72,16 @@ def read_export_payload(
         ValueError: unloadable (`load_weights_only`), not a `kind` export, or a bad field.
     """
     where = where or repr(source)
-    payload = load_weights_only(source, what=f"{kind} export", where=where)
+    return check_export_payload(
+        load_weights_only(source, what=f"{kind} export", where=where),
+        fmt=fmt,
+        kind=kind,
+        where=where,
+    )
+
+
+def check_export_payload(payload: Any, *, fmt: str, kind: str, where: str) -> dict[str, Any]:
+    """`read_export_payload`'s checks of an already loaded payload."""
     if not isinstance(payload, dict) or payload.get("format") != fmt:
         raise ValueError(f"{where} is not a {kind} export ({fmt})")
     names = payload.get("class_names")

@@ -107,3 +107,48 @@ def test_s3_end_to_end_and_rerun(tmp_path, capsys, s3_bucket, ray_session) -> No
     assert "pseudo_masks: 5 masks" in capsys.readouterr().out
     assert job.main(argv) == 0
     assert "nothing to do" in capsys.readouterr().out
+
+
+def test_a_released_checkpoint_runs_like_an_export(tmp_path, capsys, ray_session) -> None:
+    # The same weights as train's export (with the released forward) and in the released
+    # layout (`--released-config` gives the architecture): the same masks, the file's digest.
+    import hashlib
+
+    import torch
+
+    from pipelines.train.export import export_model
+    from tests.pipelines.pseudo_masks.inputs import CLASS_NAMES, tiny_config
+    from weakclip.build import build_weakclip
+    from weakclip.config import released_forward, to_dict
+    from weakclip.released import to_released
+
+    rows = ingest_rows(3)
+    write_shard_output(str(tmp_path / "ingest"), rows, stage="ingest", rows_per_group=2)
+    torch.manual_seed(0)
+    config = released_forward(tiny_config())
+    model = build_weakclip(config, CLASS_NAMES)
+    export = str(tmp_path / "model.pt")
+    export_model(
+        export, model=model, config=config, class_names=CLASS_NAMES, clip_source=None,
+        clip_sha256="random", iteration=0,
+    )  # fmt: skip
+    released = tmp_path / "released.pth"
+    meta = {"CLASSES": tuple(CLASS_NAMES), "iter": 8000}
+    torch.save({"meta": meta, "state_dict": to_released(model.state_dict())}, released)
+    architecture = tmp_path / "architecture.json"
+    architecture.write_text(json.dumps(to_dict(tiny_config())))
+    argv = ["--input", str(tmp_path / "ingest"), "--report-images", "0"]
+    out_export, out_released = tmp_path / "from-export", tmp_path / "from-released"
+    assert job.main([*argv, "--output", str(out_export), "--checkpoint", export]) == 0
+    code = job.main(
+        [*argv, "--output", str(out_released), "--checkpoint", str(released),
+         "--released-config", str(architecture)]
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    checkpoint = json.loads((out_released / "manifest.json").read_text())["checkpoint"]
+    assert checkpoint["sha256"] == hashlib.sha256(released.read_bytes()).hexdigest()
+    assert checkpoint["layout"] == "released" and checkpoint["iteration"] == 8000
+    for row in rows:
+        name = f"masks/{row[schema.IMAGE_ID]}.png"
+        with Image.open(out_export / name) as a, Image.open(out_released / name) as b:
+            np.testing.assert_array_equal(np.array(a), np.array(b))

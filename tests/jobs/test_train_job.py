@@ -18,6 +18,7 @@ def test_usage_errors_exit_2(tmp_path, capsys) -> None:
     assert "multiple of num_workers" in capsys.readouterr().err
     assert main([*base, "--iterations", "0"]) == 2
     assert main([*base, "--model", "huge"]) == 2
+    assert main([*base, "--profile", "mine"]) == 2
 
 
 def test_missing_input_exits_1_with_one_line(tmp_path, capsys, ray_session) -> None:
@@ -36,10 +37,15 @@ def test_train_job_smoke_and_rerun(tmp_path, capsys, ray_session) -> None:
         "--input", str(tmp_path / "refine"), "--output", str(tmp_path / "train"),
         "--model", "tiny", "--config", str(config), "--iterations", "2", "--batch-size", "2",
         "--num-workers", "2", "--log-every", "1", "--checkpoint-every", "2",
+        "--profile", "released",  # every released-code behaviour on (docs/METHOD.md)
     ]  # fmt: skip
     assert main(argv) == 0
     manifest = mf.read_manifest(resolve(str(tmp_path / "train")))
     assert manifest.stage == "train" and manifest.counts["iterations"] == 2
+    model_config = manifest.config["model"]
+    assert model_config["clip"]["class_embedding_twice"]
+    assert not model_config["adapter"]["trainable"]
+    assert model_config["loss"]["boundary_image_resize"] == "nearest"
     model = load_exported_model(str(tmp_path / "train" / "model.pt"))
     assert model(torch.randn(1, 3, 64, 64)).logits.shape == (1, 7, 16, 16)
     capsys.readouterr()

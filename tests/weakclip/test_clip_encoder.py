@@ -153,3 +153,47 @@ def test_bad_arguments() -> None:
         encoder(torch.randn(1, 3, PATCH - 1, 64))
     with pytest.raises(ValueError, match="B x 3 x H x W"):
         encoder(torch.randn(3, 64, 64))
+
+
+def test_class_embedding_twice_is_the_released_compensation() -> None:
+    # D1: the released ViT's CLS token is 2 e_cls + pos_0, i.e. e_cls + (pos_0 + e_cls).
+    images = torch.randn(2, 3, 256, 256)
+    twice = CLIPImageEncoder(
+        visual=tiny_clip().visual,
+        input_size=256,
+        tap_layers=TINY.tap_layers,
+        class_embedding_twice=True,
+    )
+    compensated = tiny_encoder()
+    with torch.no_grad():
+        compensated.visual.positional_embedding[0] += compensated.visual.class_embedding
+        expected, got, plain = compensated(images), twice(images), tiny_encoder()(images)
+    torch.testing.assert_close(got.global_embedding, expected.global_embedding)
+    torch.testing.assert_close(got.dense_embedding, expected.dense_embedding)
+    assert not torch.allclose(got.global_embedding, plain.global_embedding, rtol=1e-3, atol=0)
+
+
+def test_drop_path_acts_only_while_training() -> None:
+    # D7: stochastic depth in training mode, none in eval mode, none at rate 0.
+    images = torch.randn(4, 3, 64, 64)
+
+    def encoder(rate: float) -> CLIPImageEncoder:
+        return CLIPImageEncoder(
+            visual=tiny_clip().visual,
+            input_size=64,
+            tap_layers=TINY.tap_layers,
+            drop_path_rate=rate,
+        )
+
+    dropping, still = encoder(0.5), encoder(0.0)
+    reference = still(images).dense_embedding
+    torch.manual_seed(0)
+    dropping.train()
+    first, second = dropping(images).dense_embedding, dropping(images).dense_embedding
+    assert not torch.allclose(first, second)
+    assert not torch.allclose(first, reference)
+    dropping.eval()
+    torch.testing.assert_close(dropping(images).dense_embedding, reference)
+    still.train()
+    torch.testing.assert_close(still(images).dense_embedding, reference)
+    assert dropping.drop_path_rates == pytest.approx([0.0, 0.5 / 3, 1.0 / 3, 0.5])

@@ -74,9 +74,12 @@ def test_tiny_preset_is_small_and_consistent() -> None:
     assert config.clip.tap_layers == (1, 2, 3, 4)
     assert config.inference.scales == (1.0,) and config.inference.flip
     assert config.co_attention.width == config.decoder.width == 64
-    # The one deviation from the paper's losses, for random CLIP weights (docs/METHOD.md).
-    assert config.loss.boundary_weight == 0.1
-    assert dataclasses.replace(config.loss, boundary_weight=1.0) == LossConfig(resolution=32)
+    # The deviations from the paper's losses (docs/METHOD.md): the boundary weight, for random
+    # CLIP weights, and the auxiliary mean over valid pixels (D5) its numbers were measured with.
+    assert config.loss.boundary_weight == 0.1 and not config.loss.aux_over_all_pixels
+    paper = dataclasses.replace(config.loss, boundary_weight=1.0, aux_over_all_pixels=True)
+    assert paper == LossConfig(resolution=32)
+    assert config.clip.drop_path_rate == 0.0  # D7 off, as the tiny numbers were measured
 
 
 def test_unknown_preset_is_refused() -> None:

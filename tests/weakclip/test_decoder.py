@@ -93,3 +93,44 @@ def test_rejects_bad_head_blocks(head_blocks: tuple[int, ...]) -> None:
         TextGuidedDecoder(
             in_channels=CHANNELS, num_classes=3, width=8, head_blocks=head_blocks, dropout=0.1
         )
+
+
+def test_upsampling_by_two_matches_exact_sizes_only_on_even_grids() -> None:
+    # D2: the released head's x2 steps reach the exact sizes when the grid is a multiple of 8.
+    def both(height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)
+        exact = _decoder(3).eval()
+        steps = _decoder(3).eval()
+        steps.load_state_dict(exact.state_dict())
+        steps.upsample_by_two = True
+        levels, score = _levels(1, height, width), torch.randn(1, 3, height, width)
+        with torch.no_grad():
+            return exact(levels, score), steps(levels, score)
+
+    exact, steps = both(8, 16)
+    torch.testing.assert_close(steps, exact)
+    exact, steps = both(7, 9)
+    assert exact.shape == steps.shape == (1, 3, 28, 36)
+    assert not torch.allclose(steps, exact, atol=1e-4)
+
+
+def test_default_init_leaves_the_classifier_as_pytorch_makes_it() -> None:
+    # D8: the released code never calls init_weights: its classifier is U(+-1/sqrt(fan_in)),
+    # not N(0, 0.01).
+    torch.manual_seed(0)
+    ours = TextGuidedDecoder(
+        in_channels=CHANNELS, num_classes=21, width=64, head_blocks=(1, 1, 2, 3), dropout=0.1
+    )
+    released = TextGuidedDecoder(
+        in_channels=CHANNELS,
+        num_classes=21,
+        width=64,
+        head_blocks=(1, 1, 2, 3),
+        dropout=0.1,
+        default_init=True,
+    )
+    weight, bias = ours.classifier.weight.detach(), ours.classifier.bias.detach()
+    assert float(weight.std()) == pytest.approx(0.01, rel=0.1) and float(bias.abs().max()) == 0
+    weight, bias = released.classifier.weight.detach(), released.classifier.bias.detach()
+    assert float(weight.abs().max()) <= 1 / 64**0.5 and float(weight.std()) > 0.05
+    assert float(bias.abs().max()) > 0.0

@@ -215,3 +215,25 @@ def test_rejects_batched_or_integer_images() -> None:
             window=8,
             stride=8,
         )
+
+
+def test_an_image_smaller_than_the_window_runs_as_is_without_padding() -> None:
+    # D6: mmseg's slide inference cuts the window to the image instead of padding it.
+    model = PixelLinear()
+    seen: list[tuple[int, int]] = []
+
+    def recording(images: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(images.shape[-2:]))
+        return model(images)
+
+    image = _image(20, 70)
+    padded = sliding_window_logits(recording, image, num_classes=K, window=32, stride=21)
+    assert set(seen) == {(32, 32)}
+    seen.clear()
+    as_is = sliding_window_logits(
+        recording, image, num_classes=K, window=32, stride=21, pad_small=False
+    )
+    assert set(seen) == {(20, 32)}
+    # A per-pixel model gives the same logits either way; the windows differ.
+    torch.testing.assert_close(as_is, padded)
+    torch.testing.assert_close(as_is, model(image))

@@ -166,3 +166,37 @@ def test_weakclip_loss_combines_terms() -> None:
     assert weighted.total.item() == pytest.approx(
         out.seeding + 0.1 * out.boundary + 0.4 * out.auxiliary, rel=1e-6
     )
+
+
+def test_seeding_log_epsilon_caps_a_confidently_wrong_pixel() -> None:
+    # D3: log(softmax + 1e-7) caps a pixel's loss at -log(1e-7) ~ 16.1; log_softmax does not.
+    logits = torch.tensor([[[[-50.0]], [[50.0]]]])  # B=1, K=2, 1 x 1: all mass on class 1
+    seeds = torch.zeros(1, 1, 1, dtype=torch.long)  # the seed says background
+    plain = seeding_loss(logits, seeds, size=1)
+    capped = seeding_loss(logits, seeds, size=1, log_epsilon=1e-7)
+    assert plain.item() == pytest.approx(100.0, rel=1e-4)
+    assert capped.item() == pytest.approx(-math.log(1e-7), rel=1e-4)
+
+
+def test_boundary_loss_without_the_probability_clamp() -> None:
+    # D4: P = 5e-5 under the floor 1e-4: clamped the class's ratio is 2 and P gets no gradient;
+    # unclamped the ratio is 4 and P's gradient is -Q / P.
+    p = torch.tensor([5e-5, 1 - 5e-5], dtype=torch.float64).view(1, 2, 1, 1).requires_grad_()
+    q = torch.tensor([2e-4, 1 - 2e-4]).view(1, 2, 1, 1)
+    clamped = boundary_loss(p, q)
+    unclamped = boundary_loss(p, q, clamp_probs=False)
+    assert (unclamped - clamped).item() == pytest.approx(2e-4 * math.log(2), rel=1e-3)
+    (grad_clamped,) = torch.autograd.grad(clamped, p)
+    (grad_unclamped,) = torch.autograd.grad(unclamped, p)
+    assert grad_clamped[0, 0].item() == 0.0
+    assert grad_unclamped[0, 0].item() == pytest.approx(-2e-4 / 5e-5, rel=1e-3)
+
+
+def test_auxiliary_loss_over_all_pixels_counts_the_ignored_ones() -> None:
+    # D5: half the pixels ignored: mmseg 0.19's mean is half the mean over valid pixels.
+    score = torch.randn(1, 3, 4, 4)
+    seeds = torch.randint(0, 3, (1, 4, 4))
+    seeds[:, :2] = 255
+    valid = auxiliary_loss(score, seeds).item()
+    every = auxiliary_loss(score, seeds, over_all_pixels=True).item()
+    assert every == pytest.approx(valid / 2, rel=1e-6)

@@ -30,8 +30,12 @@ from weakclip.config.components import (
 from weakclip.config.presets import (
     DATASETS,
     PRESETS,
+    PROFILES,
     for_dataset,
     preset,
+    profile,
+    released,
+    released_forward,
 )
 from weakclip.config.serialize import (
     ConfigT,
@@ -53,6 +57,7 @@ __all__ = [
     "InferenceConfig",
     "LossConfig",
     "PRESETS",
+    "PROFILES",
     "PromptConfig",
     "TrainConfig",
     "VOC_POST_CRF",
@@ -61,5 +66,8 @@ __all__ = [
     "for_dataset",
     "from_dict",
     "preset",
+    "profile",
+    "released",
+    "released_forward",
     "to_dict",
 ]

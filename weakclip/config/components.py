@@ -102,6 +102,12 @@ class CLIPConfig:
     # Paper: False (both encoders frozen). True trains the image encoder too, an ablation for
     # random weights (docs/METHOD.md, "Training the image encoder").
     train_image_encoder: bool = False
+    # D1 (docs/METHOD.md, "The released code"): True adds the class embedding to the class
+    # token a second time, as the released ViT does; False (the fix) adds it once, as CLIP.
+    class_embedding_twice: bool = False
+    # D7: stochastic depth in the frozen ViT while training, rising linearly over the blocks
+    # to this rate (the released config's 0.1, which the paper's numbers were trained with).
+    drop_path_rate: float = 0.1
     custom: CustomCLIPConfig | None = None  # architecture when model_name == "custom"
     input_size: int = 512  # training crop side; position embeddings are resized for it at load
     tap_layers: tuple[int, ...] = (4, 6, 8, 12)  # 1-based ViT blocks feeding the adapter
@@ -117,6 +123,7 @@ class CLIPConfig:
             self.custom,
         )
         _positive("input_size", self.input_size)
+        _probability("drop_path_rate", self.drop_path_rate)
         _require(len(self.tap_layers) == 4, "tap_layers", "must name 4 blocks", self.tap_layers)
         _require(
             all(layer >= 1 for layer in self.tap_layers),
@@ -206,6 +213,12 @@ class DecoderConfig:
     width: int = 256  # FPN and head width
     head_blocks: tuple[int, ...] = (1, 1, 2, 3)  # Conv-BN-ReLU blocks per level, 1/4..1/32
     dropout: float = 0.1  # Dropout2d before the classifier
+    # D2: True brings each coarser head level up by x2 steps and resizes their sum (the
+    # released head; differs on grids that are not multiples of 8); False: exact sizes.
+    upsample_by_two: bool = False
+    # D8: True keeps PyTorch's default initialisation of the neck and classifier (the released
+    # code never calls its init_weights); False: Xavier neck, He blocks, normal(0.01) classifier.
+    default_init: bool = False
 
     def __post_init__(self) -> None:
         _positive("width", self.width)
@@ -272,9 +285,26 @@ class LossConfig:
     prob_clamp: float = 1e-4  # floor of P (CRF unary) and Q before the log-ratio
     ratio_min: float = 0.05  # lower clip of Q / P
     ratio_max: float = 20.0  # upper clip of Q / P
+    # D3: 0 takes log_softmax (the fix); the released seeding loss takes log(softmax + 1e-7).
+    seeding_log_epsilon: float = 0.0
+    # D4: False leaves P unclamped in the boundary loss's log-ratio (released).
+    clamp_boundary_probs: bool = True
+    # D5: True averages the auxiliary cross-entropy over every pixel, ignored ones included
+    # (mmseg 0.19, the released code and so the paper's numbers); False: valid pixels only.
+    aux_over_all_pixels: bool = True
+    # D9: the boundary CRF's image at the loss resolution: "bilinear" (rounded, antialiased) or
+    # "nearest" (the released point-sampled zoom, truncating coordinates).
+    boundary_image_resize: str = "bilinear"
 
     def __post_init__(self) -> None:
         _positive("tau", self.tau)
+        _non_negative("seeding_log_epsilon", self.seeding_log_epsilon)
+        _require(
+            self.boundary_image_resize in ("bilinear", "nearest"),
+            "boundary_image_resize",
+            'must be "bilinear" or "nearest"',
+            self.boundary_image_resize,
+        )
         _non_negative("aux_weight", self.aux_weight)
         _non_negative("boundary_weight", self.boundary_weight)
         _positive("resolution", self.resolution)
@@ -298,6 +328,9 @@ class InferenceConfig:
     window: int = 512  # sliding-window crop side
     stride: int = 341  # sliding-window stride
     restrict_to_image_classes: bool = True  # keep only background + image-level classes
+    # D6: False runs an image smaller than the window as it is (mmseg's slide inference, the
+    # released code and so the paper's numbers); True zero-pads it to the window.
+    pad_small_images: bool = False
     crf: CRFConfig = VOC_POST_CRF  # post-processing CRF (COCO_POST_CRF for COCO)
 
     def __post_init__(self) -> None:

@@ -64,3 +64,32 @@ def test_garbage_and_missing_files_are_refused(tmp_path) -> None:
         verify_checkpoint(str(tmp_path / "junk.pt"))
     with pytest.raises(CheckpointRefused, match="cannot read"):
         verify_checkpoint(str(tmp_path / "missing.pt"))
+
+
+def test_a_released_checkpoint_is_verified_and_built_with_its_config(tmp_path) -> None:
+    from tests.pipelines.pseudo_masks.inputs import tiny_config
+    from weakclip.build import build_weakclip
+    from weakclip.released import to_released
+
+    torch.manual_seed(0)
+    state = to_released(build_weakclip(tiny_config(), CLASS_NAMES).state_dict())
+    path = tmp_path / "released.pth"
+    torch.save({"meta": {"CLASSES": list(CLASS_NAMES), "iter": 8000}, "state_dict": state}, path)
+    checkpoint = verify_checkpoint(str(path), released_config=tiny_config())
+    assert checkpoint.layout == "released" and checkpoint.iteration == 8000
+    assert checkpoint.class_names == CLASS_NAMES
+    assert checkpoint.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    # The released forward is implied: D1, D2, D6 and unchained co-attention layers.
+    released = checkpoint.config
+    assert released.clip.class_embedding_twice and released.decoder.upsample_by_two
+    assert not released.co_attention.chain_layers
+    model, config = build_model(
+        checkpoint.data, sha256=checkpoint.sha256, released_config=checkpoint.config
+    )
+    assert config == checkpoint.config and model.image_encoder.class_embedding_twice
+    # The paper's architecture (the default) does not fit these tensors: refused, named.
+    with pytest.raises(CheckpointRefused, match=r"lacks 'backbone\.transformer\."):
+        verify_checkpoint(str(path))
+    torch.save({"meta": {}, "state_dict": state}, path)
+    with pytest.raises(CheckpointRefused, match="no class names"):
+        verify_checkpoint(str(path), released_config=tiny_config())

@@ -18,7 +18,7 @@ from pipelines.io import manifest as mf
 from pipelines.io.storage import resolve
 from pipelines.train import TrainJobConfig, TrainRefused, export, run_train
 from pipelines.train.data import prepare_row
-from pipelines.training.augment import row_seed
+from pipelines.training.augment import denormalize, row_seed
 from pipelines.training.data import epochs_needed
 from pipelines.training.run import FAIL_ENV, FAIL_MARKER_ENV, latest_checkpoint_iteration
 from tests.pipelines.train.inputs import make_refine_input, refine_rows
@@ -64,6 +64,13 @@ def test_prepare_row_is_deterministic_and_validates() -> None:
         other = [c for c in range(1, 7) if c not in row["labels"]][0]
         prepare_row(rng=np.random.default_rng(0), **{**kwargs, "labels": [other]})
     assert epochs_needed(rows=8, batch_size=4, start_iteration=0, iterations=10) == 6
+    # D9: the released boundary CRF image point-samples the crop at truncated coordinates.
+    rng = row_seed(1, 0, row["image_id"])
+    near = prepare_row(rng=np.random.default_rng(rng), **kwargs, crf_resize="nearest")
+    crop = denormalize(near["image"], mean=kwargs["augment"].mean, std=kwargs["augment"].std)
+    picks = np.arange(32) * 128 // 32  # 0, 4, 8, ...
+    np.testing.assert_array_equal(near["crf_image"], crop[picks][:, picks])
+    assert not np.array_equal(near["crf_image"], a["crf_image"])  # bilinear averages 4 x 4
 
 
 @pytest.mark.slow
