@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-from pipelines.cli import UsageError, entry_points, given
-from pipelines.io.storage import StorageOptions, resolve
+from pipelines.cli import UsageError, entry_points, given, storage_options
+from pipelines.cli.options import resolve_arg
 from pipelines.synthetic import dataset
 
 
@@ -47,10 +47,7 @@ def _main(argv: list[str]) -> int:
         raise UsageError("--classes applies to --family camouflage or colours only")
     if args.family != "shapes" and args.bad:
         raise UsageError("--plant-bad-inputs applies to --family shapes only")
-    try:
-        location = resolve(args.output, StorageOptions(endpoint_url=args.storage_endpoint))
-    except ValueError as error:
-        raise UsageError(f"--output: {error}") from None
+    location = resolve_arg("--output", args.output, storage_options(args))
     names = ("num_images", "seed", "height", "width", "val_fraction", "layout", "workers")
     fs, root = location.fs, location.path
     written = dataset.write_dataset(fs, root, **given(args, *names, "family", "classes"))

@@ -158,7 +158,9 @@ def render_index(
         f"<h1>{esc(title)}</h1>",
     ]
     if metrics is not None:
-        parts += ["<h2>Metrics</h2>", _metrics_table(metrics)]
+        rows = [f"<tr><td>{esc(k)}</td><td>{esc(v)}</td></tr>" for k, v in _flatten(metrics)]
+        parts += ["<h2>Metrics</h2>", "<table><tr><th>metric</th><th>value</th></tr>", *rows]
+        parts.append("</table>")
     parts.append("<h2>Classes</h2><ul>")
     palette = _palette_lut()
     shown = list(enumerate(class_names))[:IGNORE_INDEX] + [(IGNORE_INDEX, "ignore")]
@@ -177,12 +179,6 @@ def render_index(
         )
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
-
-
-def _metrics_table(metrics: Mapping[str, Any]) -> str:
-    esc = html.escape
-    rows = [f"<tr><td>{esc(k)}</td><td>{esc(v)}</td></tr>" for k, v in _flatten(metrics)]
-    return "\n".join(["<table><tr><th>metric</th><th>value</th></tr>", *rows, "</table>"])
 
 
 def _flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:

@@ -206,9 +206,8 @@ def write_unit(
     quarantine = Quarantine(loc)
     for image_id, source, reason in rejected:
         quarantine.add(image_id, source, reason)
-    entry = quarantine.flush(unit)
-    if entry is not None:
-        listed.append(asdict(entry))
+    quarantine.flush(unit)
+    listed += [asdict(entry) for entry in quarantine.files]
     reasons = Counter(reason_kind(r[2], drop_parenthesis=drop_parenthesis) for r in rejected)
     done = {**record, "files": listed, "quarantined": len(rejected), "reasons": dict(reasons)}
     write_bytes_atomic(loc, record_rel(unit, record_dir), json.dumps(done).encode())

@@ -17,7 +17,7 @@ import os
 import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import IO, Literal
 
 import open_clip
 import torch
@@ -129,6 +129,8 @@ def read_released_checkpoint(path: str | os.PathLike[str]) -> dict[str, object]:
         ValueError: missing, not loadable without running code, or not the released layout.
     """
     path = os.fspath(path)
+    if is_torchscript_archive(path):  # torch.load would hand it to torch.jit.load
+        raise ValueError(f"cannot read released checkpoint {path!r}: a TorchScript archive")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for foreign or unsafe files
@@ -238,7 +240,7 @@ def read_clip_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
         from safetensors.torch import load_file
 
         return dict(load_file(path, device="cpu"))
-    if _is_torchscript_archive(path):
+    if is_torchscript_archive(path):
         # Trusted files only (module docstring): TorchScript archives carry code.
         try:
             archive = torch.jit.load(path, map_location="cpu")
@@ -347,11 +349,15 @@ def _trace(clip: CLIP) -> torch.jit.ScriptModule:
     return traced
 
 
-def _is_torchscript_archive(path: str) -> bool:
-    # TorchScript zips carry compiled code and constants; torch.save zips only data.pkl + data/.
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(
-            name.endswith("/constants.pkl") or "/code/" in name for name in archive.namelist()
-        )
+def is_torchscript_archive(source: str | IO[bytes]) -> bool:
+    """Whether a file (path or seekable binary handle, left at its start) is a TorchScript
+    archive: those zips carry compiled code and constants; `torch.save` zips only data."""
+    try:
+        if not zipfile.is_zipfile(source):
+            return False
+        with zipfile.ZipFile(source) as archive:
+            names = archive.namelist()
+    finally:
+        if not isinstance(source, str):
+            source.seek(0)
+    return any(name.endswith("/constants.pkl") or "/code/" in name for name in names)

@@ -106,9 +106,7 @@ def _has_field(config_type: type, path: list[str]) -> bool:
 
 def _set_dotted(values: dict[str, Any], path: list[str], value: Any) -> None:
     for part in path[:-1]:
-        child = values.get(part)
-        if not isinstance(child, dict):
-            child = {}
-            values[part] = child
-        values = child
+        if not isinstance(values.get(part), dict):
+            values[part] = {}
+        values = values[part]
     values[path[-1]] = value

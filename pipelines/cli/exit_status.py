@@ -91,9 +91,8 @@ def describe_error(error: BaseException) -> str:
 def _report(error: BaseException, debug: bool) -> None:
     if debug:
         print(redact("".join(traceback.format_exception(error))), file=sys.stderr, end="")
-    hint = (
-        "" if debug or isinstance(error, UsageError) else f" (--debug or {DEBUG_ENV}=1 for details)"
-    )
+    quiet = debug or isinstance(error, UsageError)
+    hint = "" if quiet else f" (--debug or {DEBUG_ENV}=1 for details)"
     print(f"error: {describe_error(error)}{hint}", file=sys.stderr)
 
 

@@ -46,11 +46,8 @@ class JobOptions:
     output: Location | None
     storage: StorageOptions
     resources: Resources
-    ray_address: str | None
     overwrite: bool
-    allow_local_output: bool
     model: str | None
-    debug: bool
 
     @property
     def uris(self) -> tuple[str, str]:
@@ -165,10 +162,7 @@ def reject_unused(args: argparse.Namespace, stage: str, *names: str) -> None:
 
 def storage_options(args: argparse.Namespace) -> StorageOptions:
     """`--storage-endpoint` (else the environment) as `StorageOptions`."""
-    try:
-        return StorageOptions(endpoint_url=getattr(args, "storage_endpoint", None) or None)
-    except ValueError as e:
-        raise UsageError(f"--storage-endpoint: {e}") from None
+    return StorageOptions(endpoint_url=getattr(args, "storage_endpoint", None) or None)
 
 
 def resources(args: argparse.Namespace, defaults: Resources | None = None) -> Resources:
@@ -196,11 +190,8 @@ def job_options(args: argparse.Namespace, defaults: Resources | None = None) -> 
         output=resolve_arg("--output", args.output, storage) if args.output is not None else None,
         storage=storage,
         resources=resources(args, defaults),
-        ray_address=getattr(args, "ray_address", None),
         overwrite=bool(getattr(args, "overwrite", False)),
-        allow_local_output=bool(getattr(args, "allow_local_output", False)),
         model=getattr(args, "model", None),
-        debug=bool(getattr(args, "debug", False)),
     )
 
 

@@ -22,9 +22,7 @@ def use_gpu(requested: bool | None) -> bool:
     """`requested`, or (None) whether the connected Ray cluster has GPUs."""
     import ray
 
-    if requested is None:
-        return float(ray.cluster_resources().get("GPU", 0)) > 0
-    return requested
+    return requested if requested is not None else float(ray.cluster_resources().get("GPU", 0)) > 0
 
 
 def init_ray(args: argparse.Namespace, *, node_count: Callable[[], int] = alive_node_count) -> bool:

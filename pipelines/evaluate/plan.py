@@ -67,9 +67,7 @@ def _check_stage(manifest: Manifest, stages: Sequence[str], comes_from: str) -> 
         )
 
 
-def prediction_index(
-    pred: Manifest,
-) -> tuple[dict[str, PredictionRef], list[tuple[str, str, str]]]:
+def prediction_index(pred: Manifest) -> tuple[dict[str, PredictionRef], list[tuple[str, str, str]]]:
     """Every prediction id and where its label map is, plus quarantine rows (driver side).
 
     The first occurrence of an id wins; later duplicates, ids that are not non-empty strings,
@@ -145,13 +143,8 @@ def plan_units(
             units.append(
                 dict(gt_path=rel, gt_row_group=row_group, predictions=predictions, skip=skip)
             )
-    return JoinPlan(
-        units=units,
-        predictions=len(refs),
-        gt_rows=gt_rows,
-        prediction_without_gt=sum(1 for i in refs if i not in seen),
-        quarantine=quarantine,
-    )
+    without_gt = sum(1 for i in refs if i not in seen)
+    return JoinPlan(units, len(refs), gt_rows, without_gt, quarantine)
 
 
 def make_plan(pred: Manifest, gt: Manifest) -> JoinPlan:

@@ -33,13 +33,7 @@ DEFINITION = (
     "IoU over the averaged classes (a class absent from both GT and prediction has no IoU)"
 )
 _CONVERSIONS = {("coco91", "coco81"), ("coco81", "coco91")}
-_TABLE_COUNTS = (
-    "scored",
-    "prediction_without_gt",
-    "gt_null",
-    "gt_without_prediction",
-    "quarantined",
-)
+_TABLE_COUNTS = "scored prediction_without_gt gt_null gt_without_prediction quarantined".split()
 
 
 def manifest_space(manifest: Manifest) -> ClassSpace | None:

@@ -72,11 +72,7 @@ def load_class_space(input_loc: Location, config: IngestConfig) -> ClassSpace:
     """`--classes` (a space name or a classes.txt URI), else the input's `classes.txt`."""
     if config.classes and config.classes.lower() in ("voc", "coco91", "coco81"):
         return class_space_from_arg(config.classes)
-    loc = (
-        _resolve_relative(input_loc, config.classes)
-        if config.classes
-        else input_loc.child("classes.txt")
-    )
+    loc = _resolve_relative(input_loc, config.classes or "classes.txt")
     try:
         text = _read_text(loc, "class list").decode("utf-8")
     except FileNotFoundError:

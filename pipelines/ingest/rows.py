@@ -161,14 +161,11 @@ def build_row(
     )
     if planes.shape[1:] != (height, width):
         raise RowRejected(f"CAM shape {planes.shape[1:]} != image shape {(height, width)}")
-    absent = sorted(set(cam_classes) - set(labels))
-    if absent:
-        names = [space.class_names[c] for c in absent]
-        raise RowRejected(f"CAM class not in the image's labels: {names}")
-    missing = sorted(set(labels) - set(cam_classes))
-    if missing:
-        names = [space.class_names[c] for c in missing]
-        raise RowRejected(f"labelled classes without a CAM plane: {names}")
+    names = space.class_names
+    if absent := sorted(set(cam_classes) - set(labels)):
+        raise RowRejected(f"CAM class not in the image's labels: {[names[c] for c in absent]}")
+    if missing := sorted(set(labels) - set(cam_classes)):
+        raise RowRejected(f"labelled classes without a CAM plane: {[names[c] for c in missing]}")
     if gt is not None:  # checked, then stored as given
         decode_label_map(gt, "ground truth", (height, width), num_classes=space.num_classes)
     return {

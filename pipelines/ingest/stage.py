@@ -16,25 +16,17 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any
 
+from pipelines import units as work
 from pipelines.ingest.chunks import chunk_entries, chunk_record_rel, ingest_chunk, record_matches
 from pipelines.ingest.config import IngestConfig
 from pipelines.ingest.listing import Enumeration, enumerate_inputs
 from pipelines.io import schema
 from pipelines.io.manifest import InputRef, Quarantine, StageOutput, StageState
 from pipelines.io.storage import StorageOptions, resolve
-from pipelines.units import (
-    StageResult,
-    already_done,
-    gate_and_commit,
-    reason_kind,
-    resume,
-    run_tasks,
-    tally_records,
-)
 
 
 @dataclass(frozen=True)
-class IngestResult(StageResult):
+class IngestResult(work.StageResult):
     """`StageResult` with the quarantine reasons."""
 
     reasons: dict[str, int] = field(default_factory=dict)
@@ -70,9 +62,9 @@ def run_ingest(
         overwrite=overwrite,
     )
     if out.state is StageState.DONE:
-        return IngestResult(**already_done(out, report))
+        return IngestResult(**work.already_done(out, report))
     chunks = chunk_entries(found.entries, config.rows_per_shard)
-    records = resume(out, dict(enumerate(chunks)), record_matches, rel=chunk_record_rel)
+    records = work.resume(out, dict(enumerate(chunks)), record_matches, rel=chunk_record_rel)
     if records:
         report(f"ingest: resuming: {len(records)} of {len(chunks)} chunks already written")
     todo = [
@@ -81,8 +73,8 @@ def run_ingest(
         if i not in records
     ]
     fn_kwargs = dict(input_loc=input_loc, output_loc=output_loc, config=config)
-    space = dict(class_names=list(found.space.class_names), space_name=found.space.name)
-    tasks = run_tasks(todo, ingest_chunk, num_cpus=num_cpus_per_task, fn_kwargs=fn_kwargs | space)
+    fn_kwargs |= dict(class_names=list(found.space.class_names), space_name=found.space.name)
+    tasks = work.run_tasks(todo, ingest_chunk, num_cpus=num_cpus_per_task, fn_kwargs=fn_kwargs)
     for record in tasks:
         records[int(record["chunk"])] = record
         report(
@@ -105,14 +97,13 @@ def _gate_and_commit(
     """Sums the chunks' records and the rows refused by name (their quarantine file
     `quarantine/part-driver.parquet` listed after the chunks' files); `units.gate_and_commit`."""
     output_loc, rejects = out.location, found.rejects
-    tally = tally_records(records)
+    tally = work.tally_records(records)
     quarantine = Quarantine(output_loc)
     for r in rejects:
         quarantine.add(r[schema.IMAGE_ID], r[schema.SOURCE], r[schema.REASON])
-    driver_entry = quarantine.flush("part-driver")
-    if driver_entry is not None:
-        tally.files.append(driver_entry)
-    kinds = Counter(reason_kind(r[schema.REASON], drop_parenthesis=True) for r in rejects)
+    quarantine.flush("part-driver")
+    tally.files += quarantine.files
+    kinds = Counter(work.reason_kind(r[schema.REASON], drop_parenthesis=True) for r in rejects)
     tally.reasons = kinds + tally.reasons  # the rows refused by name first
     tally.quarantined += len(rejects)
     counts = {"input": len(found.entries) + len(rejects)}
@@ -123,7 +114,7 @@ def _gate_and_commit(
             output_loc.uri, counts | {"output": 0, "quarantined": 0}, None, False, message
         )
     shards = sum(1 for f in tally.files if f.path.startswith("shards/"))
-    return gate_and_commit(
+    return work.gate_and_commit(
         "ingest",
         out,
         tally,

@@ -171,6 +171,5 @@ def decode_cam_column(data: bytes, num_planes: int, height: int, width: int) -> 
     expected = num_planes * height * width * 2
     if len(data) != expected:
         raise ValueError(f"cam column holds {len(data)} bytes, expected {expected}")
-    return (
-        np.frombuffer(data, dtype=np.float16).reshape(num_planes, height, width).astype(np.float32)
-    )
+    planes = np.frombuffer(data, dtype=np.float16).reshape(num_planes, height, width)
+    return planes.astype(np.float32)

@@ -288,14 +288,10 @@ def code_version() -> str:
     # pipelines/io/manifest.py → the checkout's root, three levels up
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if os.path.exists(os.path.join(root, ".git")):
+        git = ["git", "-C", root, "describe", "--always", "--dirty", "--tags"]
         try:
-            described = subprocess.run(
-                ["git", "-C", root, "describe", "--always", "--dirty", "--tags"],
-                capture_output=True,
-                text=True,
-                timeout=5,
-                check=True,
-            ).stdout.strip()
+            run = subprocess.run(git, capture_output=True, text=True, timeout=5, check=True)
+            described = run.stdout.strip()
         except (OSError, subprocess.SubprocessError):
             described = ""
         if described:
@@ -345,11 +341,8 @@ def _describe_difference(
     if run.get("stage") != stage:
         return f"stage {run.get('stage')!r}, not {stage!r}"
     old_config = run.get("config") or {}
-    changed = sorted(
-        k
-        for k in set(old_config) | set(config)
-        if _canonical(old_config.get(k)) != _canonical(config.get(k))
-    )
+    keys = set(old_config) | set(config)
+    changed = sorted(k for k in keys if _canonical(old_config.get(k)) != _canonical(config.get(k)))
     parts = []
     if changed:
         parts.append(

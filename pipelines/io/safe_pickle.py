@@ -395,10 +395,7 @@ def _decode_object_payload(payload: bytes, shape: tuple[int, ...], budget: _Budg
 
 
 def load_npy_pickle(
-    data: bytes,
-    *,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, max_elements: int = DEFAULT_MAX_ELEMENTS
 ) -> object:
     """Decodes the bytes of a `.npy` file (a numeric array, or the object array `np.save`
     writes for a dict/list) without ever running code from it; larger than `max_bytes` or

@@ -92,32 +92,26 @@ def verify_checkpoint(
     except (OSError, ValueError) as exc:
         raise CheckpointRefused(f"cannot read checkpoint: {redact(str(exc))}") from None
     payload = load_export_payload(data, where=location.uri)
-    if "format" not in payload:  # released
+    released = "format" not in payload
+    if released:
         config = released_forward(released_config or preset("vit-b-16"))
-        model = _released_model(payload, config, location.uri)
+        class_names = _released_model(payload, config, location.uri).class_names
         meta = payload.get("meta")
         iteration = meta.get("iter") if isinstance(meta, dict) else None
-        return VerifiedCheckpoint(
-            uri=location.uri,
-            sha256=hashlib.sha256(data).hexdigest(),
-            data=data,
-            class_names=tuple(model.class_names),
-            config=config,
-            iteration=iteration if isinstance(iteration, int) else -1,
-            layout="released",
-        )
-    try:
-        config = from_dict(payload["config"], WeakCLIPConfig)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointRefused(f"checkpoint {location.uri}: bad model config: {exc}") from None
-    iteration = payload.get("iteration")
+    else:
+        try:
+            config = from_dict(payload["config"], WeakCLIPConfig)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointRefused(f"checkpoint {location.uri}: bad model config: {exc}") from None
+        class_names, iteration = payload["class_names"], payload.get("iteration")
     return VerifiedCheckpoint(
         uri=location.uri,
         sha256=hashlib.sha256(data).hexdigest(),
         data=data,
-        class_names=tuple(payload["class_names"]),
+        class_names=tuple(class_names),
         config=config,
         iteration=int(iteration) if isinstance(iteration, int) else -1,
+        layout="released" if released else "export",
     )
 
 

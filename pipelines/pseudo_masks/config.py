@@ -101,11 +101,9 @@ def stage_config(
     recipe = asdict(inference)
     if not config.use_crf:
         recipe["crf"] = None
-    released = (
-        {"released_model": to_dict(checkpoint.config)} if checkpoint.layout == "released" else {}
-    )
+    released = checkpoint.layout == "released"
     return {
-        **released,
+        **({"released_model": to_dict(checkpoint.config)} if released else {}),
         "inference": recipe,
         "splits": list(config.splits) if config.splits is not None else None,
         "cam_bg_threshold": config.cam_bg_threshold,

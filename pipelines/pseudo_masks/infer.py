@@ -155,10 +155,8 @@ class MaskPredictor:
 
     def _memory(self) -> dict[str, Any]:
         """This actor's id and peak memory (resident set; CUDA allocations on GPU)."""
-        usage = {
-            "id": f"{os.uname().nodename}:{os.getpid()}",
-            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        }
+        rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        usage = {"id": f"{os.uname().nodename}:{os.getpid()}", "rss_mb": rss_mb}
         if self.device.type == "cuda":
             usage["cuda_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         return usage

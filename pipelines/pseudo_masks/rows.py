@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from pipelines.io import parquet, schema
 from pipelines.io.codecs import (
@@ -176,11 +175,6 @@ def read_columns(stage: str) -> tuple[str, ...]:
     return (*base, schema.GT, schema.SPLIT, *extra)
 
 
-def read_row_group(input_loc: Location, unit: PseudoUnit, stage: str) -> pa.Table:
-    """`read_columns(stage)` of one unit's row group, those its shard has."""
-    return parquet.read_row_group(input_loc, unit.path, unit.row_group, read_columns(stage))
-
-
 def read_unit(
     batch: dict[str, np.ndarray], *, input_loc: Location, spec: RowSpec
 ) -> dict[str, np.ndarray]:
@@ -189,9 +183,10 @@ def read_unit(
     metas: list[str] = []
     images: list[bytes] = []
     gts: list[bytes] = []
+    columns = read_columns(spec.input_stage)  # those the unit's shard has are read
     for unit_json in batch["unit"]:
         unit = PseudoUnit(**json.loads(unit_json))
-        table = read_row_group(input_loc, unit, spec.input_stage)
+        table = parquet.read_row_group(input_loc, unit.path, unit.row_group, columns)
         for index, row in enumerate(table.to_pylist()):
             if not in_splits(row.get(schema.SPLIT), spec.splits):
                 continue
@@ -215,11 +210,7 @@ def read_unit(
 
 
 def postprocess(
-    image: np.ndarray,
-    probs: np.ndarray,
-    classes: Sequence[int],
-    *,
-    crf: CRFConfig | None,
+    image: np.ndarray, probs: np.ndarray, classes: Sequence[int], *, crf: CRFConfig | None
 ) -> np.ndarray:
     """H x W uint8 pseudo mask (each pixel one of `classes`) of an H x W x 3 uint8 image from
     the C x H x W probabilities of its C ascending `classes`: the post-processing CRF (softmax

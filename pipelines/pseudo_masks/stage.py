@@ -196,12 +196,7 @@ def _gate_and_commit(
     def written() -> tuple[list[FileEntry], dict[str, Any]]:
         files = _write_report(run, ordered, metrics) if config.report_images else []
         ckpt = run.checkpoint
-        checkpoint = {
-            "uri": ckpt.uri,
-            "sha256": ckpt.sha256,
-            "iteration": ckpt.iteration,
-            "layout": ckpt.layout,
-        }
+        checkpoint = {key: getattr(ckpt, key) for key in ("uri", "sha256", "iteration", "layout")}
         return files, {"checkpoint": checkpoint, "report": [f.path for f in files]}
 
     tally = core.tally_records(ordered)

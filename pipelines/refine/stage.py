@@ -49,11 +49,8 @@ class RefineConfig:
 
     def seed_config(self) -> SeedConfig:
         """The full recipe: `method`'s published values with the given fields over them."""
-        given = {
-            name: value
-            for name, value in asdict(self).items()
-            if name not in ("method", "max_error_fraction") and value is not None
-        }
+        stage_only = ("method", "max_error_fraction")
+        given = {k: v for k, v in asdict(self).items() if k not in stage_only and v is not None}
         return SeedConfig.for_method(self.method, **given)  # type: ignore[arg-type]
 
 
@@ -118,12 +115,8 @@ def run_refine(
     )
     todo = [asdict(u) for u in units if u.name not in records]
     fn_kwargs = dict(input_loc=input_loc, output_loc=output_loc, config=seed_config)
-    tasks = work.run_tasks(
-        todo,
-        refine_units,
-        num_cpus=num_cpus_per_task,
-        fn_kwargs=fn_kwargs | {"num_classes": len(source.class_names)},
-    )
+    fn_kwargs["num_classes"] = len(source.class_names)
+    tasks = work.run_tasks(todo, refine_units, num_cpus=num_cpus_per_task, fn_kwargs=fn_kwargs)
     timing = _collect(tasks, len(todo), records, progress_every, report)
     return _gate_and_commit(out, source, units, records, config, timing, started, report)
 
@@ -141,11 +134,9 @@ def _gate_and_commit(
     """Sums the units' records and their metrics; `units.gate_and_commit`."""
     ordered, space = [records[u.name] for u in units], source.class_space
     tally = work.tally_records(ordered)
+    bg_threshold = config.seed_config().bg_threshold
     metrics = build_metrics(
-        ordered,
-        class_names=source.class_names,
-        class_space=space,
-        bg_threshold=config.seed_config().bg_threshold,
+        ordered, class_names=source.class_names, class_space=space, bg_threshold=bg_threshold
     )
     return work.gate_and_commit(
         "refine",

@@ -156,9 +156,7 @@ def plan_rows(
         if src.split == VAL_SPLIT and src.has_gt and image_id not in seen
     }
     groups = sorted({(source[i].path, source[i].row_group) for i in train})
-    return RowPlan(
-        train=train, val=val, groups=groups, quarantined=quarantined, index_rows=len(index)
-    )
+    return RowPlan(train, val, groups, quarantined, index_rows=len(index))
 
 
 def _join_problem(

@@ -113,9 +113,8 @@ def read_inputs(
         ValueError: not a pseudo-mask output, or its source is not the one it was made from.
     """
     location = resolve(input_uri, storage)
-    pseudo = mf.wait_for_success(
-        location, timeout_s=wait_timeout_s, poll_s=min(5.0, max(wait_timeout_s / 10, 0.2))
-    )
+    poll_s = min(5.0, max(wait_timeout_s / 10, 0.2))
+    pseudo = mf.wait_for_success(location, timeout_s=wait_timeout_s, poll_s=poll_s)
     if pseudo.stage != "pseudo_masks":
         raise ValueError(f"--input must be a pseudo_masks output, {location.uri} is {pseudo.stage}")
     if not pseudo.inputs:
@@ -146,11 +145,8 @@ def plan(
     source_rows = data.read_source_rows(source)
     listed = {f.path for f in pseudo.files}
     joined = data.plan_rows(index, source_rows, listed=listed)
-    problems = data.check_masks(
-        pseudo.location,
-        [row for row in index if joined.train.get(row.image_id) == row.mask],
-        num_classes=len(pseudo.class_names),
-    )
+    usable = [row for row in index if joined.train.get(row.image_id) == row.mask]
+    problems = data.check_masks(pseudo.location, usable, num_classes=len(pseudo.class_names))
     rows = data.plan_rows(index, source_rows, listed=listed, mask_problems=problems)
     quarantine = mf.Quarantine(output)
     for image_id, mask, reason in rows.quarantined:
@@ -258,9 +254,7 @@ def _finish(
     model.load_state_dict(state["model"], strict=True)
     scores = score_dict(np.asarray(evaluation["confusion"]), class_names)
     summary = {
-        "miou": scores["miou"],
-        "per_class_iou": scores["per_class_iou"],
-        "num_pixels": scores["num_pixels"],
+        **scores,  # miou, per_class_iou, num_pixels
         "class_space": pseudo.class_space,
         "num_classes": len(class_names),
         "ground_truth": "val split images with ground truth that are not in the pseudo-mask "

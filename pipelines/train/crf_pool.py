@@ -69,11 +69,7 @@ class CRFPool:
     `weakclip.crf.boundary_crf_target` (None keeps the class restriction exact up to the floor)."""
 
     def __init__(
-        self,
-        *,
-        processes: int,
-        params: dict[str, float],
-        absent_tolerance: float | None = None,
+        self, *, processes: int, params: dict[str, float], absent_tolerance: float | None = None
     ) -> None:
         if processes < 0:
             raise ValueError(f"processes must be >= 0, got {processes}")

@@ -70,11 +70,8 @@ def prepare_row(
         picks = np.arange(loss_resolution) * rgb_crop.shape[0] // loss_resolution
         crf_image = np.ascontiguousarray(rgb_crop[picks][:, picks])
     else:
-        crf_image = np.asarray(
-            Image.fromarray(rgb_crop).resize(
-                (loss_resolution, loss_resolution), resample=Image.Resampling.BILINEAR
-            )
-        )
+        side = (loss_resolution, loss_resolution)
+        crf_image = np.asarray(Image.fromarray(rgb_crop).resize(side, Image.Resampling.BILINEAR))
     class_mask = np.zeros(num_classes, dtype=bool)
     class_mask[0] = True
     class_mask[class_ids] = True

@@ -19,13 +19,7 @@ from torch import nn
 from pipelines.train import export
 from pipelines.train.crf_pool import CRFPool, crf_params
 from pipelines.training import checkpoint as ckpt
-from pipelines.training.worker import (
-    Batches,
-    autocast_for,
-    restore_checkpoint,
-    train_steps,
-    worker_context,
-)
+from pipelines.training import worker
 from weakclip.build import build_weakclip
 from weakclip.config import WeakCLIPConfig, from_dict
 from weakclip.losses import auxiliary_loss, boundary_loss, loss_probabilities, seeding_loss
@@ -48,7 +42,7 @@ def freeze_dead_layers(model: nn.Module, config: WeakCLIPConfig) -> list[str]:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train loop; `loop_config` is built by `pipelines.train.stage.run_train`."""
-    rank, world, device = context = worker_context(loop_config)
+    rank, world, device = context = worker.worker_context(loop_config)
     config = from_dict(loop_config["model_config"], WeakCLIPConfig)
     class_names = list(loop_config["class_names"])
     processes = loop_config["crf_processes"]
@@ -67,14 +61,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model = build_weakclip(config, class_names, clip_weights=clip_path)
         frozen = ckpt.frozen_parameter_names(model)
         freeze_dead_layers(model, config)
-        restored = restore_checkpoint(loop_config["signature"])
+        restored = worker.restore_checkpoint(loop_config["signature"])
         if restored is not None:
             export.load_model_weights(
                 model, trainable=restored.state["model"], clip=restored.clip, frozen=frozen
             )
         clip_sha256 = clip.sha256 or ckpt.state_digest(ckpt.state_part(model, frozen, clip=True))
-        autocast, size = autocast_for(device), config.loss.resolution
-        train_steps(
+        autocast, size = worker.autocast_for(device), config.loss.resolution
+        worker.train_steps(
             loop_config,
             context=context,
             model=model,
@@ -101,7 +95,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 def _micro_step(
     ddp: nn.Module,
     batch: dict[str, torch.Tensor],
-    batches: Batches,
+    batches: worker.Batches,
     pool: CRFPool,
     config: WeakCLIPConfig,
     device: torch.device,
@@ -120,9 +114,7 @@ def _micro_step(
     pending = None
     if weight > 0:  # a zero weight (an ablation) skips the CRF altogether
         pending = pool.submit(
-            batch["crf_image"].numpy(),
-            probs.detach().cpu().numpy(),
-            batch["class_mask"].numpy(),
+            batch["crf_image"].numpy(), probs.detach().cpu().numpy(), batch["class_mask"].numpy()
         )
     # While the pool works: the losses that do not need Q, their gradients with respect to the
     # outputs (a few small kernels), and the next batch.

@@ -103,11 +103,7 @@ class AugmentConfig:
 
 
 def augment_sample(
-    image: np.ndarray,
-    seed_labels: np.ndarray,
-    *,
-    rng: np.random.Generator,
-    config: AugmentConfig,
+    image: np.ndarray, seed_labels: np.ndarray, *, rng: np.random.Generator, config: AugmentConfig
 ) -> tuple[np.ndarray, np.ndarray]:
     """The random training augmentation of an H x W x 3 uint8 RGB image and its H x W uint8
     labels (255 = ignore), every draw from `rng`: the normalised 3 x S x S float32 crop

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from weakclip.build import build_weakclip
+from weakclip.build import build_weakclip, is_torchscript_archive
 from weakclip.config import WeakCLIPConfig, from_dict
 from weakclip.model import WeakCLIP
 
@@ -40,12 +40,11 @@ def load_weights_only(source: str | bytes, *, what: str, where: str | None = Non
             the file, `where`, and the refused global).
     """
     where = where or repr(source)
+    handle = io.BytesIO(source) if isinstance(source, bytes) else source
+    if is_torchscript_archive(handle):  # torch.load would hand it to torch.jit.load
+        raise ValueError(f"{what} {where} is a TorchScript archive (code), refused unloaded")
     try:
-        return torch.load(
-            io.BytesIO(source) if isinstance(source, bytes) else source,
-            map_location="cpu",
-            weights_only=True,
-        )
+        return torch.load(handle, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for foreign, torn or unsafe files
         text = str(exc)
         lines = [line.strip() for line in text.splitlines() if line.strip()]
@@ -72,12 +71,8 @@ def read_export_payload(
         ValueError: unloadable (`load_weights_only`), not a `kind` export, or a bad field.
     """
     where = where or repr(source)
-    return check_export_payload(
-        load_weights_only(source, what=f"{kind} export", where=where),
-        fmt=fmt,
-        kind=kind,
-        where=where,
-    )
+    payload = load_weights_only(source, what=f"{kind} export", where=where)
+    return check_export_payload(payload, fmt=fmt, kind=kind, where=where)
 
 
 def check_export_payload(payload: Any, *, fmt: str, kind: str, where: str) -> dict[str, Any]:

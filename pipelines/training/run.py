@@ -261,10 +261,8 @@ def fit(
     micro, accumulation = batching
     gpu = use_gpu(options.use_gpu)
     fail_at = os.environ.get(FAIL_ENV)
-    marker = os.path.join(
-        tempfile.gettempdir(),
-        "weakclip-fail-" + hashlib.sha256(output.uri.encode()).hexdigest()[:16],
-    )
+    digest = hashlib.sha256(output.uri.encode()).hexdigest()[:16]
+    marker = os.path.join(tempfile.gettempdir(), f"weakclip-fail-{digest}")
     config = {
         "micro_batch_size": micro,
         "accumulation_steps": accumulation,

@@ -279,24 +279,18 @@ def train_steps(
     ddp = wrap_ddp(model, device, world)
     micro = int(loop_config["micro_batch_size"])
     accumulation = int(loop_config["accumulation_steps"])
-    batches = Batches(  # this worker's shard of the `train` dataset, CPU tensors
-        iter(
-            ray.train.get_dataset_shard("train").iter_torch_batches(
-                batch_size=micro,
-                drop_last=True,
-                device="cpu",
-                prefetch_batches=2,
-                local_shuffle_buffer_size=max(micro * 4, 16),
-                local_shuffle_seed=seed + start + rank,
-            )
-        )
+    shard = ray.train.get_dataset_shard("train")  # this worker's shard of `train`, CPU tensors
+    stream = shard.iter_torch_batches(
+        batch_size=micro,
+        drop_last=True,
+        device="cpu",
+        prefetch_batches=2,
+        local_shuffle_buffer_size=max(micro * 4, 16),
+        local_shuffle_seed=seed + start + rank,
     )
-    window = LogWindow(
-        waits={**(waits or {}), "data_wait_s": lambda: batches.wait_seconds},
-        global_batch=micro * accumulation * world,
-        device=device,
-        world=world,
-    )
+    batches = Batches(iter(stream))
+    waits = {**(waits or {}), "data_wait_s": lambda: batches.wait_seconds}
+    window = LogWindow(waits, global_batch=micro * accumulation * world, device=device, world=world)
 
     def report(iteration: int) -> None:
         """`ray.train.report` on every worker of the last logged row's numbers and `iteration`;
