@@ -80,6 +80,7 @@ def test_tiny_preset_is_small_and_consistent() -> None:
     paper = dataclasses.replace(config.loss, boundary_weight=1.0, aux_over_all_pixels=True)
     assert paper == LossConfig(resolution=32)
     assert config.clip.drop_path_rate == 0.0  # D7 off, as the tiny numbers were measured
+    assert config.train.ratio_range == (1.0, 1.0)  # no random rescale for random features
 
 
 def test_unknown_preset_is_refused() -> None:
