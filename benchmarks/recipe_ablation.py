@@ -149,7 +149,13 @@ def _train(
                 )
             else:
                 seeding = seeding_loss(output.logits, seeds, size=size)
-            auxiliary = auxiliary_loss(output.score_map, seeds, tau=config.loss.tau)
+            auxiliary = auxiliary_loss(
+                output.score_map,
+                seeds,
+                tau=config.loss.tau,
+                over_all_pixels=config.loss.aux_over_all_pixels,
+                size=config.loss.aux_resolution,
+            )
             total = seeding + config.loss.aux_weight * auxiliary
             bnd = torch.zeros(())
             if boundary:

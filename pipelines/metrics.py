@@ -145,7 +145,7 @@ def summed_metrics(
         `class_space`, `num_classes`, `ground_truth` (which rows were scored), `gt_images`,
         `extra`, one score per key over all splits (`miou` None when undefined), `miou` and
         `per_class_iou` of `headline` (default: the last key), and `by_split` ({split:
-        {"images", key: mIoU}}).
+        {"images", key: mIoU, "per_class_iou": {key: {class name: IoU}}}}).
     """
     totals = sum_by_split(records, keys, len(class_names), add)
     if not totals:
@@ -164,11 +164,12 @@ def summed_metrics(
         result[key] = entry
     top = result[headline or keys[-1]]
     result |= {"miou": top["miou"], "per_class_iou": top["per_class_iou"]}
-    result["by_split"] = {
-        split: {
+    result["by_split"] = {}
+    for split, acc in sorted(totals.items()):
+        scores = {key: score_from_confusion(acc[key]).as_dict(class_names) for key in keys}
+        result["by_split"][split] = {
             "images": acc["images"],
-            **{key: finite(score_from_confusion(acc[key]).miou) for key in keys},
+            **{key: finite(score["miou"]) for key, score in scores.items()},
+            "per_class_iou": {key: score["per_class_iou"] for key, score in scores.items()},
         }
-        for split, acc in sorted(totals.items())
-    }
     return result

@@ -10,9 +10,14 @@ The same settings keep every test away from real AWS: fixed fake credentials, th
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -105,3 +110,39 @@ def s3_bucket(s3_server: S3Server) -> str:
     loc = resolve(f"s3://{bucket}")
     loc.fs.mkdir(bucket)  # CreateBucket through the S3 API
     return loc.uri
+
+
+# The demo's settings, smaller still: 8 images, a few iterations per training stage.
+SMALL_DEMO = {
+    "iterations": 4,
+    "checkpoint_every": 2,
+    "log_every": 2,
+    "pseudo_masks": {"scales": [1.0], "flip": False, "report_images": 2},
+    "retrain": {"iterations": 4, "batch_size": 4, "crop_size": 96, "short_side": 96},
+}
+
+
+@dataclass(frozen=True)
+class DemoChain:
+    """One run of the README's main job on a very small demo (`SMALL_DEMO`)."""
+
+    output: Path  # the run's --output
+    args: tuple[str, ...]  # the job's arguments (re-run them to resume)
+    config: Path  # the --config file (SMALL_DEMO as JSON)
+    printed: str  # what the first run printed
+
+
+@pytest.fixture(scope="session")
+def demo_chain(tmp_path_factory: pytest.TempPathFactory, ray_session: None) -> DemoChain:
+    """`python -m jobs.pipeline --demo --num-images 8` with `SMALL_DEMO`, once per session
+    (the pipeline test and the report's browser test read the same run)."""
+    from jobs.pipeline import main as pipeline
+
+    root = tmp_path_factory.mktemp("demo-chain")
+    out, config = root / "demo", root / "small.json"
+    config.write_text(json.dumps(SMALL_DEMO))
+    args = ("--demo", "--num-images", "8", "--output", str(out), "--config", str(config))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert pipeline(list(args)) == 0
+    return DemoChain(output=out, args=args, config=config, printed=printed.getvalue())

@@ -128,31 +128,31 @@ def dense_crf(
     )
 
 
-def restriction_is_exact(
-    probs: np.ndarray, class_mask: np.ndarray, *, tolerance: float = 1e-4
-) -> bool:
-    """Whether the CRF of one image may run over its present classes only.
+def crf_labels(probs: np.ndarray, class_mask: np.ndarray, *, tolerance: float = 1e-4) -> np.ndarray:
+    """The labels the CRF of one image must keep: its own classes and every other class whose
+    probability exceeds `tolerance` somewhere.
 
     With the Potts model pydensecrf uses, the mean-field update of label l reads only label l's
     own unary and its own marginals at other pixels; labels interact only through the per-pixel
-    normalisation. An absent label whose probability is at most the unary floor everywhere has
-    the constant energy -log(floor) and receives (almost) no pairwise support, so its marginal
-    stays below about floor / (1 - K_absent * floor) at every pixel: dropping it changes the
-    present labels' marginals by a relative O(K_absent * floor) (≈ 2e-3 for VOC at floor 1e-4),
-    the same order as the clamping the boundary loss applies to Q anyway. With more mass on
-    absent labels the restricted CRF is a different target, so it is not used: diffuse mass is
-    mostly suppressed by the pairwise terms (measured with the §5 parameters, 18 of 21 classes
-    absent at a uniform probability a: present marginals move by 2e-5 at a = 1e-3, 2.5e-4 at
-    a = 1e-2), but an absent class the model predicts over a coherent region keeps it in the
-    full CRF and loses it in the restricted one.
+    normalisation. A label whose probability is at most the unary floor everywhere has the
+    constant energy -log(floor) and receives (almost) no pairwise support, so its marginal stays
+    below about floor / (1 - K_dropped * floor) at every pixel: dropping it changes the kept
+    labels' marginals by a relative O(K_dropped * floor) (≈ 2e-3 for VOC at floor 1e-4, 9e-3
+    for COCO's 91 ids), the same order as the clamping the boundary loss applies to Q anyway.
+    The argument holds label by label, so an absent class the model predicts over a coherent
+    region is kept (the full CRF keeps it too) while the others are dropped; in the 91-id space
+    that is most of the classes, and the CRF's cost is linear in the number of labels.
 
     Args:
         probs: K x H x W probabilities.
         class_mask: K bool, True for the classes the image has (background included).
-        tolerance: the largest absent-class probability treated as zero (the unary floor).
+        tolerance: the largest probability of a dropped label (the unary floor).
+
+    Returns:
+        K bool, True for the labels to keep (a superset of `class_mask`).
     """
-    absent = ~np.asarray(class_mask, dtype=bool)
-    return not absent.any() or float(probs[absent].max()) <= tolerance
+    class_mask = np.asarray(class_mask, dtype=bool)
+    return class_mask | (probs.reshape(probs.shape[0], -1).max(axis=1) > tolerance)
 
 
 def boundary_crf_target(
@@ -175,13 +175,13 @@ def boundary_crf_target(
         image: h x w x 3 uint8 RGB, the training image resized to the loss resolution.
         probs: K x h x w softmax probabilities of the current prediction at that resolution.
         class_mask: K bool, True for background and the image's labels, or None for all
-            classes. The CRF runs over the masked classes only where that is exact (see
-            `restriction_is_exact`); the absent classes then get Q = 0 (the loss clamps Q to its
-            floor and renormalises).
+            classes. The CRF runs over these and the absent classes with more than
+            `absent_tolerance` probability somewhere (see `crf_labels`); the dropped classes
+            get Q = 0 (the loss clamps Q to its floor and renormalises).
         iterations, gaussian_*, bilateral_*, prob_floor: see `dense_crf`.
-        absent_tolerance: the largest absent-class probability for which the CRF is still
-            restricted; None = prob_floor (exact up to O(floor)). Larger values trade exactness
-            for speed (see `restriction_is_exact`).
+        absent_tolerance: the largest probability of an absent class the CRF drops; None =
+            prob_floor (exact up to O(floor)). Larger values trade exactness for speed (see
+            `crf_labels`).
 
     Returns:
         K x h x w float32 Q, each pixel summing to 1.
@@ -203,10 +203,11 @@ def boundary_crf_target(
     if not class_mask.any():
         raise ValueError("class_mask selects no class (background must be present)")
     tolerance = prob_floor if absent_tolerance is None else absent_tolerance
-    if class_mask.all() or not restriction_is_exact(probs, class_mask, tolerance=tolerance):
+    keep = crf_labels(probs, class_mask, tolerance=tolerance)
+    if keep.all():
         return dense_crf(image, probs, **params)
     q = np.zeros(probs.shape, np.float32)
-    q[class_mask] = dense_crf(image, probs[class_mask], **params)
+    q[keep] = dense_crf(image, probs[keep], **params)
     return q
 
 

@@ -155,6 +155,7 @@ def auxiliary_loss(
     *,
     tau: float = 0.07,
     over_all_pixels: bool = False,
+    size: Size | None = None,
 ) -> torch.Tensor:
     """Auxiliary loss: cross-entropy of score_map / tau, upsampled to the seeds' size.
 
@@ -164,6 +165,9 @@ def auxiliary_loss(
         tau: temperature.
         over_all_pixels: divide by every pixel, ignored ones included (mmseg 0.19's mean, the
             released code; `loss.aux_over_all_pixels`) instead of the valid ones.
+        size: None upsamples to the seeds' H x W (the paper); a size instead downsamples the
+            seeds to it by nearest neighbour and upsamples the score map to it
+            (`loss.aux_resolution`): the cost is B x K x size, 16x less at 64 for a 256 crop.
 
     Returns:
         Scalar: the summed cross-entropy over valid pixels divided by their number (or by all
@@ -173,6 +177,8 @@ def auxiliary_loss(
     _check_seeds(seeds, num_classes, batch)
     if tau <= 0:
         raise ValueError(f"tau must be positive, got {tau}")
+    if size is not None:
+        seeds = downsample_seeds(seeds, size=size)
     logits = F.interpolate(
         score_map.float() / tau, size=tuple(seeds.shape[-2:]), mode="bilinear", align_corners=False
     )
@@ -215,6 +221,7 @@ def weakclip_loss(
     log_epsilon: float = 0.0,
     clamp_probs: bool = True,
     aux_over_all_pixels: bool = False,
+    aux_size: Size | None = None,
 ) -> WeakCLIPLoss:
     """total = seeding + boundary_weight x boundary + aux_weight x auxiliary.
 
@@ -228,7 +235,7 @@ def weakclip_loss(
         aux_weight: weight of the auxiliary term (0.4 in the paper).
         boundary_weight: weight of the boundary term (1 in the paper).
         tau, prob_floor, ratio_min, ratio_max, log_epsilon, clamp_probs: see the single
-            losses; aux_over_all_pixels: `auxiliary_loss`'s over_all_pixels.
+            losses; aux_over_all_pixels, aux_size: `auxiliary_loss`'s over_all_pixels, size.
     """
     seeding = seeding_loss(logits, seeds, size=size, log_epsilon=log_epsilon)
     if crf_q is None:
@@ -243,7 +250,9 @@ def weakclip_loss(
             ratio_max=ratio_max,
             clamp_probs=clamp_probs,
         )
-    auxiliary = auxiliary_loss(score_map, seeds, tau=tau, over_all_pixels=aux_over_all_pixels)
+    auxiliary = auxiliary_loss(
+        score_map, seeds, tau=tau, over_all_pixels=aux_over_all_pixels, size=aux_size
+    )
     total = seeding + boundary_weight * boundary + aux_weight * auxiliary
     return WeakCLIPLoss(
         total=total,

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.evaluate.ranking import RankedImages
 from pipelines.io import schema
 from pipelines.io.class_spaces import (
     COCO_UNUSED_IDS,
@@ -187,7 +188,8 @@ def score_unit(
 
     Returns:
         `scored`, `gt_null`, `gt_without_prediction` ({split: n}), `confusion` ({split:
-        {"images", "matrix": K x (K + 1) as a flat list}}), `quarantine` ([[id, source, reason]]).
+        {"images", "matrix": K x (K + 1) as a flat list}}), `quarantine` ([[id, source, reason]]),
+        `ranked` (`pipelines.evaluate.ranking.RankedImages.record`).
     """
     rel, row_group = unit["gt_path"], unit["gt_row_group"]
     source = f"{rel}#rg{row_group}"
@@ -235,6 +237,9 @@ def score_unit(
             continue
         total.add_matrix(split, matrix)
         total.scored += 1
+        miou = score_from_confusion(matrix).miou
+        where = [rel, row_group, position, planned[2], planned[3]]
+        total.ranked.add([miou, str(image_id), split, *where])
     return total.record()
 
 
@@ -249,6 +254,7 @@ class RecordSum:
         self.images: Counter[str] = Counter()
         self.matrices: dict[str, np.ndarray] = {}
         self.quarantine: list[list[str]] = []
+        self.ranked = RankedImages()
 
     def add(self, record: Mapping[str, Any]) -> None:
         k = self.num_classes
@@ -256,6 +262,7 @@ class RecordSum:
         self.gt_null += record["gt_null"]
         self.gt_without_prediction.update(record["gt_without_prediction"])
         self.quarantine.extend(record["quarantine"])
+        self.ranked.add_record(record.get("ranked", {}))
         for split, entry in record["confusion"].items():
             matrix = np.asarray(entry["matrix"], dtype=np.int64).reshape(k, k + 1)
             self.add_matrix(split, matrix, entry["images"])
@@ -276,6 +283,7 @@ class RecordSum:
                 for split, matrix in self.matrices.items()
             },
             "quarantine": self.quarantine,
+            "ranked": self.ranked.record(),
         }
 
 
@@ -336,6 +344,15 @@ class EvaluationResult:
             "conversions": dict(self.conversions),
             "prediction": dict(self.prediction),
             "ground_truth": dict(self.ground_truth),
+            "images_ranked": self.total.ranked.metrics(),
+        }
+
+    def confusion_file(self) -> dict[str, Any]:
+        """`confusion.json`: the K x (K + 1) counts over every scored image (rows: ground truth,
+        columns: prediction, the last one pixels predicted as ignore) and the class names."""
+        return {
+            "class_names": list(self.space.class_names),
+            "matrix": self.confusion.tolist(),
         }
 
 

@@ -41,6 +41,7 @@ from pipelines.io.storage import StorageOptions, read_bytes, resolve, write_byte
 from pipelines.units import already_done, run_tasks
 
 METRICS_FILE = "metrics.json"
+CONFUSION_FILE = "confusion.json"
 TARGET_TASKS = 512  # about this many tasks at most; bigger inputs give a task several units
 MAX_CLASSES_FILE_BYTES = 1024 * 1024
 
@@ -231,10 +232,13 @@ def evaluate_outputs(
 
 
 def write_evaluation(out: StageOutput, result: EvaluationResult) -> Manifest:
-    """`metrics.json`, `quarantine/evaluate.parquet` (when any), manifest, `_SUCCESS` last."""
+    """`metrics.json`, `confusion.json`, `quarantine/evaluate.parquet` (when any), manifest,
+    `_SUCCESS` last."""
     metrics = result.metrics()
     data = json.dumps(metrics, indent=2, allow_nan=False).encode()
     write_bytes_atomic(out.location, METRICS_FILE, data)
+    confusion = json.dumps(result.confusion_file()).encode()
+    write_bytes_atomic(out.location, CONFUSION_FILE, confusion)
     quarantine = Quarantine(out.location)
     for row in result.quarantine:
         quarantine.add(*row)
@@ -242,7 +246,11 @@ def write_evaluation(out: StageOutput, result: EvaluationResult) -> Manifest:
     counts = dict(result.counts)
     counts |= {"input": counts["predictions"], "output": counts["scored"]}
     return out.commit(
-        files=[FileEntry(path=METRICS_FILE, rows=None, bytes=len(data)), *quarantine.files],
+        files=[
+            FileEntry(path=METRICS_FILE, rows=None, bytes=len(data)),
+            FileEntry(path=CONFUSION_FILE, rows=None, bytes=len(confusion)),
+            *quarantine.files,
+        ],
         counts={**counts, "quarantined": quarantine.count},
         class_names=result.space.class_names,
         class_space=result.space.name,

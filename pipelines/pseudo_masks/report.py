@@ -20,7 +20,7 @@ from pipelines.io.parquet import read_row_group, read_shard
 from pipelines.io.storage import Location, read_bytes, redact, resolve
 from pipelines.pseudo_masks.rows import mask_rel, read_columns
 from pipelines.pseudo_masks.rows import row_cam_argmax as _cam_argmax
-from pipelines.report import ReportRow
+from pipelines.report.strips import ReportRow
 
 
 def _ingest_cams(ingest: Manifest, ids: set[str], *, bg_threshold: float) -> dict[str, np.ndarray]:

@@ -30,7 +30,7 @@ from pipelines.pseudo_masks.config import PseudoMaskConfig, stage_config
 from pipelines.pseudo_masks.report import build_report_rows
 from pipelines.pseudo_masks.rows import PseudoUnit, RowSpec, add_sparse
 from pipelines.pseudo_masks.units import enumerate_units, finish_unit
-from pipelines.report import sample_ids, write_report
+from pipelines.report.strips import sample_ids, write_report
 from weakclip.config import InferenceConfig
 
 STAGE = "pseudo_masks"

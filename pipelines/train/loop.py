@@ -120,7 +120,11 @@ def _micro_step(
     # outputs (a few small kernels), and the next batch.
     seeding = seeding_loss(logits, seeds, size=size, log_epsilon=loss.seeding_log_epsilon)
     auxiliary = auxiliary_loss(
-        score_map, seeds, tau=loss.tau, over_all_pixels=loss.aux_over_all_pixels
+        score_map,
+        seeds,
+        tau=loss.tau,
+        over_all_pixels=loss.aux_over_all_pixels,
+        size=loss.aux_resolution,
     )
     partial = (seeding + loss.aux_weight * auxiliary) / accumulation
     grad_logits, grad_score = torch.autograd.grad(partial, [logits, score_map], retain_graph=True)

@@ -27,6 +27,7 @@ from pipelines.cli.ray_init import use_gpu
 from pipelines.io import manifest as mf
 from pipelines.io.storage import Location, StorageOptions, resolve, upload_file, write_bytes_atomic
 from pipelines.training import checkpoint as ckpt
+from pipelines.training.tensorboard import TENSORBOARD_DIR, event_file
 from weakclip.config import check_fields
 
 RUN_NAME = "run"  # Ray Train experiment name under <output>/checkpoints/
@@ -323,10 +324,12 @@ def commit_run(
     metrics_file: str,
     metrics_data: bytes,
     metrics_rows: int | None,
+    history: Sequence[Mapping[str, Any]] = (),
     more_files: Sequence[mf.FileEntry] = (),
     **commit: Any,
 ) -> mf.Manifest:
-    """Writes `model.pt` (`export(local path)`) and the metrics file, then commits the output."""
+    """Writes `model.pt` (`export(local path)`), the metrics file and, with the `tensorboard`
+    extra, an event file of `history` under `tensorboard/`; then commits the output."""
     output = stage.location
     with tempfile.TemporaryDirectory(prefix="weakclip-export-") as tmp:
         local = os.path.join(tmp, MODEL_FILE)
@@ -338,4 +341,9 @@ def commit_run(
         mf.FileEntry(path=metrics_file, rows=metrics_rows, bytes=len(metrics_data)),
         *more_files,
     ]
+    events = event_file(history)
+    if events is not None:
+        rel = f"{TENSORBOARD_DIR}/{events[0]}"
+        write_bytes_atomic(output, rel, events[1])
+        files.append(mf.FileEntry(path=rel, rows=None, bytes=len(events[1])))
     return stage.commit(files=files, **commit)

@@ -10,6 +10,7 @@ import pytest
 
 from jobs.evaluate import main
 from pipelines.evaluate import stage as evaluate
+from pipelines.evaluate.ranking import sample_key
 from pipelines.io import schema
 from pipelines.io.codecs import decode_label_map
 from pipelines.io.manifest import read_manifest
@@ -91,7 +92,19 @@ def test_pseudo_masks_on_s3_against_ingest_gt(
         "quarantined": 1,
     }
     assert manifest.stage == "evaluate" and manifest.counts["quarantined"] == 1
-    assert [f.path for f in manifest.files] == ["metrics.json", "quarantine/evaluate.parquet"]
+    files = ["metrics.json", "confusion.json", "quarantine/evaluate.parquet"]
+    assert [f.path for f in manifest.files] == files
+    confusion = json.loads(read_bytes(manifest.location, "confusion.json"))
+    assert confusion["class_names"] == list(gt.class_names)
+    assert np.array_equal(np.asarray(confusion["matrix"]), matrix)
+    ranked = metrics["images_ranked"]
+    per_image = {
+        i: score_from_confusion(confusion_matrix(masks[i], truth[i], k)).miou for i in ids[:5]
+    }
+    order = sorted(per_image, key=lambda i: (per_image[i], sample_key(i)))
+    assert [e["image_id"] for e in ranked["worst"]] == order
+    assert {e["image_id"] for e in ranked["sample"]} == set(ids[:5])  # 5 scored, all sampled
+    assert all(e["prediction"]["row_group"] == -1 for e in ranked["sample"])  # mask files
 
     assert main([*argv, "--json"]) == 0
     captured = capsys.readouterr()

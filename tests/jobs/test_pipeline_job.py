@@ -9,28 +9,15 @@ import pytest
 from jobs.pipeline import main as pipeline
 from pipelines.io.manifest_format import read_manifest
 from pipelines.pipeline import STAGES
-
-# The demo's settings, smaller still: 8 images, a few iterations per training stage.
-SMALL = {
-    "iterations": 4,
-    "checkpoint_every": 2,
-    "log_every": 2,
-    "pseudo_masks": {"scales": [1.0], "flip": False, "report_images": 2},
-    "retrain": {"iterations": 4, "batch_size": 4, "crop_size": 96, "short_side": 96},
-}
+from tests.conftest import SMALL_DEMO, DemoChain
 
 
 @pytest.mark.slow
-def test_pipeline_demo_chain(tmp_path, capsys, ray_session) -> None:
+def test_pipeline_demo_chain(demo_chain: DemoChain, capsys) -> None:
     """The README's main job on a very small demo: every stage, the summary and the table."""
-    out = tmp_path / "demo"
-    config = tmp_path / "small.json"
-    config.write_text(json.dumps(SMALL))
-    args = ["--demo", "--num-images", "8", "--output", str(out), "--config", str(config)]
-    assert pipeline(args) == 0
-    printed = capsys.readouterr().out
+    out, args = demo_chain.output, list(demo_chain.args)
     for row in ("CAM argmax", "CRF seeds", "pseudo masks", "retrained model"):
-        assert row in printed
+        assert row in demo_chain.printed
     summary = json.loads((out / "summary.json").read_text())
     for key in ("cam_argmax", "crf_seeds", "pseudo_masks", "retrained"):
         assert summary[key] is not None and 0 <= summary[key] <= 1, (key, summary)
@@ -40,7 +27,10 @@ def test_pipeline_demo_chain(tmp_path, capsys, ray_session) -> None:
     train_ids = (out / "data-n8-s0-240x320" / "train.txt").read_text().split()
     assert masks.counts["output"] == len(train_ids)
     assert (out / "pseudo_masks" / "report" / "index.html").exists()
-    assert summary["report"].endswith("pseudo_masks/report/index.html")
+    assert summary["report"] == (out / "report" / "index.html").as_uri()
+    assert (out / "report" / "index.html").exists()
+    for stage in ("train", "retrain"):  # the tensorboard extra is part of the test extra
+        assert list((out / stage / "tensorboard").glob("events.out.tfevents.*")), stage
 
     # a second run reuses every stage
     assert pipeline(args) == 0
@@ -48,9 +38,12 @@ def test_pipeline_demo_chain(tmp_path, capsys, ray_session) -> None:
     assert second.count("nothing to do") >= len(STAGES) - 1, second
 
     # a changed pseudo-mask setting re-runs that stage and everything after it, not before
-    SMALL["pseudo_masks"]["flip"] = True
-    config.write_text(json.dumps(SMALL))
-    assert pipeline(args) == 0
+    changed = {**SMALL_DEMO, "pseudo_masks": {**SMALL_DEMO["pseudo_masks"], "flip": True}}
+    demo_chain.config.write_text(json.dumps(changed))
+    try:
+        assert pipeline(args) == 0
+    finally:
+        demo_chain.config.write_text(json.dumps(SMALL_DEMO))
     third = capsys.readouterr().out
     assert "pseudo_masks: config or inputs changed" in third
     assert "retrain: config or inputs changed" in third

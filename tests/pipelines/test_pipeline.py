@@ -12,7 +12,7 @@ def _demo() -> PipelineConfig:
     return from_dict(dict(DEMO_CONFIG), PipelineConfig)
 
 
-@pytest.mark.parametrize(("space", "iterations"), [("voc", 300), ("coco91", 600), ("coco81", 600)])
+@pytest.mark.parametrize(("space", "iterations"), [("voc", 450), ("coco91", 600), ("coco81", 600)])
 def test_demo_trains_twice_as_long_in_coco_class_spaces(space: str, iterations: int) -> None:
     assert _weakclip(_demo(), space).train.iterations == iterations
 

@@ -190,6 +190,14 @@ def test_metrics_by_split_sums_and_scores() -> None:
     )
     assert metrics["gt_images"] == 3 and metrics["threshold"] == 0.5
     assert metrics["miou"] == metrics["a"]["miou"] == 1.0
-    assert metrics["by_split"]["train"] == {"images": 1, "a": 1.0, "b": 0.0}
+    assert metrics["by_split"]["train"] == {
+        "images": 1,
+        "a": 1.0,
+        "b": 0.0,
+        "per_class_iou": {
+            "a": {"background": 1.0, "cat": 1.0},
+            "b": {"background": 0.0, "cat": 0.0},
+        },
+    }
     assert metrics["b"]["miou"] == pytest.approx(1 / 3)
     assert finite(float("nan")) is None and finite(0.5) == 0.5

@@ -75,9 +75,13 @@ def test_tiny_preset_is_small_and_consistent() -> None:
     assert config.inference.scales == (1.0,) and config.inference.flip
     assert config.co_attention.width == config.decoder.width == 64
     # The deviations from the paper's losses (docs/METHOD.md): the boundary weight, for random
-    # CLIP weights, and the auxiliary mean over valid pixels (D5) its numbers were measured with.
+    # CLIP weights, the auxiliary mean over valid pixels (D5) its numbers were measured with,
+    # and the auxiliary loss at 64 x 64 (its cost at 91 classes).
     assert config.loss.boundary_weight == 0.1 and not config.loss.aux_over_all_pixels
-    paper = dataclasses.replace(config.loss, boundary_weight=1.0, aux_over_all_pixels=True)
+    assert config.loss.aux_resolution == 64
+    paper = dataclasses.replace(
+        config.loss, boundary_weight=1.0, aux_over_all_pixels=True, aux_resolution=None
+    )
     assert paper == LossConfig(resolution=32)
     assert config.clip.drop_path_rate == 0.0  # D7 off, as the tiny numbers were measured
     assert config.train.ratio_range == (1.0, 1.0)  # no random rescale for random features

@@ -11,8 +11,8 @@ from weakclip.crf import (
     boundary_crf_target,
     boundary_crf_targets,
     crf_inference,
+    crf_labels,
     dense_crf,
-    restriction_is_exact,
 )
 
 PARAMS = {
@@ -114,7 +114,7 @@ def test_restriction_matches_full_crf_when_absent_classes_have_no_mass() -> None
     mask[:3] = True
     for absent_p in (0.0, 1e-6, 0.9e-4):
         full_probs = _with_absent_classes(probs, k, absent_p)
-        assert restriction_is_exact(full_probs, mask)
+        np.testing.assert_array_equal(crf_labels(full_probs, mask), mask)
         restricted = boundary_crf_target(image, full_probs, mask)
         full = boundary_crf_target(image, full_probs, None)
         assert np.all(restricted[~mask] == 0)
@@ -123,22 +123,33 @@ def test_restriction_matches_full_crf_when_absent_classes_have_no_mass() -> None
         assert np.abs(restricted - full).max() < 2e-3
 
 
-def test_restriction_is_refused_when_absent_classes_have_mass() -> None:
+def test_absent_classes_with_mass_are_kept() -> None:
     image, probs = _scene()
-    k = 6
-    mask = np.array([True, True, True, False, False, False])
-    full_probs = _with_absent_classes(probs, k, 1e-3)
-    # An absent class the model predicts over a distinct green region: the full CRF keeps it.
+    k = 21
+    mask = np.zeros(k, bool)
+    mask[:3] = True
+    full_probs = _with_absent_classes(probs, k, 0.5e-4)
+    # One absent class the model predicts over a distinct green region: the full CRF keeps it,
+    # and so does the restricted one; the 17 classes at the floor are dropped.
     image[0:6, 0:6] = (20, 200, 20)
     full_probs[4, 0:6, 0:6] = 0.95
     full_probs /= full_probs.sum(0)
-    assert not restriction_is_exact(full_probs, mask)
+    keep = crf_labels(full_probs, mask)
+    assert keep.sum() == 4 and keep[4]
     q = boundary_crf_target(image, full_probs, mask)
-    np.testing.assert_array_equal(q, boundary_crf_target(image, full_probs, None))
-    assert q[4, 0:6, 0:6].min() > 0.5
-    # A tolerance above the absent mass forces the restriction (no longer exact).
-    forced = boundary_crf_target(image, full_probs, mask, absent_tolerance=1.0)
-    assert np.all(forced[~mask] == 0)
+    full = boundary_crf_target(image, full_probs, None)
+    assert np.all(q[~keep] == 0) and q[4, 0:6, 0:6].min() > 0.5
+    assert np.abs(q - full).max() < 2e-3
+    # Mass on every absent class: nothing can be dropped, the full CRF runs.
+    spread = _with_absent_classes(probs, 6, 1e-3)
+    small = mask[:6]
+    assert crf_labels(spread, small).all()
+    np.testing.assert_array_equal(
+        boundary_crf_target(image, spread, small), boundary_crf_target(image, spread, None)
+    )
+    # A tolerance above the absent mass drops them (no longer exact).
+    forced = boundary_crf_target(image, spread, small, absent_tolerance=1.0)
+    assert np.all(forced[~small] == 0)
 
 
 def test_batch_targets_are_picklable_and_match_single_calls() -> None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from weakclip.config import LossConfig
 from weakclip.losses import (
     auxiliary_loss,
     boundary_loss,
@@ -200,3 +201,18 @@ def test_auxiliary_loss_over_all_pixels_counts_the_ignored_ones() -> None:
     valid = auxiliary_loss(score, seeds).item()
     every = auxiliary_loss(score, seeds, over_all_pixels=True).item()
     assert every == pytest.approx(valid / 2, rel=1e-6)
+
+
+def test_auxiliary_loss_at_a_resolution_downsamples_the_seeds() -> None:
+    # 4 x 4 seeds in 2 x 2 blocks: nearest downsampling to 2 x 2 keeps one label per block.
+    score = torch.randn(1, 3, 2, 2)
+    seeds = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 255, 255], [2, 2, 255, 255]])[None]
+    small = torch.tensor([[[0, 1], [2, 255]]])
+    expected = F.cross_entropy(score / 0.07, small, ignore_index=255)
+    loss = auxiliary_loss(score, seeds, tau=0.07, size=2)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert auxiliary_loss(score, seeds, tau=0.07, size=4).item() == pytest.approx(
+        auxiliary_loss(score, seeds, tau=0.07).item(), rel=1e-6
+    )
+    with pytest.raises(ValueError, match="aux_resolution"):
+        LossConfig(aux_resolution=0)

@@ -292,6 +292,9 @@ class LossConfig:
     # D5: True averages the auxiliary cross-entropy over every pixel, ignored ones included
     # (mmseg 0.19, the released code and so the paper's numbers); False: valid pixels only.
     aux_over_all_pixels: bool = True
+    # The side the auxiliary loss is computed at: None = the seeds' (input) size, as in the
+    # paper and the released code; a side (the tiny preset's 64) downsamples the seeds to it.
+    aux_resolution: int | None = None
     # D9: the boundary CRF's image at the loss resolution: "bilinear" (rounded, antialiased) or
     # "nearest" (the released point-sampled zoom, truncating coordinates).
     boundary_image_resize: str = "bilinear"
@@ -308,6 +311,8 @@ class LossConfig:
         _non_negative("aux_weight", self.aux_weight)
         _non_negative("boundary_weight", self.boundary_weight)
         _positive("resolution", self.resolution)
+        if self.aux_resolution is not None:
+            _positive("aux_resolution", self.aux_resolution)
         _require(0 < self.prob_clamp < 1, "prob_clamp", "must be in (0, 1)", self.prob_clamp)
         _positive("ratio_min", self.ratio_min)
         _require(

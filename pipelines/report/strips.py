@@ -36,6 +36,7 @@ REPORT_DIR = "report"
 INDEX_FILE = "index.html"
 _MAX_ID_CHARS = 64  # of an image id inside a file name
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+PANEL_TITLES = ("CAM argmax", "seed", "pseudo mask", "ground truth")
 
 
 @dataclass(frozen=True)
@@ -69,9 +70,25 @@ def colorize(labels: np.ndarray) -> np.ndarray:
     return _palette_lut()[np.asarray(labels, dtype=np.uint8)]
 
 
-def render_row(row: ReportRow) -> bytes:
+def overlay(image: np.ndarray, labels: np.ndarray, *, alpha: float = 0.55) -> np.ndarray:
+    """H x W x 3 uint8: the label map's class colours at `alpha` opacity over the image
+    (background and 255 = ignore left clear); a label map of another size is resized (nearest)
+    to the image."""
+    labels = np.asarray(labels, dtype=np.uint8)
+    height, width = image.shape[:2]
+    if labels.shape != (height, width):
+        resized = Image.fromarray(labels).resize((width, height), Image.Resampling.NEAREST)
+        labels = np.asarray(resized)
+    colours = colorize(labels).astype(np.float32)
+    weight = np.where((labels == IGNORE_INDEX) | (labels == 0), 0.0, alpha)[..., None]
+    return (image * (1 - weight) + colours * weight).round().astype(np.uint8)
+
+
+def render_row(row: ReportRow, *, alpha: float | None = None, titles: Sequence[str] = ()) -> bytes:
     """One PNG strip: titled panels image | CAM | seed | pseudo mask | GT (those present), a
-    label map of another size than the image at its own size (scaled like the image).
+    label map of another size than the image at its own size (scaled like the image). With
+    `alpha`, each label map is drawn over the image (`overlay`). `titles` replace the default
+    panel titles after "image", in order (e.g. with a per-image IoU).
 
     Raises:
         ValueError: the image is not H x W x 3 uint8, or a label map is not 2-D.
@@ -80,11 +97,18 @@ def render_row(row: ReportRow) -> bytes:
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image must be H x W x 3 uint8, got {image.dtype} {image.shape}")
     panels: list[tuple[str, Image.Image]] = [("image", _scaled(image, Image.Resampling.BILINEAR))]
-    titles = ("CAM argmax", "seed", "pseudo mask", "ground truth")
-    for title, labels in zip(titles, (row.cam, row.seed, row.mask, row.gt), strict=True):
-        if labels is not None:
-            colours = colorize(np.asarray(labels))
-            panels.append((title, _scaled(colours, Image.Resampling.NEAREST)))
+    present = [
+        (title, labels)
+        for title, labels in zip(PANEL_TITLES, (row.cam, row.seed, row.mask, row.gt), strict=True)
+        if labels is not None
+    ]
+    for index, (title, labels) in enumerate(present):
+        title = titles[index] if index < len(titles) else title
+        if alpha is None:
+            panels.append((title, _scaled(colorize(np.asarray(labels)), Image.Resampling.NEAREST)))
+        else:
+            blended = overlay(image, labels, alpha=alpha)
+            panels.append((title, _scaled(blended, Image.Resampling.BILINEAR)))
     width = sum(p.width for _, p in panels) + GAP * (len(panels) - 1)
     height = TITLE_HEIGHT + max(p.height for _, p in panels)
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
@@ -124,14 +148,15 @@ def write_report(
     items: list[tuple[str, str]] = []  # (image id, file name)
     for index, row in enumerate(rows):
         name = row_file_name(index, row.image_id)
-        entries.append(_write(output, f"{REPORT_DIR}/{name}", render_row(row)))
+        entries.append(write_file(output, f"{REPORT_DIR}/{name}", render_row(row)))
         items.append((str(row.image_id), name))
     page = render_index(items, class_names=class_names, title=title, metrics=metrics)
-    entries.append(_write(output, f"{REPORT_DIR}/{INDEX_FILE}", page.encode()))
+    entries.append(write_file(output, f"{REPORT_DIR}/{INDEX_FILE}", page.encode()))
     return entries
 
 
-def _write(output: Location, rel: str, data: bytes) -> FileEntry:
+def write_file(output: Location, rel: str, data: bytes) -> FileEntry:
+    """Writes one report file atomically; its manifest entry."""
     write_bytes_atomic(output, rel, data)
     return FileEntry(path=rel, rows=None, bytes=len(data))
 
@@ -145,31 +170,14 @@ def render_index(
 ) -> str:
     """The report page: heading, metrics table, class legend and one figure per (id, file)."""
     esc = html.escape
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{esc(title)}</title>",
-        "<style>body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}"
-        ".sw{display:inline-block;width:1em;height:1em;border:1px solid #888;"
-        "vertical-align:middle;margin-right:4px}figure{margin:0 0 1em 0}"
-        "img{max-width:100%}</style>",
-        "</head><body>",
-        f"<h1>{esc(title)}</h1>",
-    ]
+    parts = [page_head(title), f"<h1>{esc(title)}</h1>"]
     if metrics is not None:
         rows = [f"<tr><td>{esc(k)}</td><td>{esc(v)}</td></tr>" for k, v in _flatten(metrics)]
         parts += ["<h2>Metrics</h2>", "<table><tr><th>metric</th><th>value</th></tr>", *rows]
         parts.append("</table>")
     parts.append("<h2>Classes</h2><ul>")
-    palette = _palette_lut()
     shown = list(enumerate(class_names))[:IGNORE_INDEX] + [(IGNORE_INDEX, "ignore")]
-    for class_id, name in shown:
-        r, g, b = (int(c) for c in palette[class_id])
-        parts.append(
-            f'<li><span class="sw" style="background:rgb({r},{g},{b})"></span>'
-            f"{class_id}: {esc(str(name))}</li>"
-        )
+    parts += [f"<li>{swatch(class_id, name)}</li>" for class_id, name in shown]
     parts.append(f"</ul>\n<h2>Images ({len(items)})</h2>")
     for image_id, name in items:
         href = esc(urllib.parse.quote(name), quote=True)
@@ -179,6 +187,33 @@ def render_index(
         )
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+STYLE = (
+    "body{font-family:sans-serif;margin:1em}table{border-collapse:collapse;margin:0.5em 0}"
+    "td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}"
+    ".sw{display:inline-block;width:1em;height:1em;border:1px solid #888;"
+    "vertical-align:middle;margin-right:4px}figure{margin:0 0 1em 0}"
+    "img{max-width:100%}.up{background:#d4f4d4}.down{background:#f8d0d0}"
+    "td.num{text-align:right}"
+)
+
+
+def page_head(title: str) -> str:
+    """`<!DOCTYPE html>` up to the opened `<body>`, with the reports' one stylesheet inline."""
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n'
+        f"<title>{html.escape(title)}</title>\n<style>{STYLE}</style>\n</head><body>"
+    )
+
+
+def swatch(class_id: int, name: str) -> str:
+    """A legend item: the class colour and `id: name` (escaped)."""
+    r, g, b = (int(c) for c in _palette_lut()[class_id])
+    return (
+        f'<span class="sw" style="background:rgb({r},{g},{b})"></span>'
+        f"{class_id}: {html.escape(str(name))}"
+    )
 
 
 def _flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:

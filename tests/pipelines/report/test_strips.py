@@ -11,7 +11,7 @@ from PIL import Image
 
 from pipelines.io.codecs import voc_palette
 from pipelines.io.storage import read_bytes, resolve
-from pipelines.report import (
+from pipelines.report.strips import (
     INDEX_FILE,
     PANEL_MAX_HEIGHT,
     TITLE_HEIGHT,
