@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.io import schema
-from pipelines.io.codecs import decode_label_map, decode_rgb
+from pipelines.io.codecs import decode_label_map, decode_rgb, encode_label_png
 from pipelines.io.manifest import Manifest, read_manifest
 from pipelines.io.parquet import read_row_group
 from pipelines.io.storage import Location, StorageOptions, read_bytes, redact, resolve
@@ -28,7 +28,6 @@ from pipelines.report.strips import (
     INDEX_FILE,
     REPORT_DIR,
     ReportRow,
-    colorize,
     page_head,
     render_row,
     row_file_name,
@@ -245,7 +244,7 @@ def strips_section(
             rel = f"strips/{row_file_name(index, image_id)}"
             full = f"full/{row_file_name(index, image_id)}"
             files[rel] = strip
-            files[full] = _png(colorize(mask))
+            files[full] = encode_label_png(mask)  # the mask itself, VOC palette
             index += 1
             caption = (
                 f"{esc(image_id)} ({esc(str(entry.get('split')))}): pseudo-mask mIoU {miou}% "
@@ -286,16 +285,6 @@ def _prediction(pred_loc: Location, where: Mapping[str, Any], image_id: str) -> 
         if found == image_id:
             return seed
     raise RuntimeError(f"{path} row group {group} has no prediction for {image_id}")
-
-
-def _png(rgb: np.ndarray) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def run_section(summary: Mapping[str, Any], manifests: Mapping[str, Manifest]) -> str:
