@@ -20,7 +20,8 @@ many classes were averaged.
 
 Prints a per-class table (or, with `--json`, the metrics as JSON) on stdout; progress goes to
 stderr. `--output` also writes an `evaluate` stage directory: `metrics.json`,
-`quarantine/evaluate.parquet`, `manifest.json` (with the metrics), `_SUCCESS`.
+`quarantine/evaluate.parquet`, `manifest.json` (with the metrics), `_SUCCESS`, and the
+stage's report `report/index.html` (per-class IoU, confusion heatmap, worst/best/sampled images).
 Exit status: 0 success; 1 failure (also: no image had both a prediction and ground truth);
 2 usage error.
 """
@@ -32,6 +33,7 @@ import argparse
 from pipelines import cli as job
 from pipelines.evaluate import EvaluateConfig, run_evaluate
 from pipelines.evaluate.stage import add_options, check_inputs, config_fields, print_metrics
+from pipelines.report.run import write_stage_report
 
 DEFAULT_RESOURCES = job.Resources(num_cpus_per_task=0.5)  # light numpy work: room for Ray Data
 
@@ -51,6 +53,9 @@ def _main(argv: list[str]) -> int:
     metrics = run_evaluate(
         pred, gt, output, config, report=job.to_stderr, **job.stage_kwargs(options)
     )
+    if options.output is not None and metrics.get("images"):  # committed
+        page = write_stage_report(options.output, storage=options.storage, report=job.to_stderr)
+        job.to_stderr(f"evaluate: report {page}")
     return print_metrics(metrics, as_json=args.json)
 
 

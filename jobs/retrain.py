@@ -49,7 +49,9 @@ def _main(argv: list[str]) -> int:
     result = run_retrain(
         job.input.uri, job.output.uri, config, options=run, storage=job.storage, inputs=inputs
     )
-    return opts.print_result("retrained", result, job.output.uri)
+    status = opts.print_result("retrained", result, job.output.uri)
+    opts.print_report(job.output, job.storage)
+    return status
 
 
 main, cli = common.entry_points(_main)

@@ -48,10 +48,13 @@ def _main(argv: list[str]) -> int:
         )
     common.init_ray(args)
     try:
-        return opts.print_result("trained", run_train(config), job.output.uri)
+        result = run_train(config)
     except TrainRefused as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    status = opts.print_result("trained", result, job.output.uri)
+    opts.print_report(job.output, job.storage)
+    return status
 
 
 main, cli = common.entry_points(_main)

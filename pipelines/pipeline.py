@@ -28,7 +28,7 @@ from pipelines.io.manifest import Manifest, StageConflictError, read_manifest
 from pipelines.io.storage import Location, StorageOptions, exists, resolve, write_bytes_atomic
 from pipelines.pseudo_masks import PseudoMaskConfig, run_pseudo_masks
 from pipelines.refine import RefineConfig, run_refine
-from pipelines.report.run import write_run_report
+from pipelines.report.run import refine_rows, write_run_report
 from pipelines.retrain import RetrainConfig, RetrainOptions, run_retrain
 from pipelines.synthetic import write_dataset
 from pipelines.train import TrainJobConfig, run_train
@@ -276,26 +276,16 @@ def _summary(
 ) -> dict[str, Any]:
     """The mIoU rows of docs/CONTRACTS.md and what each was measured on. CAM argmax and seeds:
     on the split the pseudo masks were made for (when it is one split with ground truth), else
-    over every image with ground truth."""
-    metrics, splits = refine.metrics or {}, config.pseudo_masks.splits
-    split = splits[0] if splits is not None and len(splits) == 1 else None
-    block = (metrics.get("by_split") or {}).get(split) if split else None
-    if isinstance(block, dict):
-        cam, seeds = _number(block.get("cam_argmax")), _number(block.get("seeds"))
-        where = f"{split} split, {block.get('images')} images"
-    else:
-        cam, seeds = _miou(metrics.get("cam_argmax")), _miou(metrics.get("seeds"))
-        where = f"all splits, {metrics.get('gt_images')} images"
+    over every image with ground truth (`refine_rows`)."""
+    splits = config.pseudo_masks.splits
+    rows = refine_rows(refine.metrics or {}, splits[0] if splits and len(splits) == 1 else None)
     return {
-        "cam_argmax": cam,
-        "crf_seeds": seeds,
+        **rows,
         "pseudo_masks": _miou(evaluated),
         "retrained": _miou(retrained),
         "class_space": refine.class_space,
-        "split": split,  # of the CAM and seed rows; None: every image with ground truth
         "measured_on": {
-            "cam_argmax": where,
-            "crf_seeds": where,
+            **rows["measured_on"],
             "pseudo_masks": _images(evaluated, "images"),
             "retrained": _images(retrained, "num_val_images", "val split (not trained on)"),
         },

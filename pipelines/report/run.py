@@ -1,8 +1,11 @@
-"""The report of a pipeline run, `<output>/report/index.html` (docs/CONTRACTS.md, report).
+"""The report of a pipeline run, `<output>/report/index.html`, and of one train, retrain or
+evaluate stage run as a job, `<stage output>/report/index.html` (docs/CONTRACTS.md, report).
 
-Built from the run's `summary.json`, its stage manifests and the stages' metrics files only
-(train `metrics.jsonl`, retrain `metrics.json`, evaluate `metrics.json` and `confusion.json`),
-plus the few rows it shows: the images evaluate ranked (`pipelines.evaluate.ranking`, at most
+A run's report is built from its `summary.json`, its stage manifests and the stages' metrics
+files only; a stage's from its manifest (and, for evaluate, its ground truth's: a refine output
+gives the CAM and seed columns), with the sections that apply to it (`STAGE_SECTIONS`). Both read
+(train `metrics.jsonl`, retrain `metrics.json`, evaluate `metrics.json` and `confusion.json`)
+and the few rows they show: the images evaluate ranked (`pipelines.evaluate.ranking`, at most
 8 worst, 8 best and 8 sampled, whatever the number of images), read from their own row groups.
 Every file sits beside the page (plots and strips as PNG, no script, no network); every name
 and id from the data is escaped. A section whose source is missing says so instead.
@@ -21,6 +24,7 @@ import numpy as np
 from pipelines.io import schema
 from pipelines.io.codecs import decode_label_map, decode_rgb, encode_label_png
 from pipelines.io.manifest import Manifest, read_manifest
+from pipelines.io.manifest_format import IncompleteOutputError, ManifestError
 from pipelines.io.parquet import read_row_group
 from pipelines.io.storage import Location, StorageOptions, read_bytes, redact, resolve
 from pipelines.report import plots
@@ -49,6 +53,12 @@ STRIP_LISTS = (
 )
 OVERLAY_ALPHA = 0.55  # opacity of the class colours over the image
 CHANGE_EPSILON = 0.005  # IoU changes smaller than this are not highlighted
+RUN_SECTIONS = ("summary", "per_class", "curves", "confusion", "strips", "run")
+STAGE_SECTIONS = {  # what a stage's own report shows
+    "train": ("curves", "run"),
+    "retrain": ("summary", "per_class", "curves", "run"),
+    "evaluate": ("summary", "per_class", "confusion", "strips", "run"),
+}
 esc = html.escape
 
 
@@ -83,12 +93,12 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "") 
 
 
 def summary_section(summary: Mapping[str, Any]) -> str:
-    """The headline table: each mIoU and where it was measured."""
+    """The headline table: each mIoU the summary holds and where it was measured."""
     on = summary.get("measured_on") or {}
     rows = [
         [f"<td>{label}</td>", f'<td class="num">{_pct(summary.get(key))}</td>',
          f"<td>{esc(str(on.get(key, '')))}</td>"]
-        for label, key in SUMMARY_ROWS
+        for label, key in SUMMARY_ROWS if key in summary
     ]  # fmt: skip
     space = esc(str(summary.get("class_space")))
     return f"<h2>Summary ({space} classes)</h2>" + _table(["", "mIoU %", "measured on"], rows)
@@ -175,7 +185,9 @@ def curves_section(
     ]
     for stage, title, losses in (("train", "WeakCLIP training", TRAIN_LOSSES),
                                  ("retrain", "retraining", ("loss",))):  # fmt: skip
-        history = histories.get(stage)
+        if stage not in histories:
+            continue
+        history = histories[stage]
         if not history:
             parts.append(f"<p>{title}: no metrics history in this run.</p>")
             continue
@@ -297,8 +309,9 @@ def run_section(summary: Mapping[str, Any], manifests: Mapping[str, Manifest]) -
             f"<td>{esc(manifest.code_version)}</td>", f"<td>{esc(manifest.created)}</td>",
             f"<td>{esc(str(manifest.run_id))}</td>",
         ])  # fmt: skip
-    total = esc(str(seconds.get("total", "-")))
-    parts = ["<h2>The run</h2>", f"<p>Wall time of the whole chain: {total} s.</p>"]
+    parts = ["<h2>The run</h2>"]
+    if "total" in seconds:
+        parts.append(f"<p>Wall time of the whole chain: {esc(str(seconds['total']))} s.</p>")
     parts.append(_table(["stage", "seconds", "code version", "written", "run id"], rows))
     masks = manifests.get("pseudo_masks")
     checkpoint = masks.extra.get("checkpoint") if masks is not None else None
@@ -332,6 +345,96 @@ def write_run_report(
     manifests: dict[str, Manifest] = {}
     for stage, uri in (summary.get("stages") or {}).items():
         manifests[stage] = read_manifest(resolve(uri, storage))
+    title = "WeakCLIP run report"
+    return _write_page(out, title, summary, manifests, RUN_SECTIONS, storage, report)
+
+
+def write_stage_report(
+    loc: Location, *, storage: StorageOptions | None = None, report: Callable[[str], Any] = print
+) -> str | None:
+    """Writes `report/` below the committed train, retrain or evaluate output `loc` (the
+    sections of `STAGE_SECTIONS`); returns the URI of its `index.html`, None for other stages.
+    An evaluate output whose ground truth is a refine output also shows its CAM and seed mIoU."""
+    manifest = read_manifest(loc)
+    sections = STAGE_SECTIONS.get(manifest.stage)
+    if sections is None:
+        return None
+    manifests = {manifest.stage: manifest}
+    metrics = manifest.metrics or {}
+    summary: dict[str, Any] = {"class_space": manifest.class_space, "measured_on": {}}
+    if manifest.stage == "evaluate":
+        gt_uri = (metrics.get("ground_truth") or {}).get("uri")
+        gt = _gt_manifest(str(gt_uri), storage, report) if gt_uri else None
+        if gt is not None and gt.stage == "refine":
+            manifests["refine"] = gt
+            split = _one_split(metrics.get("prediction") or {}, storage)
+            summary.update(refine_rows(gt.metrics or {}, split))
+        summary["pseudo_masks"] = metrics.get("miou")
+        summary["measured_on"] = dict(summary["measured_on"])
+        summary["measured_on"]["pseudo_masks"] = f"{metrics.get('images')} images"
+    elif manifest.stage == "retrain":
+        summary["retrained"] = metrics.get("miou")
+        images = metrics.get("num_val_images")
+        summary["measured_on"]["retrained"] = f"val split (not trained on), {images} images"
+    title = f"WeakCLIP {manifest.stage} report"
+    return _write_page(loc, title, summary, manifests, sections, storage, report)
+
+
+def refine_rows(metrics: Mapping[str, Any], split: str | None) -> dict[str, Any]:
+    """The CAM argmax and seed rows of a summary from refine's `metrics`: on `split` when its
+    block is there (`split` then kept), else over every image with ground truth (`split` None).
+    """
+    block = (metrics.get("by_split") or {}).get(split) if split else None
+    if isinstance(block, Mapping):
+        cam, seeds = block.get("cam_argmax"), block.get("seeds")
+        where = f"{split} split, {block.get('images')} images"
+    else:
+        cam = (metrics.get("cam_argmax") or {}).get("miou")
+        seeds = (metrics.get("seeds") or {}).get("miou")
+        where, split = f"all splits, {metrics.get('gt_images')} images", None
+    number = [float(v) if isinstance(v, int | float) else None for v in (cam, seeds)]
+    return {
+        "cam_argmax": number[0],
+        "crf_seeds": number[1],
+        "split": split,
+        "measured_on": {"cam_argmax": where, "crf_seeds": where},
+    }
+
+
+def _one_split(prediction: Mapping[str, Any], storage: StorageOptions | None) -> str | None:
+    """The one split a pseudo-mask prediction was made for (its config's `splits`), else None."""
+    if prediction.get("stage") != "pseudo_masks" or not prediction.get("uri"):
+        return None
+    try:
+        splits = read_manifest(resolve(str(prediction["uri"]), storage)).config.get("splits")
+    except (FileNotFoundError, IncompleteOutputError, ManifestError):
+        return None
+    return str(splits[0]) if isinstance(splits, list) and len(splits) == 1 else None
+
+
+def _gt_manifest(
+    uri: str, storage: StorageOptions | None, report: Callable[[str], Any]
+) -> Manifest | None:
+    """The manifest of an evaluate output's ground truth, or None (said) when it is gone or
+    no longer complete: its CAM and seed columns are then left out."""
+    try:
+        return read_manifest(resolve(uri, storage))
+    except (FileNotFoundError, IncompleteOutputError, ManifestError) as exc:
+        report(f"report: ground truth {redact(str(exc))}; its CAM and seed columns are left out")
+        return None
+
+
+def _write_page(
+    out: Location,
+    title: str,
+    summary: Mapping[str, Any],
+    manifests: Mapping[str, Manifest],
+    sections: Sequence[str],
+    storage: StorageOptions | None,
+    report: Callable[[str], Any],
+) -> str:
+    """Renders `sections` of the page (`RUN_SECTIONS` names them) and writes it with its files
+    under `out/report/`; returns the URI of its `index.html`."""
     histories: dict[str, list[dict[str, Any]] | None] = {}
     if "train" in manifests:
         histories["train"] = _optional(
@@ -352,17 +455,18 @@ def write_run_report(
             pred_loc = resolve(metrics["prediction"]["uri"], storage)
     class_names = evaluated.class_names if evaluated is not None else ()
     files: dict[str, bytes] = {}
-    body = [
-        summary_section(summary),
-        per_class_section(per_class_columns(summary, manifests)),
-        curves_section(histories, files),
-        confusion_section(confusion, files),
-        strips_section(ranked, gt_loc=gt_loc, pred_loc=pred_loc, class_names=class_names,
-                       files=files),
-        run_section(summary, manifests),
-    ]  # fmt: skip
-    title = "WeakCLIP run report"
-    page = "\n".join([page_head(title), f"<h1>{title}</h1>", *body, "</body></html>\n"])
+    render = {
+        "summary": lambda: summary_section(summary),
+        "per_class": lambda: per_class_section(per_class_columns(summary, manifests)),
+        "curves": lambda: curves_section(histories, files),
+        "confusion": lambda: confusion_section(confusion, files),
+        "strips": lambda: strips_section(
+            ranked, gt_loc=gt_loc, pred_loc=pred_loc, class_names=class_names, files=files
+        ),
+        "run": lambda: run_section(summary, manifests),
+    }
+    body = [render[name]() for name in sections]
+    page = "\n".join([page_head(title), f"<h1>{esc(title)}</h1>", *body, "</body></html>\n"])
     for rel, data in files.items():
         write_file(out, f"{REPORT_DIR}/{rel}", data)
     write_file(out, f"{REPORT_DIR}/{INDEX_FILE}", page.encode())

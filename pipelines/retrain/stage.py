@@ -284,7 +284,6 @@ def _finish(
         metrics_file=METRICS_FILE,
         metrics_data=json.dumps({**summary, "history": history}, indent=1, sort_keys=True).encode(),
         metrics_rows=None,
-        history=history,
         more_files=more_files,
         counts={
             "input": rows.index_rows,

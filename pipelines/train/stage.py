@@ -129,7 +129,6 @@ def _export_and_commit(
         metrics_file=METRICS_FILE,
         metrics_data=ckpt.jsonl(history).encode(),
         metrics_rows=len(history),
-        history=history,
         counts={
             "input": rows,
             "output": 1,

@@ -8,6 +8,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from pipelines.cli import DEVICES, UsageError, add_common_args, given
+from pipelines.io.storage import Location, StorageOptions
 from pipelines.training.run import RunResult
 
 Flag = tuple[str, dict[str, Any]]
@@ -73,6 +74,13 @@ def print_result(verb: str, result: RunResult, uri: str) -> int:
             f"({result.start_iteration} -> {result.iterations}); wrote {uri}"
         )
     return 0
+
+
+def print_report(output: Location, storage: StorageOptions) -> None:
+    """Writes the stage's report (`pipelines.report.run.write_stage_report`), prints where."""
+    from pipelines.report.run import write_stage_report
+
+    print(f"report: {write_stage_report(output, storage=storage)}")
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ from pipelines.cli.ray_init import use_gpu
 from pipelines.io import manifest as mf
 from pipelines.io.storage import Location, StorageOptions, resolve, upload_file, write_bytes_atomic
 from pipelines.training import checkpoint as ckpt
-from pipelines.training.tensorboard import TENSORBOARD_DIR, event_file
+from pipelines.training.tensorboard import TENSORBOARD_DIR, segments
 from weakclip.config import check_fields
 
 RUN_NAME = "run"  # Ray Train experiment name under <output>/checkpoints/
@@ -272,6 +272,7 @@ def fit(
         "torch_threads": None if gpu else max(1, int(options.cpus_per_worker)),
         "fail_at_iteration": int(fail_at) if fail_at else None,
         "fail_marker": os.environ.get(FAIL_MARKER_ENV) or marker,
+        "tensorboard": output.child(TENSORBOARD_DIR),
         **entries,
     }
     trainer = ray.train.torch.TorchTrainer(
@@ -324,12 +325,11 @@ def commit_run(
     metrics_file: str,
     metrics_data: bytes,
     metrics_rows: int | None,
-    history: Sequence[Mapping[str, Any]] = (),
     more_files: Sequence[mf.FileEntry] = (),
     **commit: Any,
 ) -> mf.Manifest:
-    """Writes `model.pt` (`export(local path)`), the metrics file and, with the `tensorboard`
-    extra, an event file of `history` under `tensorboard/`; then commits the output."""
+    """Writes `model.pt` (`export(local path)`) and the metrics file; then commits the output
+    with them and the TensorBoard segments rank 0 wrote under `tensorboard/`."""
     output = stage.location
     with tempfile.TemporaryDirectory(prefix="weakclip-export-") as tmp:
         local = os.path.join(tmp, MODEL_FILE)
@@ -341,9 +341,6 @@ def commit_run(
         mf.FileEntry(path=metrics_file, rows=metrics_rows, bytes=len(metrics_data)),
         *more_files,
     ]
-    events = event_file(history)
-    if events is not None:
-        rel = f"{TENSORBOARD_DIR}/{events[0]}"
-        write_bytes_atomic(output, rel, events[1])
-        files.append(mf.FileEntry(path=rel, rows=None, bytes=len(events[1])))
+    for name, size in segments(output.child(TENSORBOARD_DIR)).items():
+        files.append(mf.FileEntry(path=f"{TENSORBOARD_DIR}/{name}", rows=None, bytes=size))
     return stage.commit(files=files, **commit)

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipelines.training import checkpoint as ckpt
+from pipelines.training import tensorboard as tb
 
 
 class InjectedFailure(RuntimeError):
@@ -208,6 +209,28 @@ class LogWindow:
         return row
 
 
+class Events:
+    """Rank 0's TensorBoard segments of a run restored at `start` (nothing without a
+    `directory`): the segments past `start` are deleted first, their rows will come again."""
+
+    def __init__(self, directory: Any, start: int) -> None:
+        self._directory, self._written = directory, start
+        self._last = time.monotonic()
+        if directory is not None:
+            tb.prune_segments(directory, after=start)
+
+    def due(self) -> bool:
+        """Whether a segment is due at a logged row (`tensorboard.SEGMENT_SECONDS` passed)."""
+        return self._directory is not None and (time.monotonic() - self._last >= tb.SEGMENT_SECONDS)
+
+    def write(self, history: list[dict[str, Any]], iteration: int) -> None:
+        """The segment of the rows logged after the last one, up to `iteration`."""
+        if self._directory is None or iteration <= self._written:
+            return
+        tb.write_segment(self._directory, history, after=self._written, last=iteration)
+        self._written, self._last = iteration, time.monotonic()
+
+
 Step = Callable[
     [nn.Module, dict[str, torch.Tensor], Batches, int],
     tuple[dict[str, float], dict[str, torch.Tensor] | None],
@@ -261,7 +284,9 @@ def train_steps(
     each call) and the next batch; then AdamW and the scheduler step. Rows of window means are
     logged every `log_every` steps, checkpoints reported every `checkpoint_every` (and at the
     end, with `final_meta()` in the meta: a collective, called on every rank). A run restored at
-    its last iteration reports again (an export interrupted after training).
+    its last iteration reports again (an export interrupted after training). With the loop
+    config's `tensorboard` directory (a `Location`), rank 0 writes the logged rows there as they
+    come (`pipelines.training.tensorboard`).
     """
     import ray.train
 
@@ -291,6 +316,7 @@ def train_steps(
     batches = Batches(iter(stream))
     waits = {**(waits or {}), "data_wait_s": lambda: batches.wait_seconds}
     window = LogWindow(waits, global_batch=micro * accumulation * world, device=device, world=world)
+    events = Events(loop_config.get("tensorboard") if rank == 0 else None, start)
 
     def report(iteration: int) -> None:
         """`ray.train.report` on every worker of the last logged row's numbers and `iteration`;
@@ -302,6 +328,7 @@ def train_steps(
         if rank != 0:
             ray.train.report(metrics, checkpoint=None)
             return
+        events.write(history, iteration)  # before the checkpoint: a restart prunes past it
         with tempfile.TemporaryDirectory(prefix="weakclip-ckpt-") as directory:
             ckpt.save_checkpoint(
                 directory,
@@ -342,5 +369,7 @@ def train_steps(
             if finish_row is not None:
                 finish_row(row)
             history.append(row)
+            if events.due():
+                events.write(history, iteration)
         if iteration % int(loop_config["checkpoint_every"]) == 0 or is_last:
             report(iteration)

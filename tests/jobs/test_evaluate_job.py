@@ -73,6 +73,12 @@ def test_pseudo_masks_on_s3_against_ingest_gt(
     captured = capsys.readouterr()
     assert "mIoU" in captured.out and "(not averaged)" in captured.out
     assert "size mismatch" in captured.out and "4 GT row groups" in captured.err
+    # The stage's own report, on S3 beside its outputs (not in the manifest: a derived view).
+    report = resolve(output).child("report")
+    assert f"evaluate: report {report.uri}/index.html" in captured.err
+    page = read_bytes(report, "index.html").decode()
+    assert "Confusion of the pseudo masks" in page and "Training curves" not in page
+    assert exists(report, "confusion.png") and report.fs.glob(report.join("strips") + "/*.png")
 
     k = len(gt.class_names)
     matrix = sum(confusion_matrix(masks[i], truth[i], k) for i in ids[:5])

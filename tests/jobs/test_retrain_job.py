@@ -13,6 +13,7 @@ from jobs.retrain import main
 from pipelines.io import manifest as mf
 from pipelines.io.storage import resolve
 from pipelines.retrain.model import build_model, load_retrained_model, logits
+from pipelines.training.tensorboard import segment_name
 from tests.pipelines.retrain.inputs import make_inputs
 
 
@@ -49,12 +50,16 @@ def test_retrain_job_trains_scores_reruns_and_resumes(tmp_path, capsys, ray_sess
         "--backbone-weights", str(weights),
     ]  # fmt: skip
     assert main(argv) == 0
+    report = tmp_path / "out" / "report"
+    assert f"report: {report.as_uri()}/index.html" in capsys.readouterr().out
+    assert "retrained model" in (report / "index.html").read_text()
+    assert (report / "curves-retrain.png").stat().st_size > 0
     out = resolve(str(tmp_path / "out"))
     manifest = mf.read_manifest(out)
     assert manifest.stage == "retrain"
     files = {f.path for f in manifest.files}
     events = {f for f in files if f.startswith("tensorboard/events.out.tfevents.")}
-    assert len(events) == 1  # the tensorboard extra is part of the test extra
+    assert events == {f"tensorboard/{segment_name(i)}" for i in (2, 4)}  # one per checkpoint
     assert files - events == {"model.pt", "metrics.json", "quarantine/masks.parquet"}
     assert manifest.counts["quarantined"] == 1 and manifest.counts["train_images"] == 6
     assert manifest.inputs[0].manifest_sha256 == inputs.pseudo.sha256

@@ -48,6 +48,9 @@ def test_train_job_smoke_and_rerun(tmp_path, capsys, ray_session) -> None:
     assert model_config["loss"]["boundary_image_resize"] == "nearest"
     model = load_exported_model(str(tmp_path / "train" / "model.pt"))
     assert model(torch.randn(1, 3, 64, 64)).logits.shape == (1, 7, 16, 16)
-    capsys.readouterr()
+    report = tmp_path / "train" / "report"
+    assert f"report: {report.as_uri()}/index.html" in capsys.readouterr().out
+    assert "Training curves" in (report / "index.html").read_text()
+    assert (report / "curves-train.png").stat().st_size > 0
     assert main(argv) == 0
     assert "nothing to do" in capsys.readouterr().out

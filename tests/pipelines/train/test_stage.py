@@ -21,7 +21,9 @@ from pipelines.train.data import prepare_row
 from pipelines.training.augment import denormalize, row_seed
 from pipelines.training.data import epochs_needed
 from pipelines.training.run import FAIL_ENV, FAIL_MARKER_ENV, latest_checkpoint_iteration
+from pipelines.training.tensorboard import segment_name
 from tests.pipelines.train.inputs import make_refine_input, refine_rows
+from tests.pipelines.training.test_tensorboard import scalars
 from weakclip.config import from_dict, preset
 
 FAST = {"clip": {"input_size": 128}, "loss": {"resolution": 32}}
@@ -100,7 +102,9 @@ def test_train_on_s3_recovers_from_failure_and_resumes(
     assert manifest.stage == "train" and manifest.extra["iterations"] == 16
     files = {f.path for f in manifest.files}
     events = {f for f in files if f.startswith("tensorboard/events.out.tfevents.")}
-    assert len(events) == 1  # the tensorboard extra is part of the test extra
+    # The tensorboard extra is part of the test extra: one segment per checkpoint report (8, 16)
+    # at least; the one the failed attempt wrote past 8 is gone (each iteration once, below).
+    assert {"tensorboard/" + segment_name(8), "tensorboard/" + segment_name(16)} <= events
     assert files - events == {"model.pt", "metrics.jsonl"}
     assert manifest.class_names[0] == "background" and len(manifest.class_names) == 7
     # Checkpoints are objects on the S3 server.
@@ -113,6 +117,10 @@ def test_train_on_s3_recovers_from_failure_and_resumes(
         for line in out.fs.cat_file(out.join("metrics.jsonl")).decode().splitlines()
     ]
     assert [r["iteration"] for r in rows] == list(range(2, 17, 2))  # no gap, no duplicate
+    out.fs.get(out.join("tensorboard") + "/", str(tmp_path / "tb"), recursive=True)
+    logged = scalars(tmp_path / "tb", "loss/loss")
+    assert [step for step, _ in logged] == list(range(2, 17, 2))
+    assert [value for _, value in logged] == pytest.approx([r["loss"] for r in rows])
     first = np.mean([r["loss"] for r in rows[:3]])
     last = np.mean([r["loss"] for r in rows[-3:]])
     assert last < first, (first, last)
