@@ -1,9 +1,10 @@
 """A stage's output directory: run record, resumable data files, manifest, `_SUCCESS` last.
 
 Layout and rules: docs/CONTRACTS.md "A stage's output directory" and "Re-running".
-`StageOutput.open` records the run's fingerprint (stage + config + inputs) in `_RUN.json`
-before any data. Every manifest carries a unique `run_id`, so a re-run stage has a new digest
-and the stages after it see a different fingerprint. Reading an output is `manifest_format`.
+`StageOutput.open` takes the output's lease (`pipelines.io.lease`: one live run per output),
+then records the run's fingerprint (stage + config + inputs) in `_RUN.json` before any data.
+Every manifest carries a unique `run_id`, so a re-run stage has a new digest and the stages
+after it see a different fingerprint. Reading an output is `manifest_format`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import os
 import subprocess
 import uuid
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from enum import Enum
 from typing import Any
@@ -26,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.io import schema
+from pipelines.io.lease import LEASE, Lease, OutputBusyError
 from pipelines.io.manifest_format import (
     MANIFEST,
     MAX_MANIFEST_BYTES,
@@ -68,6 +71,9 @@ class StageConflictError(RuntimeError):
     """The output directory holds another run's outputs (or foreign files)."""
 
 
+__all__ = ["OutputBusyError"]  # re-exported: a live run holds the output (never overwritten)
+
+
 @dataclasses.dataclass(eq=False)
 class StageOutput:
     """The output directory of one run of a stage. Create with `StageOutput.open`."""
@@ -79,6 +85,7 @@ class StageOutput:
     fingerprint: str
     state: StageState
     manifest: Manifest | None
+    lease: Lease | None = None  # held until the commit (or until this object goes)
 
     @classmethod
     def open(
@@ -94,12 +101,38 @@ class StageOutput:
         with `config` (a dict or dataclass of JSON values) reading `inputs`; `overwrite`
         deletes an earlier stage run there (even a complete one with the same config).
 
+        A complete output is returned without the lease; any other holds it until `commit`.
+
         Raises:
+            OutputBusyError: another live run holds the directory (nothing touched).
             StageConflictError: the directory holds a run with another stage, config or inputs
                 (and not `overwrite`), or files no stage run wrote (never deleted).
         """
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        lease = Lease.acquire(location, stage=stage)
+        try:
+            out = cls._open_leased(location, stage, config, inputs, overwrite)
+        except BaseException:
+            lease.release()
+            raise
+        if out.state is StageState.DONE:
+            lease.release()
+        else:
+            out.lease = lease
+            weakref.finalize(out, lease.release_soon)
+        return out
+
+    @classmethod
+    def _open_leased(
+        cls,
+        location: Location,
+        stage: str,
+        config: Mapping[str, Any] | Any,
+        inputs: Sequence[InputRef],
+        overwrite: bool,
+    ) -> StageOutput:
+        """`open` once the lease is held."""
         config_dict = _jsonable_config(config)
         input_refs = tuple(inputs)
         fp = fingerprint(stage, config_dict, input_refs)
@@ -114,7 +147,10 @@ class StageOutput:
             for name in (SUCCESS, MANIFEST):
                 if exists(location, name):
                     location.fs.rm(location.join(name))
-            remove_tree(location)
+            for path in location.fs.ls(location.path, detail=False):
+                name = str(path).rstrip("/").rsplit("/", 1)[-1]
+                if name != LEASE:
+                    remove_tree(location.child(name))
             occupied = False
         elif occupied and (run is None or run.get("fingerprint") != fp):
             why = _describe_difference(run, stage, config_dict, input_refs)
@@ -185,9 +221,11 @@ class StageOutput:
         """
         if self.state is StageState.DONE:
             raise RuntimeError(f"{self.location.uri} is already complete; nothing to commit")
+        if self.lease is not None:
+            self.lease.check()
         run = _read_run_record(self.location)
         if run is None or run.get("fingerprint") != self.fingerprint:
-            raise StageConflictError(f"{self.location.uri} was taken over by another run")
+            raise OutputBusyError(f"{self.location.uri} was taken over by another run")
         doc: dict[str, Any] = {
             "stage": self.stage,
             "files": [dataclasses.asdict(f) for f in files],
@@ -223,6 +261,8 @@ class StageOutput:
         write_bytes_atomic(self.location, SUCCESS, b"")
         self.state = StageState.DONE
         self.manifest = manifest
+        if self.lease is not None:
+            self.lease.release()
         return manifest
 
 
@@ -312,10 +352,13 @@ def _read_run_record(location: Location) -> dict[str, Any] | None:
 
 
 def _has_content(location: Location) -> bool:
+    """Whether the directory holds anything but the lease (and its temporary files)."""
     try:
-        return bool(location.fs.ls(location.path, detail=False))
+        listed = location.fs.ls(location.path, detail=False)
     except (FileNotFoundError, NotADirectoryError):
         return False
+    names = (str(p).rstrip("/").rsplit("/", 1)[-1] for p in listed)
+    return any(not name.startswith(LEASE) for name in names)
 
 
 def _list_sizes(location: Location) -> dict[str, int]:

@@ -25,7 +25,14 @@ from typing import Any
 
 from pipelines.cli.ray_init import use_gpu
 from pipelines.io import manifest as mf
-from pipelines.io.storage import Location, StorageOptions, resolve, upload_file, write_bytes_atomic
+from pipelines.io.storage import (
+    Location,
+    StorageOptions,
+    resolve,
+    retry_io,
+    upload_file,
+    write_bytes_atomic,
+)
 from pipelines.training import checkpoint as ckpt
 from pipelines.training.tensorboard import TENSORBOARD_DIR, segments
 from weakclip.config import check_fields
@@ -112,19 +119,34 @@ class Weights:
         if self.location is None:
             return None
         path = self.location.path
-        if not self.location.is_local:
-            cache = os.path.join(tempfile.gettempdir(), "weakclip-weights-cache")
-            os.makedirs(cache, exist_ok=True)
-            path = os.path.join(cache, f"{self.sha256}{os.path.splitext(path)[1]}")
-            if not os.path.exists(path):
-                partial = f"{path}.{os.getpid()}.part"
-                self.location.fs.get_file(self.location.path, partial)
-                os.replace(partial, path)
-        if self.sha256 is not None:
-            with open(path, "rb") as handle:
-                if hashlib.file_digest(handle, "sha256").hexdigest() != self.sha256:
-                    raise ValueError(f"{what} {self.location.uri} changed since the run started")
+        if self.location.is_local:
+            self._check(path, what)
+            return path
+        cache = os.path.join(tempfile.gettempdir(), "weakclip-weights-cache")
+        os.makedirs(cache, exist_ok=True)
+        path = os.path.join(cache, f"{self.sha256}{os.path.splitext(path)[1]}")
+        if os.path.exists(path):
+            self._check(path, what)
+            return path
+        # Verify, then move: the cache only ever holds files with the digest in their name.
+        partial, source = f"{path}.{os.getpid()}.part", self.location
+        try:
+            retry_io(
+                lambda: source.fs.get_file(source.path, partial), what=f"download {source.uri}"
+            )
+            self._check(partial, what)
+            os.replace(partial, path)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
         return path
+
+    def _check(self, path: str, what: str) -> None:
+        if self.sha256 is None or self.location is None:
+            return
+        with open(path, "rb") as handle:
+            if hashlib.file_digest(handle, "sha256").hexdigest() != self.sha256:
+                raise ValueError(f"{what} {self.location.uri} changed since the run started")
 
 
 def resolve_weights(uri: str | None, storage: StorageOptions | None) -> Weights:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipelines.io.lease import LEASE
 from tests.proc import run_logged, tail
 
 TAG_ENV = "WEAKCLIP_FAULT_TEST_TAG"
@@ -157,12 +158,13 @@ def wait_until_gone(pids: Iterable[int], *, timeout_s: float = 30.0) -> bool:
 
 
 def file_digests(root: Path) -> dict[str, tuple[str, int]]:
-    """Relative path → (sha256, mtime_ns) of every file below `root`."""
+    """Relative path → (sha256, mtime_ns) of every file below `root`, but the output lease
+    (`_LEASE.json`: who is running, not output; a refused run may take over a dead one)."""
     digests = {}
     if not root.exists():
         return digests
     for path in sorted(root.rglob("*")):
-        if path.is_file():
+        if path.is_file() and not path.name.startswith(LEASE):
             try:
                 data = path.read_bytes()
                 mtime = path.stat().st_mtime_ns

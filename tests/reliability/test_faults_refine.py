@@ -1,5 +1,5 @@
 """Faults injected into a running refine stage: a Ray worker killed, the object store
-restarted, the driver killed and the command run again.
+restarted, the driver killed and the command run again, a second driver on the same output.
 
 Every case checks that the fault really landed mid-stage (units left to do at that moment);
 a fault that arrives after the stage ended fails the test instead of passing silently.
@@ -8,6 +8,8 @@ a fault that arrives after the stage ended fails the test instead of passing sil
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.io import schema
+from pipelines.io.lease import LEASE
 from pipelines.io.manifest import StageConflictError, read_manifest
 from pipelines.io.storage import Location, resolve
 from pipelines.refine import RefineConfig, run_refine
@@ -248,6 +251,7 @@ def test_refine_driver_killed_then_rerun(
     argv += ["--ray-address", "local", "--num-cpus-per-task", "1"]
     killed = ft.run_job_then_kill(argv, ready=lambda: len(_records(units)) >= 3)
     assert not (output / "_SUCCESS").exists(), "the kill came after the stage had finished"
+    assert (output / LEASE).exists()  # the dead driver's: taken over at once below (same host)
     after_kill = ft.file_digests(output)
     done = _records(units)
     assert 3 <= len(done) < NUM_UNITS, done
@@ -290,3 +294,69 @@ def test_refine_driver_killed_then_rerun(
     )
     manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["units"] == NUM_UNITS
+
+
+# ---------------------------------------------------------------------------------------------
+# Two drivers started at once on one output
+
+
+def test_refine_two_concurrent_drivers_exactly_one_commits(
+    local_ingest: Location, tmp_path: Path, reliability
+) -> None:
+    import ray
+
+    reliability.case(
+        kind="fault",
+        name="refine: two drivers started at once on one output",
+        injected=(
+            "two `python -m jobs.refine` subprocesses with the same arguments started together, "
+            "attached to the session's Ray instance, then a third alone into another directory"
+        ),
+        checked=(
+            "exactly one exits 0 having done the work, the other exits 1 with the holder named "
+            "(`is in use by a refine run`); the committed output lists the same files as the "
+            "solo run, every one byte-identical; the lease is gone after the commit"
+        ),
+    )
+    argv = ["jobs.refine", "--input", local_ingest.uri, "--num-cpus-per-task", "0.5"]
+    argv += ["--ray-address", ray.get_runtime_context().gcs_address]
+    shared, solo = tmp_path / "shared", tmp_path / "solo"
+    started = time.monotonic()
+    tags = [ft.new_tag() for _ in range(2)]
+    both = [
+        subprocess.Popen(
+            [sys.executable, "-m", *argv, "--output", str(shared)],
+            cwd=ft.REPO,
+            env=ft.job_env(tag),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for tag in tags
+    ]
+    try:
+        done = [(*process.communicate(timeout=600), process.returncode) for process in both]
+    finally:
+        for process in both:
+            if process.poll() is None:
+                process.kill()
+        assert sum(ft.kill_tagged(tag) for tag in tags) == 0, "a driver left processes behind"
+    seconds = time.monotonic() - started
+    assert sorted(code for _, _, code in done) == [0, 1], done
+    ((_, err, _),) = [d for d in done if d[2] == 1]
+    refusal = next(line for line in err.splitlines() if line.startswith("error:"))
+    assert "is in use by a refine run" in refusal, err
+    ((out, _, _),) = [d for d in done if d[2] == 0]
+    assert "nothing to do" not in out  # the winner did the work; the loser touched nothing
+    code, printed = ft.run_job([*argv, "--output", str(solo)])
+    assert code == 0, printed[-3000:]
+    manifests = read_manifest(str(shared)), read_manifest(str(solo))
+    assert [f.path for f in manifests[0].files] == [f.path for f in manifests[1].files]
+    for entry in manifests[0].files:
+        assert (shared / entry.path).read_bytes() == (solo / entry.path).read_bytes(), entry.path
+    assert manifests[0].counts == manifests[1].counts and not (shared / LEASE).exists()
+    reliability.observe(
+        f"both drivers finished in {seconds:.1f} s; the refused one said: "
+        f"{refusal.split(' (--debug')[0].replace(str(shared), '<output>')}"
+    )
+    reliability.observe(f"{len(manifests[0].files)} listed files byte-identical to the solo run's")

@@ -15,6 +15,7 @@ import pytest
 from pipelines.io import manifest as mf
 from pipelines.io import manifest_format as mff
 from pipelines.io import storage
+from pipelines.io.lease import LEASE, OutputBusyError
 from pipelines.io.manifest import (
     FileEntry,
     InputRef,
@@ -146,7 +147,7 @@ def test_overwrite_deletes_old_outputs_and_starts_fresh(tmp_path: Path):
     write_parquet(loc, "shards/orphan.parquet", TABLE)
     out = _open(loc, config={"crf_iterations": 5}, overwrite=True)
     assert out.state is StageState.FRESH
-    assert sorted(os.listdir(tmp_path / "out")) == [mf.RUN_RECORD]
+    assert sorted(os.listdir(tmp_path / "out")) == [LEASE, mf.RUN_RECORD]  # the lease: `out`'s
     with pytest.raises(IncompleteOutputError):
         read_manifest(loc)
 
@@ -253,7 +254,7 @@ def test_commit_refuses_after_takeover(tmp_path: Path):
     loc = resolve(str(tmp_path))
     out = _open(loc)
     _open(loc, config={"other": 1}, overwrite=True)
-    with pytest.raises(StageConflictError, match="taken over"):
+    with pytest.raises(OutputBusyError, match="taken over"):
         _commit(out, [])
 
 
