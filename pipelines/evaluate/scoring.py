@@ -23,7 +23,7 @@ from pipelines.io.codecs import decode_label_map
 from pipelines.io.manifest import Manifest
 from pipelines.io.parquet import read_row_group
 from pipelines.io.rows import RowRejected
-from pipelines.io.storage import Location
+from pipelines.io.storage import Location, read_many, retry_io
 from pipelines.metrics import NO_SPLIT, confusion_matrix, finite, score_from_confusion
 from pipelines.units import reason_kind
 
@@ -148,27 +148,27 @@ def _read_predictions(pred_loc: Location, wanted: Sequence[Sequence[Any]]) -> di
     masks: dict[str, str] = {}
     for _, image_id, path, row_group in wanted:
         if row_group < 0:
-            masks[pred_loc.join(path)] = image_id
+            masks[path] = image_id
         else:
             groups[(path, row_group)].add(image_id)
     for (path, row_group), ids in groups.items():
-        try:
-            table = read_row_group(pred_loc, path, row_group, [schema.IMAGE_ID, schema.SEED])
+        try:  # a storage error is retried, then fails the unit (never a quarantined row)
+            table = retry_io(
+                lambda path=path, row_group=row_group: read_row_group(
+                    pred_loc, path, row_group, [schema.IMAGE_ID, schema.SEED]
+                ),
+                what=f"read {path}",
+            )
             cols = table.to_pydict()
-        except (OSError, ValueError) as e:
+        except (FileNotFoundError, ValueError) as e:  # listed but gone, or not Parquet: data
             for image_id in ids:
                 found[image_id] = f"unreadable prediction shard {path}: {type(e).__name__}"
             continue
         for image_id, seed in zip(cols[schema.IMAGE_ID], cols[schema.SEED], strict=True):
             if image_id in ids and image_id not in found:
                 found[image_id] = seed
-    if masks:
-        blobs = pred_loc.fs.cat(list(masks), on_error="return")
-        for path, image_id in masks.items():
-            blob = blobs.get(path)
-            found[image_id] = (
-                blob if isinstance(blob, bytes) else f"unreadable mask: {type(blob).__name__}"
-            )
+    for rel, blob in read_many(pred_loc, list(masks)).items():  # storage errors raise
+        found[masks[rel]] = blob if isinstance(blob, bytes) else "mask file missing"
     return found
 
 

@@ -123,12 +123,8 @@ def _fetch(input_loc: Location, rel_paths: Sequence[str | None]) -> dict[str, by
     """Reads files concurrently (`read_many`); a missing file maps to None."""
     blobs: dict[str, bytes | None] = {}
     for rel, value in read_many(input_loc, [rel for rel in rel_paths if rel]).items():
-        if isinstance(value, bytes):
-            blobs[rel] = value
-        elif isinstance(value, FileNotFoundError):
-            blobs[rel] = None
-        else:  # a transient storage error must fail the task (Ray retries it), not the row
-            raise OSError(f"reading {rel} failed: {type(value).__name__}: {value}")
+        # A storage error that outlasts the retries was raised: it fails the task, not the row.
+        blobs[rel] = value if isinstance(value, bytes) else None
     return blobs
 
 

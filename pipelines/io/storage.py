@@ -360,12 +360,23 @@ def _s3_fs(options: StorageOptions) -> fsspec.AbstractFileSystem:
     )
 
 
-def read_many(loc: Location, rels: Iterable[str]) -> dict[str, bytes | Exception]:
+def read_many(loc: Location, rels: Iterable[str]) -> dict[str, bytes | FileNotFoundError]:
     """Files below `loc` in one batched read (s3fs overlaps the GETs): relative path -> bytes,
-    or what reading it raised (FileNotFoundError: it does not exist)."""
+    or a FileNotFoundError for a file that does not exist. Any other error is a storage
+    error, never a missing file: that file is read again (`retry_io`) and the error raised
+    when it persists."""
     paths = {loc.join(rel): rel for rel in rels}
     got = loc.fs.cat(list(paths), on_error="return") if paths else {}
-    return {rel: got.get(path, FileNotFoundError(path)) for path, rel in paths.items()}
+    found: dict[str, bytes | FileNotFoundError] = {}
+    for path, rel in paths.items():
+        value = got.get(path, FileNotFoundError(path))
+        if isinstance(value, BaseException) and not isinstance(value, FileNotFoundError):
+            try:
+                value = retry_io(lambda path=path: loc.fs.cat_file(path), what=f"read {rel}")
+            except FileNotFoundError as missing:
+                value = missing
+        found[rel] = value
+    return found
 
 
 def read_json_objects(loc: Location, rels: Mapping[str, str]) -> dict[str, dict[str, Any]]:

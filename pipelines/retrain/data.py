@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from pipelines.io import schema
 from pipelines.io.codecs import decode_label_map, decode_rgb
 from pipelines.io.manifest import Manifest
-from pipelines.io.storage import Location, safe_relpath
+from pipelines.io.storage import Location, read_many, safe_relpath
 from pipelines.training import data as shared
 from pipelines.training.augment import AugmentConfig, augment_sample, row_seed
 
@@ -103,15 +103,12 @@ def check_masks(
     """
 
     def check_chunk(chunk: Sequence[IndexRow]) -> dict[str, str | None]:
-        paths = {row.image_id: location.join(row.mask) for row in chunk}
-        got = location.fs.cat(list(paths.values()), on_error="return")
+        got = read_many(location, [row.mask for row in chunk])  # storage errors raise
         result: dict[str, str | None] = {}
         for row in chunk:
-            data = got.get(paths[row.image_id])
+            data = got[row.mask]
             if isinstance(data, FileNotFoundError):
                 result[row.image_id] = f"mask missing: {row.mask}"
-            elif isinstance(data, BaseException):
-                result[row.image_id] = f"mask unreadable: {type(data).__name__}: {data}"
             else:
                 try:
                     decode_label_map(data, "mask", (row.height, row.width), num_classes=num_classes)

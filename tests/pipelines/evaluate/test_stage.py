@@ -310,3 +310,33 @@ def test_pseudo_masks_with_mismatches(tmp_path) -> None:
         "gt_without_prediction": 2,
         "prediction_without_gt": 1,
     }
+
+
+def test_storage_errors_fail_the_unit_and_missing_files_are_quarantined(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipelines.evaluate import scoring
+    from pipelines.io import storage
+    from pipelines.io.codecs import encode_label_png
+    from pipelines.io.storage import resolve, write_bytes_atomic
+
+    loc = resolve(str(tmp_path))
+    write_bytes_atomic(loc, "masks/a.png", encode_label_png(np.zeros((4, 5), np.uint8)))
+    wanted = [[0, "a", "masks/a.png", -1], [1, "b", "masks/b.png", -1], [2, "c", "s.parquet", 0]]
+    found = scoring._read_predictions(loc, wanted)
+    assert isinstance(found["a"], bytes) and found["b"] == "mask file missing"
+    assert found["c"].startswith("unreadable prediction shard s.parquet")  # listed but gone
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+
+    def store_down(*args, **kwargs):
+        raise ConnectionError("connection reset by peer")
+
+    monkeypatch.setattr(scoring, "read_row_group", store_down)
+    with pytest.raises(ConnectionError):  # retried, then the unit fails: never quarantined
+        scoring._read_predictions(loc, wanted[2:])
+    monkeypatch.setattr(loc.fs, "cat_file", store_down)
+    monkeypatch.setattr(
+        loc.fs, "cat", lambda paths, on_error="raise": dict.fromkeys(paths, OSError())
+    )
+    with pytest.raises(ConnectionError):
+        scoring._read_predictions(loc, wanted[:1])

@@ -252,3 +252,35 @@ def test_ray_data_round_trip_on_s3(s3_bucket: str, ray_session: None):
     assert len(names) >= 1 and all(n.endswith(".parquet") for n in names)
     rows = ray.data.read_parquet(names, filesystem=fs).take_all()
     assert sorted(r["image_id"] for r in rows) == sorted(i["image_id"] for i in items)
+
+
+def test_read_many_retries_storage_errors_and_raises_when_they_persist(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    loc = resolve(str(tmp_path))
+    (tmp_path / "a").write_bytes(b"A")
+    (tmp_path / "b").write_bytes(b"B")
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)  # the backoff, not what is tested
+    fs = loc.fs
+    real_cat, real_cat_file = fs.cat, fs.cat_file
+    failures = {"a": 2}  # `a` fails in the batch and once more alone, then reads
+
+    def flaky_cat(paths, on_error="raise"):
+        got = real_cat(paths, on_error=on_error)
+        return {p: ConnectionError("reset") if p.endswith("/a") else v for p, v in got.items()}
+
+    def flaky_cat_file(path, *args, **kwargs):
+        name = path.rsplit("/", 1)[-1]
+        if failures.get(name, 0) > 1:
+            failures[name] -= 1
+            raise ConnectionError("reset by peer")
+        return real_cat_file(path, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "cat", flaky_cat)
+    monkeypatch.setattr(fs, "cat_file", flaky_cat_file)
+    got = storage.read_many(loc, ["a", "b", "missing"])
+    assert got["a"] == b"A" and got["b"] == b"B"  # the transient error was retried
+    assert isinstance(got["missing"], FileNotFoundError)  # a missing file is data, not an error
+    failures["a"] = 99  # the store stays down for `a`: an error, never a missing file
+    with pytest.raises(ConnectionError):
+        storage.read_many(loc, ["a", "b"])

@@ -143,3 +143,30 @@ def test_read_inputs_waits_then_refuses_what_it_cannot_use(tmp_path) -> None:
     out.commit(files=[], counts=counts, class_names=["bg", "a"], class_space="custom")
     with pytest.raises(ValueError, match="changed since the pseudo masks were made"):
         read_inputs(inputs.pseudo.location.uri, storage=None, wait_timeout_s=0)
+
+
+def test_a_storage_error_on_a_mask_fails_instead_of_quarantining(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipelines.io import storage
+
+    loc = resolve(str(tmp_path))
+    write_bytes_atomic(loc, "masks/a.png", encode_label_png(np.zeros((4, 5), np.uint8)))
+    rows = [data.IndexRow("a", "masks/a.png", 4, 5), data.IndexRow("b", "masks/b.png", 4, 5)]
+    assert data.check_masks(loc, rows, num_classes=3) == {
+        "a": None,
+        "b": "mask missing: masks/b.png",
+    }
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+
+    def store_down(*args, **kwargs):
+        raise ConnectionError("connection reset by peer")
+
+    monkeypatch.setattr(
+        loc.fs,
+        "cat",
+        lambda paths, on_error="raise": dict.fromkeys(paths, ConnectionError("reset")),
+    )
+    monkeypatch.setattr(loc.fs, "cat_file", store_down)
+    with pytest.raises(ConnectionError):  # retried, then the stage fails: never a smaller set
+        data.check_masks(loc, rows, num_classes=3)
