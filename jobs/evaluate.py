@@ -8,7 +8,8 @@ r"""Per-class IoU and mIoU of a stage's label maps (seeds or pseudo masks) again
 `masks/*.png`). `--gt`: an ingest or refine output (its `gt` column). Both need `_SUCCESS`;
 only the files their manifests list are read. Images are matched by `image_id`; predictions
 without ground truth, ground truth without a prediction and pairs that cannot be scored (size
-mismatch, undecodable PNG; quarantined with the reason) are counted and reported, not fatal.
+mismatch, undecodable PNG; quarantined with the reason) are counted and reported; more than
+`--max-error-fraction` (default 0.01) of the pairs quarantined fails the job, nothing written.
 
 Class space: the ground truth's manifest (else the prediction's). `--classes` names the space to
 score in: required when neither manifest names one, and converts COCO label maps explicitly
@@ -22,17 +23,24 @@ Prints a per-class table (or, with `--json`, the metrics as JSON) on stdout; pro
 stderr. `--output` also writes an `evaluate` stage directory: `metrics.json`,
 `quarantine/evaluate.parquet`, `manifest.json` (with the metrics), `_SUCCESS`, and the
 stage's report `report/index.html` (per-class IoU, confusion heatmap, worst/best/sampled images).
-Exit status: 0 success; 1 failure (also: no image had both a prediction and ground truth);
-2 usage error.
+Exit status: 0 success; 1 failure (also: no image had both a prediction and ground truth, or
+the error gate failed); 2 usage error.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from pipelines import cli as job
 from pipelines.evaluate import EvaluateConfig, run_evaluate
-from pipelines.evaluate.stage import add_options, check_inputs, config_fields, print_metrics
+from pipelines.evaluate.stage import (
+    TooManyErrors,
+    add_options,
+    check_inputs,
+    config_fields,
+    print_metrics,
+)
 from pipelines.report.run import write_stage_report
 
 DEFAULT_RESOURCES = job.Resources(num_cpus_per_task=0.5)  # light numpy work: room for Ray Data
@@ -50,9 +58,14 @@ def _main(argv: list[str]) -> int:
     config = job.build_config(EvaluateConfig, args, config_fields(args))
     pred, gt, output = check_inputs(options, args.gt, config)  # before Ray starts
     job.init_ray(args)
-    metrics = run_evaluate(
-        pred, gt, output, config, report=job.to_stderr, **job.stage_kwargs(options)
-    )
+    try:
+        metrics = run_evaluate(
+            pred, gt, output, config, report=job.to_stderr, **job.stage_kwargs(options)
+        )
+    except TooManyErrors as refused:
+        print_metrics(refused.metrics, as_json=args.json)
+        print(f"error: {refused}", file=sys.stderr)
+        return 1
     if options.output is not None and metrics.get("images"):  # committed
         page = write_stage_report(options.output, storage=options.storage, report=job.to_stderr)
         job.to_stderr(f"evaluate: report {page}")

@@ -17,7 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.cli.options import CLASSES_METAVAR, JobOptions, UsageError, comma_list, resolve_arg
+from pipelines.cli.options import (
+    CLASSES_METAVAR,
+    JobOptions,
+    UsageError,
+    add_max_error_fraction,
+    comma_list,
+    resolve_arg,
+)
 from pipelines.evaluate.plan import make_plan
 from pipelines.evaluate.scoring import (
     EvaluationResult,
@@ -39,6 +46,7 @@ from pipelines.io.manifest import (
 )
 from pipelines.io.storage import StorageOptions, read_bytes, resolve, write_bytes_atomic
 from pipelines.units import already_done, run_tasks
+from weakclip.config import check_fields
 
 METRICS_FILE = "metrics.json"
 CONFUSION_FILE = "confusion.json"
@@ -52,8 +60,10 @@ class EvaluateConfig:
 
     classes: str | None = None  # voc|coco91|coco81|classes.txt URI: space to score in
     average_over: tuple[str, ...] | None = None  # class names or ids mIoU averages (None: all)
+    max_error_fraction: float = 0.01  # above this share of quarantined pairs the job fails
 
     def __post_init__(self) -> None:
+        check_fields(self, "in [0, 1]", "max_error_fraction")
         if self.classes is not None and not self.classes.strip():
             raise ValueError("classes: must not be empty")
         if self.average_over is not None:
@@ -78,12 +88,14 @@ def add_options(parser: argparse.ArgumentParser, stage: argparse._ArgumentGroup)
     average = "comma-separated class names or ids the mIoU averages over (default: all)"
     add("--average-over", metavar="NAMES", help=average)
     add("--json", action="store_true", help="print the metrics as JSON")
+    add_max_error_fraction(stage)
 
 
 def config_fields(args: argparse.Namespace) -> dict[str, Any]:
     """The config fields the flags set (None: not given)."""
     names = args.average_over
-    return {"classes": args.classes, "average_over": comma_list(names) if names else None}
+    fields = {"classes": args.classes, "average_over": comma_list(names) if names else None}
+    return {**fields, "max_error_fraction": args.max_error_fraction}
 
 
 def check_inputs(
@@ -106,6 +118,27 @@ def check_inputs(
     read_manifest(options.input)
     read_manifest(gt_loc)
     return options.input.uri, gt_loc.uri, options.output.uri if options.output else None
+
+
+class TooManyErrors(RuntimeError):
+    """More than `max_error_fraction` of the pairs were quarantined: nothing committed."""
+
+    def __init__(self, message: str, metrics: Mapping[str, Any]) -> None:
+        super().__init__(message)
+        self.metrics = dict(metrics)
+
+
+def error_gate(counts: Mapping[str, int], max_error_fraction: float) -> str | None:
+    """Why the evaluation fails the gate (quarantined / (scored + quarantined) above
+    `max_error_fraction`), or None."""
+    bad, scored = counts["quarantined"], counts["scored"]
+    if not bad or bad / (bad + scored) <= max_error_fraction:
+        return None
+    return (
+        f"{bad} of {bad + scored} pairs quarantined ({bad / (bad + scored):.1%}, more than "
+        f"max_error_fraction {max_error_fraction:.1%}); see the reasons in the metrics "
+        "(quarantine_reasons); nothing committed"
+    )
 
 
 def print_metrics(metrics: Mapping[str, Any], *, as_json: bool) -> int:
@@ -282,15 +315,17 @@ def run_evaluate(
         IncompleteOutputError: an input has no `_SUCCESS`.
         ValueError: wrong stages, missing columns, or incompatible class spaces.
         StageConflictError: the output holds another run (and not `overwrite`).
+        TooManyErrors: the error gate (`error_gate`) failed; nothing written.
     """
     pred = read_manifest(resolve(pred_uri, storage))
     gt = read_manifest(resolve(gt_uri, storage))
     out = None
     if output_uri is not None:
+        fingerprinted = {k: v for k, v in asdict(config).items() if k != "max_error_fraction"}
         out = StageOutput.open(
             resolve(output_uri, storage),
             stage="evaluate",
-            config=asdict(config),
+            config=fingerprinted,  # a failed gate can be resumed with a higher tolerance
             inputs=[pred.input_ref(), gt.input_ref()],
             overwrite=overwrite,
         )
@@ -299,6 +334,9 @@ def run_evaluate(
     result = evaluate_outputs(
         pred, gt, config, storage=storage, num_cpus_per_task=num_cpus_per_task, report=report
     )
+    refused = error_gate(result.counts, config.max_error_fraction)
+    if refused:
+        raise TooManyErrors(f"evaluate: {refused}", result.metrics())
     if out is not None and result.counts["scored"]:  # an evaluation of nothing is a failure
         write_evaluation(out, result)
         report(f"evaluate: wrote {out.location.uri}")

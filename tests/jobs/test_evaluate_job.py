@@ -69,6 +69,10 @@ def test_pseudo_masks_on_s3_against_ingest_gt(
     write_pseudo_masks(pred_uri, masks, class_names=gt.class_names)
     output = f"{s3_bucket}/evaluate"
     argv = ["--input", pred_uri, "--gt", gt_loc.uri, "--output", output, "--average-over", "1,2,3"]
+    assert main(argv) == 1  # 1 of 6 pairs quarantined: above the default gate of 1%
+    assert "1 of 6 pairs quarantined (16.7%" in capsys.readouterr().err
+    assert not exists(resolve(output), "_SUCCESS")
+    argv += ["--max-error-fraction", "0.2"]  # not fingerprinted: the same output, resumed
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert "mIoU" in captured.out and "(not averaged)" in captured.out

@@ -57,10 +57,11 @@ def test_evaluate_quarantines_every_damaged_mask(tmp_path: Path, capfd, reliabil
         injected=(
             f"a committed pseudo_masks output of {NUM_GOOD} good masks and one mask per defect "
             f"({', '.join(hostile.PSEUDO_MASK_DEFECTS)}); `jobs.evaluate --input MASKS --gt "
-            "INGEST --output OUT`"
+            "INGEST --output OUT`, then again with `--max-error-fraction 1`"
         ),
-        checked="exit 0; each damaged mask has a quarantine row with its reason (a mask with "
-        "class ids >= K may instead be scored with those pixels as misses); the mIoU equals "
+        checked="first exit 1 from the error gate, nothing committed; then exit 0; each damaged "
+        "mask has a quarantine row with its reason (a mask with class ids >= K may instead "
+        "be scored with those pixels as misses); the mIoU equals "
         "the value recomputed from exactly the scored masks (1.0 for the good ones alone)",
     )
     pytest.importorskip("jobs.evaluate")
@@ -68,7 +69,13 @@ def test_evaluate_quarantines_every_damaged_mask(tmp_path: Path, capfd, reliabil
 
     source, masks, good = _inputs(tmp_path)
     out = resolve(str(tmp_path / "evaluate"))
-    status = main(["--input", masks.uri, "--gt", source.uri, "--output", out.uri, "--json"])
+    argv = ["--input", masks.uri, "--gt", source.uri, "--output", out.uri, "--json"]
+    # With the default error gate (1%) so many damaged masks fail the job: nothing written.
+    assert main(argv) == 1
+    refused = capfd.readouterr().err
+    assert "pairs quarantined" in refused and "nothing committed" in refused, refused[-2000:]
+    assert not out.fs.exists(out.join("_SUCCESS"))
+    status = main([*argv, "--max-error-fraction", "1"])  # resumed with a higher tolerance
     captured = capfd.readouterr()
     assert status == 0, captured.err[-2000:]
     reasons = {r[schema.IMAGE_ID]: r[schema.REASON] for r in read_rows(out, "quarantine/")}
