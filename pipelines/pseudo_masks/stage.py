@@ -297,6 +297,7 @@ def _run_units(
             if len(rows) == work[meta["unit"]].selected:
                 back = list(pending.pop(meta["unit"]).values())
                 writes.append(threads.submit(run.finish, work[meta["unit"]], back))
+            _collect_finished(writes, records)  # a failed write stops the stage now
             if done % every == 0 or done == total:
                 elapsed = time.monotonic() - run_started
                 run.report(
@@ -312,6 +313,17 @@ def _run_units(
         pipeline_seconds=time.monotonic() - run_started, images_run=done, actor_memory_mb=memory
     )
     return timing
+
+
+def _collect_finished(
+    writes: list[Future[dict[str, Any]]], records: dict[str, dict[str, Any]]
+) -> None:
+    """Moves the finished unit writes' records into `records`; a write that failed (its
+    storage retries spent) raises here, while inference is still running, not at the end."""
+    for future in [f for f in writes if f.done()]:
+        writes.remove(future)
+        record = future.result()
+        records[record["unit"]] = record
 
 
 def _dataset(run: _Run, work: Sequence[PseudoUnit], pool: _Pool) -> Any:

@@ -197,3 +197,20 @@ def test_class_space_mismatch_is_refused_before_ray(tmp_path, monkeypatch) -> No
             str(tmp_path / "ingest"), str(tmp_path / "out"), checkpoint, PseudoMaskConfig()
         )
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_failed_unit_write_raises_as_soon_as_it_is_seen() -> None:
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    from pipelines.pseudo_masks.stage import _collect_finished
+
+    def store_down() -> dict:
+        raise ConnectionError("the store is gone (retries spent)")
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        writes = [pool.submit(lambda: {"unit": "a"}), pool.submit(store_down)]
+        wait(writes)
+        records: dict = {}
+        with pytest.raises(ConnectionError):
+            _collect_finished(writes, records)
+        assert records == {"a": {"unit": "a"}}  # the good write is kept
