@@ -52,6 +52,11 @@ class StorageOptions:
     # AWS_ENDPOINT_URL if set, else AWS itself
     endpoint_url: str | None = None
     region: str | None = None  # signing region; None: AWS_REGION / AWS_DEFAULT_REGION
+    max_attempts: int = S3_MAX_ATTEMPTS  # botocore's attempts per request (standard mode)
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
 
     def with_env_defaults(self) -> StorageOptions:
         """The same options with unset fields taken from the environment of this process."""
@@ -60,7 +65,7 @@ class StorageOptions:
         region = self.region or env("AWS_REGION") or env("AWS_DEFAULT_REGION") or None
         if endpoint is not None:
             _check_endpoint(endpoint)
-        return StorageOptions(endpoint_url=endpoint, region=region)
+        return StorageOptions(endpoint_url=endpoint, region=region, max_attempts=self.max_attempts)
 
 
 @dataclass(frozen=True)
@@ -343,7 +348,7 @@ def _s3_fs(options: StorageOptions) -> fsspec.AbstractFileSystem:
     if options.region:
         client_kwargs["region_name"] = options.region
     config_kwargs: dict[str, Any] = {
-        "retries": {"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
+        "retries": {"max_attempts": options.max_attempts, "mode": "standard"},
         "connect_timeout": S3_CONNECT_TIMEOUT_S,
         "read_timeout": S3_READ_TIMEOUT_S,
         # Checksums only where S3 requires them: S3-compatible servers reject the SDK's newer
