@@ -6,9 +6,9 @@ over an ingest or refine output.
         [--scales 0.5,1,1.5] [--no-flip] [--no-restrict] [--no-crf] [--splits train|all] \
         [--actor-pool-size 2] [--config pseudo.yaml]
 
-Multi-scale + flip sliding-window inference in a fixed pool of model replicas (one GPU each
-when the cluster has GPUs), restricted to background + each image's classes, then dense-CRF
-post-processing on CPU tasks. A released checkpoint (hustvl/WeakCLIP's
+Multi-scale + flip sliding-window inference in a pool of up to `--actor-pool-size` model
+replicas (one GPU each when the cluster has GPUs), restricted to background + each image's
+classes, then dense-CRF post-processing on CPU tasks. A released checkpoint (hustvl/WeakCLIP's
 `train_74p03_iter_8000.pth` and the like) is detected by its layout; its class names are its
 `meta["CLASSES"]`, its architecture `--released-config FILE` (default the paper's vit-b-16).
 `--config FILE` holds fields of

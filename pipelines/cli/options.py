@@ -72,7 +72,7 @@ def add_common_args(
     add("--storage-endpoint", metavar="URL", help="S3-compatible endpoint ($AWS_ENDPOINT_URL)")
     cpus = "CPUs reserved per Ray Data task, fractional allowed (default: the stage's)"
     add("--num-cpus-per-task", type=_positive_float, metavar="N", help=cpus)
-    pool = "model replicas per actor pool, in stages that have one"
+    pool = "most model replicas per actor pool (it starts with one and grows), where there is one"
     add("--actor-pool-size", type=_positive_int, metavar="N", help=pool)
     add("--batch-size", type=_positive_int, metavar="N", help="global, across all workers")
     add("--object-store-memory", type=parse_size, metavar="BYTES", help="e.g. 2G, 512MiB")

@@ -3,10 +3,10 @@
 `manifest.json` and `_SUCCESS` last.
 
 One Ray Data pipeline streams three operators: CPU tasks that read and validate a unit and score
-the baseline (`rows.read_unit`), a fixed pool of model replicas (`infer.MaskPredictor`, one GPU
-each when the cluster has GPUs) and CPU tasks for the CRF that write the masks
-(`rows.postprocess_rows`). Only small JSON rows come back; the driver writes each unit once all
-its rows are back.
+the baseline (`rows.read_unit`), a pool of 1 to `actor_pool_size` model replicas
+(`infer.MaskPredictor`, one GPU each when the cluster has GPUs) and CPU tasks for the CRF that
+write the masks (`rows.postprocess_rows`). Only small JSON rows come back; the driver writes
+each unit once all its rows are back.
 """
 
 from __future__ import annotations
@@ -86,8 +86,10 @@ def run_pseudo_masks(
 
     Args:
         checkpoint: train's `model.pt` (URI, or one already verified).
-        actor_pool_size, cpus_per_actor: model replicas (a fixed pool) and CPUs (torch
-            threads) of each; on 2 cores 1 CPU leaves room for the read and CRF tasks.
+        actor_pool_size, cpus_per_actor: the most model replicas (the pool starts with one,
+            grows while input waits and shrinks when a node is lost, so that it never holds
+            every CPU the read and CRF tasks need) and CPUs (torch threads) of each; on 2
+            cores 1 CPU leaves room for the read and CRF tasks.
         num_cpus_per_task: CPUs per CRF task (read tasks take half of it).
         batch_size: images per model call; None = 8 on GPU, 2 on CPU.
         use_gpu: one GPU per replica; None = when the cluster has GPUs.
@@ -346,7 +348,8 @@ def _dataset(run: _Run, work: Sequence[PseudoUnit], pool: _Pool) -> Any:
         .map_batches(
             MaskPredictor,
             batch_size=pool.batch_size or (8 if gpu else 2),
-            compute=ray.data.ActorPoolStrategy(size=pool.actor_pool_size),
+            # min 1: a pool that lost its node shrinks instead of holding every CPU left
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool.actor_pool_size),
             num_cpus=pool.cpus_per_actor,
             num_gpus=1 if gpu else 0,
             fn_constructor_kwargs={
