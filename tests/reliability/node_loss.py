@@ -6,6 +6,9 @@ workers) once the first unit is done, and prints one JSON line with what happene
 
     refine INGEST_URI OUTPUT_URI
     pseudo_masks REFINE_URI OUTPUT_URI CHECKPOINT
+    train REFINE_URI OUTPUT_URI   (worker nodes of 2 CPUs, one Ray Train worker each; the node
+                                   is removed after the first checkpoint and a new one added
+                                   `RESOURCES_BACK_S` later)
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from ray.cluster_utils import Cluster
 
 from pipelines.io.storage import resolve
 
+RESOURCES_BACK_S = 5.0
+
 
 def _remove_when_a_unit_is_done(
     cluster: Cluster, node: Any, output_uri: str, facts: dict[str, Any], started: float
@@ -34,26 +39,71 @@ def _remove_when_a_unit_is_done(
     facts["removed"] = True
 
 
+def _remove_after_a_checkpoint(
+    cluster: Cluster, node: Any, output_uri: str, facts: dict[str, Any], started: float
+) -> None:
+    out = resolve(output_uri)
+    pattern = out.join("checkpoints", "run") + "/checkpoint_*/meta.json"
+    while not out.fs.glob(pattern):
+        time.sleep(0.1)
+    facts["checkpoints_at_removal"] = len(out.fs.glob(pattern))
+    facts["removed_at_s"] = round(time.monotonic() - started, 2)
+    cluster.remove_node(node, allow_graceful=False)
+    facts["removed"] = True
+    time.sleep(RESOURCES_BACK_S)
+    cluster.add_node(num_cpus=2)  # Ray starts a node from the main thread only
+    facts["node_added_at_s"] = round(time.monotonic() - started, 2)
+
+
+def _train(source: str, output: str) -> Any:
+    from pipelines.train import TrainJobConfig, run_train
+    from weakclip.config import from_dict, preset
+
+    fast = {"clip": {"input_size": 128}, "loss": {"resolution": 32}}
+    model = from_dict(
+        {**fast, "train": {"iterations": 8, "batch_size": 4, "lr": 1e-3}}, base=preset("tiny")
+    )
+    config = TrainJobConfig(
+        input=source, output=output, model=model, num_workers=2, cpus_per_worker=1.5,
+        checkpoint_every=4, log_every=2, max_failures=2,
+    )  # fmt: skip
+    return run_train(config, log=lambda _: None)
+
+
 def main(argv: list[str]) -> int:
     stage, source, output = argv[:3]
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    # A node is declared dead after 3 missed 1 s health checks (Ray's default: 5 of 3 s).
+    health = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": health}
+    )
+    workers = [cluster.add_node(num_cpus=2 if stage == "train" else 1) for _ in range(2)]
     ray.init(address=cluster.address, log_to_driver=False)
     cluster.wait_for_nodes()
     facts: dict[str, Any] = {"nodes": len(ray.nodes()), "removed": False}
     started = time.monotonic()
-    killer = threading.Thread(
-        target=_remove_when_a_unit_is_done,
-        args=(cluster, workers[0], output, facts, started),
-        daemon=True,
-    )
-    killer.start()
     quiet = dict(report=lambda _: None)
+    if stage == "train":  # training on a thread: the main thread removes and adds the nodes
+        done: list[Any] = []
+        trainer = threading.Thread(target=lambda: done.append(_train(source, output)))
+        trainer.start()
+        _remove_after_a_checkpoint(cluster, workers[0], output, facts, started)
+        trainer.join()
+        if not done:
+            raise RuntimeError("training raised (its traceback is above)")
+        result = done[0]
+        facts.update(iterations=result.iterations)
+    else:
+        threading.Thread(
+            target=_remove_when_a_unit_is_done,
+            args=(cluster, workers[0], output, facts, started),
+            daemon=True,
+        ).start()
     if stage == "refine":
         from pipelines.refine import RefineConfig, run_refine
 
         result = run_refine(source, output, RefineConfig(), num_cpus_per_task=0.5, **quiet)
-    else:
+    elif stage == "pseudo_masks":
         from pipelines.pseudo_masks import PseudoMaskConfig, run_pseudo_masks
 
         masks = PseudoMaskConfig(scales=(1.0,), flip=False, report_images=0)
@@ -61,7 +111,7 @@ def main(argv: list[str]) -> int:
             source, output, argv[3], masks, actor_pool_size=2, cpus_per_actor=0.5,
             num_cpus_per_task=0.25, **quiet,
         )  # fmt: skip
-    facts.update(ok=result.ok, seconds=round(time.monotonic() - started, 2))
+    facts.update(ok=getattr(result, "ok", True), seconds=round(time.monotonic() - started, 2))
     if facts.get("removed_at_s") is not None:
         facts["recovery_s"] = round(facts["seconds"] - facts["removed_at_s"], 2)
     facts["alive_nodes_at_end"] = sum(1 for n in ray.nodes() if n["Alive"])
