@@ -4,7 +4,7 @@ in a process of its own: it starts a real multi-node Ray cluster on this machine
 stage against the loopback S3 server, removes one worker node (its raylet, object store and
 workers) once the first unit is done, and prints one JSON line with what happened.
 
-    refine INGEST_URI OUTPUT_URI
+    refine INGEST_URI OUTPUT_URI  (then `jobs.refine` with a local --output on the cluster)
     pseudo_masks REFINE_URI OUTPUT_URI CHECKPOINT
     train REFINE_URI OUTPUT_URI   (worker nodes of 2 CPUs, one Ray Train worker each; the node
                                    is removed after the first checkpoint and a new one added
@@ -14,7 +14,10 @@ workers) once the first unit is done, and prints one JSON line with what happene
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Any
@@ -115,6 +118,15 @@ def main(argv: list[str]) -> int:
     if facts.get("removed_at_s") is not None:
         facts["recovery_s"] = round(facts["seconds"] - facts["removed_at_s"], 2)
     facts["alive_nodes_at_end"] = sum(1 for n in ray.nodes() if n["Alive"])
+    if stage == "refine":  # the same job with a local --output, on this multi-node cluster
+        local = tempfile.mkdtemp(prefix="weakclip-local-output-")
+        job = [sys.executable, "-m", "jobs.refine", "--input", source, "--output", local]
+        done = subprocess.run(
+            [*job, "--ray-address", cluster.address], capture_output=True, text=True, timeout=120
+        )
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        facts["local_output"] = {"rc": done.returncode, "error": errors[-1] if errors else ""}
+        facts["local_output"]["untouched"] = not os.listdir(local)
     print(json.dumps(facts))
     ray.shutdown()
     cluster.shutdown()

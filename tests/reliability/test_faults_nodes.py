@@ -55,7 +55,8 @@ def test_refine_survives_losing_a_worker_node(ingest_on_s3, s3_bucket, reliabili
         ),
         checked=(
             "the removal landed mid-stage; refine commits on the remaining node; every image "
-            "exactly once; no torn or temporary file listed"
+            "exactly once; no torn or temporary file listed; then `jobs.refine` with a local "
+            "--output on the same cluster exits 2 naming --allow-local-output, writing nothing"
         ),
     )
     ingest, ids = ingest_on_s3
@@ -64,11 +65,15 @@ def test_refine_survives_losing_a_worker_node(ingest_on_s3, s3_bucket, reliabili
     assert facts["alive_nodes_at_end"] == 2
     assert facts["ok"] and facts["units_done_at_removal"] < NUM_ROWS, facts
     counts = check_refine_output(resolve(output), ids)
+    local = facts["local_output"]  # a local --output on this 3-node cluster: a usage error
+    assert local["rc"] == 2 and "--allow-local-output" in local["error"], local
+    assert local["untouched"], local
     reliability.observe(
         f"node removed at {facts['removed_at_s']} s with {facts['units_done_at_removal']} of "
         f"{NUM_ROWS} units done; refine finished {facts['recovery_s']} s later on the "
         f"remaining node; {counts['rows']} rows once each"
     )
+    reliability.observe(f"local --output on the cluster: exit 2, {local['error'][:160]}")
 
 
 def test_pseudo_masks_survive_losing_a_worker_node(
