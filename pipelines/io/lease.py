@@ -157,8 +157,8 @@ class Lease:
             if current is not None and current.holder == self.holder.holder:
                 target = self.location.child(LEASE)
                 target.fs.rm(target.path)
-        except OSError:
-            pass  # it dies by itself after TTL_S
+        except Exception:  # noqa: BLE001  (best effort: it dies by itself after TTL_S)
+            pass
 
     def release_soon(self) -> None:
         """`release` on a thread of its own: safe from a finalizer, which may run on any
@@ -177,7 +177,8 @@ class Lease:
                 renewed = Holder(**{**self.holder.__dict__, "renewed": time.time()})
                 _write(self.location, renewed, if_match=etag)
                 self.holder, last_ok = renewed, time.monotonic()
-            except OSError as error:
+            except Exception as error:  # noqa: BLE001  (botocore's connection errors are not
+                # OSErrors; any failed renewal counts, and this thread must not die of one)
                 if time.monotonic() - last_ok > TTL_S:
                     self.lost = f"not renewed for {TTL_S:.0f} s ({redact(str(error))})"
                     return
