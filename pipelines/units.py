@@ -251,6 +251,18 @@ def tally_records(records: Iterable[Mapping[str, Any]]) -> Tally:
     return tally
 
 
+def error_gate(bad: int, total: int, max_error_fraction: float, what: str = "rows") -> str | None:
+    """`<bad> of <total> <what> quarantined (<share> > max_error_fraction <limit>)` when more
+    than `max_error_fraction` of `total` are bad, else None (the gate every stage applies)."""
+    fraction = bad / total if total else 0.0
+    if fraction <= max_error_fraction:
+        return None
+    return (
+        f"{bad} of {total} {what} quarantined ({fraction:.1%} > max_error_fraction "
+        f"{max_error_fraction:.1%})"
+    )
+
+
 def gate_and_commit(
     stage: str,
     out: StageOutput,
@@ -284,12 +296,11 @@ def gate_and_commit(
     if tally.output + tally.quarantined != total:
         raise RuntimeError(f"row counts do not add up: {counts}")
     finish = partial(result, loc.uri, counts, metrics)
-    fraction = tally.quarantined / total if total else 0.0
-    if fraction > max_error_fraction:
+    refused = error_gate(tally.quarantined, total, max_error_fraction)
+    if refused:
         message = (
-            f"{tally.quarantined} of {total} rows quarantined ({fraction:.1%} > "
-            f"max_error_fraction {max_error_fraction:.1%}): {tally.summary()}; see "
-            f"{loc.child('quarantine').uri} (outputs kept, no _SUCCESS written)"
+            f"{refused}: {tally.summary()}; see {loc.child('quarantine').uri} (outputs kept, "
+            "no _SUCCESS written)"
         )
         report(f"{stage}: FAILED: {redact(message)}")
         return finish(False, message, seconds=time.monotonic() - started)

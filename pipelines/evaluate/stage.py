@@ -45,7 +45,7 @@ from pipelines.io.manifest import (
     read_manifest,
 )
 from pipelines.io.storage import StorageOptions, read_bytes, resolve, write_bytes_atomic
-from pipelines.units import already_done, run_tasks
+from pipelines.units import already_done, error_gate, run_tasks
 from weakclip.config import check_fields
 
 METRICS_FILE = "metrics.json"
@@ -128,17 +128,10 @@ class TooManyErrors(RuntimeError):
         self.metrics = dict(metrics)
 
 
-def error_gate(counts: Mapping[str, int], max_error_fraction: float) -> str | None:
-    """Why the evaluation fails the gate (quarantined / (scored + quarantined) above
-    `max_error_fraction`), or None."""
-    bad, scored = counts["quarantined"], counts["scored"]
-    if not bad or bad / (bad + scored) <= max_error_fraction:
-        return None
-    return (
-        f"{bad} of {bad + scored} pairs quarantined ({bad / (bad + scored):.1%}, more than "
-        f"max_error_fraction {max_error_fraction:.1%}); see the reasons in the metrics "
-        "(quarantine_reasons); nothing committed"
-    )
+def stage_config(config: EvaluateConfig) -> dict[str, Any]:
+    """What fingerprints an evaluate output: every field but the error tolerance (a run that
+    failed the gate can be resumed with a higher one)."""
+    return {k: v for k, v in asdict(config).items() if k != "max_error_fraction"}
 
 
 def print_metrics(metrics: Mapping[str, Any], *, as_json: bool) -> int:
@@ -315,17 +308,16 @@ def run_evaluate(
         IncompleteOutputError: an input has no `_SUCCESS`.
         ValueError: wrong stages, missing columns, or incompatible class spaces.
         StageConflictError: the output holds another run (and not `overwrite`).
-        TooManyErrors: the error gate (`error_gate`) failed; nothing written.
+        TooManyErrors: the error gate (`units.error_gate`) failed; nothing written.
     """
     pred = read_manifest(resolve(pred_uri, storage))
     gt = read_manifest(resolve(gt_uri, storage))
     out = None
     if output_uri is not None:
-        fingerprinted = {k: v for k, v in asdict(config).items() if k != "max_error_fraction"}
         out = StageOutput.open(
             resolve(output_uri, storage),
             stage="evaluate",
-            config=fingerprinted,  # a failed gate can be resumed with a higher tolerance
+            config=stage_config(config),
             inputs=[pred.input_ref(), gt.input_ref()],
             overwrite=overwrite,
         )
@@ -334,9 +326,11 @@ def run_evaluate(
     result = evaluate_outputs(
         pred, gt, config, storage=storage, num_cpus_per_task=num_cpus_per_task, report=report
     )
-    refused = error_gate(result.counts, config.max_error_fraction)
+    bad, scored = result.counts["quarantined"], result.counts["scored"]
+    refused = error_gate(bad, bad + scored, config.max_error_fraction, what="pairs")
     if refused:
-        raise TooManyErrors(f"evaluate: {refused}", result.metrics())
+        message = f"evaluate: {refused}; see quarantine_reasons in the metrics; nothing committed"
+        raise TooManyErrors(message, result.metrics())
     if out is not None and result.counts["scored"]:  # an evaluation of nothing is a failure
         write_evaluation(out, result)
         report(f"evaluate: wrote {out.location.uri}")

@@ -96,8 +96,8 @@ class Holder:
 class Lease:
     """This process's lease on one output directory; renewed until `release`."""
 
-    def __init__(self, location: Location, holder: Holder, etag: str | None) -> None:
-        self.location, self.holder, self._etag = location, holder, etag
+    def __init__(self, location: Location, holder: Holder) -> None:
+        self.location, self.holder = location, holder
         self.lost: str | None = None  # why, once another run holds it
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -125,12 +125,12 @@ class Lease:
                 continue  # someone created or replaced it first: look again
             if not (location.is_local and current is None):  # a hard link is exclusive
                 time.sleep(SETTLE_S)
-            found, etag = _read(location)
+            found, _ = _read(location)
             if found is None or found.holder != me.holder:
                 if found is not None and not found.is_dead():
                     raise OutputBusyError(_busy_message(location, found))
                 continue
-            lease = cls(location, me, etag)
+            lease = cls(location, me)
             with _HELD_LOCK:
                 _HELD[location.uri] = lease
             lease._thread.start()

@@ -71,9 +71,6 @@ class StageConflictError(RuntimeError):
     """The output directory holds another run's outputs (or foreign files)."""
 
 
-__all__ = ["OutputBusyError"]  # re-exported: a live run holds the output (never overwritten)
-
-
 @dataclasses.dataclass(eq=False)
 class StageOutput:
     """The output directory of one run of a stage. Create with `StageOutput.open`."""
@@ -147,9 +144,8 @@ class StageOutput:
             for name in (SUCCESS, MANIFEST):
                 if exists(location, name):
                     location.fs.rm(location.join(name))
-            for path in location.fs.ls(location.path, detail=False):
-                name = str(path).rstrip("/").rsplit("/", 1)[-1]
-                if name != LEASE:
+            for name in _child_names(location):
+                if not name.startswith(LEASE):
                     remove_tree(location.child(name))
             occupied = False
         elif occupied and (run is None or run.get("fingerprint") != fp):
@@ -351,14 +347,18 @@ def _read_run_record(location: Location) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else {}
 
 
-def _has_content(location: Location) -> bool:
-    """Whether the directory holds anything but the lease (and its temporary files)."""
+def _child_names(location: Location) -> list[str]:
+    """Names of the entries directly below `location` (none when it does not exist)."""
     try:
         listed = location.fs.ls(location.path, detail=False)
     except (FileNotFoundError, NotADirectoryError):
-        return False
-    names = (str(p).rstrip("/").rsplit("/", 1)[-1] for p in listed)
-    return any(not name.startswith(LEASE) for name in names)
+        return []
+    return [str(p).rstrip("/").rsplit("/", 1)[-1] for p in listed]
+
+
+def _has_content(location: Location) -> bool:
+    """Whether the directory holds anything but the lease (and its temporary files)."""
+    return any(not name.startswith(LEASE) for name in _child_names(location))
 
 
 def _list_sizes(location: Location) -> dict[str, int]:

@@ -364,14 +364,14 @@ def write_stage_report(
     summary: dict[str, Any] = {"class_space": manifest.class_space, "measured_on": {}}
     if manifest.stage == "evaluate":
         gt_uri = (metrics.get("ground_truth") or {}).get("uri")
-        gt = _gt_manifest(str(gt_uri), storage, report) if gt_uri else None
+        gt = _manifest_or_none(str(gt_uri), storage, report) if gt_uri else None
         if gt is not None and gt.stage == "refine":
             manifests["refine"] = gt
             split = _one_split(metrics.get("prediction") or {}, storage)
             summary.update(refine_rows(gt.metrics or {}, split))
         summary["pseudo_masks"] = metrics.get("miou")
-        summary["measured_on"] = dict(summary["measured_on"])
-        summary["measured_on"]["pseudo_masks"] = f"{metrics.get('images')} images"
+        measured = {**summary["measured_on"], "pseudo_masks": f"{metrics.get('images')} images"}
+        summary["measured_on"] = measured
     elif manifest.stage == "retrain":
         summary["retrained"] = metrics.get("miou")
         images = metrics.get("num_val_images")
@@ -405,22 +405,21 @@ def _one_split(prediction: Mapping[str, Any], storage: StorageOptions | None) ->
     """The one split a pseudo-mask prediction was made for (its config's `splits`), else None."""
     if prediction.get("stage") != "pseudo_masks" or not prediction.get("uri"):
         return None
-    try:
-        splits = read_manifest(resolve(str(prediction["uri"]), storage)).config.get("splits")
-    except (FileNotFoundError, IncompleteOutputError, ManifestError):
-        return None
+    manifest = _manifest_or_none(str(prediction["uri"]), storage)
+    splits = manifest.config.get("splits") if manifest is not None else None
     return str(splits[0]) if isinstance(splits, list) and len(splits) == 1 else None
 
 
-def _gt_manifest(
-    uri: str, storage: StorageOptions | None, report: Callable[[str], Any]
+def _manifest_or_none(
+    uri: str, storage: StorageOptions | None, report: Callable[[str], Any] | None = None
 ) -> Manifest | None:
-    """The manifest of an evaluate output's ground truth, or None (said) when it is gone or
-    no longer complete: its CAM and seed columns are then left out."""
+    """The manifest of an input a report names, or None (said to `report`) when it is gone or
+    no longer complete: the columns it would give are then left out."""
     try:
         return read_manifest(resolve(uri, storage))
     except (FileNotFoundError, IncompleteOutputError, ManifestError) as exc:
-        report(f"report: ground truth {redact(str(exc))}; its CAM and seed columns are left out")
+        if report is not None:
+            report(f"report: {redact(str(exc))}; the columns it gives are left out")
         return None
 
 

@@ -70,8 +70,13 @@ def write_segment(
 ) -> bool:
     """Writes the segment of the rows with `after < iteration <= last` (named by `last`);
     False when there is none to write (no such row, or no extra)."""
-    rows = [row for row in history if isinstance(row.get("iteration"), int)]
-    data = event_file([row for row in rows if after < row["iteration"] <= last])
+    data = event_file(
+        [
+            r
+            for r in history
+            if isinstance(r.get("iteration"), int) and after < r["iteration"] <= last
+        ]
+    )
     if data is None:
         return False
     write_bytes_atomic(directory, segment_name(last), data)
