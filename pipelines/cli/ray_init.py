@@ -30,9 +30,10 @@ def init_ray(args: argparse.Namespace, *, node_count: Callable[[], int] = alive_
 
     Order: an instance already initialised in this process (tests, chained stages); else
     `--ray-address`; else `$RAY_ADDRESS` (set by `ray job submit`); else a new local instance
-    using every core, without the dashboard. Workers of a new local instance inherit this
-    process's environment (AWS credentials included); workers of an existing cluster use
-    their own AWS credential chain, while the endpoint travels inside each `Location`.
+    using every core, with the dashboard on 127.0.0.1 (port 8265, or the next free one).
+    Workers of a new local instance inherit this process's environment (AWS credentials
+    included); workers of an existing cluster use their own AWS credential chain, while the
+    endpoint travels inside each `Location`.
 
     Returns True when this call started or connected Ray.
 
@@ -54,7 +55,9 @@ def init_ray(args: argparse.Namespace, *, node_count: Callable[[], int] = alive_
                 )
             ray.init(address=address)
         else:
-            ray.init(address="local", object_store_memory=object_store, include_dashboard=False)
+            # With the dashboard: it serves Ray's State API, which Ray Train's placement-group
+            # cleaner polls every second (a warning per poll without it), and a progress view.
+            ray.init(address="local", object_store_memory=object_store, include_dashboard=True)
         started = True
     if not sys.stdout.isatty():
         # Logs (ray job submit, CI): the stages print their own progress lines; Ray Data's

@@ -14,6 +14,10 @@ from pipelines.training.run import RunResult
 Flag = tuple[str, dict[str, Any]]
 _MICRO_HELP = "per-worker micro-batch; smaller than the worker's share means gradient accumulation"
 _CPUS_HELP = "CPUs per training worker"
+_WAIT = (
+    "how long a start or restart waits for the workers' resources before training fails, "
+    "its checkpoints kept (0 = for ever)"
+)
 _DEVICE_HELP = "gpu when the cluster has GPUs (auto)"
 
 
@@ -43,6 +47,7 @@ def training_parser(
         ("--checkpoint-every", {"type": int, "default": checkpoint_every, "metavar": "N"}),
         ("--log-every", {"type": int, "default": 50, "metavar": "N"}),
         ("--max-failures", {"type": int, "default": 3, "metavar": "N"}),
+        ("--resource-wait-s", {"type": float, "default": 600.0, "metavar": "S", "help": _WAIT}),
         ("--cpus-per-worker", {"type": float, "default": 0.5, "metavar": "N", "help": _CPUS_HELP}),
         ("--device", {"choices": tuple(DEVICES), "default": "auto", "help": _DEVICE_HELP}),
         ("", {}),
@@ -59,7 +64,7 @@ def run_kwargs(args: argparse.Namespace, job: Any) -> dict[str, Any]:
     """`RunOptions` fields from the parsed flags and the shared options (`cli.job_options`)."""
     names = ("num_workers", "micro_batch_size", "resume", "checkpoint_every", "log_every")
     return {
-        **given(args, *names, "max_failures", "cpus_per_worker"),
+        **given(args, *names, "max_failures", "resource_wait_s", "cpus_per_worker"),
         "overwrite": job.overwrite,
         "use_gpu": DEVICES[args.device],
         "num_cpus_per_task": job.resources.num_cpus_per_task,

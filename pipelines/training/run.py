@@ -8,7 +8,9 @@ when a trainer is re-created with the same storage path and name); else `TrainRe
 
 `fit`: one GPU per worker when the cluster has GPUs (NCCL), else gloo on fractional CPUs so that
 Ray Data keeps CPUs for decoding and augmentation (docs/ARCHITECTURE.md, "Resources");
-checkpoints under `<output>/checkpoints/run/` through the output's pyarrow filesystem.
+checkpoints under `<output>/checkpoints/run/` through the output's pyarrow filesystem. A start
+or restart waits `resource_wait_s` in all for its workers' resources (Ray Train's start timeout,
+`START_ATTEMPTS` tries), then fails with `ResourcesUnavailable`, the checkpoints kept.
 """
 
 from __future__ import annotations
@@ -42,10 +44,17 @@ CHECKPOINTS = "checkpoints"
 MODEL_FILE = "model.pt"
 FAIL_ENV = "WEAKCLIP_TEST_FAIL_AT_ITERATION"  # test-only failure injection
 FAIL_MARKER_ENV = "WEAKCLIP_TEST_FAIL_MARKER"
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+START_ATTEMPTS = 3  # worker-group starts that may time out, resource_wait_s shared among them
 
 
 class TrainRefused(RuntimeError):
     """The output directory's state and the options disagree (message says what to do)."""
+
+
+class ResourcesUnavailable(RuntimeError):
+    """The workers' resources were not there within `RunOptions.resource_wait_s` (a node lost
+    for good, a cluster too small): the run stopped, its checkpoints kept."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,6 +68,9 @@ class RunOptions:
     checkpoint_every: int = 1000  # iterations between checkpoints (and the last one)
     log_every: int = 50  # iterations between logged rows (and the last one)
     max_failures: int = 3  # worker-group restarts from the last checkpoint
+    # seconds a start or restart waits for the workers' resources before training fails
+    # (the checkpoints stay; --resume continues); 0 = wait for ever (Ray Train's own default)
+    resource_wait_s: float = 600.0
     use_gpu: bool | None = None  # None = when the cluster has GPUs
     cpus_per_worker: float = 0.5  # CPU workers (and the CPU share of GPU workers)
     num_cpus_per_task: float = 0.5  # Ray Data read/augment tasks
@@ -66,6 +78,7 @@ class RunOptions:
     def __post_init__(self) -> None:
         check_fields(self, ">= 1", "num_workers", "checkpoint_every", "log_every")
         check_fields(self, "> 0", "cpus_per_worker", "num_cpus_per_task")
+        check_fields(self, ">= 0", "resource_wait_s")
         if self.max_failures < -1:
             raise ValueError(
                 f"max_failures must be >= -1 (-1 = unlimited), got {self.max_failures}"
@@ -310,16 +323,79 @@ def fit(
             name=RUN_NAME,
             storage_path=output.join(CHECKPOINTS),
             storage_filesystem=output.pyarrow_fs(),
-            failure_config=ray.train.FailureConfig(max_failures=options.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=options.max_failures,
+                controller_failure_limit=START_ATTEMPTS - 1 if options.resource_wait_s else -1,
+            ),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # Ray Train's own INFO lines (worker-group starts, every report) stay in its log
+            # files under the Ray session directory; warnings and errors still print
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         datasets={"train": dataset},
+        dataset_config=ray.train.DataConfig(execution_options=_ingest_options()),
     )
     started = time.perf_counter()
-    result = trainer.fit()
+    with _start_timeout(options.resource_wait_s / START_ATTEMPTS):
+        try:
+            result = trainer.fit()
+        except ray.train.ControllerError as error:
+            if type(error.controller_failure).__name__ != "WorkerGroupStartupTimeoutError":
+                raise
+            raise _resources_unavailable(output, options, gpu) from error
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     return result.checkpoint, time.perf_counter() - started
+
+
+def _ingest_options() -> Any:
+    """Ray Train's default ingest options (`DataConfig.default_ingest_options`: this
+    DataContext's limits and order) without naming `exclude_resources`, whose setter warns
+    that it is deprecated on every run."""
+    from ray.data import DataContext, ExecutionOptions
+
+    current = DataContext.get_current().execution_options
+    return ExecutionOptions(
+        resource_limits=current.resource_limits,
+        preserve_order=current.preserve_order,
+        verbose_progress=current.verbose_progress,
+    )
+
+
+@contextmanager
+def _start_timeout(seconds: float) -> Iterator[None]:
+    """Ray Train's worker-group start timeout (an environment variable the driver passes on
+    to the controller) set to `seconds` for one `fit`; 0 keeps Ray's own."""
+    previous = os.environ.get(START_TIMEOUT_ENV)
+    if seconds:
+        os.environ[START_TIMEOUT_ENV] = f"{seconds:g}"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(START_TIMEOUT_ENV, None)
+        else:
+            os.environ[START_TIMEOUT_ENV] = previous
+
+
+def _resources_unavailable(
+    output: Location, options: RunOptions, gpu: bool
+) -> ResourcesUnavailable:
+    workers = f"{options.num_workers} workers of {options.cpus_per_worker:g} CPUs"
+    if gpu:
+        workers += " and 1 GPU"
+    iteration = latest_checkpoint_iteration(output)
+    kept = (
+        f"its checkpoint at iteration {iteration} is kept under {output.join(CHECKPOINTS)}: "
+        "run the same command with --resume once the cluster has room"
+        if iteration
+        else "it had no checkpoint yet: run the same command once the cluster has room"
+    )
+    return ResourcesUnavailable(
+        f"training stopped: the cluster had no room for its {workers} within "
+        f"{options.resource_wait_s:g} s (--resource-wait-s; a node lost for good, or a "
+        f"cluster too small); {kept}"
+    )
 
 
 @contextmanager

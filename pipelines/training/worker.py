@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import logging
 import math
 import os
 import resource
@@ -33,11 +34,23 @@ def worker_context(loop_config: Mapping[str, Any]) -> tuple[int, int, torch.devi
     import ray.train
     import ray.train.torch
 
+    _quiet_report_lines()
     context = ray.train.get_context()
     device = ray.train.torch.get_device()
     if device.type == "cpu" and loop_config.get("torch_threads"):
         torch.set_num_threads(int(loop_config["torch_threads"]))
     return context.get_world_rank(), context.get_world_size(), device
+
+
+def _quiet_report_lines() -> None:
+    """Ray Train logs every `ray.train.report` of every worker at INFO (the whole report,
+    metrics and checkpoint path) through a logger named after its source file, which its
+    `LoggingConfig` level does not reach; this worker keeps them at WARNING and above."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: nothing to quieten
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def autocast_for(device: torch.device) -> contextlib.AbstractContextManager[Any]:

@@ -19,6 +19,9 @@ def test_usage_errors_exit_2(tmp_path, capsys) -> None:
     assert main([*base, "--iterations", "0"]) == 2
     assert main([*base, "--model", "huge"]) == 2
     assert main([*base, "--profile", "mine"]) == 2
+    capsys.readouterr()
+    assert main([*base, "--resource-wait-s", "-1"]) == 2
+    assert "resource_wait_s" in capsys.readouterr().err
 
 
 def test_missing_input_exits_1_with_one_line(tmp_path, capsys, ray_session) -> None:

@@ -8,7 +8,10 @@ workers) once the first unit is done, and prints one JSON line with what happene
     pseudo_masks REFINE_URI OUTPUT_URI CHECKPOINT
     train REFINE_URI OUTPUT_URI   (worker nodes of 2 CPUs, one Ray Train worker each; the node
                                    is removed after the first checkpoint and a new one added
-                                   `RESOURCES_BACK_S` later)
+                                   `RESOURCES_BACK_S` later; once it has committed, that node
+                                   is removed for good and the run asked for 4 more
+                                   iterations with --resume: it must fail after
+                                   `GONE_WAIT_S`, its checkpoint kept)
 """
 
 from __future__ import annotations
@@ -25,9 +28,12 @@ from typing import Any
 import ray
 from ray.cluster_utils import Cluster
 
+from pipelines.io.manifest import read_manifest
 from pipelines.io.storage import resolve
+from pipelines.training.run import latest_checkpoint_iteration
 
 RESOURCES_BACK_S = 5.0
+GONE_WAIT_S = 6.0  # the second run's --resource-wait-s
 
 
 def _remove_when_a_unit_is_done(
@@ -43,32 +49,55 @@ def _remove_when_a_unit_is_done(
 
 
 def _remove_after_a_checkpoint(
-    cluster: Cluster, node: Any, output_uri: str, facts: dict[str, Any], started: float
-) -> None:
+    cluster: Cluster,
+    node: Any,
+    output_uri: str,
+    facts: dict[str, Any],
+    started: float,
+) -> Any:
     out = resolve(output_uri)
+    # once Ray Train has registered a checkpoint (its files are all uploaded by then)
+    while latest_checkpoint_iteration(out) is None:
+        time.sleep(0.2)
     pattern = out.join("checkpoints", "run") + "/checkpoint_*/meta.json"
-    while not out.fs.glob(pattern):
-        time.sleep(0.1)
     facts["checkpoints_at_removal"] = len(out.fs.glob(pattern))
+    facts["checkpoint_at_removal"] = latest_checkpoint_iteration(out)
     facts["removed_at_s"] = round(time.monotonic() - started, 2)
     cluster.remove_node(node, allow_graceful=False)
     facts["removed"] = True
     time.sleep(RESOURCES_BACK_S)
-    cluster.add_node(num_cpus=2)  # Ray starts a node from the main thread only
+    added = cluster.add_node(num_cpus=2)  # Ray starts a node from the main thread only
     facts["node_added_at_s"] = round(time.monotonic() - started, 2)
+    return added
 
 
-def _train(source: str, output: str) -> Any:
+def _lose_a_node_for_good(cluster: Cluster, node: Any, source: str, output: str) -> dict[str, Any]:
+    """Removes `node` for good, then asks the finished run for 4 more iterations (--resume),
+    which one node cannot hold: what the run raised, and how long it took."""
+    cluster.remove_node(node, allow_graceful=False)
+    while sum(1 for n in ray.nodes() if n["Alive"]) > 2:  # the head and one worker node
+        time.sleep(0.2)
+    started = time.monotonic()
+    try:
+        _train(source, output, iterations=12, resume=True, resource_wait_s=GONE_WAIT_S)
+        error = None
+    except Exception as e:  # noqa: BLE001 - what the user would see, reported
+        error = f"{type(e).__name__}: {e}"
+    return {"error": error, "seconds": round(time.monotonic() - started, 2)}
+
+
+def _train(source: str, output: str, iterations: int = 8, **options: Any) -> Any:
     from pipelines.train import TrainJobConfig, run_train
     from weakclip.config import from_dict, preset
 
     fast = {"clip": {"input_size": 128}, "loss": {"resolution": 32}}
     model = from_dict(
-        {**fast, "train": {"iterations": 8, "batch_size": 4, "lr": 1e-3}}, base=preset("tiny")
+        {**fast, "train": {"iterations": iterations, "batch_size": 4, "lr": 1e-3}},
+        base=preset("tiny"),
     )
     config = TrainJobConfig(
         input=source, output=output, model=model, num_workers=2, cpus_per_worker=1.5,
-        checkpoint_every=4, log_every=2, max_failures=2,
+        checkpoint_every=4, log_every=2, max_failures=2, **options,
     )  # fmt: skip
     return run_train(config, log=lambda _: None)
 
@@ -90,12 +119,16 @@ def main(argv: list[str]) -> int:
         done: list[Any] = []
         trainer = threading.Thread(target=lambda: done.append(_train(source, output)))
         trainer.start()
-        _remove_after_a_checkpoint(cluster, workers[0], output, facts, started)
+        added = _remove_after_a_checkpoint(cluster, workers[0], output, facts, started)
         trainer.join()
         if not done:
             raise RuntimeError("training raised (its traceback is above)")
         result = done[0]
-        facts.update(iterations=result.iterations)
+        facts.update(iterations=result.iterations, ok=True)
+        manifest = read_manifest(resolve(output))  # the extension below removes it
+        facts["manifest_iterations"] = manifest.extra["iterations"]
+        facts["seconds"] = round(time.monotonic() - started, 2)
+        facts["gone"] = _lose_a_node_for_good(cluster, added, source, output)
     else:
         threading.Thread(
             target=_remove_when_a_unit_is_done,
@@ -114,9 +147,9 @@ def main(argv: list[str]) -> int:
             source, output, argv[3], masks, actor_pool_size=2, cpus_per_actor=0.5,
             num_cpus_per_task=0.25, **quiet,
         )  # fmt: skip
-    facts.update(ok=getattr(result, "ok", True), seconds=round(time.monotonic() - started, 2))
-    if facts.get("removed_at_s") is not None:
-        facts["recovery_s"] = round(facts["seconds"] - facts["removed_at_s"], 2)
+    if stage != "train":
+        facts.update(ok=result.ok, seconds=round(time.monotonic() - started, 2))
+    facts["recovery_s"] = round(facts["seconds"] - facts["removed_at_s"], 2)
     facts["alive_nodes_at_end"] = sum(1 for n in ray.nodes() if n["Alive"])
     if stage == "refine":  # the same job with a local --output, on this multi-node cluster
         local = tempfile.mkdtemp(prefix="weakclip-local-output-")

@@ -2,11 +2,12 @@
 (`tests.reliability.node_loss`: `ray.cluster_utils.Cluster`, a head without task CPUs and two
 worker nodes; s3:// input and output on the loopback S3 server): a data stage finishes on the
 node that is left, every image exactly once; training resumes from its checkpoint once a node
-is back."""
+is back, and fails clearly, its checkpoint kept, when it never is."""
 
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from tests.pipelines.train.inputs import make_refine_input
 from tests.reliability import fault_tools as ft
 from tests.reliability import node_loss
 from tests.reliability.test_faults_refine import check_refine_output
+from tests.s3server import S3Server
 
 pytestmark = pytest.mark.slow
 
@@ -109,8 +111,18 @@ def test_pseudo_masks_survive_losing_a_worker_node(
     )
 
 
+@pytest.fixture(scope="module")
+def train_run(s3_server: S3Server) -> tuple[str, dict[str, Any]]:
+    """One driver run for both training cases: (output URI, facts)."""
+    bucket = f"test-{uuid.uuid4().hex[:16]}"
+    resolve(f"s3://{bucket}").fs.mkdir(bucket)
+    source, output = f"s3://{bucket}/nodes/train-input", f"s3://{bucket}/nodes/train"
+    make_refine_input(source, count=8, val=2)
+    return output, _run("train", source, output)
+
+
 def test_train_resumes_from_its_checkpoint_after_losing_a_worker_node(
-    s3_bucket, reliability
+    train_run, reliability
 ) -> None:
     reliability.case(
         kind="fault",
@@ -127,12 +139,9 @@ def test_train_resumes_from_its_checkpoint_after_losing_a_worker_node(
             "is at iteration 8"
         ),
     )
-    source, output = f"{s3_bucket}/nodes/train-input", f"{s3_bucket}/nodes/train"
-    make_refine_input(source, count=8, val=2)
-    facts = _run("train", source, output)
+    output, facts = train_run
     out = resolve(output)
-    manifest = read_manifest(out)
-    assert manifest.extra["iterations"] == 8 and facts["iterations"] == 8, facts
+    assert facts["manifest_iterations"] == 8 and facts["iterations"] == 8, facts
     assert facts["checkpoints_at_removal"] >= 1
     rows = [json.loads(line) for line in out.fs.cat_file(out.join("metrics.jsonl")).splitlines()]
     assert [r["iteration"] for r in rows] == list(range(2, 9, 2))
@@ -142,3 +151,30 @@ def test_train_resumes_from_its_checkpoint_after_losing_a_worker_node(
         f"checkpoint(s), a node added at {facts['node_added_at_s']} s; training committed "
         f"{facts['recovery_s']} s after the removal; metrics rows {len(rows)}, no gap or repeat"
     )
+
+
+def test_train_fails_clearly_when_the_lost_node_never_comes_back(train_run, reliability) -> None:
+    reliability.case(
+        kind="fault",
+        name="train: a Ray Train worker's node lost for good (multi-node)",
+        injected=(
+            "after the case above, on the same cluster: the new worker node removed for good "
+            "(one 2-CPU node left, which cannot hold two 1.5-CPU workers), then the same run "
+            f"asked for 12 iterations with --resume and --resource-wait-s {node_loss.GONE_WAIT_S:g}"
+        ),
+        checked=(
+            "the run fails with ResourcesUnavailable naming the wait, the kept checkpoint "
+            "(iteration 8) and --resume; nothing is committed; the checkpoint at 8 is still "
+            "there and restorable"
+        ),
+    )
+    output, facts = train_run
+    gone = facts["gone"]
+    error = gone["error"] or ""
+    assert error.startswith("ResourcesUnavailable: training stopped"), gone
+    assert f"within {node_loss.GONE_WAIT_S:g} s" in error and "--resume" in error, error
+    assert "checkpoint at iteration 8 is kept" in error, error
+    out = resolve(output)
+    assert latest_checkpoint_iteration(out) == 8
+    assert not out.fs.exists(out.join("_SUCCESS"))
+    reliability.observe(f"the run failed {gone['seconds']} s after it started: {error}")
