@@ -9,6 +9,10 @@ written once as an ingest output (JPEG images, float16 CAMs, PNG GT; row groups 
 (b) stage: `run_refine` on a private local Ray instance with `--cpus` CPUs (1 CPU per task),
     timed from the call to its return (manifest, shards and `_SUCCESS` written; Ray start-up
     excluded);
+(d) joblib: what the upstream projects' `make_crf` does — the same decode + `refine_seed` + PNG
+    encoding per image through `joblib.Parallel(n_jobs=P)` over worker processes on this machine
+    (loky backend, worker start-up included), the rows read from the same shards by the parent;
+    the stage must reach >= 0.95x its images/s on the same cores (`pip install -e '.[bench]'`);
 (c) classes: `refine_seed` restricted to background + the image's classes vs the whole class
     space (the synthetic space's 7 classes and VOC's 21), median CPU time per image.
 
@@ -21,7 +25,7 @@ Overhead of the stage over the bare CRF call, with W = stage wall time, P = CPUs
       the plain loop (includes any slow-down of the CRF itself when P copies run at once);
   in-task overhead = (sum task wall - sum CRF_stage) / sum CRF_stage: per-row work in the tasks.
 
-    python -m benchmarks.refine [--num-images 200] [--cpus 2] [--json FILE]
+    python -m benchmarks.refine [--num-images 200] [--cpus 2] [--no-joblib] [--json FILE]
 
 On a machine shared with other work, the load average is printed with the results.
 """
@@ -45,7 +49,7 @@ import pyarrow.parquet as pq
 
 from pipelines.ingest.rows import SHARD_SCHEMA
 from pipelines.io import schema
-from pipelines.io.codecs import decode_cam_column, decode_rgb
+from pipelines.io.codecs import decode_cam_column, decode_rgb, encode_label_png
 from pipelines.io.manifest import FileEntry, InputRef, StageOutput, read_manifest
 from pipelines.io.storage import Location, resolve, write_bytes_atomic
 from pipelines.refine import RefineConfig, run_refine
@@ -119,6 +123,38 @@ def bench_loop(loc: Location, config: RefineConfig) -> dict[str, float]:
         "wall_s": wall,
         "cpu_s": time.process_time() - start_cpu,
         "crf_s": crf,
+        "images_per_s": len(rows) / wall,
+    }
+
+
+def _crf_one(row: dict[str, Any], seed_config: Any, out_dir: str) -> float:
+    """One image of (d): decode, `refine_seed`, PNG to `out_dir`; the CRF call's seconds."""
+    height, width = row[schema.HEIGHT], row[schema.WIDTH]
+    image = decode_rgb(row[schema.IMAGE], height=height, width=width)
+    cams = decode_cam_column(row[schema.CAM], len(row[schema.CAM_CLASSES]), height, width)
+    t0 = time.perf_counter()
+    seed = refine_seed(image, cams, row[schema.CAM_CLASSES], config=seed_config)
+    crf = time.perf_counter() - t0
+    with open(os.path.join(out_dir, f"{row[schema.IMAGE_ID]}.png"), "wb") as f:
+        f.write(encode_label_png(seed))
+    return crf
+
+
+def bench_joblib(loc: Location, config: RefineConfig, cpus: int, out_dir: str) -> dict[str, Any]:
+    """(d): upstream's `make_crf` pattern, `joblib.Parallel` over `cpus` processes."""
+    from joblib import Parallel, delayed  # the `bench` extra
+
+    seed_config = config.seed_config()
+    os.makedirs(out_dir, exist_ok=True)
+    start = time.perf_counter()
+    rows = _rows(loc)
+    crf = Parallel(n_jobs=cpus)(delayed(_crf_one)(row, seed_config, out_dir) for row in rows)
+    wall = time.perf_counter() - start
+    return {
+        "images": len(rows),
+        "cpus": cpus,
+        "wall_s": wall,
+        "crf_s": float(sum(crf)),
         "images_per_s": len(rows) / wall,
     }
 
@@ -200,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the Ray instance")
     parser.add_argument("--rows-per-group", type=int, default=16, help="rows per work unit")
     parser.add_argument("--method", choices=("weaktr", "clip-es"), default="weaktr")
+    parser.add_argument(
+        "--no-joblib", action="store_true", help="skip (d), the joblib.Parallel comparison"
+    )
     parser.add_argument("--class-images", type=int, default=8, help="images for (c)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--workdir", help="keep the data here (default: a temporary dir)")
@@ -222,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
         loop = bench_loop(source, config)
         print(f"(a) loop: {loop['images_per_s']:.3f} images/s")
         stage = bench_stage(source, resolve(os.path.join(root, "refine")), config, args.cpus)
+        pool = None
+        if not args.no_joblib:
+            pool = bench_joblib(source, config, args.cpus, os.path.join(root, "joblib"))
+            print(f"(d) joblib: {pool['images_per_s']:.3f} images/s")
         classes = bench_classes(source, config, args.class_images)
     load_after = os.getloadavg()
     cpus = stage["cpus"]
@@ -232,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         "in_task_overhead": (stage["task_s"] - stage["crf_s"]) / stage["crf_s"],
         "crf_slowdown_in_stage": stage["crf_s"] / loop["crf_s"],
     }
+    if pool is not None:
+        summary["stage_vs_joblib"] = stage["images_per_s"] / pool["images_per_s"]
     print()
     print(
         f"{args.num_images} images {args.height}x{args.width}, method {args.method}, "
@@ -246,6 +291,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{f'(b) Ray Data, {cpus} CPUs':<26}{stage['wall_s']:>9.1f}{stage['crf_s']:>9.1f}"
         f"{stage['images_per_s']:>10.3f}"
     )
+    if pool is not None:
+        print(
+            f"{f'(d) joblib.Parallel, {cpus}':<26}{pool['wall_s']:>9.1f}{pool['crf_s']:>9.1f}"
+            f"{pool['images_per_s']:>10.3f}"
+        )
+        print(f"stage / joblib: {summary['stage_vs_joblib']:.2f}x (goal >= 0.95x)")
     print(f"speed-up (b)/(a): {summary['speedup']:.2f}x (goal >= 1.7x on 2 cores)")
     print(
         f"pipeline overhead (W*P - sum CRF_stage)/sum CRF_stage: "
@@ -279,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             "args": vars(args),
             "loop": loop,
             "stage": stage,
+            "joblib": pool,
             "summary": summary,
             "classes": classes,
         }
