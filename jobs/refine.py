@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     threshold = "background plane value, in (0, 1) (default 0.43, WeakTr VOC)"
     stage.add_argument("--bg-threshold", type=float, metavar="T", help=threshold)
     job.add_max_error_fraction(stage)
-    job.add_progress_every(stage, "a progress line every N units")
+    job.add_progress_every(stage, "a progress line every N images (default: one every 10 s)")
     return parser
 
 

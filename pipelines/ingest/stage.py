@@ -23,6 +23,7 @@ from pipelines.ingest.listing import Enumeration, enumerate_inputs
 from pipelines.io import schema
 from pipelines.io.manifest import InputRef, Quarantine, StageOutput, StageState
 from pipelines.io.storage import StorageOptions, resolve
+from pipelines.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -75,12 +76,13 @@ def run_ingest(
     fn_kwargs = dict(input_loc=input_loc, output_loc=output_loc, config=config)
     fn_kwargs |= dict(class_names=list(found.space.class_names), space_name=found.space.name)
     tasks = work.run_tasks(todo, ingest_chunk, num_cpus=num_cpus_per_task, fn_kwargs=fn_kwargs)
-    for record in tasks:
+    progress = Progress("ingest", sum(len(t["entries"]) for t in todo), report=report)
+    entries = quarantined = 0
+    for done, record in enumerate(tasks, start=1):
         records[int(record["chunk"])] = record
-        report(
-            f"ingest: chunk {len(records)}/{len(chunks)}: {record['output']} rows, "
-            f"{record['quarantined']} quarantined ({time.monotonic() - started:.0f} s)"
-        )
+        entries += len(chunks[int(record["chunk"])])
+        quarantined += record["quarantined"]
+        progress.update(entries, f"{done}/{len(todo)} chunks, {quarantined} quarantined")
     ordered = [records[i] for i in sorted(records)]
     return _gate_and_commit(out, found, ordered, config, input_loc.uri, report, started)
 

@@ -139,7 +139,7 @@ def add_options(stage: argparse._ArgumentGroup) -> None:
     add("--cpus-per-actor", type=float, default=1.0, metavar="N", help="CPUs per model replica")
     device = "gpu when present (auto)"
     add("--device", choices=("auto", "cpu", "gpu"), default="auto", help=device)
-    add_progress_every(stage, "a line every N images")
+    add_progress_every(stage, "a progress line every N images (default: one every 10 s)")
 
 
 def released_model(args: argparse.Namespace, storage: StorageOptions) -> WeakCLIPConfig | None:

@@ -25,6 +25,7 @@ from pipelines.cli.ray_init import use_gpu
 from pipelines.io.manifest import FileEntry, Manifest, StageOutput, StageState, read_manifest
 from pipelines.io.storage import Location, StorageOptions, resolve
 from pipelines.metrics import summed_metrics
+from pipelines.progress import Progress
 from pipelines.pseudo_masks.checkpoint import VerifiedCheckpoint, verify_checkpoint
 from pipelines.pseudo_masks.config import PseudoMaskConfig, stage_config
 from pipelines.pseudo_masks.report import build_report_rows
@@ -94,8 +95,8 @@ def run_pseudo_masks(
         batch_size: images per model call; None = 8 on GPU, 2 on CPU.
         use_gpu: one GPU per replica; None = when the cluster has GPUs.
         overwrite: replace an output made with another checkpoint, config or input.
-        progress_every: a progress line (to `report`) every this many images (default:
-            about 20 lines).
+        progress_every: a progress line (to `report`) every this many images (default: one
+            every 10 s, `pipelines.progress`).
 
     Raises:
         CheckpointRefused: the checkpoint is unsafe, unreadable or not an export (before Ray).
@@ -278,7 +279,7 @@ def _run_units(
     if not work:
         return {}
     total = sum(u.selected for u in work.values())
-    every = progress_every or max(1, total // 20)
+    progress = Progress("pseudo_masks", total, report=run.report, every_items=progress_every)
     pending: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in work}
     memory: dict[str, float] = {}
     writes: list[Future[dict[str, Any]]] = []
@@ -300,12 +301,7 @@ def _run_units(
                 back = list(pending.pop(meta["unit"]).values())
                 writes.append(threads.submit(run.finish, work[meta["unit"]], back))
             _collect_finished(writes, records)  # a failed write stops the stage now
-            if done % every == 0 or done == total:
-                elapsed = time.monotonic() - run_started
-                run.report(
-                    f"pseudo_masks: {done}/{total} images, {done / max(elapsed, 1e-9):.2f} "
-                    f"images/s ({elapsed:.0f} s)"
-                )
+            progress.update(done)
         for future in writes:
             record = future.result()
             records[record["unit"]] = record

@@ -16,6 +16,7 @@ from typing import Any
 from pipelines import units as work
 from pipelines.io.manifest import Manifest, StageOutput, StageState, read_manifest
 from pipelines.io.storage import StorageOptions, resolve
+from pipelines.progress import Progress
 from pipelines.refine.units import WorkUnit, build_metrics, enumerate_units, refine_units
 from pipelines.seeds import METHODS, SeedConfig
 from weakclip.config import check_fields
@@ -82,8 +83,9 @@ def run_refine(
     report: Callable[[str], Any] = print,
 ) -> RefineResult:
     """Runs the refine stage on the current Ray instance: a completed ingest output at
-    `input_uri` → `output_uri`, a line to `report` every `progress_every` units (default: about
-    20 lines); `overwrite` replaces an output made with another config or input.
+    `input_uri` → `output_uri`, a progress line to `report` every `progress_every` images
+    (default: one every 10 s, `pipelines.progress`); `overwrite` replaces an output made with
+    another config or input.
 
     Raises:
         IncompleteOutputError: the input has no `_SUCCESS`.
@@ -117,7 +119,9 @@ def run_refine(
     fn_kwargs = dict(input_loc=input_loc, output_loc=output_loc, config=seed_config)
     fn_kwargs["num_classes"] = len(source.class_names)
     tasks = work.run_tasks(todo, refine_units, num_cpus=num_cpus_per_task, fn_kwargs=fn_kwargs)
-    timing = _collect(tasks, len(todo), records, progress_every, report)
+    total = sum(u["rows"] for u in todo)
+    progress = Progress("refine", total, report=report, every_items=progress_every)
+    timing = _collect(tasks, len(todo), records, progress)
     return _gate_and_commit(out, source, units, records, config, timing, started, report)
 
 
@@ -160,22 +164,14 @@ def _collect(
     tasks: Iterable[dict[str, Any]],
     count: int,
     records: dict[str, dict[str, Any]],
-    progress_every: int | None,
-    report: Callable[[str], Any],
+    progress: Progress,
 ) -> dict[str, Any]:
     """Files the records of the `count` units run into `records`; returns their timings."""
-    every = progress_every or max(1, count // 20)
     timing = dict(crf_seconds=0.0, task_seconds=0.0, units_run=count, rows_run=0)
-    run_started = time.monotonic()
     for done, record in enumerate(tasks, start=1):
         records[record["unit"]] = record
         timing["rows_run"] += record["input_rows"]
         timing["crf_seconds"] += record["crf_s"]
         timing["task_seconds"] += record["task_s"]
-        if done % every == 0 or done == count:
-            elapsed, rows = time.monotonic() - run_started, timing["rows_run"]
-            report(
-                f"refine: {done}/{count} units, {rows} images, "
-                f"{rows / max(elapsed, 1e-9):.2f} images/s ({elapsed:.0f} s)"
-            )
+        progress.update(timing["rows_run"], f"{done}/{count} units")
     return timing

@@ -83,6 +83,7 @@ def retrain_loop_per_worker(loop_config: dict[str, Any]) -> None:
         },
         step=step,
         final_meta=evaluate,
+        stage="retrain",
     )
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipelines.progress import Progress
 from pipelines.training import checkpoint as ckpt
 from pipelines.training import tensorboard as tb
 
@@ -288,6 +289,7 @@ def train_steps(
     include_frozen: bool = False,
     finish_row: Callable[[dict[str, Any]], None] | None = None,
     final_meta: Callable[[], Mapping[str, Any]] | None = None,
+    stage: str = "train",
 ) -> None:
     """The loop every training stage runs, from `restored` (or the start) to the `iterations`
     of `train` (a training config: its `Schedule.of` and `seed`).
@@ -299,7 +301,8 @@ def train_steps(
     end, with `final_meta()` in the meta: a collective, called on every rank). A run restored at
     its last iteration reports again (an export interrupted after training). With the loop
     config's `tensorboard` directory (a `Location`), rank 0 writes the logged rows there as they
-    come (`pipelines.training.tensorboard`).
+    come (`pipelines.training.tensorboard`). Rank 0 prints `stage`'s progress line (iterations,
+    rate, ETA, the last logged loss) every 10 s (`pipelines.progress`).
     """
     import ray.train
 
@@ -330,6 +333,7 @@ def train_steps(
     waits = {**(waits or {}), "data_wait_s": lambda: batches.wait_seconds}
     window = LogWindow(waits, global_batch=micro * accumulation * world, device=device, world=world)
     events = Events(loop_config.get("tensorboard") if rank == 0 else None, start)
+    progress = Progress(stage, schedule.total, unit="iterations", start=start)
 
     def report(iteration: int) -> None:
         """`ray.train.report` on every worker of the last logged row's numbers and `iteration`;
@@ -384,5 +388,8 @@ def train_steps(
             history.append(row)
             if events.due():
                 events.write(history, iteration)
+        if rank == 0:
+            loss = history[-1].get("loss") if history else None
+            progress.update(iteration, "" if loss is None else f"loss {loss:.4f}")
         if iteration % int(loop_config["checkpoint_every"]) == 0 or is_last:
             report(iteration)
