@@ -34,7 +34,10 @@ class Progress:
     """Progress of `total` items of one stage, reported to `report`.
 
     A line is due when the last item is done and otherwise every `every_items` items when set
-    (`--progress-every N`) or else every `every_s` seconds; `update` is cheap when none is due.
+    (`--progress-every N`) or else every `every_s` seconds from the first item; `update` is
+    cheap when none is due. The rate (and so the ETA) counts from the first item done, so that
+    start-up (workers, the model, the first block) does not stretch the ETA; `elapsed` is the
+    whole time since the stage began.
     """
 
     stage: str
@@ -43,11 +46,12 @@ class Progress:
     report: Callable[[str], Any] = print
     every_items: int | None = None
     every_s: float = EVERY_S
-    start: int = 0  # items done before this run (a resumed stage): left out of the rate
+    start: int = 0  # items done before this run (a resumed stage)
     clock: Callable[[], float] = time.monotonic
     _started: float = field(init=False)
     _last_at: float = field(init=False)
     _last_done: int = field(init=False, default=0)
+    _first: tuple[float, int] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self._started = self._last_at = self.clock()
@@ -56,6 +60,9 @@ class Progress:
     def update(self, done: int, detail: str = "") -> None:
         """Reports `done` items (with an optional `detail`) when a line is due."""
         now = self.clock()
+        if self._first is None:
+            self._first = (now, done)
+            self._last_at = now
         if done < self.total:
             if self.every_items is not None:
                 if done - self._last_done < self.every_items:
@@ -63,11 +70,15 @@ class Progress:
             elif now - self._last_at < self.every_s:
                 return
         self._last_at, self._last_done = now, done
-        self.report(self.line(done, now - self._started, detail))
+        first_at, first_done = self._first
+        if now > first_at and done > first_done:
+            rate = (done - first_done) / (now - first_at)
+        else:  # nothing since the first item: over the whole time
+            rate = (done - self.start) / (now - self._started) if now > self._started else 0.0
+        self.report(self.line(done, now - self._started, rate, detail))
 
-    def line(self, done: int, elapsed: float, detail: str = "") -> str:
-        """The line for `done` items after `elapsed` seconds."""
-        rate = (done - self.start) / elapsed if elapsed > 0 else 0.0
+    def line(self, done: int, elapsed: float, rate: float, detail: str = "") -> str:
+        """The line for `done` items after `elapsed` seconds at `rate` items per second."""
         share = f" ({100 * done / self.total:.0f}%)" if self.total else ""
         text = f"{self.stage}: {done}/{self.total} {self.unit}{share}"
         text += f", {rate:.2f} {self.unit}/s, {format_duration(elapsed)} elapsed"

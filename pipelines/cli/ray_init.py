@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from pipelines.cli.options import UsageError, resolve_arg, storage_options
 from pipelines.io.storage import Location
@@ -23,6 +25,53 @@ def use_gpu(requested: bool | None) -> bool:
     import ray
 
     return requested if requested is not None else float(ray.cluster_resources().get("GPU", 0)) > 0
+
+
+AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+class _PrefixFilter(logging.Filter):
+    """Drops the records whose message starts with `prefix`."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def _drop_record(logger: str, prefix: str) -> None:
+    """`logger` (once) without the records that start with `prefix`."""
+    target = logging.getLogger(logger)
+    if not any(isinstance(f, _PrefixFilter) and f.prefix == prefix for f in target.filters):
+        target.addFilter(_PrefixFilter(prefix))
+
+
+class _NoActionFilter(logging.Filter):
+    """Drops Ray Data's console records below WARNING (a dataset's start, plan and finish:
+    three lines per dataset, also in `ray-data.log`) and its notice that progress bars are off
+    (this module turns them off in logs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return False
+        return not record.getMessage().startswith("Progress bars disabled")
+
+
+def quiet_ray_data_console() -> None:
+    """Ray Data's console handler in this process without its no-action lines (the session's
+    `ray-data.log` keeps everything); `--debug` leaves it as Ray set it."""
+    import ray.data  # noqa: F401  (configures the "ray.data" logger)
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not any(
+            isinstance(f, _NoActionFilter) for f in handler.filters
+        ):
+            handler.addFilter(_NoActionFilter())
+
+
+QUIET_WORKERS = {"worker_process_setup_hook": f"{__name__}.quiet_ray_data_console"}
 
 
 def init_ray(args: argparse.Namespace, *, node_count: Callable[[], int] = alive_node_count) -> bool:
@@ -57,7 +106,19 @@ def init_ray(args: argparse.Namespace, *, node_count: Callable[[], int] = alive_
         else:
             # With the dashboard: it serves Ray's State API, which Ray Train's placement-group
             # cleaner polls every second (a warning per poll without it), and a progress view.
-            ray.init(address="local", object_store_memory=object_store, include_dashboard=True)
+            # Its workers (Ray Train's data coordinator among them) quiet Ray Data's console
+            # too; Ray's notice that it turned token authentication on (the secure default this
+            # instance keeps: nothing to do) is left out.
+            quiet: dict[str, Any] = {}
+            if not getattr(args, "debug", False):
+                quiet["runtime_env"] = QUIET_WORKERS
+                _drop_record(AUTH_LOGGER, "Token authentication is enabled")
+            ray.init(
+                address="local",
+                object_store_memory=object_store,
+                include_dashboard=True,
+                **quiet,
+            )
         started = True
     if not sys.stdout.isatty():
         # Logs (ray job submit, CI): the stages print their own progress lines; Ray Data's
@@ -65,6 +126,8 @@ def init_ray(args: argparse.Namespace, *, node_count: Callable[[], int] = alive_
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = False
+    if not getattr(args, "debug", False):
+        quiet_ray_data_console()
     output = getattr(args, "output", None)
     if output is not None:
         check_local_output(

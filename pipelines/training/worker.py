@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import resource
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -275,6 +276,13 @@ class Schedule:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: factor(i) / self.lr)
 
 
+def _stdout_line(line: str) -> None:
+    """One line to this worker's stdout (and so, once, to the driver's log): Ray Train's
+    patched `print` would also send it through the root logger, a second copy."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def train_steps(
     loop_config: Mapping[str, Any],
     *,
@@ -333,7 +341,7 @@ def train_steps(
     waits = {**(waits or {}), "data_wait_s": lambda: batches.wait_seconds}
     window = LogWindow(waits, global_batch=micro * accumulation * world, device=device, world=world)
     events = Events(loop_config.get("tensorboard") if rank == 0 else None, start)
-    progress = Progress(stage, schedule.total, unit="iterations", start=start)
+    progress = Progress(stage, schedule.total, unit="iterations", report=_stdout_line, start=start)
 
     def report(iteration: int) -> None:
         """`ray.train.report` on every worker of the last logged row's numbers and `iteration`;
