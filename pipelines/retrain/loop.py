@@ -43,9 +43,13 @@ def retrain_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world, device = context = worker.worker_context(loop_config)
     config = loop_config["config"]
     class_names = list(loop_config["class_names"])
+    # The data pipeline starts now, while the model is built.
+    restored = worker.restore_checkpoint(loop_config["signature"])
+    batches = worker.open_batches(
+        loop_config, rank=rank, start=worker.Restored.iteration(restored), seed=config.seed
+    )
     torch.manual_seed(config.seed)
     model = build_model(config.architecture, len(class_names))
-    restored = worker.restore_checkpoint(loop_config["signature"])
     if restored is not None:
         model.load_state_dict(restored.state["model"], strict=True)
     elif (path := loop_config["weights"].fetch("backbone weights")) is not None:
@@ -84,6 +88,7 @@ def retrain_loop_per_worker(loop_config: dict[str, Any]) -> None:
         step=step,
         final_meta=evaluate,
         stage="retrain",
+        batches=batches,
     )
 
 

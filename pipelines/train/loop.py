@@ -54,6 +54,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         params=crf_params(config.loss.boundary_crf, prob_floor=config.loss.prob_clamp),
         absent_tolerance=loop_config.get("absent_tolerance"),
     ) as pool:
+        # The data pipeline starts now (threads: after the fork), while the model is built.
+        restored = worker.restore_checkpoint(loop_config["signature"])
+        start, seed = worker.Restored.iteration(restored), config.train.seed
+        batches = worker.open_batches(loop_config, rank=rank, start=start, seed=seed)
         clip = loop_config["clip"]
         clip_path = clip.fetch("CLIP weights")
         # Same seed on every rank: a random-init CLIP is then the same everywhere.
@@ -61,7 +65,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model = build_weakclip(config, class_names, clip_weights=clip_path)
         frozen = ckpt.frozen_parameter_names(model)
         freeze_dead_layers(model, config)
-        restored = worker.restore_checkpoint(loop_config["signature"])
         if restored is not None:
             export.load_model_weights(
                 model, trainable=restored.state["model"], clip=restored.clip, frozen=frozen
@@ -89,6 +92,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             finish_row=lambda row: row.update(
                 crf_wait_share=row["crf_wait_s"] / max(row["step_s"], 1e-9)
             ),
+            batches=batches,
         )
 
 

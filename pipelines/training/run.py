@@ -36,6 +36,7 @@ from pipelines.io.storage import (
     write_bytes_atomic,
 )
 from pipelines.training import checkpoint as ckpt
+from pipelines.training import entry
 from pipelines.training.tensorboard import TENSORBOARD_DIR, segments
 from weakclip.config import check_fields
 
@@ -311,8 +312,8 @@ def fit(
         **entries,
     }
     trainer = ray.train.torch.TorchTrainer(
-        loop,
-        train_loop_config=config,
+        entry.run_loop,  # the controller unpickles it: a light module (pipelines.training.entry)
+        train_loop_config={**config, entry.LOOP_KEY: entry.loop_name(loop)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=options.num_workers,
             use_gpu=gpu,

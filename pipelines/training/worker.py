@@ -5,6 +5,7 @@ with the model's micro-step injected, and its parts (the test-only failure switc
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import functools
 import logging
@@ -100,6 +101,11 @@ class Restored:
     history: list[dict[str, Any]]  # logged rows so far
     clip: dict[str, torch.Tensor] | None  # stored random-init frozen weights, if any
 
+    @staticmethod
+    def iteration(restored: Restored | None) -> int:
+        """The iteration training goes on from: the checkpoint's, 0 for a fresh start."""
+        return int(restored.state["iteration"]) if restored else 0
+
 
 def restore_checkpoint(signature: Any) -> Restored | None:
     """The checkpoint Ray Train restores this worker from, or None for a fresh start.
@@ -124,20 +130,56 @@ def restore_checkpoint(signature: Any) -> Restored | None:
 
 
 class Batches:
-    """The worker's stream of micro-batches, with the time spent waiting for them."""
+    """The worker's stream of micro-batches, with the time spent waiting for them.
 
-    def __init__(self, iterator: Iterator[dict[str, torch.Tensor]]) -> None:
+    With `fetch_first`, a thread asks for the first batch at once: the data pipeline's start
+    (its coordinator, its first read and augment tasks) then overlaps the model's build.
+    """
+
+    def __init__(
+        self, iterator: Iterator[dict[str, torch.Tensor]], *, fetch_first: bool = False
+    ) -> None:
         self._iterator = iterator
         self.wait_seconds = 0.0
+        self._first: concurrent.futures.Future[dict[str, torch.Tensor] | None] | None = None
+        if fetch_first:
+            pool = concurrent.futures.ThreadPoolExecutor(1, "first-batch")
+            self._first = pool.submit(self._pull)
+            pool.shutdown(wait=False)  # the thread ends with the fetch
 
-    def next(self) -> dict[str, torch.Tensor] | None:
-        start = time.perf_counter()
+    def _pull(self) -> dict[str, torch.Tensor] | None:
         try:
             return next(self._iterator)
         except StopIteration:
             return None
+
+    def next(self) -> dict[str, torch.Tensor] | None:
+        start = time.perf_counter()
+        try:
+            if self._first is not None:
+                first, self._first = self._first, None
+                return first.result()
+            return self._pull()
         finally:
             self.wait_seconds += time.perf_counter() - start
+
+
+def open_batches(loop_config: Mapping[str, Any], *, rank: int, start: int, seed: int) -> Batches:
+    """This worker's shard of the `train` dataset as micro-batches of CPU tensors, the first
+    already asked for (`Batches(fetch_first=True)`): call it before building the model, after
+    forking any process (it starts threads)."""
+    import ray.train
+
+    micro = int(loop_config["micro_batch_size"])
+    stream = ray.train.get_dataset_shard("train").iter_torch_batches(
+        batch_size=micro,
+        drop_last=True,
+        device="cpu",
+        prefetch_batches=2,
+        local_shuffle_buffer_size=max(micro * 4, 16),
+        local_shuffle_seed=seed + start + rank,
+    )
+    return Batches(iter(stream), fetch_first=True)
 
 
 class NoSync(nn.Module):
@@ -298,6 +340,7 @@ def train_steps(
     finish_row: Callable[[dict[str, Any]], None] | None = None,
     final_meta: Callable[[], Mapping[str, Any]] | None = None,
     stage: str = "train",
+    batches: Batches | None = None,
 ) -> None:
     """The loop every training stage runs, from `restored` (or the start) to the `iterations`
     of `train` (a training config: its `Schedule.of` and `seed`).
@@ -310,14 +353,15 @@ def train_steps(
     its last iteration reports again (an export interrupted after training). With the loop
     config's `tensorboard` directory (a `Location`), rank 0 writes the logged rows there as they
     come (`pipelines.training.tensorboard`). Rank 0 prints `stage`'s progress line (iterations,
-    rate, ETA, the last logged loss) every 10 s (`pipelines.progress`).
+    rate, ETA, the last logged loss) every 10 s (`pipelines.progress`). `batches`: the stream
+    `open_batches` opened before the model was built (else it is opened here).
     """
     import ray.train
 
     rank, world, device = context
     schedule, seed = Schedule.of(train), train.seed
     history: list[dict[str, Any]] = list(restored.history) if restored else []
-    start = int(restored.state["iteration"]) if restored else 0
+    start = Restored.iteration(restored)
     model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=schedule.lr, weight_decay=schedule.weight_decay)
@@ -328,16 +372,8 @@ def train_steps(
     ddp = wrap_ddp(model, device, world)
     micro = int(loop_config["micro_batch_size"])
     accumulation = int(loop_config["accumulation_steps"])
-    shard = ray.train.get_dataset_shard("train")  # this worker's shard of `train`, CPU tensors
-    stream = shard.iter_torch_batches(
-        batch_size=micro,
-        drop_last=True,
-        device="cpu",
-        prefetch_batches=2,
-        local_shuffle_buffer_size=max(micro * 4, 16),
-        local_shuffle_seed=seed + start + rank,
-    )
-    batches = Batches(iter(stream))
+    if batches is None:
+        batches = open_batches(loop_config, rank=rank, start=start, seed=seed)
     waits = {**(waits or {}), "data_wait_s": lambda: batches.wait_seconds}
     window = LogWindow(waits, global_batch=micro * accumulation * world, device=device, world=world)
     events = Events(loop_config.get("tensorboard") if rank == 0 else None, start)
