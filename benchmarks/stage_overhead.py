@@ -4,17 +4,22 @@ One local Ray instance (`--cpus` CPUs, with its dashboard, as the jobs start it)
 
 1. no-ops of what the stages run on Ray, each twice with the second kept (the first pays the
    instance's cold start): an empty `TorchTrainer.fit()` (the stages' workers, CPUs per worker
-   and logging) and an empty `map_batches` through one actor (the pseudo-mask model's pool)
-   over one row;
+   and logging), the same fed a one-row-per-worker dataset that each worker iterates (the
+   coordinator of Ray Data's streaming split, which the training stages' trainers start too:
+   the no-op of their kind; the plain one is reported beside) and an empty `map_batches`
+   through one actor (the pseudo-mask model's pool) over one row;
 2. inputs: two synthetic datasets (`--small` and `--large` images, demo size 240 x 320) through
    `jobs.make_synthetic`, `jobs.ingest` and (large) `jobs.refine`;
 3. each stage at two sizes through its job's `main(argv)`, as a user runs it: `jobs.train` for
    `--iterations` A and B, `jobs.pseudo_masks` on the small and the large input, `jobs.retrain`
-   for A and B iterations on the large input's pseudo masks (the demo's settings otherwise);
-4. the bare work alone in this process, one torch thread (a worker's share): a training step of
-   one worker (`benchmarks.train_step --case tiny-cpu`, the reference), a retraining step of one
-   worker (the small DeepLabV3, the worker's batch, forward + loss + backward + AdamW) and, per
-   image, the pseudo-mask model pass (`predict_probabilities`) and the CRF (`postprocess`).
+   for `--retrain-iterations` A and B on the large input's pseudo masks (the demo's settings
+   otherwise; a retraining step is ~0.05 s, so its sizes are far apart to rise above noise);
+   the large runs' own logged step and data-wait seconds per iteration are reported beside;
+4. the bare work without Ray, one torch thread per process (a worker's share): a training step
+   of one worker (`benchmarks.train_step --case tiny-cpu`, the reference), a retraining step of
+   the stage's 2 workers side by side (the small DeepLabV3, the worker's batch, forward + loss +
+   backward under gloo DDP + AdamW; one process alone reported beside) and, per image, the
+   pseudo-mask model pass (`predict_probabilities`) and the CRF (`postprocess`).
 
 From the two sizes (W = wall time of the job, n = iterations or images):
   per item = (W_B - W_A) / (n_B - n_A); start-up = W_A - n_A x per item;
@@ -26,8 +31,9 @@ From the two sizes (W = wall time of the job, n = iterations or images):
 Goals (issue 15): per-item overhead <= 20 % (train, retrain), <= 30 % (pseudo masks); start-up
 beyond Ray <= 15 s.
 
-    python -m benchmarks.stage_overhead [--cpus 2] [--iterations 20,80] [--small 12]
-        [--large 48] [--stages train,pseudo_masks,retrain] [--json FILE] [--workdir DIR]
+    python -m benchmarks.stage_overhead [--cpus 2] [--iterations 20,200]
+        [--retrain-iterations 40,600] [--small 12] [--large 48]
+        [--stages train,pseudo_masks,retrain] [--json FILE] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -74,13 +80,20 @@ def _job(module: str, argv: Sequence[str]) -> float:
     return seconds
 
 
-def noop_fit(workdir: str, *, num_workers: int, cpus_per_worker: float) -> float:
-    """Seconds of an empty `TorchTrainer.fit()` shaped like the stages' trainers."""
+def noop_fit(
+    workdir: str, *, num_workers: int, cpus_per_worker: float, with_data: bool = False
+) -> float:
+    """Seconds of an empty `TorchTrainer.fit()` shaped like the stages' trainers; `with_data`:
+    fed a dataset of one row per worker, each worker iterating its shard (the coordinator of
+    Ray Data's split the stages' trainers start too)."""
+    import ray.data
     import ray.train
     import ray.train.torch
 
     def loop(_: dict[str, Any]) -> None:
-        return None
+        if with_data:
+            for _ in ray.train.get_dataset_shard("train").iter_batches():
+                pass
 
     trainer = ray.train.torch.TorchTrainer(
         loop,
@@ -93,6 +106,7 @@ def noop_fit(workdir: str, *, num_workers: int, cpus_per_worker: float) -> float
             storage_path=tempfile.mkdtemp(prefix="noop-fit-", dir=workdir),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
+        datasets={"train": ray.data.range(num_workers)} if with_data else None,
     )
     return _timed(trainer.fit)
 
@@ -125,29 +139,61 @@ def bare_train_step() -> float:
     return float(json.loads(done.stdout.strip().splitlines()[-1])["step_s"])
 
 
-def bare_retrain_step(*, architecture: str, classes: int, batch: int, crop: int) -> float:
-    """Seconds of one retraining worker's step on random data, one torch thread."""
+def _retrain_steps(rank: int, world: int, port: int, spec: dict[str, Any], result: str) -> None:
+    """One process of `bare_retrain_step`: the step under gloo DDP (world > 1), one thread."""
     import torch
+    import torch.distributed as dist
 
     from pipelines.retrain.loop import masked_cross_entropy
     from pipelines.retrain.model import build_model, logits
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = build_model(architecture, classes)
+    if world > 1:
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+        )
+    model = build_model(spec["architecture"], spec["classes"])
     model.train()
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch, crop = spec["batch"], spec["crop"]
     images = torch.randn(batch, 3, crop, crop)
-    masks = torch.randint(0, classes, (batch, crop, crop))
+    masks = torch.randint(0, spec["classes"], (batch, crop, crop))
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        masked_cross_entropy(logits(model, images), masks).backward()
+        masked_cross_entropy(logits(ddp, images), masks).backward()
         optimizer.step()
 
     for _ in range(2):
         step()
-    return _timed(lambda: [step() for _ in range(BARE_STEPS)]) / BARE_STEPS
+    seconds = _timed(lambda: [step() for _ in range(BARE_STEPS)]) / BARE_STEPS
+    if rank == 0:
+        with open(result, "w") as f:
+            f.write(str(seconds))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def bare_retrain_step(
+    *, architecture: str, classes: int, batch: int, crop: int, workers: int
+) -> float:
+    """Seconds of a retraining step of `workers` processes side by side on random data (the
+    worker's batch, one torch thread each, gloo DDP as in the stage; no Ray, no data)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    spec = {"architecture": architecture, "classes": classes, "batch": batch, "crop": crop}
+    with tempfile.TemporaryDirectory() as tmp:
+        result = os.path.join(tmp, "step_s")
+        mp.spawn(_retrain_steps, args=(workers, port, spec, result), nprocs=workers)
+        with open(result) as f:
+            return float(f.read())
 
 
 def bare_pseudo_masks(checkpoint_uri: str, ingest_uri: str) -> dict[str, float]:
@@ -247,6 +293,7 @@ def run(args: argparse.Namespace, root: str) -> list[dict[str, Any]]:
     from pipelines.synthetic.shapes import SYNTHETIC_CLASSES
 
     iterations = [int(n) for n in args.iterations.split(",")]
+    retrain_iterations = [int(n) for n in args.retrain_iterations.split(",")]
     stages = args.stages.split(",")
     demo, retrain = DEMO_CONFIG, DEMO_CONFIG["retrain"]
     workers = ["--num-workers", "2", "--log-every", "1000", "--checkpoint-every", "1000"]
@@ -255,9 +302,14 @@ def run(args: argparse.Namespace, root: str) -> list[dict[str, Any]]:
     try:
         # Each no-op twice, the second kept: the first pays this instance's cold start (worker
         # processes, imports), which the stages, run later, mostly do not.
-        fit_noop = [noop_fit(root, num_workers=2, cpus_per_worker=0.5) for _ in range(2)][-1]
+        shape = dict(num_workers=2, cpus_per_worker=0.5)
+        bare_fit = [noop_fit(root, **shape) for _ in range(2)][-1]
+        fit_noop = [noop_fit(root, **shape, with_data=True) for _ in range(2)][-1]
         map_noop = [noop_map_batches() for _ in range(2)][-1]
-        print(f"no-ops: TorchTrainer.fit {fit_noop:.1f} s, map_batches {map_noop:.1f} s")
+        print(
+            f"no-ops: TorchTrainer.fit {bare_fit:.1f} s, with a dataset {fit_noop:.1f} s, "
+            f"map_batches {map_noop:.1f} s"
+        )
         paths = _inputs(root, args.small, args.large)
         train_args = ["--input", paths["refine"], "--model", demo["model"]]
         train_args += ["--batch-size", str(demo["batch_size"]), *workers]
@@ -268,7 +320,9 @@ def run(args: argparse.Namespace, root: str) -> list[dict[str, Any]]:
         ]
         checkpoint = f"{root}/train-{iterations[-1]}/model.pt"
         if "train" in stages:
-            rows.append(summarise("train", iterations, walls, bare_train_step(), fit_noop))
+            row = summarise("train", iterations, walls, bare_train_step(), fit_noop)
+            logged = _logged(f"{root}/train-{iterations[-1]}")
+            rows.append({**row, **logged, "noop_plain_s": bare_fit})
             print(f"train: {walls}")
         masks = {}
         for name in ("small", "large"):
@@ -291,19 +345,35 @@ def run(args: argparse.Namespace, root: str) -> list[dict[str, Any]]:
                     "retrain",
                     [*retrain_args, "--output", f"{root}/retrain-{n}", "--iterations", str(n)],
                 )
-                for n in iterations
+                for n in retrain_iterations
             ]
-            bare = bare_retrain_step(
+            spec = dict(
                 architecture=retrain["architecture"],
                 classes=SYNTHETIC_CLASSES.num_classes,
                 batch=retrain["batch_size"] // 2,
                 crop=retrain["crop_size"],
             )
-            rows.append(summarise("retrain", iterations, walls, bare, fit_noop))
+            bare = bare_retrain_step(**spec, workers=2)
+            row = summarise("retrain", retrain_iterations, walls, bare, fit_noop)
+            row["bare_one_process_s"] = bare_retrain_step(**spec, workers=1)
+            row["noop_plain_s"] = bare_fit
+            rows.append({**row, **_logged(f"{root}/retrain-{retrain_iterations[-1]}")})
             print(f"retrain: {walls}")
     finally:
         ray.shutdown()
     return rows
+
+
+def _logged(output: str) -> dict[str, float]:
+    """The run's own per-iteration figures (its last logged row: a window over every step of
+    rank 0 with `--log-every` past the end): step seconds and data-wait seconds."""
+    if os.path.exists(path := os.path.join(output, "metrics.jsonl")):  # train
+        with open(path) as f:
+            last = json.loads(f.read().splitlines()[-1])
+    else:  # retrain: metrics.json's history
+        with open(os.path.join(output, "metrics.json")) as f:
+            last = json.load(f)["history"][-1]
+    return {"logged_step_s": last["step_s"], "logged_data_wait_s": last["data_wait_s"]}
 
 
 def _config_file(root: str, fields: dict[str, Any]) -> str:
@@ -317,7 +387,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """The printed table, one row per stage."""
     head = (
         f"{'stage':<14}{'sizes':>10}{'wall s':>14}{'per item s':>12}{'bare s':>9}"
-        f"{'overhead':>10}{'start-up s':>12}{'no-op s':>9}{'beyond':>8}"
+        f"{'overhead':>10}{'start-up s':>12}{'no-op s':>9}{'beyond':>8}{'logged step/wait s':>20}"
     )
     lines = [head]
     for r in rows:
@@ -327,6 +397,11 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
             f"{r['stage']:<14}{sizes:>10}{walls:>14}{r['per_item_s']:>12.3f}{r['bare_s']:>9.3f}"
             f"{r['per_item_overhead']:>+10.0%}{r['startup_s']:>12.1f}{r['noop_s']:>9.1f}"
             f"{r['startup_beyond_ray_s']:>8.1f}"
+            + (
+                f"{r['logged_step_s']:>13.3f}/{r['logged_data_wait_s']:.3f}"
+                if "logged_step_s" in r
+                else ""
+            )
         )
     return "\n".join(lines)
 
@@ -334,7 +409,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the Ray instance")
-    parser.add_argument("--iterations", default="20,80", help="train/retrain sizes A,B")
+    parser.add_argument("--iterations", default="20,200", help="train sizes A,B")
+    parser.add_argument("--retrain-iterations", default="40,600", help="retrain sizes A,B")
     parser.add_argument("--small", type=int, default=12, help="pseudo-mask images, size A")
     parser.add_argument("--large", type=int, default=48, help="pseudo-mask images, size B")
     parser.add_argument("--stages", default=",".join(STAGES), help="of " + ",".join(STAGES))
@@ -342,14 +418,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", help="keep the data here (default: a temporary dir)")
     args = parser.parse_args(argv)
     unknown = set(args.stages.split(",")) - set(STAGES)
-    if unknown or len(args.iterations.split(",")) != 2 or args.small >= args.large:
-        parser.error(f"--stages of {STAGES}, two --iterations, --small < --large ({unknown})")
+    pairs = (args.iterations, args.retrain_iterations)
+    if unknown or any(len(p.split(",")) != 2 for p in pairs) or args.small >= args.large:
+        parser.error(f"--stages of {STAGES}, two sizes each, --small < --large ({unknown})")
     load_before = os.getloadavg()
+    if args.workdir:
+        os.makedirs(args.workdir, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         rows = run(args, args.workdir or tmp)
     load_after = os.getloadavg()
     print()
     print(format_table(rows))
+    for r in rows:
+        extra = []
+        if "noop_plain_s" in r:
+            extra.append(f"no-op without a dataset {r['noop_plain_s']:.1f} s")
+        if "bare_one_process_s" in r:
+            extra.append(f"bare step of one process alone {r['bare_one_process_s']:.3f} s")
+        if extra:
+            print(f"{r['stage']}: " + "; ".join(extra))
     print(
         "goals: overhead <= +20% (train, retrain), <= +30% (pseudo masks); beyond <= 15 s; "
         f"load average {load_before[0]:.1f} -> {load_after[0]:.1f} ({os.cpu_count()} CPUs)"
