@@ -15,11 +15,12 @@ One local Ray instance (`--cpus` CPUs, with its dashboard, as the jobs start it)
    for `--retrain-iterations` A and B on the large input's pseudo masks (the demo's settings
    otherwise; a retraining step is ~0.05 s, so its sizes are far apart to rise above noise);
    the large runs' own logged step and data-wait seconds per iteration are reported beside;
-4. the bare work without Ray, one torch thread per process (a worker's share): a training step
-   of one worker (`benchmarks.train_step --case tiny-cpu`, the reference), a retraining step of
-   the stage's 2 workers side by side (the small DeepLabV3, the worker's batch, forward + loss +
-   backward under gloo DDP + AdamW; one process alone reported beside) and, per image, the
-   pseudo-mask model pass (`predict_probabilities`) and the CRF (`postprocess`).
+4. the bare work without Ray, one torch thread per process (a worker's share), for the training
+   stages as their 2 workers' steps side by side (what they contend for on the same cores; one
+   process alone reported beside): a training step (`benchmarks.train_step --case tiny-cpu`,
+   the reference, in 2 processes at once), a retraining step (the small DeepLabV3, the worker's
+   batch, forward + loss + backward under gloo DDP + AdamW) and, per image, the pseudo-mask
+   model pass (`predict_probabilities`) and the CRF (`postprocess`).
 
 From the two sizes (W = wall time of the job, n = iterations or images):
   per item = (W_B - W_A) / (n_B - n_A); start-up = W_A - n_A x per item;
@@ -128,15 +129,22 @@ def noop_map_batches() -> float:
     return _timed(dataset.materialize)
 
 
-def bare_train_step() -> float:
-    """Seconds of one worker's training step: `benchmarks.train_step --case tiny-cpu`."""
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.train_step", "--case", "tiny-cpu", "--in-process"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return float(json.loads(done.stdout.strip().splitlines()[-1])["step_s"])
+def bare_train_step(workers: int = 1) -> float:
+    """Seconds of one worker's training step, `benchmarks.train_step --case tiny-cpu` (the
+    reference; its own CRF pool, one torch thread), in `workers` processes side by side (their
+    mean): what the stage's workers contend for on the same cores, without Ray."""
+    argv = [sys.executable, "-m", "benchmarks.train_step", "--case", "tiny-cpu", "--in-process"]
+    procs = [
+        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        for _ in range(workers)
+    ]
+    steps = []
+    for proc in procs:
+        out, _ = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"benchmarks.train_step exited {proc.returncode}")
+        steps.append(float(json.loads(out.strip().splitlines()[-1])["step_s"]))
+    return sum(steps) / len(steps)
 
 
 def _retrain_steps(rank: int, world: int, port: int, spec: dict[str, Any], result: str) -> None:
@@ -320,9 +328,10 @@ def run(args: argparse.Namespace, root: str) -> list[dict[str, Any]]:
         ]
         checkpoint = f"{root}/train-{iterations[-1]}/model.pt"
         if "train" in stages:
-            row = summarise("train", iterations, walls, bare_train_step(), fit_noop)
+            row = summarise("train", iterations, walls, bare_train_step(workers=2), fit_noop)
             logged = _logged(f"{root}/train-{iterations[-1]}")
-            rows.append({**row, **logged, "noop_plain_s": bare_fit})
+            one = {"bare_one_process_s": bare_train_step(), "noop_plain_s": bare_fit}
+            rows.append({**row, **logged, **one})
             print(f"train: {walls}")
         masks = {}
         for name in ("small", "large"):
