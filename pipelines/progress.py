@@ -35,9 +35,9 @@ class Progress:
 
     A line is due when the last item is done and otherwise every `every_items` items when set
     (`--progress-every N`) or else every `every_s` seconds from the first item; `update` is
-    cheap when none is due. The rate (and so the ETA) counts from the first item done, so that
-    start-up (workers, the model, the first block) does not stretch the ETA; `elapsed` is the
-    whole time since the stage began.
+    cheap when none is due. On the way the rate (and so the ETA) counts from the first item
+    done, so that start-up (workers, the model, the first block) does not stretch the ETA; the
+    last line's rate is over the whole time, like `elapsed`.
     """
 
     stage: str
@@ -71,9 +71,9 @@ class Progress:
                 return
         self._last_at, self._last_done = now, done
         first_at, first_done = self._first
-        if now > first_at and done > first_done:
+        if done < self.total and now - first_at >= 1.0 and done > first_done:
             rate = (done - first_done) / (now - first_at)
-        else:  # nothing since the first item: over the whole time
+        else:  # the last line, or nothing to go on since the first item: the whole time
             rate = (done - self.start) / (now - self._started) if now > self._started else 0.0
         self.report(self.line(done, now - self._started, rate, detail))
 

@@ -40,7 +40,17 @@ def test_time_based_lines_rate_from_the_first_item() -> None:
     assert len(lines) == 1  # 1 s after the last line
     clock.now += 1
     progress.update(100)  # the last item is always reported, without an ETA
-    assert lines[-1] == "refine: 100/100 images (100%), 7.50 images/s, 32 s elapsed"
+    assert lines[-1] == "refine: 100/100 images (100%), 3.12 images/s, 32 s elapsed"
+
+
+def test_a_burst_at_the_end_rates_the_whole_time() -> None:
+    clock, lines = Clock(), []
+    progress = Progress("pseudo_masks", 30, report=lines.append, clock=clock)
+    clock.now += 16
+    progress.update(1)
+    clock.now += 0.2
+    progress.update(30)
+    assert lines == ["pseudo_masks: 30/30 images (100%), 1.85 images/s, 16 s elapsed"]
 
 
 def test_a_single_update_rates_the_whole_time() -> None:
