@@ -16,11 +16,11 @@ One local Ray instance (`--cpus` CPUs, with its dashboard, as the jobs start it)
    otherwise; a retraining step is ~0.05 s, so its sizes are far apart to rise above noise);
    the large runs' own logged step and data-wait seconds per iteration are reported beside;
 4. the bare work without Ray, one torch thread per process (a worker's share), for the training
-   stages as their 2 workers' steps side by side (what they contend for on the same cores; one
-   process alone reported beside): a training step (`benchmarks.train_step --case tiny-cpu`,
-   the reference, in 2 processes at once), a retraining step (the small DeepLabV3, the worker's
-   batch, forward + loss + backward under gloo DDP + AdamW) and, per image, the pseudo-mask
-   model pass (`predict_probabilities`) and the CRF (`postprocess`).
+   stages as their 2 workers' steps side by side under gloo DDP (what they contend for on the
+   same cores, the gradient all-reduce included; one process alone reported beside): a training
+   step (`benchmarks.train_step`'s tiny-cpu case, the reference), a retraining step (the small
+   DeepLabV3, the worker's batch, forward + loss + backward + AdamW) and, per image, the
+   pseudo-mask model pass (`predict_probabilities`) and the CRF (`postprocess`).
 
 From the two sizes (W = wall time of the job, n = iterations or images):
   per item = (W_B - W_A) / (n_B - n_A); start-up = W_A - n_A x per item;
@@ -131,20 +131,54 @@ def noop_map_batches() -> float:
 
 def bare_train_step(workers: int = 1) -> float:
     """Seconds of one worker's training step, `benchmarks.train_step --case tiny-cpu` (the
-    reference; its own CRF pool, one torch thread), in `workers` processes side by side (their
-    mean): what the stage's workers contend for on the same cores, without Ray."""
-    argv = [sys.executable, "-m", "benchmarks.train_step", "--case", "tiny-cpu", "--in-process"]
-    procs = [
-        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        for _ in range(workers)
-    ]
-    steps = []
-    for proc in procs:
-        out, _ = proc.communicate()
-        if proc.returncode != 0:
-            raise RuntimeError(f"benchmarks.train_step exited {proc.returncode}")
-        steps.append(float(json.loads(out.strip().splitlines()[-1])["step_s"]))
-    return sum(steps) / len(steps)
+    reference; its own CRF pool, one torch thread): alone in a subprocess, or (`workers` > 1)
+    in that many processes side by side under gloo DDP as the stage's workers run it, without
+    Ray (rank 0's figure)."""
+    if workers == 1:
+        argv = [sys.executable, "-m", "benchmarks.train_step", "--case", "tiny-cpu"]
+        done = subprocess.run([*argv, "--in-process"], capture_output=True, text=True, check=True)
+        return float(json.loads(done.stdout.strip().splitlines()[-1])["step_s"])
+    return _spawn(_train_steps, workers, {})
+
+
+def _spawn(fn: Callable[..., None], workers: int, spec: dict[str, Any]) -> float:
+    """Rank 0's seconds from `fn(rank, world, port, spec, result)` in `workers` processes."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        result = os.path.join(tmp, "step_s")
+        mp.spawn(fn, args=(workers, port, spec, result), nprocs=workers)
+        with open(result) as f:
+            return float(f.read())
+
+
+def _process_group(rank: int, world: int, port: int) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+
+
+def _train_steps(rank: int, world: int, port: int, spec: dict[str, Any], result: str) -> None:
+    """One process of `bare_train_step`: train_step's tiny-cpu case under gloo DDP."""
+    import torch
+    import torch.distributed as dist
+
+    from benchmarks.train_step import run_case
+    from pipelines.training.worker import wrap_ddp
+
+    _process_group(rank, world, port)
+    seconds = run_case("tiny-cpu", wrap=lambda m: wrap_ddp(m, torch.device("cpu"), world))
+    if rank == 0:
+        with open(result, "w") as f:
+            f.write(str(seconds["step_s"]))
+    dist.destroy_process_group()
 
 
 def _retrain_steps(rank: int, world: int, port: int, spec: dict[str, Any], result: str) -> None:
@@ -158,9 +192,7 @@ def _retrain_steps(rank: int, world: int, port: int, spec: dict[str, Any], resul
     torch.set_num_threads(1)
     torch.manual_seed(0)
     if world > 1:
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-        )
+        _process_group(rank, world, port)
     model = build_model(spec["architecture"], spec["classes"])
     model.train()
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -189,19 +221,8 @@ def bare_retrain_step(
 ) -> float:
     """Seconds of a retraining step of `workers` processes side by side on random data (the
     worker's batch, one torch thread each, gloo DDP as in the stage; no Ray, no data)."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     spec = {"architecture": architecture, "classes": classes, "batch": batch, "crop": crop}
-    with tempfile.TemporaryDirectory() as tmp:
-        result = os.path.join(tmp, "step_s")
-        mp.spawn(_retrain_steps, args=(workers, port, spec, result), nprocs=workers)
-        with open(result) as f:
-            return float(f.read())
+    return _spawn(_retrain_steps, workers, spec)
 
 
 def bare_pseudo_masks(checkpoint_uri: str, ingest_uri: str) -> dict[str, float]:

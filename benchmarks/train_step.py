@@ -20,6 +20,7 @@ import resource
 import subprocess
 import sys
 import time
+from typing import Any
 
 PAPER_IMAGES_PER_S = 16.8
 PAPER_MEMORY_GIB = 9.7
@@ -34,8 +35,10 @@ CASES = {
 }
 
 
-def run_case(name: str) -> dict:
-    """Times the training step of one case in this process."""
+def run_case(name: str, wrap: Any = None) -> dict:
+    """Times the training step of one case in this process; `wrap(model)` wraps the model as
+    the stage's workers do (default `NoSync`, one process; e.g. `wrap_ddp` under a process
+    group)."""
     import numpy as np
     import torch
 
@@ -57,7 +60,7 @@ def run_case(name: str) -> dict:
     torch.manual_seed(0)
     model = build_weakclip(config, VOC_NAMES).to(device)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
-    wrapped = NoSync(model)
+    wrapped = (wrap or NoSync)(model)
     size, res = config.clip.input_size, config.loss.resolution
     rng = np.random.default_rng(0)
     classes = len(VOC_NAMES)
