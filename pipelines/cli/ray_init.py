@@ -31,44 +31,40 @@ AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
 class _PrefixFilter(logging.Filter):
-    """Drops the records whose message starts with `prefix`."""
+    """Drops the records whose message starts with `prefix` and, with `below`, every record
+    under that level."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, below: int = logging.NOTSET) -> None:
         super().__init__()
-        self.prefix = prefix
+        self.prefix, self.below = prefix, below
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefix)
+        return record.levelno >= self.below and not record.getMessage().startswith(self.prefix)
+
+
+def _add_once(target: logging.Filterer, new: _PrefixFilter) -> None:
+    """`new` on `target` unless an equal filter is there already."""
+    same = (new.prefix, new.below)
+    present = [(f.prefix, f.below) for f in target.filters if isinstance(f, _PrefixFilter)]
+    if same not in present:
+        target.addFilter(new)
 
 
 def _drop_record(logger: str, prefix: str) -> None:
     """`logger` (once) without the records that start with `prefix`."""
-    target = logging.getLogger(logger)
-    if not any(isinstance(f, _PrefixFilter) and f.prefix == prefix for f in target.filters):
-        target.addFilter(_PrefixFilter(prefix))
-
-
-class _NoActionFilter(logging.Filter):
-    """Drops Ray Data's console records below WARNING (a dataset's start, plan and finish:
-    three lines per dataset, also in `ray-data.log`) and its notice that progress bars are off
-    (this module turns them off in logs)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING:
-            return False
-        return not record.getMessage().startswith("Progress bars disabled")
+    _add_once(logging.getLogger(logger), _PrefixFilter(prefix))
 
 
 def quiet_ray_data_console() -> None:
-    """Ray Data's console handler in this process without its no-action lines (the session's
-    `ray-data.log` keeps everything); `--debug` leaves it as Ray set it."""
+    """Ray Data's console handler in this process without its no-action lines: records below
+    WARNING (a dataset's start, plan and finish: three lines per dataset) and its notice that
+    progress bars are off (this module turns them off in logs). The session's `ray-data.log`
+    keeps everything; `--debug` leaves the console as Ray set it."""
     import ray.data  # noqa: F401  (configures the "ray.data" logger)
 
     for handler in logging.getLogger("ray.data").handlers:
-        if isinstance(handler, logging.StreamHandler) and not any(
-            isinstance(f, _NoActionFilter) for f in handler.filters
-        ):
-            handler.addFilter(_NoActionFilter())
+        if isinstance(handler, logging.StreamHandler):
+            _add_once(handler, _PrefixFilter("Progress bars disabled", below=logging.WARNING))
 
 
 QUIET_WORKERS = {"worker_process_setup_hook": f"{__name__}.quiet_ray_data_console"}

@@ -340,10 +340,10 @@ def train_steps(
     finish_row: Callable[[dict[str, Any]], None] | None = None,
     final_meta: Callable[[], Mapping[str, Any]] | None = None,
     stage: str = "train",
-    batches: Batches | None = None,
+    batches: Batches,
 ) -> None:
     """The loop every training stage runs, from `restored` (or the start) to the `iterations`
-    of `train` (a training config: its `Schedule.of` and `seed`).
+    of `train` (a training config: its `Schedule.of`).
 
     Per optimizer step, `accumulation_steps` calls of `step(ddp, batch, batches, accumulation)`
     (backward included; DDP syncs on the last) return the micro-step's scalars (the same keys
@@ -354,12 +354,12 @@ def train_steps(
     config's `tensorboard` directory (a `Location`), rank 0 writes the logged rows there as they
     come (`pipelines.training.tensorboard`). Rank 0 prints `stage`'s progress line (iterations,
     rate, ETA, the last logged loss) every 10 s (`pipelines.progress`). `batches`: the stream
-    `open_batches` opened before the model was built (else it is opened here).
+    `open_batches` opened before the model was built.
     """
     import ray.train
 
     rank, world, device = context
-    schedule, seed = Schedule.of(train), train.seed
+    schedule = Schedule.of(train)
     history: list[dict[str, Any]] = list(restored.history) if restored else []
     start = Restored.iteration(restored)
     model.to(device)
@@ -372,8 +372,6 @@ def train_steps(
     ddp = wrap_ddp(model, device, world)
     micro = int(loop_config["micro_batch_size"])
     accumulation = int(loop_config["accumulation_steps"])
-    if batches is None:
-        batches = open_batches(loop_config, rank=rank, start=start, seed=seed)
     waits = {**(waits or {}), "data_wait_s": lambda: batches.wait_seconds}
     window = LogWindow(waits, global_batch=micro * accumulation * world, device=device, world=world)
     events = Events(loop_config.get("tensorboard") if rank == 0 else None, start)
