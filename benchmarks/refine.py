@@ -1,4 +1,4 @@
-"""Refine throughput: a plain single-process loop vs the Ray Data stage, on the same images.
+"""Refine throughput: a plain single-process loop vs the refine stage, on the same images.
 
 Input: N synthetic images of VOC size (375 x 500, 1-3 objects, so K = 2-4 CRF labels),
 written once as an ingest output (JPEG images, float16 CAMs, PNG GT; row groups of
@@ -25,7 +25,11 @@ Overhead of the stage over the bare CRF call, with W = stage wall time, P = CPUs
       the plain loop (includes any slow-down of the CRF itself when P copies run at once);
   in-task overhead = (sum task wall - sum CRF_stage) / sum CRF_stage: per-row work in the tasks.
 
-    python -m benchmarks.refine [--num-images 200] [--cpus 2] [--no-joblib] [--json FILE]
+(b) and (d) run `--repeats` times, alternating (a slow spell of a shared machine hits both);
+the run of median wall time of each is reported, with every run's wall time.
+
+    python -m benchmarks.refine [--num-images 200] [--cpus 2] [--repeats 3] [--no-joblib]
+        [--json FILE]
 
 On a machine shared with other work, the load average is printed with the results.
 """
@@ -160,7 +164,7 @@ def bench_joblib(loc: Location, config: RefineConfig, cpus: int, out_dir: str) -
 
 
 def bench_stage(loc: Location, out: Location, config: RefineConfig, cpus: int) -> dict[str, Any]:
-    """(b): the Ray Data stage on a private local instance with `cpus` CPUs."""
+    """(b): the refine stage on a private local instance with `cpus` CPUs."""
     import ray
 
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
@@ -185,6 +189,16 @@ def bench_stage(loc: Location, out: Location, config: RefineConfig, cpus: int) -
         "cam_argmax_miou": result.metrics["cam_argmax"]["miou"],
         "seeds_miou": result.metrics["seeds"]["miou"],
     }
+
+
+def _walls(run: dict[str, Any] | None) -> str:
+    return "-" if run is None else ", ".join(f"{w:.1f}" for w in run["walls_s"])
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run of median wall time (the lower one of an even count), with every run's walls."""
+    ordered = sorted(runs, key=lambda r: r["wall_s"])
+    return {**ordered[(len(ordered) - 1) // 2], "walls_s": [r["wall_s"] for r in runs]}
 
 
 def bench_classes(loc: Location, config: RefineConfig, num_images: int) -> list[dict[str, Any]]:
@@ -239,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-joblib", action="store_true", help="skip (d), the joblib.Parallel comparison"
     )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs of (b) and (d), alternating; medians kept"
+    )
     parser.add_argument("--class-images", type=int, default=8, help="images for (c)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--workdir", help="keep the data here (default: a temporary dir)")
@@ -260,11 +277,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.num_images} images in {time.perf_counter() - t0:.0f} s")
         loop = bench_loop(source, config)
         print(f"(a) loop: {loop['images_per_s']:.3f} images/s")
-        stage = bench_stage(source, resolve(os.path.join(root, "refine")), config, args.cpus)
-        pool = None
-        if not args.no_joblib:
-            pool = bench_joblib(source, config, args.cpus, os.path.join(root, "joblib"))
-            print(f"(d) joblib: {pool['images_per_s']:.3f} images/s")
+        stages, pools = [], []
+        for i in range(args.repeats):  # alternating, so that a slow spell hits both
+            out = resolve(os.path.join(root, f"refine-{i}"))
+            stages.append(bench_stage(source, out, config, args.cpus))
+            print(f"(b) stage, run {i + 1}: {stages[-1]['images_per_s']:.3f} images/s")
+            if not args.no_joblib:
+                joblib_dir = os.path.join(root, f"joblib-{i}")
+                pools.append(bench_joblib(source, config, args.cpus, joblib_dir))
+                print(f"(d) joblib, run {i + 1}: {pools[-1]['images_per_s']:.3f} images/s")
+        stage, pool = _median_run(stages), _median_run(pools) if pools else None
         classes = bench_classes(source, config, args.class_images)
     load_after = os.getloadavg()
     cpus = stage["cpus"]
@@ -280,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         f"{args.num_images} images {args.height}x{args.width}, method {args.method}, "
-        f"{args.rows_per_group} rows per unit"
+        f"{args.rows_per_group} rows per unit; (b), (d): the median of {args.repeats} runs "
+        f"(walls {_walls(stage)} / {_walls(pool)} s)"
     )
     print(f"{'':<26}{'wall s':>9}{'CRF s':>9}{'images/s':>10}")
     print(
@@ -288,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{loop['images_per_s']:>10.3f}"
     )
     print(
-        f"{f'(b) Ray Data, {cpus} CPUs':<26}{stage['wall_s']:>9.1f}{stage['crf_s']:>9.1f}"
+        f"{f'(b) stage, {cpus} CPUs':<26}{stage['wall_s']:>9.1f}{stage['crf_s']:>9.1f}"
         f"{stage['images_per_s']:>10.3f}"
     )
     if pool is not None:

@@ -100,14 +100,15 @@ def _check_cams(cams: np.ndarray) -> np.ndarray:
         raise ValueError(f"cams must be a float numpy array, got {getattr(cams, 'dtype', cams)}")
     if cams.ndim != 3 or cams.shape[1] < 1 or cams.shape[2] < 1:
         raise ValueError(f"cams must be C x H x W, got shape {cams.shape}")
-    cams = cams.astype(np.float32)
-    if not np.all(np.isfinite(cams)):
+    cams = cams.astype(np.float32, copy=False)
+    if not cams.size:
+        return cams
+    low, high = float(cams.min()), float(cams.max())  # NaN if any is, and ±inf show here
+    if not (np.isfinite(low) and np.isfinite(high)):
         raise ValueError("cams hold non-finite values")
-    if cams.size and (cams.min() < -_CAM_RANGE_SLACK or cams.max() > 1 + _CAM_RANGE_SLACK):
-        raise ValueError(
-            f"cams must be normalised to [0, 1], got [{cams.min():.4g}, {cams.max():.4g}]"
-        )
-    return np.clip(cams, 0.0, 1.0)
+    if low < -_CAM_RANGE_SLACK or high > 1 + _CAM_RANGE_SLACK:
+        raise ValueError(f"cams must be normalised to [0, 1], got [{low:.4g}, {high:.4g}]")
+    return np.clip(cams, 0.0, 1.0) if low < 0 or high > 1 else cams
 
 
 def _check_classes(
@@ -172,9 +173,12 @@ def cam_argmax(
     CAMs in [0, 1]."""
     cams = _check_cams(cams)
     classes = _check_classes(cam_classes, cams.shape[0], None)
-    probs = cam_to_probabilities(cams, method="weaktr", bg_threshold=bg_threshold)
+    if not 0 < bg_threshold < 1:
+        raise ValueError(f"bg_threshold must be in (0, 1), got {bg_threshold}")
+    background = np.full((1,) + cams.shape[1:], bg_threshold, np.float32)
     lookup = np.concatenate([[0], classes]).astype(np.uint8)
-    return lookup[probs.argmax(axis=0)]
+    # `cam_to_probabilities` without its normalisation, which keeps every pixel's order
+    return lookup[np.concatenate([background, cams]).argmax(axis=0)]
 
 
 def refine_seed(

@@ -70,7 +70,7 @@ def add_common_args(
         add("--model", choices=MODEL_PRESETS, help="model preset")
     add("--ray-address", metavar="ADDR", help="Ray cluster (default: $RAY_ADDRESS, else local)")
     add("--storage-endpoint", metavar="URL", help="S3-compatible endpoint ($AWS_ENDPOINT_URL)")
-    cpus = "CPUs reserved per Ray Data task, fractional allowed (default: the stage's)"
+    cpus = "CPUs reserved per task of a data stage, fractional allowed (default: the stage's)"
     add("--num-cpus-per-task", type=_positive_float, metavar="N", help=cpus)
     pool = "most model replicas per actor pool (it starts with one and grows), where there is one"
     add("--actor-pool-size", type=_positive_int, metavar="N", help=pool)

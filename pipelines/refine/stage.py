@@ -1,7 +1,9 @@
 """Refine stage: ingested CAMs → dense-CRF seed labels on Ray Data CPU workers (docs/METHOD.md).
 
 Reads the ingest shards the input manifest lists, one unit per row group (`pipelines.refine.units`,
-docs/ARCHITECTURE.md "The unit of work"); writes `schema.REFINE_COLUMNS`. Metrics (rows with
+docs/ARCHITECTURE.md "The unit of work"), each refined as Ray tasks over parts of its rows
+(`pipelines.parts`: shorter parts near the end, so that no core idles on a last long unit);
+writes `schema.REFINE_COLUMNS`. Metrics (rows with
 ground truth): confusion matrices of CAM argmax and seeds, with per-split mIoU beside them.
 """
 
@@ -16,8 +18,15 @@ from typing import Any
 from pipelines import units as work
 from pipelines.io.manifest import Manifest, StageOutput, StageState, read_manifest
 from pipelines.io.storage import StorageOptions, resolve
+from pipelines.parts import run_parts
 from pipelines.progress import Progress
-from pipelines.refine.units import WorkUnit, build_metrics, enumerate_units, refine_units
+from pipelines.refine.units import (
+    WorkUnit,
+    build_metrics,
+    enumerate_units,
+    finish_unit,
+    refine_part,
+)
 from pipelines.seeds import METHODS, SeedConfig
 from weakclip.config import check_fields
 
@@ -118,7 +127,9 @@ def run_refine(
     todo = [asdict(u) for u in units if u.name not in records]
     fn_kwargs = dict(input_loc=input_loc, output_loc=output_loc, config=seed_config)
     fn_kwargs["num_classes"] = len(source.class_names)
-    tasks = work.run_tasks(todo, refine_units, num_cpus=num_cpus_per_task, fn_kwargs=fn_kwargs)
+    tasks = run_parts(
+        todo, refine_part, finish_unit, num_cpus=num_cpus_per_task, fn_kwargs=fn_kwargs
+    )
     total = sum(u["rows"] for u in todo)
     progress = Progress("refine", total, report=report, every_items=progress_every)
     timing = _collect(tasks, len(todo), records, progress)

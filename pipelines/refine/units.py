@@ -1,13 +1,14 @@
 """Refine's unit of work: one row group of an input shard (`enumerate_units`, from the
-footers), refined in one Ray task (`process_unit`); `build_metrics` sums the records' confusion
-matrices into the manifest's metrics.
+footers), refined as part tasks over its rows (`refine_part`, `pipelines.parts`) and written
+by `finish_unit`; `build_metrics` sums the records' confusion matrices into the manifest's
+metrics.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,6 @@ from pipelines.refine.rows import REFINE_SCHEMA, refine_row
 from pipelines.seeds import SeedConfig
 from pipelines.units import (
     check_unit_names,
-    each_unit,
     listed_shards,
     map_shards,
     unit_fields,
@@ -53,14 +53,35 @@ def process_unit(
     config: SeedConfig,
     num_classes: int,
 ) -> dict[str, Any]:
-    """Refines one row group and writes its shard, quarantine and, last, its completion record,
-    returned: `write_unit`'s with `input_rows`, `output`, `confusion` ({split: {"images",
-    "cam_argmax", "seeds"}}, K x (K + 1) matrices as lists), `crf_s`, `task_s`."""
-    started = time.perf_counter()
+    """Refines one row group in this process (`refine_part` of all its rows, `finish_unit`)."""
+    fields = asdict(unit)
+    part = refine_part(
+        fields, 0, unit.rows, input_loc=input_loc, config=config, num_classes=num_classes
+    )
+    return finish_unit(fields, part, output_loc=output_loc)
+
+
+def refine_part(
+    unit: Mapping[str, Any],
+    start: int,
+    stop: int,
+    *,
+    input_loc: Location,
+    config: SeedConfig,
+    num_classes: int,
+    **_: Any,
+) -> dict[str, Any]:
+    """Refines rows `[start, stop)` of a unit's row group (a `pipelines.parts` part task):
+    `{"table"` (REFINE_SCHEMA), `"rejected"` ([(image id, source, reason)]), `"confusion"`
+    ({split: {"images", "cam_argmax", "seeds"}}, K x (K + 1) int64 arrays), `"input_rows"`,
+    `"crf_s"`, `"task_s"`, `"task_cpu_s"` (this process's CPU seconds)}`."""
+    started, cpu_started = time.perf_counter(), time.process_time()
+    path, group = str(unit["path"]), int(unit["row_group"])
     try:
-        table = read_row_group(input_loc, unit.path, unit.row_group, schema.INGEST_COLUMNS)
+        table = read_row_group(input_loc, path, group, schema.INGEST_COLUMNS)
     except (OSError, pa.ArrowException) as exc:
-        raise _unreadable(input_loc, unit.path, exc, f" (row group {unit.row_group})") from None
+        raise _unreadable(input_loc, path, exc, f" (row group {group})") from None
+    table = table.slice(start, max(0, stop - start))
     rows: list[dict[str, Any]] = []
     rejected: list[tuple[str, str, str]] = []
     confusion: dict[str, dict[str, Any]] = {}
@@ -69,7 +90,7 @@ def process_unit(
         try:
             refined = refine_row(row, config=config, num_classes=num_classes)
         except RowRejected as exc:
-            source = row.get(schema.SOURCE) or f"{unit.path}#rg{unit.row_group}"
+            source = row.get(schema.SOURCE) or f"{path}#rg{group}"
             rejected.append((str(row.get(schema.IMAGE_ID)), str(source), exc.reason))
             continue
         rows.append(refined.columns)
@@ -82,25 +103,48 @@ def process_unit(
             acc["images"] += 1
             acc["cam_argmax"].add(refined.argmax, refined.gt)
             acc["seeds"].add(refined.seed, refined.gt)
-    record = {
-        **unit_fields(unit),
-        "input_rows": table.num_rows,
-        "output": len(rows),
+    return {
+        "table": pa.Table.from_pylist(rows, schema=REFINE_SCHEMA),
+        "rejected": rejected,
         "confusion": {
-            split: {k: v if k == "images" else v.matrix.tolist() for k, v in acc.items()}
+            split: {k: v if k == "images" else v.matrix for k, v in acc.items()}
             for split, acc in confusion.items()
         },
+        "input_rows": table.num_rows,
         "crf_s": crf_seconds,
         "task_s": time.perf_counter() - started,
+        "task_cpu_s": time.process_time() - cpu_started,
     }
-    table = pa.Table.from_pylist(rows, schema=REFINE_SCHEMA)
-    return write_unit(output_loc, unit.name, record, table=table, rejected=rejected)
 
 
-def refine_units(batch: dict[str, np.ndarray], **kwargs: Any) -> dict[str, np.ndarray]:
-    """Ray Data task body (`pipelines.units.each_unit`) of `process_unit`: JSON `WorkUnit`s in
-    column `unit`, their records out."""
-    return each_unit(batch, lambda unit, **kw: process_unit(WorkUnit(**unit), **kw), **kwargs)
+def finish_unit(
+    unit: Mapping[str, Any], *parts: Mapping[str, Any], output_loc: Location, **_: Any
+) -> dict[str, Any]:
+    """Writes a unit's shard (its parts' rows in order), quarantine and, last, its completion
+    record, returned: `write_unit`'s with `input_rows`, `output`, `confusion` (the parts'
+    summed, as lists), `crf_s`, `task_s`, `task_cpu_s` (summed), `parts`."""
+    confusion: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        for split, acc in part["confusion"].items():
+            into = confusion.setdefault(split, {"images": 0})
+            for key, value in acc.items():
+                into[key] = into[key] + value if key in into else value
+    table = pa.concat_tables([p["table"] for p in parts]).combine_chunks()
+    record = {
+        **unit_fields(WorkUnit(**unit)),
+        "input_rows": sum(p["input_rows"] for p in parts),
+        "output": table.num_rows,
+        "confusion": {
+            split: {k: v if k == "images" else np.asarray(v).tolist() for k, v in acc.items()}
+            for split, acc in confusion.items()
+        },
+        "crf_s": sum(p["crf_s"] for p in parts),
+        "task_s": sum(p["task_s"] for p in parts),
+        "task_cpu_s": sum(p["task_cpu_s"] for p in parts),
+        "parts": len(parts),
+    }
+    rejected = [r for p in parts for r in p["rejected"]]
+    return write_unit(output_loc, str(unit["name"]), record, table=table, rejected=rejected)
 
 
 def enumerate_units(input_loc: Location, manifest: Manifest) -> list[WorkUnit]:

@@ -178,7 +178,7 @@ def file_digests(root: Path) -> dict[str, tuple[str, int]]:
 class Injection:
     """What a `FaultInjector` did: when, to what, and the state it saw at that moment."""
 
-    target: str = ""  # e.g. "pid 1234 (ray::MapBatches(refine_units))"
+    target: str = ""  # e.g. "pid 1234 (ray::refine_part)"
     pid: int | None = None
     at_s: float | None = None  # seconds after the injector started
     at_wall: datetime.datetime | None = None  # local wall-clock time right after injecting

@@ -97,11 +97,11 @@ def test_refine_survives_worker_killed_mid_task(
         name="refine: Ray worker process killed mid-task",
         injected=(
             "SIGKILL to the pid of a Ray worker whose process title is "
-            "`ray::MapBatches(refine_units)` (found among this session's Ray processes) once "
+            "`ray::refine_part` (found among this session's Ray processes) once "
             f"2 of {NUM_UNITS} units had completion records"
         ),
         checked=(
-            "the stage completes (Ray Data retries the lost task); every image exactly once in "
+            "the stage completes (Ray retries the lost part task); every image exactly once in "
             "the shards; every manifest entry exists with its listed size and row count; no "
             "temporary file listed; units were still pending when the kill landed"
         ),
@@ -110,7 +110,7 @@ def test_refine_survives_worker_killed_mid_task(
     units = output / "_units"
     injector = ft.FaultInjector(
         ready=lambda: len(_records(units)) >= 2,
-        inject=lambda: ft.kill_first_worker("MapBatches(refine_units)"),
+        inject=lambda: ft.kill_first_worker("refine_part"),
         snapshot=lambda: _records(units),
     )
     injector.start()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -34,7 +35,13 @@ from pipelines.io.storage import Location, resolve, write_bytes_atomic
 from pipelines.refine import RefineConfig, run_refine
 from pipelines.refine.rows import REFINE_SCHEMA, refine_row
 from pipelines.refine.stage import stage_config
-from pipelines.refine.units import WorkUnit, enumerate_units, process_unit
+from pipelines.refine.units import (
+    WorkUnit,
+    enumerate_units,
+    finish_unit,
+    process_unit,
+    refine_part,
+)
 from pipelines.seeds import SeedConfig, cam_argmax, refine_seed
 from pipelines.synthetic.dataset import ingest_row
 from pipelines.synthetic.shapes import SYNTHETIC_CLASSES, generate_sample
@@ -220,8 +227,26 @@ def test_process_unit_quarantines_bad_rows_and_records_last(
     )
 
 
+def test_what_a_unit_writes_does_not_depend_on_its_parts(tmp_path: Any, rows: list[dict]) -> None:
+    input_loc = resolve(str(tmp_path / "in"))
+    bad = {**rows[2], schema.CAM: b"\x01\x02\x03"}
+    write_ingest_output(input_loc, [rows[0], rows[1], bad, rows[3]])
+    (unit,) = enumerate_units(input_loc, read_manifest(input_loc))
+    kwargs = dict(input_loc=input_loc, config=SeedConfig(), num_classes=NUM_CLASSES)
+    whole = process_unit(unit, output_loc=resolve(str(tmp_path / "one")), **kwargs)
+    fields = asdict(unit)
+    parts = [refine_part(fields, a, b, **kwargs) for a, b in [(0, 1), (1, 3), (3, 4)]]
+    split = finish_unit(fields, *parts, output_loc=resolve(str(tmp_path / "three")))
+    assert (split["parts"], whole["parts"]) == (3, 1)
+    for key in ("input_rows", "output", "quarantined", "reasons", "confusion", "files"):
+        assert split[key] == whole[key], key
+    for entry in whole["files"]:
+        one = (tmp_path / "one" / entry["path"]).read_bytes()
+        assert (tmp_path / "three" / entry["path"]).read_bytes() == one, entry["path"]
+
+
 # ---------------------------------------------------------------------------------------------
-# The Ray Data stage
+# The stage
 
 
 def test_stage_seeds_beat_cam_argmax(
