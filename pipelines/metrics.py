@@ -2,6 +2,8 @@
 
 IoU_c = TP / (TP + FP + FN) over pixels whose ground truth is not 255; mIoU is the nan-mean over
 classes that occur in the ground truth or the prediction (docs/METHOD.md). Pure numpy.
+Completion records carry confusion counts sparse (`to_sparse`, `add_sparse`): a few (index,
+count) pairs for a K x (K + 1) matrix, whatever K (91 for COCO).
 """
 
 from __future__ import annotations
@@ -43,6 +45,33 @@ def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> np.n
     pred = np.where((pred >= 0) & (pred < num_classes), pred, num_classes)
     counts = np.bincount(gt * (num_classes + 1) + pred, minlength=num_classes * (num_classes + 1))
     return counts.reshape(num_classes, num_classes + 1).astype(np.int64)
+
+
+def sparse_confusion(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> dict[str, list[int]]:
+    """`confusion_matrix(pred, gt, K)` in the sparse form of `to_sparse`."""
+    return to_sparse(confusion_matrix(pred, gt, num_classes))
+
+
+def add_sparse(matrix: np.ndarray, sparse: Mapping[str, Sequence[int]]) -> None:
+    """Adds sparse counts into a K x (K + 1) matrix in place.
+
+    Raises:
+        ValueError: an index outside the matrix (a corrupt record).
+    """
+    index = np.asarray(sparse["idx"], dtype=np.int64)
+    counts = np.asarray(sparse["cnt"], dtype=np.int64)
+    if index.shape != counts.shape or (
+        index.size and (index.min() < 0 or index.max() >= matrix.size)
+    ):
+        raise ValueError("sparse confusion counts do not fit the class space")
+    np.add.at(matrix.reshape(-1), index, counts)
+
+
+def to_sparse(matrix: np.ndarray) -> dict[str, list[int]]:
+    """The non-zero entries of a matrix as flat indices and counts."""
+    flat = matrix.ravel()
+    index = np.flatnonzero(flat)
+    return {"idx": index.tolist(), "cnt": flat[index].tolist()}
 
 
 @dataclass(frozen=True)

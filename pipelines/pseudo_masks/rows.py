@@ -5,7 +5,7 @@ the model stage (`infer.MaskPredictor`). Rows travel as columns `meta` (JSON: id
 labels, split, the reason when rejected, confusion counts, timings), `image`, `gt` (PNG, b""
 when none) and, after the model, `probs` (float16 C x H x W of the classes
 `meta["prob_classes"]`); a rejected row keeps flowing with its reason. Confusion counts are
-sparse (`to_sparse`): a few (index, count) pairs replace a K x (K + 1) matrix.
+sparse (`pipelines.metrics.to_sparse`): a few (index, count) pairs replace a K x (K + 1) matrix.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pipelines.io.codecs import (
 )
 from pipelines.io.rows import RowRejected, check_image_id
 from pipelines.io.storage import Location, write_bytes_atomic
-from pipelines.metrics import confusion_matrix
+from pipelines.metrics import sparse_confusion
 from pipelines.seeds import cam_argmax, crf_kwargs
 from weakclip.config import CRFConfig
 
@@ -72,33 +72,6 @@ def in_splits(split: Any, splits: tuple[str, ...] | None) -> bool:
 def mask_rel(image_id: str) -> str:
     """Relative path of an image's pseudo mask (the id must have passed `check_image_id`)."""
     return f"{MASK_DIR}/{image_id}.png"
-
-
-def sparse_confusion(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> dict[str, list[int]]:
-    """`confusion_matrix(pred, gt, K)` in the sparse form of `to_sparse`."""
-    return to_sparse(confusion_matrix(pred, gt, num_classes))
-
-
-def add_sparse(matrix: np.ndarray, sparse: Mapping[str, Sequence[int]]) -> None:
-    """Adds sparse counts into a K x (K + 1) matrix in place.
-
-    Raises:
-        ValueError: an index outside the matrix (a corrupt record).
-    """
-    index = np.asarray(sparse["idx"], dtype=np.int64)
-    counts = np.asarray(sparse["cnt"], dtype=np.int64)
-    if index.shape != counts.shape or (
-        index.size and (index.min() < 0 or index.max() >= matrix.size)
-    ):
-        raise ValueError("sparse confusion counts do not fit the class space")
-    np.add.at(matrix.reshape(-1), index, counts)
-
-
-def to_sparse(matrix: np.ndarray) -> dict[str, list[int]]:
-    """The non-zero entries of a matrix as flat indices and counts."""
-    flat = matrix.ravel()
-    index = np.flatnonzero(flat)
-    return {"idx": index.tolist(), "cnt": flat[index].tolist()}
 
 
 def row_cam_argmax(row: Mapping[str, Any], bg_threshold: float) -> np.ndarray:

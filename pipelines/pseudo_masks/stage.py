@@ -24,12 +24,12 @@ from pipelines import units as core
 from pipelines.cli.ray_init import use_gpu
 from pipelines.io.manifest import FileEntry, Manifest, StageOutput, StageState, read_manifest
 from pipelines.io.storage import Location, StorageOptions, resolve
-from pipelines.metrics import summed_metrics
+from pipelines.metrics import add_sparse, summed_metrics
 from pipelines.progress import Progress
 from pipelines.pseudo_masks.checkpoint import VerifiedCheckpoint, verify_checkpoint
 from pipelines.pseudo_masks.config import PseudoMaskConfig, stage_config
 from pipelines.pseudo_masks.report import build_report_rows
-from pipelines.pseudo_masks.rows import PseudoUnit, RowSpec, add_sparse
+from pipelines.pseudo_masks.rows import PseudoUnit, RowSpec
 from pipelines.pseudo_masks.units import enumerate_units, finish_unit
 from pipelines.report.strips import sample_ids, write_report
 from weakclip.config import InferenceConfig

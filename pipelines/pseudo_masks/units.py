@@ -14,15 +14,8 @@ from pipelines.io import schema
 from pipelines.io.manifest import Manifest
 from pipelines.io.parquet import read_shard
 from pipelines.io.storage import Location
-from pipelines.metrics import NO_SPLIT, sum_by_split
-from pipelines.pseudo_masks.rows import (
-    PseudoUnit,
-    RowSpec,
-    add_sparse,
-    in_splits,
-    mask_rel,
-    to_sparse,
-)
+from pipelines.metrics import NO_SPLIT, add_sparse, sum_by_split, to_sparse
+from pipelines.pseudo_masks.rows import PseudoUnit, RowSpec, in_splits, mask_rel
 from pipelines.units import (
     check_unit_names,
     listed_shards,

@@ -19,7 +19,7 @@ from pipelines.io.manifest import Manifest
 from pipelines.io.parquet import read_row_group, read_shard
 from pipelines.io.rows import RowRejected
 from pipelines.io.storage import Location
-from pipelines.metrics import NO_SPLIT, ConfusionAccumulator, summed_metrics
+from pipelines.metrics import NO_SPLIT, ConfusionAccumulator, add_sparse, summed_metrics, to_sparse
 from pipelines.refine.rows import REFINE_SCHEMA, refine_row
 from pipelines.seeds import SeedConfig
 from pipelines.units import (
@@ -122,7 +122,7 @@ def finish_unit(
 ) -> dict[str, Any]:
     """Writes a unit's shard (its parts' rows in order), quarantine and, last, its completion
     record, returned: `write_unit`'s with `input_rows`, `output`, `confusion` (the parts'
-    summed, as lists), `crf_s`, `task_s`, `task_cpu_s` (summed), `parts`."""
+    summed, sparse: `metrics.to_sparse`), `crf_s`, `task_s`, `task_cpu_s` (summed), `parts`."""
     confusion: dict[str, dict[str, Any]] = {}
     for part in parts:
         for split, acc in part["confusion"].items():
@@ -135,7 +135,7 @@ def finish_unit(
         "input_rows": sum(p["input_rows"] for p in parts),
         "output": table.num_rows,
         "confusion": {
-            split: {k: v if k == "images" else np.asarray(v).tolist() for k, v in acc.items()}
+            split: {k: v if k == "images" else to_sparse(v) for k, v in acc.items()}
             for split, acc in confusion.items()
         },
         "crf_s": sum(p["crf_s"] for p in parts),
@@ -192,14 +192,19 @@ def build_metrics(
         records,
         METRIC_KEYS,
         class_names,
-        _add_dense,
+        _add_counts,
         class_space=class_space,
         ground_truth="every row with ground truth, all splits (per split under by_split)",
         extra={"cam_argmax_bg_threshold": bg_threshold},
     )
 
 
-def _add_dense(matrix: np.ndarray, counts: Sequence[Sequence[int]]) -> None:
+def _add_counts(matrix: np.ndarray, counts: Mapping[str, Any] | Sequence[Sequence[int]]) -> None:
+    """Adds a record's counts: sparse, or the dense K x (K + 1) lists of records written
+    before they were sparse (an output resumed across that change)."""
+    if isinstance(counts, Mapping):
+        add_sparse(matrix, counts)
+        return
     dense = np.asarray(counts, dtype=np.int64)
     if dense.shape != matrix.shape:
         raise ValueError(f"confusion matrix of shape {dense.shape}, expected {matrix.shape}")

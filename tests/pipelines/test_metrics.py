@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -9,8 +10,10 @@ import pytest
 
 from pipelines.metrics import (
     ConfusionAccumulator,
+    add_sparse,
     confusion_matrix,
     score_from_confusion,
+    sparse_confusion,
 )
 
 
@@ -112,3 +115,19 @@ def test_accumulator_equals_concatenated_images() -> None:
     )
     np.testing.assert_array_equal(acc.matrix, whole)
     assert acc.score().miou == pytest.approx(score_from_confusion(whole).miou)
+
+
+def test_sparse_confusion_sums_to_the_dense_matrix() -> None:
+    rng = np.random.default_rng(0)
+    total = np.zeros((7, 8), np.int64)
+    dense = np.zeros((7, 8), np.int64)
+    for _ in range(3):
+        pred = rng.integers(0, 7, (9, 11)).astype(np.uint8)
+        gt = rng.choice([0, 2, 5, 255], (9, 11)).astype(np.uint8)
+        sparse = sparse_confusion(pred, gt, 7)
+        assert len(sparse["idx"]) <= 3 * 7  # only the gt classes' rows are non-zero
+        add_sparse(total, json.loads(json.dumps(sparse)))
+        dense += confusion_matrix(pred, gt, 7)
+    assert np.array_equal(total, dense)
+    with pytest.raises(ValueError):
+        add_sparse(total, {"idx": [7 * 8], "cnt": [1]})

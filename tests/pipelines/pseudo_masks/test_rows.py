@@ -17,7 +17,6 @@ from pipelines.io import schema
 from pipelines.io.codecs import decode_label_map, voc_palette
 from pipelines.io.rows import RowRejected
 from pipelines.io.storage import resolve
-from pipelines.metrics import confusion_matrix
 from pipelines.pseudo_masks.infer import MaskPredictor, allowed_classes, predict_probabilities
 from pipelines.pseudo_masks.rows import (
     GT,
@@ -25,12 +24,10 @@ from pipelines.pseudo_masks.rows import (
     META,
     PROBS,
     RowSpec,
-    add_sparse,
     check_labels,
     finish_row,
     postprocess,
     prepare_row,
-    sparse_confusion,
 )
 from tests.pipelines.pseudo_masks.inputs import (
     CLASS_NAMES,
@@ -45,22 +42,6 @@ from weakclip.config import VOC_POST_CRF
 
 K = len(CLASS_NAMES)
 SPEC = RowSpec(num_classes=K, input_stage="ingest", splits=("train",))
-
-
-def test_sparse_confusion_sums_to_the_dense_matrix() -> None:
-    rng = np.random.default_rng(0)
-    total = np.zeros((K, K + 1), np.int64)
-    dense = np.zeros((K, K + 1), np.int64)
-    for _ in range(3):
-        pred = rng.integers(0, K, (9, 11)).astype(np.uint8)
-        gt = rng.choice([0, 2, 5, 255], (9, 11)).astype(np.uint8)
-        sparse = sparse_confusion(pred, gt, K)
-        assert len(sparse["idx"]) <= 3 * K  # only the gt classes' rows are non-zero
-        add_sparse(total, json.loads(json.dumps(sparse)))
-        dense += confusion_matrix(pred, gt, K)
-    assert np.array_equal(total, dense)
-    with pytest.raises(ValueError):
-        add_sparse(total, {"idx": [K * (K + 1)], "cnt": [1]})
 
 
 def test_labels_are_validated_against_the_class_space() -> None:

@@ -32,11 +32,13 @@ from pipelines.io.manifest import (
 )
 from pipelines.io.rows import RowRejected
 from pipelines.io.storage import Location, resolve, write_bytes_atomic
+from pipelines.metrics import add_sparse, confusion_matrix, to_sparse
 from pipelines.refine import RefineConfig, run_refine
 from pipelines.refine.rows import REFINE_SCHEMA, refine_row
 from pipelines.refine.stage import stage_config
 from pipelines.refine.units import (
     WorkUnit,
+    build_metrics,
     enumerate_units,
     finish_unit,
     process_unit,
@@ -221,10 +223,11 @@ def test_process_unit_quarantines_bad_rows_and_records_last(
     on_disk = json.loads((tmp_path / "out" / record_rel(units[0].name)).read_text())
     assert on_disk["confusion"]["train"]["images"] == 2  # rows 0 and 1; row 3 is val
     assert on_disk["confusion"]["val"]["images"] == 1
-    assert np.asarray(on_disk["confusion"]["train"]["seeds"]).shape == (
-        NUM_CLASSES,
-        NUM_CLASSES + 1,
-    )
+    seeds = np.zeros((NUM_CLASSES, NUM_CLASSES + 1), np.int64)
+    add_sparse(seeds, on_disk["confusion"]["train"]["seeds"])  # sparse counts
+    size = (HEIGHT, WIDTH)
+    gts = [decode_label_map(r[schema.GT], "gt", size) for r in rows[:2]]
+    assert seeds.sum() == sum(int((gt != 255).sum()) for gt in gts)  # every valid GT pixel
 
 
 def test_what_a_unit_writes_does_not_depend_on_its_parts(tmp_path: Any, rows: list[dict]) -> None:
@@ -421,3 +424,21 @@ def test_work_units_are_named_from_their_input(ingest_dir: Location) -> None:
         for s in (0, 1)
         for g in (0, 1)
     ]
+
+
+def test_metrics_sum_sparse_records_and_the_dense_ones_of_older_runs() -> None:
+    rng = np.random.default_rng(1)
+    pred = rng.integers(0, NUM_CLASSES, (6, 7)).astype(np.uint8)
+    gt = rng.choice([0, 1, 255], (6, 7)).astype(np.uint8)
+    matrix = confusion_matrix(pred, gt, NUM_CLASSES)
+
+    def record(form: Any) -> dict[str, Any]:
+        return {"confusion": {"train": {"images": 1, "cam_argmax": form, "seeds": form}}}
+
+    names = [f"c{i}" for i in range(NUM_CLASSES)]
+    kwargs = dict(class_names=names, class_space="custom", bg_threshold=0.43)
+    sparse = build_metrics([record(to_sparse(matrix))] * 2, **kwargs)
+    mixed = build_metrics([record(to_sparse(matrix)), record(matrix.tolist())], **kwargs)
+    assert sparse == mixed and sparse is not None and sparse["gt_images"] == 2
+    with pytest.raises(ValueError, match="shape"):
+        build_metrics([record([[1, 2], [3, 4]])], **kwargs)
