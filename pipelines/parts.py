@@ -50,18 +50,21 @@ def run_parts(
     finish: Callable[..., Record],
     *,
     num_cpus: float,
-    fn_kwargs: Mapping[str, Any],
+    part_kwargs: Mapping[str, Any],
+    finish_kwargs: Mapping[str, Any],
 ) -> Iterator[Record]:
-    """Runs every unit (a mapping with `rows`) as part tasks and a finish task (module
-    docstring); yields the records the finish tasks return, as they come back. The first
-    error of a task is raised (Ray's task error, which is also an instance of its cause)."""
+    """Runs every unit (a mapping with `rows`) as part tasks (`part(..., **part_kwargs)`) and
+    a finish task (`finish(..., **finish_kwargs)`; module docstring); yields the records the
+    finish tasks return, as they come back. The first error of a task is raised (Ray's task
+    error, which is also an instance of its cause)."""
     if not units:
         return
     import ray
 
     part_task = ray.remote(part).options(num_cpus=num_cpus)
     finish_task = ray.remote(finish).options(num_cpus=0)
-    shared = {key: ray.put(value) for key, value in fn_kwargs.items()}
+    to_part = {key: ray.put(value) for key, value in part_kwargs.items()}
+    to_finish = {key: ray.put(value) for key, value in finish_kwargs.items()}
     remaining = sum(int(u["rows"]) for u in units)
     queue = list(reversed(units))
     pending: dict[Any, int] = {}  # finish ref -> its unit's part count
@@ -73,8 +76,8 @@ def run_parts(
             unit = dict(queue.pop())
             bounds = part_bounds(int(unit["rows"]), remaining, slots)
             remaining -= int(unit["rows"])
-            refs = [part_task.remote(unit, start, stop, **shared) for start, stop in bounds]
-            pending[finish_task.remote(unit, *refs, **shared)] = len(refs)
+            refs = [part_task.remote(unit, start, stop, **to_part) for start, stop in bounds]
+            pending[finish_task.remote(unit, *refs, **to_finish)] = len(refs)
 
     hand_out()
     while pending:

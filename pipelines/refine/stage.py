@@ -125,10 +125,14 @@ def run_refine(
         + (f"; resuming: {len(records)} of {len(units)} units already done" if records else "")
     )
     todo = [asdict(u) for u in units if u.name not in records]
-    fn_kwargs = dict(input_loc=input_loc, output_loc=output_loc, config=seed_config)
-    fn_kwargs["num_classes"] = len(source.class_names)
+    num_classes = len(source.class_names)
     tasks = run_parts(
-        todo, refine_part, finish_unit, num_cpus=num_cpus_per_task, fn_kwargs=fn_kwargs
+        todo,
+        refine_part,
+        finish_unit,
+        num_cpus=num_cpus_per_task,
+        part_kwargs=dict(input_loc=input_loc, config=seed_config, num_classes=num_classes),
+        finish_kwargs=dict(output_loc=output_loc, num_classes=num_classes),
     )
     total = sum(u["rows"] for u in todo)
     progress = Progress("refine", total, report=report, every_items=progress_every)

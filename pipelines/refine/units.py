@@ -19,7 +19,14 @@ from pipelines.io.manifest import Manifest
 from pipelines.io.parquet import read_row_group, read_shard
 from pipelines.io.rows import RowRejected
 from pipelines.io.storage import Location
-from pipelines.metrics import NO_SPLIT, ConfusionAccumulator, add_sparse, summed_metrics, to_sparse
+from pipelines.metrics import (
+    NO_SPLIT,
+    ConfusionAccumulator,
+    add_sparse,
+    sum_by_split,
+    summed_metrics,
+    to_sparse,
+)
 from pipelines.refine.rows import REFINE_SCHEMA, refine_row
 from pipelines.seeds import SeedConfig
 from pipelines.units import (
@@ -58,7 +65,7 @@ def process_unit(
     part = refine_part(
         fields, 0, unit.rows, input_loc=input_loc, config=config, num_classes=num_classes
     )
-    return finish_unit(fields, part, output_loc=output_loc)
+    return finish_unit(fields, part, output_loc=output_loc, num_classes=num_classes)
 
 
 def refine_part(
@@ -69,7 +76,6 @@ def refine_part(
     input_loc: Location,
     config: SeedConfig,
     num_classes: int,
-    **_: Any,
 ) -> dict[str, Any]:
     """Refines rows `[start, stop)` of a unit's row group (a `pipelines.parts` part task):
     `{"table"` (REFINE_SCHEMA), `"rejected"` ([(image id, source, reason)]), `"confusion"`
@@ -118,17 +124,12 @@ def refine_part(
 
 
 def finish_unit(
-    unit: Mapping[str, Any], *parts: Mapping[str, Any], output_loc: Location, **_: Any
+    unit: Mapping[str, Any], *parts: Mapping[str, Any], output_loc: Location, num_classes: int
 ) -> dict[str, Any]:
     """Writes a unit's shard (its parts' rows in order), quarantine and, last, its completion
     record, returned: `write_unit`'s with `input_rows`, `output`, `confusion` (the parts'
     summed, sparse: `metrics.to_sparse`), `crf_s`, `task_s`, `task_cpu_s` (summed), `parts`."""
-    confusion: dict[str, dict[str, Any]] = {}
-    for part in parts:
-        for split, acc in part["confusion"].items():
-            into = confusion.setdefault(split, {"images": 0})
-            for key, value in acc.items():
-                into[key] = into[key] + value if key in into else value
+    confusion = sum_by_split(parts, METRIC_KEYS, num_classes, _add_counts)
     table = pa.concat_tables([p["table"] for p in parts]).combine_chunks()
     record = {
         **unit_fields(WorkUnit(**unit)),
@@ -200,8 +201,8 @@ def build_metrics(
 
 
 def _add_counts(matrix: np.ndarray, counts: Mapping[str, Any] | Sequence[Sequence[int]]) -> None:
-    """Adds a record's counts: sparse, or the dense K x (K + 1) lists of records written
-    before they were sparse (an output resumed across that change)."""
+    """Adds a record's counts: sparse, or dense K x (K + 1) (a part's array, or the lists of
+    records written before they were sparse: an output resumed across that change)."""
     if isinstance(counts, Mapping):
         add_sparse(matrix, counts)
         return

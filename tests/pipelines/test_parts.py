@@ -32,19 +32,23 @@ def test_parts_shrink_towards_the_end_and_cover_the_unit() -> None:
     assert p.part_bounds(0, 0, 2) == [(0, 0)]  # an empty unit still gets its finish
 
 
-def _part(unit: dict[str, Any], start: int, stop: int, *, fail: str = "", **_: Any) -> list[int]:
+def _part(unit: dict[str, Any], start: int, stop: int, *, fail: str) -> list[int]:
     if unit["name"] == fail:
         raise ValueError(f"bad unit {unit['name']}")
     return list(range(unit["first"] + start, unit["first"] + stop))
 
 
-def _finish(unit: dict[str, Any], *parts: list[int], **_: Any) -> dict[str, Any]:
+def _kwargs(fail: str) -> dict[str, Any]:
+    return {"part_kwargs": {"fail": fail}, "finish_kwargs": {}}
+
+
+def _finish(unit: dict[str, Any], *parts: list[int]) -> dict[str, Any]:
     return {"unit": unit["name"], "rows": [r for part in parts for r in part], "parts": len(parts)}
 
 
 def test_every_row_reaches_its_unit_once_in_order(ray_session: None) -> None:
     units = [{"name": f"u{i}", "first": 100 * i, "rows": 9} for i in range(5)]
-    records = list(p.run_parts(units, _part, _finish, num_cpus=1, fn_kwargs={"fail": ""}))
+    records = list(p.run_parts(units, _part, _finish, num_cpus=1, **_kwargs("")))
     assert sorted(r["unit"] for r in records) == [u["name"] for u in units]
     for record in records:
         first = 100 * int(record["unit"][1:])
@@ -56,5 +60,5 @@ def test_every_row_reaches_its_unit_once_in_order(ray_session: None) -> None:
 def test_a_failing_part_fails_the_run_with_its_error(ray_session: None) -> None:
     units = [{"name": f"u{i}", "first": 0, "rows": 3} for i in range(3)]
     with pytest.raises(ValueError, match="bad unit u1"):
-        list(p.run_parts(units, _part, _finish, num_cpus=1, fn_kwargs={"fail": "u1"}))
-    assert list(p.run_parts([], _part, _finish, num_cpus=1, fn_kwargs={})) == []
+        list(p.run_parts(units, _part, _finish, num_cpus=1, **_kwargs("u1")))
+    assert list(p.run_parts([], _part, _finish, num_cpus=1, **_kwargs(""))) == []

@@ -239,7 +239,8 @@ def test_what_a_unit_writes_does_not_depend_on_its_parts(tmp_path: Any, rows: li
     whole = process_unit(unit, output_loc=resolve(str(tmp_path / "one")), **kwargs)
     fields = asdict(unit)
     parts = [refine_part(fields, a, b, **kwargs) for a, b in [(0, 1), (1, 3), (3, 4)]]
-    split = finish_unit(fields, *parts, output_loc=resolve(str(tmp_path / "three")))
+    three = resolve(str(tmp_path / "three"))
+    split = finish_unit(fields, *parts, output_loc=three, num_classes=NUM_CLASSES)
     assert (split["parts"], whole["parts"]) == (3, 1)
     for key in ("input_rows", "output", "quarantined", "reasons", "confusion", "files"):
         assert split[key] == whole[key], key
