@@ -119,8 +119,7 @@ def augment_sample(
         seed_labels = seed_labels[:, ::-1]
     if config.photometric:
         image = photometric_distortion(image, rng=rng, config=config)
-    normalised = normalize(image, mean=config.mean, std=config.std)  # 3 x h x w
-    return _pad_to(normalised, seed_labels, size=size)
+    return _normalize_and_pad(image, seed_labels, size=size, mean=config.mean, std=config.std)
 
 
 def photometric_distortion(
@@ -136,17 +135,17 @@ def photometric_distortion(
     out = np.array(image, dtype=np.uint8, copy=True)
     if rng.integers(2):
         delta = rng.uniform(-config.brightness_delta, config.brightness_delta)
-        out = _saturate(out.astype(np.float32) + delta)
+        out = _value_map(lambda v: _saturate(v + delta))[out]
     contrast_last = bool(rng.integers(2))
     if not contrast_last:
         out = _random_contrast(out, rng=rng, config=config)
     if rng.integers(2):
         factor = rng.uniform(*config.saturation_range)
-        out = _in_hsv(out, 1, lambda s: _saturate(s.astype(np.float32) * factor))
+        out = _in_hsv(out, 1, _value_map(lambda s: _saturate(s * factor)))
     if rng.integers(2):
         shift_cv2 = int(rng.integers(-config.hue_delta, config.hue_delta + 1))
         shift = round(shift_cv2 * _PIL_HUE_PER_CV2_HUE)
-        out = _in_hsv(out, 0, lambda h: ((h.astype(np.int32) + shift) % 256).astype(np.uint8))
+        out = _in_hsv(out, 0, (np.arange(256, dtype=np.int32) + shift) % 256)
     if contrast_last:
         out = _random_contrast(out, rng=rng, config=config)
     return out
@@ -158,10 +157,13 @@ def normalize(
     """(image − mean) / std per RGB channel (0–255 scale): H x W x 3 uint8 → 3 x H x W float32."""
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image must be H x W x 3, got shape {image.shape}")
-    mean_arr = np.asarray(mean, dtype=np.float32)
-    std_arr = np.asarray(std, dtype=np.float32)
-    out = (image.astype(np.float32) - mean_arr) / std_arr  # H x W x 3
-    return np.ascontiguousarray(out.transpose(2, 0, 1))
+    if image.dtype != np.uint8:
+        mean_arr = np.asarray(mean, dtype=np.float32)
+        out = (image.astype(np.float32) - mean_arr) / np.asarray(std, dtype=np.float32)
+        return np.ascontiguousarray(out.transpose(2, 0, 1))
+    out = np.empty((3, *image.shape[:2]), dtype=np.float32)
+    _normalize_into(out, image, mean=mean, std=std)
+    return out
 
 
 def denormalize(
@@ -266,12 +268,27 @@ def _saturate(values: np.ndarray) -> np.ndarray:
     return np.clip(values, 0, 255).astype(np.uint8)
 
 
-def _in_hsv(
-    rgb: np.ndarray, channel: int, change: Callable[[np.ndarray], np.ndarray]
-) -> np.ndarray:
-    """`rgb` with `change` applied to one channel of its HSV form (PIL's 0..255 units)."""
+def _value_map(change: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """`change` (float32 in, uint8 out) of every uint8 value, as a 256-entry table: indexing
+    with the table gives exactly what `change(image.astype(float32))` gives, per pixel, for a
+    fraction of the work."""
+    return change(np.arange(256, dtype=np.float32))
+
+
+def _normalize_into(out: np.ndarray, image: np.ndarray, *, mean: RGB, std: RGB) -> None:
+    """`out[c] = (image[..., c] - mean[c]) / std[c]` in float32, through one 256-entry table per
+    channel (bit for bit what the arithmetic on every pixel gives)."""
+    values = np.arange(256, dtype=np.float32)
+    for c in range(3):
+        table = (values - np.float32(mean[c])) / np.float32(std[c])
+        out[c] = table[image[..., c]]
+
+
+def _in_hsv(rgb: np.ndarray, channel: int, table: np.ndarray) -> np.ndarray:
+    """`rgb` with one channel of its HSV form (PIL's 0..255 units) mapped through a 256-entry
+    `table`."""
     hsv = np.array(Image.fromarray(rgb).convert("HSV"))
-    hsv[..., channel] = change(hsv[..., channel])
+    hsv[..., channel] = table.astype(np.uint8)[hsv[..., channel]]
     height, width = hsv.shape[:2]
     image = Image.frombytes("HSV", (width, height), np.ascontiguousarray(hsv).tobytes())
     return np.array(image.convert("RGB"))
@@ -282,15 +299,21 @@ def _random_contrast(
 ) -> np.ndarray:
     if rng.integers(2):
         factor = rng.uniform(*config.contrast_range)
-        return _saturate(image.astype(np.float32) * factor)
+        return _value_map(lambda v: _saturate(v * factor))[image]
     return image
 
 
-def _pad_to(image: np.ndarray, labels: np.ndarray, *, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pad bottom/right: image with 0 (normalised space), labels with 255."""
+def _normalize_and_pad(
+    image: np.ndarray, labels: np.ndarray, *, size: int, mean: RGB, std: RGB
+) -> tuple[np.ndarray, np.ndarray]:
+    """The normalised image and its labels padded bottom/right to `size`: the image with 0
+    (normalised space), the labels with 255."""
     height, width = labels.shape
     padded_image = np.zeros((3, size, size), dtype=np.float32)
-    padded_image[:, :height, :width] = image
+    if (height, width) == (size, size):
+        _normalize_into(padded_image, image, mean=mean, std=std)
+    else:
+        padded_image[:, :height, :width] = normalize(image, mean=mean, std=std)
     padded_labels = np.full((size, size), IGNORE_INDEX, dtype=np.uint8)
     padded_labels[:height, :width] = labels
     return padded_image, padded_labels

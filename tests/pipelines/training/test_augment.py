@@ -231,3 +231,46 @@ def test_rejects_mismatched_inputs() -> None:
         augment_sample(
             image.astype(np.float32), labels, rng=np.random.default_rng(0), config=config
         )
+
+
+def test_normalize_through_tables_is_bit_for_bit_the_arithmetic() -> None:
+    image, _ = _random_sample(7, height=33, width=47)
+    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)
+    std = np.asarray(IMAGENET_STD, dtype=np.float32)
+    by_pixel = ((image.astype(np.float32) - mean) / std).transpose(2, 0, 1)
+    assert normalize(image).dtype == np.float32
+    np.testing.assert_array_equal(normalize(image), by_pixel)
+    # a float image (no table possible) takes the arithmetic itself
+    np.testing.assert_array_equal(normalize(image.astype(np.float32)), by_pixel)
+
+
+def test_brightness_and_contrast_tables_match_the_per_pixel_arithmetic() -> None:
+    # Replays the draws; where neither HSV step fires (their round trip is lossy), the output is
+    # brightness and/or contrast done in float32 on every pixel, truncated.
+    config = AugmentConfig()
+    image, _ = _random_sample(8, height=20, width=30)
+    compared = 0
+    for seed in range(60):
+        out = photometric_distortion(image, rng=np.random.default_rng(seed), config=config)
+        rng = np.random.default_rng(seed)
+        expected = image
+
+        def contrast(values: np.ndarray, rng: np.random.Generator = rng) -> np.ndarray:
+            if rng.integers(2):
+                factor = rng.uniform(*config.contrast_range)
+                return np.clip(values.astype(np.float32) * factor, 0, 255).astype(np.uint8)
+            return values
+
+        if rng.integers(2):
+            delta = rng.uniform(-config.brightness_delta, config.brightness_delta)
+            expected = np.clip(expected.astype(np.float32) + delta, 0, 255).astype(np.uint8)
+        contrast_last = bool(rng.integers(2))
+        if not contrast_last:
+            expected = contrast(expected)
+        if rng.integers(2) or rng.integers(2):
+            continue  # saturation or hue fired
+        if contrast_last:
+            expected = contrast(expected)
+        np.testing.assert_array_equal(out, expected)
+        compared += 1
+    assert compared >= 8
