@@ -54,6 +54,16 @@ def unit_name(shard_path: str, row_group: int) -> str:
     return f"{posixpath.basename(shard_path).removesuffix('.parquet')}-rg{row_group:04d}"
 
 
+def unit_source(shard_path: str) -> tuple[str, int] | None:
+    """The (input shard, row group) that the unit writing `shard_path` was made from, read back
+    from its `unit_name` (`shards/<stem>-rg<NNNN>.parquet` → (`shards/<stem>.parquet`, N));
+    None for another name."""
+    stem, sep, group = posixpath.basename(shard_path).removesuffix(".parquet").rpartition("-rg")
+    if not (sep and stem and len(group) >= 4 and group.isdigit()):
+        return None
+    return f"{SHARD_DIR}/{stem}.parquet", int(group)
+
+
 def shard_rel(unit: str) -> str:
     """`shards/<unit>.parquet`: where a unit writes its rows."""
     return f"{SHARD_DIR}/{unit}.parquet"

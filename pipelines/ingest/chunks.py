@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.ingest.config import IngestConfig
-from pipelines.ingest.listing import Entry
+from pipelines.ingest.listing import Entry, unpack_label
 from pipelines.ingest.rows import SHARD_SCHEMA, RowLimits, build_row
 from pipelines.io.class_spaces import ClassSpace
 from pipelines.io.rows import RowRejected
@@ -94,7 +94,7 @@ def _row(
         image_id=entry.image_id,
         image=images.get(entry.image_id),
         cam=blobs.get(entry.cam) if entry.cam else None,
-        label_vector=entry.label,
+        label_vector=unpack_label(entry.label),
         gt=blobs.get(entry.gt) if entry.gt else None,
         source=entry.cam or entry.image or entry.image_id,
         split=entry.split,

@@ -7,12 +7,15 @@ ids, duplicates) never reach a task; the listing's names and sizes feed the fing
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from pipelines.ingest.config import IMAGE_SUFFIXES, IngestConfig
 from pipelines.io import schema
@@ -30,9 +33,23 @@ class Entry:
     image: str | None  # relative path, None when no image file exists
     cam: str | None
     gt: str | None  # a missing GT file just means "no ground truth"
-    label: list[float] | None
+    label: str | None  # `pack_label` of the image's cls_labels vector; None: not in the file
     split: str | None
     image_alternates: tuple[str, ...] = ()  # tried in order when `image` does not exist
+
+
+def pack_label(vector: np.ndarray) -> str:
+    """An image-level label vector as the base64 of its float32 bytes: exact, and about a
+    fifth of the memory of a list of Python floats (100k COCO images: ~45 MB, not ~260 MB on
+    the driver), as it travels in every chunk's task item."""
+    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+
+
+def unpack_label(packed: str | None) -> np.ndarray | None:
+    """The float32 vector `pack_label` packed (None stays None)."""
+    if packed is None:
+        return None
+    return np.frombuffer(base64.b64decode(packed), dtype="<f4")
 
 
 @dataclass
@@ -122,9 +139,9 @@ def enumerate_inputs(input_loc: Location, config: IngestConfig) -> Enumeration:
             return
         seen.add(image_id)
         label = labels.get(image_id)
-        vector = None if label is None else [float(x) for x in label]
+        packed = None if label is None else pack_label(label)
         image, cam, gt = files
-        entries.append(Entry(image_id, image, cam, gt, vector, split, tuple(alternates)))
+        entries.append(Entry(image_id, image, cam, gt, packed, split, tuple(alternates)))
 
     if config.splits:
         for arg in config.splits:

@@ -2,7 +2,7 @@
 
 Image, GT and (refine input) seed come from the input rows, the mask from `masks/<id>.png`, the
 CAM argmax from the ingest output (the input, or the `inputs[0]` of a refine input; its panel
-is left out when it cannot be found). Only the sampled rows' row groups are read.
+is left out when it cannot be found). Only the sampled rows' row groups are read whole.
 """
 
 from __future__ import annotations
@@ -16,30 +16,58 @@ import numpy as np
 from pipelines.io import schema
 from pipelines.io.codecs import decode_label_map, decode_rgb
 from pipelines.io.manifest import Manifest, read_manifest
-from pipelines.io.parquet import read_row_group, read_shard
+from pipelines.io.parquet import read_row_group, read_shards
 from pipelines.io.storage import Location, read_bytes, redact, resolve
 from pipelines.pseudo_masks.rows import mask_rel, read_columns
 from pipelines.pseudo_masks.rows import row_cam_argmax as _cam_argmax
 from pipelines.report.strips import ReportRow
+from pipelines.units import map_shards, unit_source
 
 
-def _ingest_cams(ingest: Manifest, ids: set[str], *, bg_threshold: float) -> dict[str, np.ndarray]:
-    """CAM argmax label maps of `ids` from an ingest output (only matching row groups read)."""
-    found: dict[str, np.ndarray] = {}
+def _ingest_cams(
+    ingest: Manifest, paths: Mapping[str, str], *, bg_threshold: float
+) -> dict[str, np.ndarray]:
+    """CAM argmax label maps from an ingest output of the ids of `paths` (image id → the refine
+    shard its row is in). An id is looked for in the ingest row group its refine unit was made
+    from (`units.unit_source`); only the ids not found there are looked up in every shard's id
+    column (read in parallel). At most one row group per id is read whole."""
+    loc, listed = ingest.location, {e.path for e in ingest.entries("shards/")}
+    groups: dict[tuple[str, int], set[str]] = defaultdict(set)
+    for image_id, path in paths.items():
+        if (source := unit_source(path)) is not None and source[0] in listed:
+            groups[source].add(image_id)
+    found = _cams_in(loc, groups, bg_threshold)
+    missing = set(paths) - set(found)
+    if missing:
+        shards = sorted(listed)
+        groups = defaultdict(set)
+        for path, shard in zip(shards, read_shards(loc, shards, [schema.IMAGE_ID]), strict=True):
+            for group, table in enumerate(shard.groups):
+                if hit := missing.intersection(table.column(0).to_pylist()):
+                    groups[(path, group)] |= hit
+        found |= _cams_in(loc, groups, bg_threshold)
+    return found
+
+
+def _cams_in(
+    loc: Location, groups: Mapping[tuple[str, int], set[str]], bg_threshold: float
+) -> dict[str, np.ndarray]:
+    """CAM argmax of the wanted ids of each (ingest shard, row group), the groups read in
+    parallel."""
     columns = [schema.IMAGE_ID, schema.HEIGHT, schema.WIDTH, schema.CAM, schema.CAM_CLASSES]
-    loc = ingest.location
-    for entry in ingest.entries("shards/"):
-        if len(found) == len(ids):
-            break
-        shard = read_shard(loc, entry.path, [schema.IMAGE_ID])
-        for group, table in enumerate(shard.groups):
-            if not ids.intersection(table.column(0).to_pylist()):
-                continue
-            for row in read_row_group(loc, entry.path, group, columns).to_pylist():
-                image_id = row[schema.IMAGE_ID]
-                if image_id not in ids or image_id in found:
-                    continue
-                found[image_id] = _cam_argmax(row, bg_threshold)
+
+    def read(key: tuple[str, int]) -> dict[str, np.ndarray]:
+        rows = read_row_group(loc, key[0], key[1], columns).to_pylist()
+        wanted = groups[key]
+        return {
+            r[schema.IMAGE_ID]: _cam_argmax(r, bg_threshold)
+            for r in rows
+            if r[schema.IMAGE_ID] in wanted
+        }
+
+    found: dict[str, np.ndarray] = {}
+    for part in map_shards(read, list(groups)):
+        found |= part
     return found
 
 
@@ -73,7 +101,8 @@ def build_report_rows(
             ingest = read_manifest(resolve(source.inputs[0].uri, input_loc.options))
             if ingest.stage != "ingest":
                 raise ValueError(f"inputs[0] is a {ingest.stage!r} output")
-            cams = _ingest_cams(ingest, set(inputs), bg_threshold=bg_threshold)
+            paths = {image_id: sample[image_id][0] for image_id in inputs}
+            cams = _ingest_cams(ingest, paths, bg_threshold=bg_threshold)
         except (OSError, ValueError, RuntimeError) as exc:
             report(f"pseudo_masks: report without CAM panels: {redact(str(exc))}")
     rows = []

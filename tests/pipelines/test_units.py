@@ -201,3 +201,11 @@ def test_metrics_by_split_sums_and_scores() -> None:
     }
     assert metrics["b"]["miou"] == pytest.approx(1 / 3)
     assert finite(float("nan")) is None and finite(0.5) == 0.5
+
+
+def test_unit_source_reads_back_a_unit_name() -> None:
+    name = u.unit_name("shards/part-00003.parquet", 7)
+    assert u.unit_source(u.shard_rel(name)) == ("shards/part-00003.parquet", 7)
+    assert u.unit_source("shards/a-rg-x-rg0012.parquet") == ("shards/a-rg-x.parquet", 12)
+    for other in ("shards/part-00003.parquet", "shards/x-rg12.parquet", "shards/-rg0001.parquet"):
+        assert u.unit_source(other) is None
