@@ -178,6 +178,33 @@ def multiscale_probabilities(
     return prob_sum / passes
 
 
+def window_equivalents(
+    height: int,
+    width: int,
+    *,
+    scales: Sequence[float] = DEFAULT_SCALES,
+    short_side: int = 512,
+    flip: bool = True,
+    window: int = 512,
+    stride: int = 341,
+    pad_small: bool = True,
+) -> float:
+    """The model work `multiscale_probabilities` does on an H x W image, in full windows: the
+    sum over its passes and their windows of each window's area / window² (a window cut to a
+    small image counts its share). Multiplied by the seconds of one window, the model seconds
+    of an image (a cost estimate: attention grows faster than the area)."""
+    _check_positive(height=height, width=width, short_side=short_side, window=window)
+    total = 0.0
+    for scale in scales:
+        factor = scale * short_side / min(height, width)
+        h, w = _scaled(height, factor), _scaled(width, factor)
+        win_h, win_w = (window, window) if pad_small else (min(window, h), min(window, w))
+        rows = len(_window_starts(max(h, win_h), window=win_h, stride=stride))
+        cols = len(_window_starts(max(w, win_w), window=win_w, stride=stride))
+        total += rows * cols * (win_h * win_w) / window**2
+    return total * (2 if flip else 1)
+
+
 def _window_starts(length: int, *, window: int, stride: int) -> list[int]:
     """Start offsets along one axis; requires length >= window."""
     num_windows = (length - window + stride - 1) // stride + 1

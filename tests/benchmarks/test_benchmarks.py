@@ -56,3 +56,28 @@ def test_feature_control_learns_what_its_targets_show(tmp_path) -> None:
         scores[iterations] = json.loads(out.read_text())
     assert scores[0]["seeds"] == scores[60]["seeds"]  # the seeds are scored, never trained on
     assert scores[60]["argmax"] > scores[0]["argmax"] + 10  # colour-separable: learnt fast
+
+
+def test_cost_model_fits_the_crf_and_reads_the_cluster_file() -> None:
+    from benchmarks import cost_model
+
+    truth = (0.01, 6e-7, 2e-7)
+    rows = [
+        {"height": h, "width": w, "k": k, "crf_s": cost_model.crf_seconds(truth, h * w, k)}
+        for h, w in ((100, 120), (300, 400))
+        for k in (2, 3, 4)
+    ]
+    assert cost_model.fit_crf(rows) == pytest.approx(truth, rel=1e-6)
+    nodes = cost_model.node_types()
+    assert {n["gpus"] > 0 for n in nodes.values()} == {True, False}
+    bytes_row = {"height": 10, "width": 10, "image_b": 100.0, "gt_b": 10.0, "cam_plane_b": 50.0}
+    voc = cost_model.DATASETS[0]
+    plan = cost_model.plan(
+        voc, crf_fit=truth, window_s=2.0, bytes_row=bytes_row, nodes=nodes, train_images_per_s=10
+    )
+    cpu = next(n for n in nodes.values() if n["gpus"] == 0)
+    crf = cost_model.crf_seconds(truth, voc.height * voc.width, voc.classes_per_image + 1)
+    cores = cpu["cpus"] * cpu["max_workers"]
+    assert plan["refine_h"] == pytest.approx(voc.images * crf * 1.12 / cores / 3600)
+    scale = voc.height * voc.width / 100
+    assert plan["ingest_gb"] == pytest.approx(voc.images * (110 + 50 * 1.5) * scale / 1e9)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from weakclip.inference import multiscale_probabilities, sliding_window_logits
+from weakclip.inference import multiscale_probabilities, sliding_window_logits, window_equivalents
 
 K = 5
 
@@ -237,3 +237,18 @@ def test_an_image_smaller_than_the_window_runs_as_is_without_padding() -> None:
     # A per-pixel model gives the same logits either way; the windows differ.
     torch.testing.assert_close(as_is, padded)
     torch.testing.assert_close(as_is, model(image))
+
+
+@pytest.mark.parametrize("pad_small", [True, False])
+def test_window_equivalents_count_the_model_work_of_the_passes(pad_small: bool) -> None:
+    seen: list[float] = []
+
+    def model_fn(crops: torch.Tensor) -> torch.Tensor:
+        seen.extend([crops.shape[-2] * crops.shape[-1] / 64**2] * crops.shape[0])
+        return torch.zeros(crops.shape[0], 3, *crops.shape[-2:])
+
+    kwargs = dict(scales=(0.5, 1.0, 1.6), short_side=64, flip=True, window=64, stride=40)
+    image = torch.zeros(1, 3, 50, 90)
+    multiscale_probabilities(model_fn, image, num_classes=3, pad_small=pad_small, **kwargs)
+    expected = window_equivalents(50, 90, pad_small=pad_small, **kwargs)
+    assert sum(seen) == pytest.approx(expected) and len(seen) > 6
