@@ -28,12 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--split", action="append", metavar="[NAME=]FILE", help=split)
     job.add_max_error_fraction(stage)
     add("--max-pixels", type=int, metavar="N", help="per image (default 50e6)")
-    add("--rows-per-shard", type=int, metavar="N", help="default 256")
     unit = (
-        "rows per Parquet row group of the shards = the unit of work of refine, "
-        "pseudo_masks and evaluate (default 16)"
+        "rows per unit: one shard and one completion record each "
+        "(default: sized for ~96 MiB shards from the first rows)"
     )
     add("--rows-per-unit", type=int, metavar="N", help=unit)
+    add("--rows-per-shard", type=int, metavar="N", help="the old name of --rows-per-unit")
+    group = "rows per Parquet row group: what later stages read at once (default 16)"
+    add("--rows-per-group", type=int, metavar="N", help=group)
     return parser
 
 
@@ -41,7 +43,7 @@ def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     options = job.stage_options(args, "ingest")
     names = ("layout", "classes", "max_error_fraction", "max_pixels", "rows_per_shard")
-    fields = job.given(args, *names, "rows_per_unit")
+    fields = job.given(args, *names, "rows_per_unit", "rows_per_group")
     fields["splits"] = tuple(args.split) if args.split else None
     config = job.build_config(IngestConfig, args, fields)
     job.init_ray(args)

@@ -30,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     threshold = "background plane value, in (0, 1) (default 0.43, WeakTr VOC)"
     stage.add_argument("--bg-threshold", type=float, metavar="T", help=threshold)
     job.add_max_error_fraction(stage)
+    unit = (
+        "rows per unit: one shard and one completion record each, whole input row groups "
+        "(default: sized for ~96 MiB shards)"
+    )
+    stage.add_argument("--rows-per-unit", type=int, metavar="N", help=unit)
     job.add_progress_every(stage, "a progress line every N images (default: one every 10 s)")
     return parser
 
@@ -37,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     options = job.stage_options(args, "refine", DEFAULT_RESOURCES)
-    fields = job.given(args, "method", "bg_threshold", "max_error_fraction")
+    fields = job.given(args, "method", "bg_threshold", "max_error_fraction", "rows_per_unit")
     config = job.build_config(RefineConfig, args, fields)
     read_manifest(options.input)  # an unfinished or missing input fails before Ray starts
     job.init_ray(args)

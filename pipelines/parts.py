@@ -22,15 +22,19 @@ from typing import Any
 
 Record = dict[str, Any]
 TASKS_PER_SLOT = 2  # parts in flight per task slot (the next one is queued when one ends)
+MAX_PART_ROWS = 256  # a part never holds more: a lost task redoes little, progress moves
 
 
-def part_bounds(rows: int, remaining: int, slots: int) -> list[tuple[int, int]]:
+def part_bounds(
+    rows: int, remaining: int, slots: int, *, max_rows: int = MAX_PART_ROWS
+) -> list[tuple[int, int]]:
     """The row ranges `[(start, stop), ...]` of a unit of `rows` rows handed out when
     `remaining` rows (this unit's included) are left to hand out over `slots` task slots:
-    parts of about `remaining / (2 x slots)` rows, one part when that is `rows` or more."""
+    parts of about `remaining / (2 x slots)` rows and at most `max_rows`, one part when that
+    is `rows` or more."""
     if rows <= 0:
         return [(0, 0)]
-    size = max(1, math.ceil(remaining / (TASKS_PER_SLOT * max(1, slots))))
+    size = max(1, min(max_rows, math.ceil(remaining / (TASKS_PER_SLOT * max(1, slots)))))
     count = math.ceil(rows / min(rows, size))
     edges = [round(i * rows / count) for i in range(count + 1)]
     return list(zip(edges[:-1], edges[1:], strict=True))
@@ -52,11 +56,13 @@ def run_parts(
     num_cpus: float,
     part_kwargs: Mapping[str, Any],
     finish_kwargs: Mapping[str, Any],
+    on_part: Callable[[int], Any] | None = None,
 ) -> Iterator[Record]:
     """Runs every unit (a mapping with `rows`) as part tasks (`part(..., **part_kwargs)`) and
     a finish task (`finish(..., **finish_kwargs)`; module docstring); yields the records the
-    finish tasks return, as they come back. The first error of a task is raised (Ray's task
-    error, which is also an instance of its cause)."""
+    finish tasks return, as they come back, and calls `on_part(rows)` as each part ends (for
+    progress within a long unit). The first error of a task is raised (Ray's task error, which
+    is also an instance of its cause)."""
     if not units:
         return
     import ray
@@ -67,7 +73,8 @@ def run_parts(
     to_finish = {key: ray.put(value) for key, value in finish_kwargs.items()}
     remaining = sum(int(u["rows"]) for u in units)
     queue = list(reversed(units))
-    pending: dict[Any, int] = {}  # finish ref -> its unit's part count
+    pending: dict[Any, int] = {}  # finish ref -> its unit's parts not yet done
+    parts: dict[Any, tuple[Any, int]] = {}  # part ref -> (its finish ref, its rows)
 
     def hand_out() -> None:
         nonlocal remaining
@@ -77,12 +84,24 @@ def run_parts(
             bounds = part_bounds(int(unit["rows"]), remaining, slots)
             remaining -= int(unit["rows"])
             refs = [part_task.remote(unit, start, stop, **to_part) for start, stop in bounds]
-            pending[finish_task.remote(unit, *refs, **to_finish)] = len(refs)
+            finish_ref = finish_task.remote(unit, *refs, **to_finish)
+            pending[finish_ref] = len(refs)
+            for ref, (start, stop) in zip(refs, bounds, strict=True):
+                parts[ref] = (finish_ref, stop - start)
 
     hand_out()
     while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
+        done, _ = ray.wait([*parts, *pending], num_returns=1)
+        if done[0] in parts:
+            finish_ref, rows = parts.pop(done[0])
+            pending[finish_ref] -= 1
+            if on_part is not None:
+                on_part(rows)
+            hand_out()
+            continue
         del pending[done[0]]
+        for ref in [r for r, (f, _) in parts.items() if f == done[0]]:
+            del parts[ref]  # a finish that ended first (its parts failed: it raises)
         record = ray.get(done[0])
         hand_out()
         yield record

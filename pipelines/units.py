@@ -41,6 +41,8 @@ from pipelines.io.storage import (
 UNIT_DIR = "_units"  # completion records of finished units (bookkeeping, not data files)
 SHARD_DIR = "shards"
 _THREADS = 16
+UNIT_BYTES = 96 * 2**20  # what the default rows per unit aims at: ~96 MiB shards
+AUTO_MAX_ROWS = 65_536
 
 K = TypeVar("K")
 T = TypeVar("T")
@@ -89,8 +91,40 @@ class StageResult:
 
 
 def unit_fields(unit: Any) -> dict[str, Any]:
-    """A unit dataclass as the fields of its record: `unit` (its `name`) and the others."""
-    return {"unit": unit.name, **{k: v for k, v in asdict(unit).items() if k != "name"}}
+    """A unit dataclass as the fields of its record: `unit` (its `name`) and the others, as
+    JSON gives them back (tuples as lists)."""
+    fields = {k: v for k, v in asdict(unit).items() if k != "name"}
+    return {"unit": unit.name, **json.loads(json.dumps(fields))}
+
+
+def rows_per_unit_for(bytes_per_row: float, *, target_bytes: int = UNIT_BYTES) -> int:
+    """The default rows per unit: about `target_bytes` of output per unit (its shard), at
+    least 1 and at most `AUTO_MAX_ROWS` rows."""
+    if bytes_per_row <= 0:
+        return AUTO_MAX_ROWS
+    return max(1, min(AUTO_MAX_ROWS, int(target_bytes // bytes_per_row)))
+
+
+def group_row_groups(
+    shards: Sequence[tuple[str, Sequence[int]]], rows_per_unit: int
+) -> list[list[tuple[str, int, int]]]:
+    """Consecutive row groups of the input (`shards`: path and the row count of each of its
+    row groups, in manifest order) gathered into units of whole row groups: a unit takes row
+    groups while it stays within `rows_per_unit` rows (a row group bigger than that is a unit
+    alone); units may span shards. Each unit: [(path, row group, rows), ...]."""
+    units: list[list[tuple[str, int, int]]] = []
+    current: list[tuple[str, int, int]] = []
+    size = 0
+    for path, groups in shards:
+        for group, rows in enumerate(groups):
+            if current and size + rows > rows_per_unit:
+                units.append(current)
+                current, size = [], 0
+            current.append((path, group, int(rows)))
+            size += int(rows)
+    if current:
+        units.append(current)
+    return units
 
 
 def record_matches(unit: Any, record: Mapping[str, Any]) -> bool:

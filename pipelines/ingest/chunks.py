@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,6 +22,7 @@ from pipelines.io.storage import Location, open_atomic, read_many
 from pipelines.units import each_unit, record_rel, shard_rel, write_unit
 
 _FETCH_GROUP = 16  # rows whose files are fetched concurrently
+SAMPLE_ROWS = 16  # rows the default rows per unit is sized from
 CHUNK_DIR = "_chunks"  # completion records of finished chunks (bookkeeping, not data files)
 
 
@@ -62,7 +65,7 @@ def write_chunk(
                     except RowRejected as exc:
                         source = entry.cam or entry.image or entry.image_id
                         rejected.append((entry.image_id, source, exc.reason))
-                    if len(pending) == config.rows_per_unit:
+                    if len(pending) == config.rows_per_group:
                         writer.write_table(pa.Table.from_pylist(pending, schema=SHARD_SCHEMA))
                         good, pending = good + len(pending), []
             if pending or good == 0:  # the last, short row group (an empty shard has one)
@@ -128,9 +131,38 @@ def _fetch(input_loc: Location, rel_paths: Sequence[str | None]) -> dict[str, by
     return blobs
 
 
-def chunk_entries(entries: Sequence[Entry], rows_per_shard: int) -> list[list[Entry]]:
+def chunk_entries(entries: Sequence[Entry], rows_per_unit: int) -> list[list[Entry]]:
+    """The entries in id order, cut into chunks (units) of `rows_per_unit`."""
     ordered = sorted(entries, key=lambda e: e.image_id)
-    return [ordered[i : i + rows_per_shard] for i in range(0, len(ordered), rows_per_shard)]
+    return [ordered[i : i + rows_per_unit] for i in range(0, len(ordered), rows_per_unit)]
+
+
+def sample_row_bytes(
+    entries: Sequence[Entry],
+    *,
+    input_loc: Location,
+    config: IngestConfig,
+    space: ClassSpace,
+    rows: int = SAMPLE_ROWS,
+) -> float | None:
+    """Shard bytes per row of the first `rows` entries (in id order), fetched, validated and
+    written as a chunk writes them (in memory); None when none of them makes a row."""
+    sample = sorted(entries, key=lambda e: e.image_id)[:rows]
+    if not sample:
+        return None
+    blobs = _fetch(input_loc, [p for e in sample for p in (e.image, e.cam, e.gt)])
+    images = _find_images(input_loc, sample, blobs)
+    limits = RowLimits(max_pixels=config.max_pixels)
+    good = []
+    for entry in sample:
+        with contextlib.suppress(RowRejected):
+            good.append(_row(entry, images, blobs, config, space, limits))
+    if not good:
+        return None
+    buffer = io.BytesIO()
+    table = pa.Table.from_pylist(good, schema=SHARD_SCHEMA)
+    pq.write_table(table, buffer, compression="zstd", row_group_size=config.rows_per_group)
+    return len(buffer.getvalue()) / len(good)
 
 
 def chunk_record_rel(chunk: int) -> str:

@@ -3,7 +3,8 @@
 Reads the MCTformer/WeakTr layout (`JPEGImages/<id>.jpg`, `cams/<id>.npy`, `cls_labels.npy`,
 optional `SegmentationClassAug/<id>.png`, split lists and `classes.txt`) or the CLIP-ES CAM
 layout, local or `s3://`. The driver enumerates image ids (`pipelines.ingest.listing`) and cuts
-them into chunks of `rows_per_shard` (row groups of `rows_per_unit`), one Ray task each; the
+them into chunks (units) of `rows_per_unit` (by default sized for ~96 MiB shards from the first
+rows; row groups of `rows_per_group`), one Ray task each; the
 rest is docs/ARCHITECTURE.md "The unit of work". Writes `schema.INGEST_COLUMNS`.
 """
 
@@ -12,12 +13,18 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Any
 
 from pipelines import units as work
-from pipelines.ingest.chunks import chunk_entries, chunk_record_rel, ingest_chunk, record_matches
+from pipelines.ingest.chunks import (
+    chunk_entries,
+    chunk_record_rel,
+    ingest_chunk,
+    record_matches,
+    sample_row_bytes,
+)
 from pipelines.ingest.config import IngestConfig
 from pipelines.ingest.listing import Enumeration, enumerate_inputs
 from pipelines.io import schema
@@ -55,6 +62,16 @@ def run_ingest(
     )
     for note in found.notes:
         report(f"ingest: note: {note}")
+    rows_per_unit = config.unit_rows
+    if rows_per_unit is None:
+        row_bytes = sample_row_bytes(
+            found.entries, input_loc=input_loc, config=config, space=found.space
+        )
+        rows_per_unit = work.rows_per_unit_for(row_bytes or 0.0)
+        sized = f"~{row_bytes / 1e3:.0f} KB per row" if row_bytes else "no sample row"
+        report(f"ingest: {rows_per_unit} rows per unit ({sized}; --rows-per-unit sets it)")
+    # what the run writes depends on the resolved value, not on how it was given
+    config = replace(config, rows_per_unit=rows_per_unit, rows_per_shard=None)
     out = StageOutput.open(
         output_loc,
         stage="ingest",
@@ -64,7 +81,7 @@ def run_ingest(
     )
     if out.state is StageState.DONE:
         return IngestResult(**work.already_done(out, report))
-    chunks = chunk_entries(found.entries, config.rows_per_shard)
+    chunks = chunk_entries(found.entries, rows_per_unit)
     records = work.resume(out, dict(enumerate(chunks)), record_matches, rel=chunk_record_rel)
     if records:
         report(f"ingest: resuming: {len(records)} of {len(chunks)} chunks already written")

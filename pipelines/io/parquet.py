@@ -9,9 +9,9 @@ of its tables: a reader asks for optional columns (`split`, `gt`, ...) like any 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,6 +29,7 @@ class Shard:
     rows: tuple[int, ...]  # the row count of each row group
     missing: tuple[str, ...] = ()  # the `required` columns it lacks (then no data was read)
     groups: tuple[pa.Table, ...] = ()  # per row group, the requested columns the file has
+    column_bytes: Mapping[str, int] = field(default_factory=dict)  # compressed, all row groups
 
 
 @contextlib.contextmanager
@@ -64,12 +65,19 @@ def read_shard(
         names = tuple(parquet.schema_arrow.names)
         meta = parquet.metadata
         rows = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
+        sizes: dict[str, int] = {}
+        for i in range(meta.num_row_groups):
+            group = meta.row_group(i)
+            for c in range(group.num_columns):
+                column = group.column(c)
+                name = column.path_in_schema.split(".")[0]
+                sizes[name] = sizes.get(name, 0) + column.total_compressed_size
         missing = tuple(c for c in required if c not in names)
         if missing or not columns:
-            return Shard(names, rows, missing)
+            return Shard(names, rows, missing, column_bytes=sizes)
         present = _present(parquet, columns)
         groups = tuple(parquet.read_row_group(i, columns=present) for i in range(len(rows)))
-        return Shard(names, rows, missing, groups)
+        return Shard(names, rows, missing, groups, sizes)
 
 
 def read_shards(location: Location, paths: Sequence[str], columns: Sequence[str]) -> list[Shard]:

@@ -1,7 +1,8 @@
 """Refine stage: ingested CAMs → dense-CRF seed labels on Ray Data CPU workers (docs/METHOD.md).
 
-Reads the ingest shards the input manifest lists, one unit per row group (`pipelines.refine.units`,
-docs/ARCHITECTURE.md "The unit of work"), each refined as Ray tasks over parts of its rows
+Reads the ingest shards the input manifest lists, in units of consecutive row groups
+(`pipelines.refine.units`, docs/ARCHITECTURE.md "The unit of work"), each refined as Ray tasks
+over parts of its rows
 (`pipelines.parts`: shorter parts near the end, so that no core idles on a last long unit);
 writes `schema.REFINE_COLUMNS`. Metrics (rows with
 ground truth): confusion matrices of CAM argmax and seeds, with per-split mIoU beside them.
@@ -50,24 +51,30 @@ class RefineConfig:
     bilateral_compat: float | None = None  # appearance kernel weight (weaktr 3, clip-es 4)
     confidence_threshold: float | None = None  # clip-es: CRF confidence below → 255 (0.95)
     max_error_fraction: float = 0.01  # above this share of quarantined rows the job fails
+    # rows per unit (one shard and one record; whole input row groups, at most this many
+    # rows); None: sized for ~96 MiB shards from the input's footers
+    rows_per_unit: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
         check_fields(self, "in [0, 1]", "max_error_fraction")
+        if self.rows_per_unit is not None:
+            check_fields(self, ">= 1", "rows_per_unit")
         self.seed_config()  # SeedConfig names the offending field
 
     def seed_config(self) -> SeedConfig:
         """The full recipe: `method`'s published values with the given fields over them."""
-        stage_only = ("method", "max_error_fraction")
+        stage_only = ("method", "max_error_fraction", "rows_per_unit")
         given = {k: v for k, v in asdict(self).items() if k not in stage_only and v is not None}
         return SeedConfig.for_method(self.method, **given)  # type: ignore[arg-type]
 
 
 def stage_config(config: RefineConfig) -> dict[str, Any]:
-    """What fingerprints a refine output: the resolved recipe (not the error tolerance, so a
-    run that failed on too many bad rows can be resumed with a higher one)."""
-    return {"seeds": asdict(config.seed_config())}
+    """What fingerprints a refine output: the resolved recipe and the rows per unit as given
+    (None: sized from the input, the same for the same input); not the error tolerance, so a
+    run that failed on too many bad rows can be resumed with a higher one."""
+    return {"seeds": asdict(config.seed_config()), "rows_per_unit": config.rows_per_unit}
 
 
 @dataclass(frozen=True)
@@ -114,18 +121,28 @@ def run_refine(
     )
     if out.state is StageState.DONE:
         return RefineResult(**work.already_done(out, report), seconds=time.monotonic() - started)
-    units = enumerate_units(input_loc, source)
+    units, rows_per_unit = enumerate_units(input_loc, source, config.rows_per_unit)
     total_rows = sum(u.rows for u in units)
     if total_rows == 0:
         raise ValueError(f"{input_loc.uri} lists no rows to refine")
     records = work.resume(out, {u.name: u for u in units}, work.record_matches)
     report(
-        f"refine: {total_rows} rows in {len(units)} units from {input_loc.uri}; method "
+        f"refine: {total_rows} rows in {len(units)} units of up to {rows_per_unit} rows from "
+        f"{input_loc.uri}; method "
         f"{seed_config.method}, class space {source.class_space} ({len(source.class_names)})"
         + (f"; resuming: {len(records)} of {len(units)} units already done" if records else "")
     )
     todo = [asdict(u) for u in units if u.name not in records]
     num_classes = len(source.class_names)
+    total = sum(u["rows"] for u in todo)
+    progress = Progress("refine", total, report=report, every_items=progress_every)
+    done = {"rows": 0, "units": 0}
+
+    def part_done(rows: int) -> None:
+        done["rows"] += rows
+        if done["rows"] < total:  # the last line comes once every unit is written
+            progress.update(done["rows"], f"{done['units']}/{len(todo)} units")
+
     tasks = run_parts(
         todo,
         refine_part,
@@ -133,10 +150,10 @@ def run_refine(
         num_cpus=num_cpus_per_task,
         part_kwargs=dict(input_loc=input_loc, config=seed_config, num_classes=num_classes),
         finish_kwargs=dict(output_loc=output_loc, num_classes=num_classes),
+        on_part=part_done,
     )
-    total = sum(u["rows"] for u in todo)
-    progress = Progress("refine", total, report=report, every_items=progress_every)
-    timing = _collect(tasks, len(todo), records, progress)
+    timing = _collect(tasks, len(todo), records, done)
+    progress.update(done["rows"], f"{done['units']}/{len(todo)} units")
     return _gate_and_commit(out, source, units, records, config, timing, started, report)
 
 
@@ -179,14 +196,15 @@ def _collect(
     tasks: Iterable[dict[str, Any]],
     count: int,
     records: dict[str, dict[str, Any]],
-    progress: Progress,
+    done: dict[str, int],
 ) -> dict[str, Any]:
-    """Files the records of the `count` units run into `records`; returns their timings."""
+    """Files the records of the `count` units run into `records` (counting them in `done`);
+    returns their timings."""
     timing = dict(crf_seconds=0.0, task_seconds=0.0, units_run=count, rows_run=0)
-    for done, record in enumerate(tasks, start=1):
+    for record in tasks:
         records[record["unit"]] = record
+        done["units"] += 1
         timing["rows_run"] += record["input_rows"]
         timing["crf_seconds"] += record["crf_s"]
         timing["task_seconds"] += record["task_s"]
-        progress.update(timing["rows_run"], f"{done}/{count} units")
     return timing

@@ -1,13 +1,14 @@
-"""Refine's unit of work: one row group of an input shard (`enumerate_units`, from the
-footers), refined as part tasks over its rows (`refine_part`, `pipelines.parts`) and written
-by `finish_unit`; `build_metrics` sums the records' confusion matrices into the manifest's
+"""Refine's unit of work: consecutive row groups of the input shards, about `rows_per_unit`
+rows (`enumerate_units`, from the footers; by default sized for ~96 MiB output shards),
+refined as part tasks over its rows (`refine_part`, `pipelines.parts`) and written by
+`finish_unit`; `build_metrics` sums the records' confusion matrices into the manifest's
 metrics.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -16,7 +17,7 @@ import pyarrow as pa
 
 from pipelines.io import schema
 from pipelines.io.manifest import Manifest
-from pipelines.io.parquet import read_row_group, read_shard
+from pipelines.io.parquet import Shard, read_row_group, read_shard
 from pipelines.io.rows import RowRejected
 from pipelines.io.storage import Location
 from pipelines.metrics import (
@@ -31,8 +32,10 @@ from pipelines.refine.rows import REFINE_SCHEMA, refine_row
 from pipelines.seeds import SeedConfig
 from pipelines.units import (
     check_unit_names,
+    group_row_groups,
     listed_shards,
     map_shards,
+    rows_per_unit_for,
     unit_fields,
     unit_name,
     write_unit,
@@ -40,15 +43,17 @@ from pipelines.units import (
 
 METRIC_KEYS = ("cam_argmax", "seeds")
 _REQUIRED_COLUMNS = schema.INGEST_COLUMNS[: schema.INGEST_COLUMNS.index(schema.SOURCE)]
+# the input columns a refine row carries on, and what its seed PNG adds when there is no GT
+_CARRIED = tuple(c for c in schema.REFINE_COLUMNS if c in schema.INGEST_COLUMNS)
+_SEED_BYTES_WITHOUT_GT = 4096
 
 
 @dataclass(frozen=True)
 class WorkUnit:
-    """One task: a row group of an input shard, and the name of everything it writes."""
+    """One unit: consecutive row groups of the input, and the name of everything it writes."""
 
-    name: str  # "<shard stem>-rg<NNNN>"
-    path: str  # input shard, relative to the input directory
-    row_group: int
+    name: str  # `unit_name` of its first row group: "<shard stem>-rg<NNNN>"
+    pieces: tuple[tuple[str, int, int], ...]  # (input shard, row group, rows), in order
     rows: int
 
 
@@ -77,38 +82,35 @@ def refine_part(
     config: SeedConfig,
     num_classes: int,
 ) -> dict[str, Any]:
-    """Refines rows `[start, stop)` of a unit's row group (a `pipelines.parts` part task):
-    `{"table"` (REFINE_SCHEMA), `"rejected"` ([(image id, source, reason)]), `"confusion"`
-    ({split: {"images", "cam_argmax", "seeds"}}, K x (K + 1) int64 arrays), `"input_rows"`,
-    `"crf_s"`, `"task_s"`, `"task_cpu_s"` (this process's CPU seconds)}`."""
+    """Refines rows `[start, stop)` of a unit (of the concatenation of its row groups; a
+    `pipelines.parts` part task): `{"table"` (REFINE_SCHEMA), `"rejected"` ([(image id, source,
+    reason)]), `"confusion"` ({split: {"images", "cam_argmax", "seeds"}}, K x (K + 1) int64
+    arrays), `"input_rows"`, `"crf_s"`, `"task_s"`, `"task_cpu_s"` (this process's CPU
+    seconds)}`. Only the row groups that hold these rows are read."""
     started, cpu_started = time.perf_counter(), time.process_time()
-    path, group = str(unit["path"]), int(unit["row_group"])
-    try:
-        table = read_row_group(input_loc, path, group, schema.INGEST_COLUMNS)
-    except (OSError, pa.ArrowException) as exc:
-        raise _unreadable(input_loc, path, exc, f" (row group {group})") from None
-    table = table.slice(start, max(0, stop - start))
     rows: list[dict[str, Any]] = []
     rejected: list[tuple[str, str, str]] = []
     confusion: dict[str, dict[str, Any]] = {}
-    crf_seconds = 0.0
-    for row in table.to_pylist():
-        try:
-            refined = refine_row(row, config=config, num_classes=num_classes)
-        except RowRejected as exc:
-            source = row.get(schema.SOURCE) or f"{path}#rg{group}"
-            rejected.append((str(row.get(schema.IMAGE_ID)), str(source), exc.reason))
-            continue
-        rows.append(refined.columns)
-        crf_seconds += refined.crf_seconds
-        if refined.gt is not None:
-            acc = confusion.setdefault(
-                refined.columns[schema.SPLIT] or NO_SPLIT,
-                {"images": 0, **{k: ConfusionAccumulator(num_classes) for k in METRIC_KEYS}},
-            )
-            acc["images"] += 1
-            acc["cam_argmax"].add(refined.argmax, refined.gt)
-            acc["seeds"].add(refined.seed, refined.gt)
+    crf_seconds, input_rows = 0.0, 0
+    for where, table in _read_range(unit, start, stop, input_loc):  # one row group at a time
+        input_rows += table.num_rows
+        for row in table.to_pylist():
+            try:
+                refined = refine_row(row, config=config, num_classes=num_classes)
+            except RowRejected as exc:
+                source = row.get(schema.SOURCE) or where
+                rejected.append((str(row.get(schema.IMAGE_ID)), str(source), exc.reason))
+                continue
+            rows.append(refined.columns)
+            crf_seconds += refined.crf_seconds
+            if refined.gt is not None:
+                acc = confusion.setdefault(
+                    refined.columns[schema.SPLIT] or NO_SPLIT,
+                    {"images": 0, **{k: ConfusionAccumulator(num_classes) for k in METRIC_KEYS}},
+                )
+                acc["images"] += 1
+                acc["cam_argmax"].add(refined.argmax, refined.gt)
+                acc["seeds"].add(refined.seed, refined.gt)
     return {
         "table": pa.Table.from_pylist(rows, schema=REFINE_SCHEMA),
         "rejected": rejected,
@@ -116,11 +118,28 @@ def refine_part(
             split: {k: v if k == "images" else v.matrix for k, v in acc.items()}
             for split, acc in confusion.items()
         },
-        "input_rows": table.num_rows,
+        "input_rows": input_rows,
         "crf_s": crf_seconds,
         "task_s": time.perf_counter() - started,
         "task_cpu_s": time.process_time() - cpu_started,
     }
+
+
+def _read_range(
+    unit: Mapping[str, Any], start: int, stop: int, input_loc: Location
+) -> Iterator[tuple[str, pa.Table]]:
+    """("<shard>#rg<N>", the rows of that row group within `[start, stop)` of the unit), one
+    row group read at a time, only those that hold such rows."""
+    offset = 0
+    for path, group, rows_in_group in unit["pieces"]:
+        low, high = max(start, offset), min(stop, offset + int(rows_in_group))
+        if low < high:
+            try:
+                table = read_row_group(input_loc, str(path), int(group), schema.INGEST_COLUMNS)
+            except (OSError, pa.ArrowException) as exc:
+                raise _unreadable(input_loc, str(path), exc, f" (row group {group})") from None
+            yield f"{path}#rg{group}", table.slice(low - offset, high - low)
+        offset += int(rows_in_group)
 
 
 def finish_unit(
@@ -148,14 +167,20 @@ def finish_unit(
     return write_unit(output_loc, str(unit["name"]), record, table=table, rejected=rejected)
 
 
-def enumerate_units(input_loc: Location, manifest: Manifest) -> list[WorkUnit]:
-    """One unit per row group of every shard the ingest manifest lists (footers only).
+def enumerate_units(
+    input_loc: Location, manifest: Manifest, rows_per_unit: int | None = None
+) -> tuple[list[WorkUnit], int]:
+    """(units, rows per unit): the row groups of every shard the ingest manifest lists (footers
+    only, read in parallel), gathered into units of whole row groups of at most `rows_per_unit`
+    rows (`units.group_row_groups`); None: sized for ~96 MiB output shards from the carried
+    columns' bytes (`refine_row_bytes`).
 
     Raises:
-        ValueError: a listed shard lacks an ingest column, or two shards share a file name.
+        ValueError: a listed shard lacks an ingest column, or two units share a name.
     """
+    paths = listed_shards(manifest)
 
-    def footer(path: str) -> list[WorkUnit]:
+    def footer(path: str) -> Shard:
         try:
             shard = read_shard(input_loc, path, required=_REQUIRED_COLUMNS)
         except (OSError, pa.ArrowException) as exc:
@@ -163,11 +188,31 @@ def enumerate_units(input_loc: Location, manifest: Manifest) -> list[WorkUnit]:
         if shard.missing:
             missing = ", ".join(shard.missing)
             raise ValueError(f"{path} is not an ingest shard: no column(s) {missing}")
-        return [WorkUnit(unit_name(path, i), path, i, rows) for i, rows in enumerate(shard.rows)]
+        return shard
 
-    units = [u for found in map_shards(footer, listed_shards(manifest)) for u in found]
+    shards = map_shards(footer, paths)
+    if rows_per_unit is None:
+        rows_per_unit = rows_per_unit_for(refine_row_bytes(shards))
+    grouped = group_row_groups(
+        [(p, s.rows) for p, s in zip(paths, shards, strict=True)], rows_per_unit
+    )
+    units = [
+        WorkUnit(unit_name(pieces[0][0], pieces[0][1]), tuple(pieces), sum(p[2] for p in pieces))
+        for pieces in grouped
+    ]
     check_unit_names(u.name for u in units)
-    return units
+    return units, rows_per_unit
+
+
+def refine_row_bytes(shards: Sequence[Shard]) -> float:
+    """Estimated bytes of a refine row from input footers: the columns it carries on, plus a
+    seed PNG as large as the GT PNG (or 4 KB without GT)."""
+    rows = sum(sum(s.rows) for s in shards)
+    if rows == 0:
+        return 0.0
+    carried = sum(s.column_bytes.get(c, 0) for s in shards for c in _CARRIED)
+    gt = sum(s.column_bytes.get(schema.GT, 0) for s in shards)
+    return (carried + (gt or _SEED_BYTES_WITHOUT_GT * rows)) / rows
 
 
 def _unreadable(input_loc: Location, path: str, exc: BaseException, where: str = "") -> Exception:

@@ -62,3 +62,18 @@ def test_a_failing_part_fails_the_run_with_its_error(ray_session: None) -> None:
     with pytest.raises(ValueError, match="bad unit u1"):
         list(p.run_parts(units, _part, _finish, num_cpus=1, **_kwargs("u1")))
     assert list(p.run_parts([], _part, _finish, num_cpus=1, **_kwargs(""))) == []
+
+
+def test_a_part_never_holds_more_than_its_cap() -> None:
+    bounds = p.part_bounds(1000, 100_000, 2)  # 100k / 4 would be 25k rows a part
+    assert _covers(bounds, 1000) and max(b - a for a, b in bounds) <= p.MAX_PART_ROWS
+    assert p.part_bounds(10, 100_000, 2, max_rows=4) == [(0, 3), (3, 7), (7, 10)]
+
+
+def test_each_part_is_reported_as_it_ends(ray_session: None) -> None:
+    units = [{"name": f"u{i}", "first": 100 * i, "rows": 9} for i in range(3)]
+    seen: list[int] = []
+    records = list(
+        p.run_parts(units, _part, _finish, num_cpus=1, on_part=seen.append, **_kwargs(""))
+    )
+    assert sum(seen) == 27 and len(seen) == sum(r["parts"] for r in records) >= 3

@@ -138,7 +138,8 @@ def main(argv: list[str]) -> int:
     if stage == "refine":
         from pipelines.refine import RefineConfig, run_refine
 
-        result = run_refine(source, output, RefineConfig(), num_cpus_per_task=0.5, **quiet)
+        config = RefineConfig(rows_per_unit=1)  # a unit per row: many units to lose one of
+        result = run_refine(source, output, config, num_cpus_per_task=0.5, **quiet)
     elif stage == "pseudo_masks":
         from pipelines.pseudo_masks import PseudoMaskConfig, run_pseudo_masks
 

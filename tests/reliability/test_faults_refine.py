@@ -116,7 +116,9 @@ def test_refine_survives_worker_killed_mid_task(
     injector.start()
     lines: list[str] = []
     started = time.monotonic()
-    result = run_refine(local_ingest.uri, str(output), RefineConfig(), report=lines.append)
+    result = run_refine(
+        local_ingest.uri, str(output), RefineConfig(rows_per_unit=1), report=lines.append
+    )
     seconds = time.monotonic() - started
     injection = injector.stop()
     assert injection.error is None, injection.error
@@ -183,7 +185,9 @@ def test_refine_s3_survives_object_store_restart(
     injector.start()
     lines: list[str] = []
     started = time.monotonic()
-    result = run_refine(ingest.uri, f"{s3_bucket}/refine", RefineConfig(), report=lines.append)
+    result = run_refine(
+        ingest.uri, f"{s3_bucket}/refine", RefineConfig(rows_per_unit=1), report=lines.append
+    )
     seconds = time.monotonic() - started
     injection = injector.stop()
     assert injection.error is None, injection.error
@@ -248,7 +252,7 @@ def test_refine_driver_killed_then_rerun(
     output = tmp_path / "refine"
     units = output / "_units"
     argv = ["jobs.refine", "--input", local_ingest.uri, "--output", str(output)]
-    argv += ["--ray-address", "local", "--num-cpus-per-task", "1"]
+    argv += ["--ray-address", "local", "--num-cpus-per-task", "1", "--rows-per-unit", "1"]
     killed = ft.run_job_then_kill(argv, ready=lambda: len(_records(units)) >= 3)
     assert not (output / "_SUCCESS").exists(), "the kill came after the stage had finished"
     assert (output / LEASE).exists()  # the dead driver's: taken over at once below (same host)
@@ -266,7 +270,7 @@ def test_refine_driver_killed_then_rerun(
 
     # A changed recipe must not reuse the interrupted run's files.
     with pytest.raises(StageConflictError, match="--overwrite"):
-        run_refine(local_ingest.uri, str(output), RefineConfig(bg_threshold=0.3))
+        run_refine(local_ingest.uri, str(output), RefineConfig(bg_threshold=0.3, rows_per_unit=1))
     assert ft.file_digests(output) == after_kill, "a refused run changed the directory"
 
     # A torn shard of a finished unit (as a store without atomic puts could leave) is redone.
@@ -319,6 +323,7 @@ def test_refine_two_concurrent_drivers_exactly_one_commits(
         ),
     )
     argv = ["jobs.refine", "--input", local_ingest.uri, "--num-cpus-per-task", "0.5"]
+    argv += ["--rows-per-unit", "1"]
     argv += ["--ray-address", ray.get_runtime_context().gcs_address]
     shared, solo = tmp_path / "shared", tmp_path / "solo"
     started = time.monotonic()

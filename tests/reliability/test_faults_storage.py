@@ -39,9 +39,10 @@ def dataset(s3_bucket: str) -> str:
 def _chain(data: str, root: str, storage: StorageOptions, checkpoint: str) -> dict[str, Any]:
     """Every data stage once through `storage`; the manifests and evaluate's metrics."""
     at = {stage: f"{root}/{stage}" for stage in STAGES}
-    ingest = IngestConfig(splits=("train.txt", "val.txt"), rows_per_unit=2)
+    ingest = IngestConfig(splits=("train.txt", "val.txt"), rows_per_group=2)
     assert run_ingest(data, at["ingest"], ingest, storage=storage, **quiet).ok
-    assert run_refine(at["ingest"], at["refine"], RefineConfig(), storage=storage, **quiet).ok
+    refine = RefineConfig(rows_per_unit=2)  # many units, many requests
+    assert run_refine(at["ingest"], at["refine"], refine, storage=storage, **quiet).ok
     masks = PseudoMaskConfig(scales=(1.0,), flip=False, report_images=0)
     assert run_pseudo_masks(
         at["refine"], at["pseudo_masks"], checkpoint, masks, storage=storage, **quiet
@@ -127,7 +128,7 @@ def test_a_store_gone_for_good_fails_the_stage_without_success(
     )
     direct = StorageOptions(endpoint_url=s3_server.endpoint_url)
     ingest = f"{s3_bucket}/gone/ingest"
-    config = IngestConfig(splits=("train.txt", "val.txt"), rows_per_unit=1)
+    config = IngestConfig(splits=("train.txt", "val.txt"), rows_per_group=1)
     assert run_ingest(dataset, ingest, config, storage=direct, **quiet).ok
     proxy = FlakyProxy(s3_server.port, drop=0.0)
     output = resolve(f"{s3_bucket}/gone/refine", direct)
@@ -136,7 +137,7 @@ def test_a_store_gone_for_good_fails_the_stage_without_success(
     def refine() -> None:
         storage = StorageOptions(endpoint_url=proxy.endpoint_url, max_attempts=2)
         try:
-            run_refine(ingest, output.uri, RefineConfig(), storage=storage, **quiet)
+            run_refine(ingest, output.uri, RefineConfig(rows_per_unit=1), storage=storage, **quiet)
         except BaseException as error:  # noqa: BLE001  (what the stage raised is the result)
             failure.append(error)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -18,6 +19,7 @@ from pipelines.metrics import ConfusionAccumulator
 from pipelines.refine import RefineConfig, run_refine
 from pipelines.seeds import cam_argmax
 from pipelines.synthetic.dataset import plant_bad_inputs, write_dataset
+from pipelines.units import rows_per_unit_for
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -148,27 +150,59 @@ def test_resume_redoes_only_unfinished_chunks(tmp_path) -> None:
     assert sorted(r[schema.IMAGE_ID] for r in rows) == first == sorted(good)
 
 
-def test_rows_per_unit_sets_the_row_groups_and_so_refine_units(tmp_path) -> None:
+def test_rows_per_unit_cuts_shards_rows_per_group_their_row_groups(tmp_path) -> None:
     good, planted = _dataset(str(tmp_path / "data"))
     out = tmp_path / "ingest"
-    config = IngestConfig(splits=SPLITS, max_error_fraction=1.0, rows_per_shard=16, rows_per_unit=3)
+    config = IngestConfig(splits=SPLITS, max_error_fraction=1.0, rows_per_unit=8, rows_per_group=3)
     assert run_ingest(str(tmp_path / "data"), str(out), config, report=lambda _: None).ok
-    expected_units = []
-    for shard in sorted((out / "shards").glob("*.parquet")):
+    shards = sorted((out / "shards").glob("*.parquet"))
+    assert len(shards) == len(list((out / "_chunks").glob("*.json"))) > 2
+    row_groups = []
+    for shard in shards:
         meta = pq.ParquetFile(shard).metadata
-        rows = meta.num_rows
+        rows = meta.num_rows  # 8 candidate rows a shard, less what was quarantined
         sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
-        assert sizes == [3] * (rows // 3) + ([rows % 3] if rows % 3 else []), (shard, sizes)
-        expected_units += [f"{shard.stem}-rg{i:04d}" for i in range(len(sizes))]
-    assert len(expected_units) > 2
+        assert rows <= 8 and sizes == [3] * (rows // 3) + ([rows % 3] if rows % 3 else [])
+        row_groups += [(shard.name, i, n) for i, n in enumerate(sizes)]
+    # refine gathers whole row groups of at most its rows_per_unit into a unit
     refined = tmp_path / "refine"
-    result = run_refine(str(out), str(refined), RefineConfig(), report=lambda _: None)
+    result = run_refine(
+        str(out), str(refined), RefineConfig(rows_per_unit=6), report=lambda _: None
+    )
     assert result.ok and result.counts["output"] == len(_rows(str(out))) == len(good) + 1
-    assert sorted(p.stem for p in (refined / "_units").glob("*.json")) == expected_units
-    with pytest.raises(ValueError, match="rows_per_unit"):
+    records = [json.loads(p.read_text()) for p in sorted((refined / "_units").glob("*.json"))]
+    pieces = [tuple(p) for r in records for p in r["pieces"]]
+    assert [(posixpath.basename(p), g, n) for p, g, n in pieces] == row_groups
+    assert all(0 < r["input_rows"] <= 6 for r in records) and len(records) < len(row_groups)
+    # the old name still works, and means the same
+    assert (
+        IngestConfig(rows_per_shard=32).unit_rows == 32 == IngestConfig(rows_per_unit=32).unit_rows
+    )
+    with pytest.raises(ValueError, match="old name"):
         IngestConfig(rows_per_shard=32, rows_per_unit=33)
     with pytest.raises(ValueError, match="rows_per_unit"):
         IngestConfig(rows_per_unit=0)
+    with pytest.raises(ValueError, match="rows_per_group"):
+        IngestConfig(rows_per_group=0)
+
+
+def test_the_default_unit_is_sized_from_the_first_rows(tmp_path) -> None:
+    _dataset(str(tmp_path / "data"), num_images=12, bad=False)
+    lines: list[str] = []
+    out = tmp_path / "ingest"
+    assert run_ingest(str(tmp_path / "data"), str(out), IngestConfig(), report=lines.append).ok
+    (line,) = [x for x in lines if "rows per unit" in x]
+    shards = list((out / "shards").glob("*.parquet"))
+    row_bytes = sum(p.stat().st_size for p in shards) / 12
+    expected = rows_per_unit_for(row_bytes)
+    assert abs(int(line.split("ingest: ")[1].split()[0]) - expected) <= 0.3 * expected
+    assert len(shards) == 1  # small rows: one unit
+    config = read_manifest(resolve(str(out))).config
+    assert config["rows_per_unit"] == int(line.split("ingest: ")[1].split()[0])
+    assert config["rows_per_shard"] is None
+    # given explicitly as what the default came to, it is the same run: nothing to do
+    again = IngestConfig(rows_per_unit=config["rows_per_unit"])
+    assert run_ingest(str(tmp_path / "data"), str(out), again, report=lambda _: None).skipped
 
 
 def test_listing_mode_and_clip_es_layout(tmp_path) -> None:

@@ -197,8 +197,9 @@ def test_process_unit_quarantines_bad_rows_and_records_last(
     input_loc = resolve(str(tmp_path / "in"))
     bad = {**rows[2], schema.CAM: b"\x01\x02\x03"}
     write_ingest_output(input_loc, [rows[0], rows[1], bad, rows[3]])
-    units = enumerate_units(input_loc, read_manifest(input_loc))
-    assert [(u.name, u.row_group, u.rows) for u in units] == [("part-00000-rg0000", 0, 4)]
+    units, _ = enumerate_units(input_loc, read_manifest(input_loc))
+    pieces = (("shards/part-00000.parquet", 0, 4),)
+    assert [(u.name, u.pieces, u.rows) for u in units] == [("part-00000-rg0000", pieces, 4)]
     output_loc = resolve(str(tmp_path / "out"))
     record = process_unit(
         units[0],
@@ -233,8 +234,9 @@ def test_process_unit_quarantines_bad_rows_and_records_last(
 def test_what_a_unit_writes_does_not_depend_on_its_parts(tmp_path: Any, rows: list[dict]) -> None:
     input_loc = resolve(str(tmp_path / "in"))
     bad = {**rows[2], schema.CAM: b"\x01\x02\x03"}
-    write_ingest_output(input_loc, [rows[0], rows[1], bad, rows[3]])
-    (unit,) = enumerate_units(input_loc, read_manifest(input_loc))
+    write_ingest_output(input_loc, [rows[0], rows[1], bad, rows[3]], rows_per_group=2)
+    (unit,), _ = enumerate_units(input_loc, read_manifest(input_loc))
+    assert len(unit.pieces) == 2  # parts cross the row groups' border
     kwargs = dict(input_loc=input_loc, config=SeedConfig(), num_classes=NUM_CLASSES)
     whole = process_unit(unit, output_loc=resolve(str(tmp_path / "one")), **kwargs)
     fields = asdict(unit)
@@ -276,8 +278,10 @@ def test_stage_seeds_beat_cam_argmax(
     assert set(metrics["per_class_iou"]) == set(SYNTHETIC_CLASSES.class_names)
     assert manifest.class_names == SYNTHETIC_CLASSES.class_names
     assert manifest.inputs[0].manifest_sha256 == read_manifest(ingest_dir).sha256
-    assert [f.path for f in manifest.files] == [
-        f"shards/part-0000{s}-rg000{g}.parquet" for s in (0, 1) for g in (0, 1)
+    # by default one unit holds every row group of these small rows: one shard, one record
+    assert [f.path for f in manifest.files] == ["shards/part-00000-rg0000.parquet"]
+    assert [p.name for p in (tmp_path / "refine" / "_units").iterdir()] == [
+        "part-00000-rg0000.json"
     ]
     out_rows = read_refine_rows(output)
     assert sorted(r[schema.IMAGE_ID] for r in out_rows) == [f"syn_{i:06d}" for i in range(16)]
@@ -327,14 +331,14 @@ def test_stage_quarantines_and_enforces_the_error_limit(
     bad = {**rows[5], schema.CAM: rows[5][schema.CAM][:-2]}
     write_ingest_output(input_loc, [*rows[:5], bad], rows_per_group=3)
     output = resolve(str(tmp_path / "out"))
-    failed = run_refine(input_loc.uri, output.uri, RefineConfig(), report=lambda _: None)
+    config = RefineConfig(rows_per_unit=3)  # a unit per row group
+    failed = run_refine(input_loc.uri, output.uri, config, report=lambda _: None)
     assert not failed.ok and "1 of 6 rows quarantined" in failed.message
     assert not (tmp_path / "out" / "_SUCCESS").exists()
     # a higher tolerance resumes the same output (the tolerance is not part of the run)
     lines: list[str] = []
-    result = run_refine(
-        input_loc.uri, output.uri, RefineConfig(max_error_fraction=0.5), report=lines.append
-    )
+    tolerant = RefineConfig(rows_per_unit=3, max_error_fraction=0.5)
+    result = run_refine(input_loc.uri, output.uri, tolerant, report=lines.append)
     assert result.ok and result.units_run == 0 and "resuming: 2 of 2" in lines[0]
     manifest = read_manifest(output)
     assert manifest.counts == {"input": 6, "output": 5, "quarantined": 1}
@@ -346,14 +350,14 @@ def test_stage_resumes_partial_outputs_without_duplicates(
     ray_session: None, ingest_dir: Location, tmp_path: Any
 ) -> None:
     output = resolve(str(tmp_path / "refine"))
-    config = RefineConfig()
+    config = RefineConfig(rows_per_unit=4)  # a unit per row group
     source = read_manifest(ingest_dir)
     # An interrupted earlier attempt: its run record, one finished unit (shard + record), a
     # torn shard without a record, and a stray file nobody would list.
     StageOutput.open(
         output, stage="refine", config=stage_config(config), inputs=[source.input_ref()]
     )
-    units = enumerate_units(ingest_dir, source)
+    units, _ = enumerate_units(ingest_dir, source, config.rows_per_unit)
     finished = process_unit(
         units[0],
         input_loc=ingest_dir,
@@ -419,12 +423,28 @@ def test_refuses_an_input_that_is_not_an_ingest_output(tmp_path: Any) -> None:
 
 
 def test_work_units_are_named_from_their_input(ingest_dir: Location) -> None:
-    units = enumerate_units(ingest_dir, read_manifest(ingest_dir))
-    assert units == [
-        WorkUnit(f"part-0000{s}-rg000{g}", f"shards/part-0000{s}.parquet", g, 4)
+    source = read_manifest(ingest_dir)  # two shards of two row groups of 4 rows
+    units, rows = enumerate_units(ingest_dir, source, 4)
+    assert rows == 4 and units == [
+        WorkUnit(f"part-0000{s}-rg000{g}", ((f"shards/part-0000{s}.parquet", g, 4),), 4)
         for s in (0, 1)
         for g in (0, 1)
     ]
+    # whole row groups, at most rows_per_unit rows; across shards
+    assert [u.name for u in enumerate_units(ingest_dir, source, 7)[0]] == [
+        f"part-0000{s}-rg000{g}" for s in (0, 1) for g in (0, 1)
+    ]
+    (first, second), _ = enumerate_units(ingest_dir, source, 12)
+    assert (first.name, first.rows, second.name, second.rows) == (
+        "part-00000-rg0000",
+        12,
+        "part-00001-rg0001",
+        4,
+    )
+    assert first.pieces[-1] == ("shards/part-00001.parquet", 0, 4)
+    # the default: sized for ~96 MiB shards, which these small rows are far from
+    (whole,), rows = enumerate_units(ingest_dir, source)
+    assert whole.rows == NUM_IMAGES and len(whole.pieces) == 4 and rows >= NUM_IMAGES
 
 
 def test_metrics_sum_sparse_records_and_the_dense_ones_of_older_runs() -> None:
