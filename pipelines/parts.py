@@ -83,8 +83,9 @@ def run_parts(
             unit = dict(queue.pop())
             bounds = part_bounds(int(unit["rows"]), remaining, slots)
             remaining -= int(unit["rows"])
-            refs = [part_task.remote(unit, start, stop, **to_part) for start, stop in bounds]
-            finish_ref = finish_task.remote(unit, *refs, **to_finish)
+            shared = ray.put(unit)  # once, however many parts read it
+            refs = [part_task.remote(shared, start, stop, **to_part) for start, stop in bounds]
+            finish_ref = finish_task.remote(shared, *refs, **to_finish)
             pending[finish_ref] = len(refs)
             for ref, (start, stop) in zip(refs, bounds, strict=True):
                 parts[ref] = (finish_ref, stop - start)

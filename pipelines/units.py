@@ -42,6 +42,7 @@ UNIT_DIR = "_units"  # completion records of finished units (bookkeeping, not da
 SHARD_DIR = "shards"
 _THREADS = 16
 UNIT_BYTES = 96 * 2**20  # what the default rows per unit aims at: ~96 MiB shards
+ROWS_PER_GROUP = 16  # rows per Parquet row group of a stage's shards: what later stages read
 AUTO_MAX_ROWS = 65_536
 
 K = TypeVar("K")
@@ -239,6 +240,7 @@ def write_unit(
     files: Sequence[Mapping[str, Any]] = (),
     record_dir: str = UNIT_DIR,
     drop_parenthesis: bool = False,
+    rows_per_group: int | None = None,
 ) -> Record:
     """Writes a unit's rows (`table`, to `shard_rel(unit)` unless empty) and quarantined rows
     (`rejected`: image id, source, reason) into the stage output `loc`, then its completion
@@ -246,7 +248,8 @@ def write_unit(
     itself first), `quarantined` and `reasons` ({`reason_kind`: count}), which it returns."""
     listed = [dict(f) for f in files]
     if table is not None and table.num_rows:
-        listed.append(asdict(write_parquet(loc, shard_rel(unit), table)))
+        entry = write_parquet(loc, shard_rel(unit), table, rows_per_group=rows_per_group)
+        listed.append(asdict(entry))
     quarantine = Quarantine(loc)
     for image_id, source, reason in rejected:
         quarantine.add(image_id, source, reason)

@@ -1,5 +1,7 @@
-"""One ingest chunk per Ray task: fetch its files, validate every row, write its shard
-`shards/part-<chunk>.parquet`, its quarantine and last its record `_chunks/part-<chunk>.json`.
+"""An ingest chunk (the unit: one shard and one record) as part tasks over ranges of its rows
+(`ingest_part`: fetch the files, validate every row) and a task that writes it
+(`finish_chunk`: the shard `shards/part-<chunk>.parquet`, its quarantine and last its record
+`_chunks/part-<chunk>.json`); `pipelines.parts`.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -19,7 +20,7 @@ from pipelines.ingest.rows import SHARD_SCHEMA, RowLimits, build_row
 from pipelines.io.class_spaces import ClassSpace
 from pipelines.io.rows import RowRejected
 from pipelines.io.storage import Location, open_atomic, read_many
-from pipelines.units import each_unit, record_rel, shard_rel, write_unit
+from pipelines.units import record_rel, shard_rel, write_unit
 
 _FETCH_GROUP = 16  # rows whose files are fetched concurrently
 SAMPLE_ROWS = 16  # rows the default rows per unit is sized from
@@ -30,13 +31,7 @@ def chunk_name(index: int) -> str:
     return f"part-{index:05d}"
 
 
-def ingest_chunk(batch: dict[str, np.ndarray], **kwargs: Any) -> dict[str, np.ndarray]:
-    """Ray Data task body (`pipelines.units.each_unit`) of `write_chunk`: JSON chunks
-    (`{"chunk", "entries"}`) in column `unit`, their records out."""
-    return each_unit(batch, write_chunk, **kwargs)
-
-
-def write_chunk(
+def process_chunk(
     unit: Mapping[str, Any],
     *,
     input_loc: Location,
@@ -45,39 +40,73 @@ def write_chunk(
     class_names: Sequence[str],
     space_name: str,
 ) -> dict[str, Any]:
-    """Fetches, validates and writes one chunk (`{"chunk", "entries"}`); returns its record."""
-    chunk, entries = int(unit["chunk"]), [Entry(**e) for e in unit["entries"]]
+    """Ingests one chunk in this process (`ingest_part` of all its rows, `finish_chunk`)."""
+    part = ingest_part(
+        unit,
+        0,
+        len(unit["entries"]),
+        input_loc=input_loc,
+        config=config,
+        class_names=class_names,
+        space_name=space_name,
+    )
+    return finish_chunk(unit, part, output_loc=output_loc, config=config)
+
+
+def ingest_part(
+    unit: Mapping[str, Any],
+    start: int,
+    stop: int,
+    *,
+    input_loc: Location,
+    config: IngestConfig,
+    class_names: Sequence[str],
+    space_name: str,
+) -> dict[str, Any]:
+    """Fetches and validates entries `[start, stop)` of a chunk (`{"chunk", "entries"}`; a
+    `pipelines.parts` part task), `_FETCH_GROUP` rows' files at a time: `{"table"` (the good
+    rows, SHARD_SCHEMA), `"rejected"` ([(image id, source, reason)]), `"input_rows"}`."""
+    entries = [Entry(**e) for e in unit["entries"][start:stop]]
     space = ClassSpace(space_name, tuple(class_names))
     limits = RowLimits(max_pixels=config.max_pixels)
-    shard = shard_rel(chunk_name(chunk))
-    good = 0
+    good: list[dict[str, Any]] = []
     rejected: list[tuple[str, str, str]] = []
-    pending: list[dict[str, Any]] = []  # rows of the row group being filled
+    for first in range(0, len(entries), _FETCH_GROUP):
+        group = entries[first : first + _FETCH_GROUP]
+        blobs = _fetch(input_loc, [p for e in group for p in (e.image, e.cam, e.gt)])
+        images = _find_images(input_loc, group, blobs)
+        for entry in group:
+            try:
+                good.append(_row(entry, images, blobs, config, space, limits))
+            except RowRejected as exc:
+                source = entry.cam or entry.image or entry.image_id
+                rejected.append((entry.image_id, source, exc.reason))
+    table = pa.Table.from_pylist(good, schema=SHARD_SCHEMA)
+    return {"table": table, "rejected": rejected, "input_rows": len(entries)}
+
+
+def finish_chunk(
+    unit: Mapping[str, Any], *parts: Mapping[str, Any], output_loc: Location, config: IngestConfig
+) -> dict[str, Any]:
+    """Writes a chunk's shard `shards/part-<chunk>.parquet` (its parts' rows in order, row
+    groups of `rows_per_group`; an all-bad chunk gets an empty shard), its quarantine and,
+    last, its record `_chunks/part-<chunk>.json`, which it returns."""
+    chunk = int(unit["chunk"])
+    shard = shard_rel(chunk_name(chunk))
+    table = pa.concat_tables([p["table"] for p in parts]).combine_chunks()
     with open_atomic(output_loc, shard) as writer_file:
-        with pq.ParquetWriter(writer_file, SHARD_SCHEMA, compression="zstd") as writer:
-            for start in range(0, len(entries), _FETCH_GROUP):
-                group = entries[start : start + _FETCH_GROUP]
-                blobs = _fetch(input_loc, [p for e in group for p in (e.image, e.cam, e.gt)])
-                images = _find_images(input_loc, group, blobs)
-                for entry in group:
-                    try:
-                        pending.append(_row(entry, images, blobs, config, space, limits))
-                    except RowRejected as exc:
-                        source = entry.cam or entry.image or entry.image_id
-                        rejected.append((entry.image_id, source, exc.reason))
-                    if len(pending) == config.rows_per_group:
-                        writer.write_table(pa.Table.from_pylist(pending, schema=SHARD_SCHEMA))
-                        good, pending = good + len(pending), []
-            if pending or good == 0:  # the last, short row group (an empty shard has one)
-                writer.write_table(pa.Table.from_pylist(pending, schema=SHARD_SCHEMA))
-                good += len(pending)
+        pq.write_table(table, writer_file, compression="zstd", row_group_size=config.rows_per_group)
     size = int(output_loc.fs.size(output_loc.join(*shard.split("/"))))
     return write_unit(
         output_loc,
         chunk_name(chunk),
-        {"chunk": chunk, "input_rows": len(entries), "output": good},
-        rejected=rejected,
-        files=[{"path": shard, "rows": good, "bytes": size}],
+        {
+            "chunk": chunk,
+            "input_rows": sum(p["input_rows"] for p in parts),
+            "output": table.num_rows,
+        },
+        rejected=[r for p in parts for r in p["rejected"]],
+        files=[{"path": shard, "rows": table.num_rows, "bytes": size}],
         record_dir=CHUNK_DIR,
         drop_parenthesis=True,
     )

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 from pipelines.ingest.rows import LAYOUTS
 from pipelines.io.codecs import MAX_PIXELS
+from pipelines.units import ROWS_PER_GROUP
 from weakclip.config import check_fields
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-DEFAULT_ROWS_PER_GROUP = 16
 MAX_ROWS_PER_UNIT = 1_000_000
 
 
@@ -28,7 +28,7 @@ class IngestConfig:
     rows_per_shard: int | None = None  # the old name of rows_per_unit (either may be given)
     # rows per Parquet row group of the shards: what later stages read at once (the last row
     # group of a shard may be shorter)
-    rows_per_group: int = DEFAULT_ROWS_PER_GROUP
+    rows_per_group: int = ROWS_PER_GROUP
     image_dir: str = "JPEGImages"  # folders and files of the input layout
     cam_dir: str = "cams"
     gt_dir: str = "SegmentationClassAug"

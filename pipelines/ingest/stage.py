@@ -4,7 +4,7 @@ Reads the MCTformer/WeakTr layout (`JPEGImages/<id>.jpg`, `cams/<id>.npy`, `cls_
 optional `SegmentationClassAug/<id>.png`, split lists and `classes.txt`) or the CLIP-ES CAM
 layout, local or `s3://`. The driver enumerates image ids (`pipelines.ingest.listing`) and cuts
 them into chunks (units) of `rows_per_unit` (by default sized for ~96 MiB shards from the first
-rows; row groups of `rows_per_group`), one Ray task each; the
+rows; row groups of `rows_per_group`), each run as part tasks (`pipelines.parts`); the
 rest is docs/ARCHITECTURE.md "The unit of work". Writes `schema.INGEST_COLUMNS`.
 """
 
@@ -21,7 +21,8 @@ from pipelines import units as work
 from pipelines.ingest.chunks import (
     chunk_entries,
     chunk_record_rel,
-    ingest_chunk,
+    finish_chunk,
+    ingest_part,
     record_matches,
     sample_row_bytes,
 )
@@ -30,6 +31,7 @@ from pipelines.ingest.listing import Enumeration, enumerate_inputs
 from pipelines.io import schema
 from pipelines.io.manifest import InputRef, Quarantine, StageOutput, StageState
 from pipelines.io.storage import StorageOptions, resolve
+from pipelines.parts import run_parts
 from pipelines.progress import Progress
 
 
@@ -86,20 +88,38 @@ def run_ingest(
     if records:
         report(f"ingest: resuming: {len(records)} of {len(chunks)} chunks already written")
     todo = [
-        {"chunk": i, "entries": [asdict(e) for e in chunk]}
+        {"chunk": i, "rows": len(chunk), "entries": [asdict(e) for e in chunk]}
         for i, chunk in enumerate(chunks)
         if i not in records
     ]
-    fn_kwargs = dict(input_loc=input_loc, output_loc=output_loc, config=config)
-    fn_kwargs |= dict(class_names=list(found.space.class_names), space_name=found.space.name)
-    tasks = work.run_tasks(todo, ingest_chunk, num_cpus=num_cpus_per_task, fn_kwargs=fn_kwargs)
-    progress = Progress("ingest", sum(len(t["entries"]) for t in todo), report=report)
-    entries = quarantined = 0
-    for done, record in enumerate(tasks, start=1):
+    total = sum(t["rows"] for t in todo)
+    progress = Progress("ingest", total, report=report)
+    done = {"rows": 0, "chunks": 0, "quarantined": 0}
+
+    def status() -> str:
+        return f"{done['chunks']}/{len(todo)} chunks, {done['quarantined']} quarantined"
+
+    def part_done(rows: int) -> None:
+        done["rows"] += rows
+        if done["rows"] < total:  # the last line comes once every chunk is written
+            progress.update(done["rows"], status())
+
+    space = dict(class_names=list(found.space.class_names), space_name=found.space.name)
+    tasks = run_parts(
+        todo,
+        ingest_part,
+        finish_chunk,
+        num_cpus=num_cpus_per_task,
+        part_kwargs=dict(input_loc=input_loc, config=config, **space),
+        finish_kwargs=dict(output_loc=output_loc, config=config),
+        on_part=part_done,
+    )
+    for record in tasks:
         records[int(record["chunk"])] = record
-        entries += len(chunks[int(record["chunk"])])
-        quarantined += record["quarantined"]
-        progress.update(entries, f"{done}/{len(todo)} chunks, {quarantined} quarantined")
+        done["chunks"] += 1
+        done["quarantined"] += record["quarantined"]
+    if todo:
+        progress.update(done["rows"], status())
     ordered = [records[i] for i in sorted(records)]
     return _gate_and_commit(out, found, ordered, config, input_loc.uri, report, started)
 

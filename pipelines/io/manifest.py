@@ -297,11 +297,17 @@ class Quarantine:
 
 
 def write_parquet(
-    location: Location, rel: str, table: pa.Table, *, compression: str = "zstd"
+    location: Location,
+    rel: str,
+    table: pa.Table,
+    *,
+    compression: str = "zstd",
+    rows_per_group: int | None = None,
 ) -> FileEntry:
-    """Write `table` to `rel` below `location` in one atomic put; its `FileEntry`."""
+    """Write `table` to `rel` below `location` in one atomic put (row groups of
+    `rows_per_group` rows; None: pyarrow's default); its `FileEntry`."""
     buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression=compression)
+    pq.write_table(table, buffer, compression=compression, row_group_size=rows_per_group)
     data = buffer.getvalue()
     write_bytes_atomic(location, rel, data)
     return FileEntry(path=safe_relpath(rel), rows=table.num_rows, bytes=len(data))

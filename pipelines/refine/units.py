@@ -31,6 +31,7 @@ from pipelines.metrics import (
 from pipelines.refine.rows import REFINE_SCHEMA, refine_row
 from pipelines.seeds import SeedConfig
 from pipelines.units import (
+    ROWS_PER_GROUP,
     check_unit_names,
     group_row_groups,
     listed_shards,
@@ -164,7 +165,14 @@ def finish_unit(
         "parts": len(parts),
     }
     rejected = [r for p in parts for r in p["rejected"]]
-    return write_unit(output_loc, str(unit["name"]), record, table=table, rejected=rejected)
+    return write_unit(
+        output_loc,
+        str(unit["name"]),
+        record,
+        table=table,
+        rejected=rejected,
+        rows_per_group=ROWS_PER_GROUP,  # what pseudo masks and training read at once
+    )
 
 
 def enumerate_units(
