@@ -1,7 +1,8 @@
 """The unit of work every data stage shares (docs/ARCHITECTURE.md, "The unit of work").
 
-A unit (a row group, named `unit_name`) runs as one Ray task (`run_tasks`, `each_unit`) and
-writes its outputs, then its completion record (`write_unit`); `resume` skips what an earlier
+A unit (rows of the input, named `unit_name` after its first row group) runs as Ray tasks
+(`pipelines.parts.run_parts`; evaluate's batches of units: `run_tasks`) and writes its
+outputs, then its completion record (`write_unit`); `resume` skips what an earlier
 attempt finished; `tally_records` and `gate_and_commit` sum the records, gate on errors and
 commit the manifest. A record is a JSON object with at least `files` ([{"path", "rows",
 "bytes"}]), `output`, `quarantined` and `reasons`.
@@ -19,8 +20,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any, TypeVar
-
-import numpy as np
 
 from pipelines.io.manifest import (
     FileEntry,
@@ -219,15 +218,6 @@ def run_tasks(
     )
     for row in ds.iter_rows():
         yield json.loads(row["record"])
-
-
-def each_unit(
-    batch: Mapping[str, np.ndarray], process: Callable[..., Mapping[str, Any]], **kwargs: Any
-) -> dict[str, np.ndarray]:
-    """The body of a unit task: `process(unit, **kwargs)` for every JSON unit of the batch's
-    column `unit`; their records as JSON in column `record`."""
-    records = [json.dumps(process(json.loads(unit), **kwargs)) for unit in batch["unit"]]
-    return {"record": np.asarray(records, dtype=object)}
 
 
 def write_unit(

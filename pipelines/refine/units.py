@@ -66,7 +66,7 @@ def process_unit(
     config: SeedConfig,
     num_classes: int,
 ) -> dict[str, Any]:
-    """Refines one row group in this process (`refine_part` of all its rows, `finish_unit`)."""
+    """Refines one unit in this process (`refine_part` of all its rows, `finish_unit`)."""
     fields = asdict(unit)
     part = refine_part(
         fields, 0, unit.rows, input_loc=input_loc, config=config, num_classes=num_classes
