@@ -248,7 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--height", type=int, default=375)
     parser.add_argument("--width", type=int, default=500)
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the Ray instance")
-    parser.add_argument("--rows-per-group", type=int, default=16, help="rows per work unit")
+    parser.add_argument(
+        "--rows-per-group",
+        type=int,
+        default=16,
+        help="rows per row group of the ingest input it writes",
+    )
     parser.add_argument("--method", choices=("weaktr", "clip-es"), default="weaktr")
     parser.add_argument(
         "--no-joblib", action="store_true", help="skip (d), the joblib.Parallel comparison"
@@ -302,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         f"{args.num_images} images {args.height}x{args.width}, method {args.method}, "
-        f"{args.rows_per_group} rows per unit; (b), (d): the median of {args.repeats} runs "
+        f"input row groups of {args.rows_per_group} rows, {stage['units']} refine unit(s); "
+        f"(b), (d): the median of {args.repeats} runs "
         f"(walls {_walls(stage)} / {_walls(pool)} s)"
     )
     print(f"{'':<26}{'wall s':>9}{'CRF s':>9}{'images/s':>10}")
