@@ -65,6 +65,11 @@ def _timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - started
 
 
+# The timed stages always run afresh: with --workdir, an output of an earlier run would
+# otherwise be "already complete" and time nothing (the inputs are reused).
+FRESH = "--overwrite"
+
+
 def _job(module: str, argv: Sequence[str]) -> float:
     """Wall seconds of `python -m jobs.<module> argv` run in this process (its output hidden);
     raises when it does not exit 0."""
@@ -344,7 +349,10 @@ def run(args: argparse.Namespace, root: str) -> list[dict[str, Any]]:
         train_args += ["--batch-size", str(demo["batch_size"]), *workers]
         train_args += ["--config", _config_file(root, {"train": {"lr": demo["lr"]}})]
         walls = [
-            _job("train", [*train_args, "--output", f"{root}/train-{n}", "--iterations", str(n)])
+            _job(
+                "train",
+                [*train_args, "--output", f"{root}/train-{n}", "--iterations", str(n), FRESH],
+            )
             for n in iterations
         ]
         checkpoint = f"{root}/train-{iterations[-1]}/model.pt"
@@ -357,7 +365,15 @@ def run(args: argparse.Namespace, root: str) -> list[dict[str, Any]]:
         masks = {}
         for name in ("small", "large"):
             masks[name] = f"{root}/pseudo-{name}"
-            argv = ["--input", paths[name], "--output", masks[name], "--checkpoint", checkpoint]
+            argv = [
+                "--input",
+                paths[name],
+                "--output",
+                masks[name],
+                "--checkpoint",
+                checkpoint,
+                FRESH,
+            ]
             masks[f"{name}_s"] = _job("pseudo_masks", argv)
         if "pseudo_masks" in stages:
             bare = bare_pseudo_masks(checkpoint, paths["small"])
@@ -373,7 +389,14 @@ def run(args: argparse.Namespace, root: str) -> list[dict[str, Any]]:
             walls = [
                 _job(
                     "retrain",
-                    [*retrain_args, "--output", f"{root}/retrain-{n}", "--iterations", str(n)],
+                    [
+                        *retrain_args,
+                        "--output",
+                        f"{root}/retrain-{n}",
+                        "--iterations",
+                        str(n),
+                        FRESH,
+                    ],
                 )
                 for n in retrain_iterations
             ]
