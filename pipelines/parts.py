@@ -102,7 +102,9 @@ def run_parts(
             continue
         del pending[done[0]]
         for ref in [r for r, (f, _) in parts.items() if f == done[0]]:
-            del parts[ref]  # a finish that ended first (its parts failed: it raises)
+            _, rows = parts.pop(ref)  # a part that ray.wait had not handed back yet
+            if on_part is not None:
+                on_part(rows)
         record = ray.get(done[0])
         hand_out()
         yield record

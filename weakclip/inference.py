@@ -58,16 +58,14 @@ def sliding_window_logits(
     if not 1 <= stride <= window:
         raise ValueError(f"stride must be in [1, window={window}], got {stride}")
     height, width = image.shape[-2:]
-    win_h, win_w = (window, window) if pad_small else (min(window, height), min(window, width))
+    win_h, win_w, tops, lefts = _window_grid(
+        height, width, window=window, stride=stride, pad_small=pad_small
+    )
     pad_bottom, pad_right = max(win_h - height, 0), max(win_w - width, 0)
     if pad_bottom or pad_right:
         image = F.pad(image, (0, pad_right, 0, pad_bottom), value=0.0)
     padded_height, padded_width = image.shape[-2:]
-    corners = [
-        (top, left)
-        for top in _window_starts(padded_height, window=win_h, stride=stride)
-        for left in _window_starts(padded_width, window=win_w, stride=stride)
-    ]
+    corners = [(top, left) for top in tops for left in lefts]
     logit_sum = image.new_zeros((num_classes, padded_height, padded_width), dtype=torch.float32)
     count = image.new_zeros((padded_height, padded_width), dtype=torch.float32)
     for first in range(0, len(corners), max_windows_per_call):
@@ -154,8 +152,7 @@ def multiscale_probabilities(
     prob_sum = image.new_zeros((num_classes, height, width), dtype=torch.float32)
     passes = 0
     for scale in scales:
-        factor = scale * short_side / min(height, width)
-        size = (_scaled(height, factor), _scaled(width, factor))
+        size = _pass_size(height, width, scale=scale, short_side=short_side)
         scaled = _resize(image, size=size)
         for mirrored in (False, True) if flip else (False,):
             net_input = scaled.flip(-1) if mirrored else scaled
@@ -196,13 +193,30 @@ def window_equivalents(
     _check_positive(height=height, width=width, short_side=short_side, window=window)
     total = 0.0
     for scale in scales:
-        factor = scale * short_side / min(height, width)
-        h, w = _scaled(height, factor), _scaled(width, factor)
-        win_h, win_w = (window, window) if pad_small else (min(window, h), min(window, w))
-        rows = len(_window_starts(max(h, win_h), window=win_h, stride=stride))
-        cols = len(_window_starts(max(w, win_w), window=win_w, stride=stride))
-        total += rows * cols * (win_h * win_w) / window**2
+        h, w = _pass_size(height, width, scale=scale, short_side=short_side)
+        win_h, win_w, tops, lefts = _window_grid(
+            h, w, window=window, stride=stride, pad_small=pad_small
+        )
+        total += len(tops) * len(lefts) * (win_h * win_w) / window**2
     return total * (2 if flip else 1)
+
+
+def _pass_size(height: int, width: int, *, scale: float, short_side: int) -> tuple[int, int]:
+    """(h, w) of one pass: the image rescaled so that its short side is `scale · short_side`."""
+    factor = scale * short_side / min(height, width)
+    return _scaled(height, factor), _scaled(width, factor)
+
+
+def _window_grid(
+    height: int, width: int, *, window: int, stride: int, pad_small: bool
+) -> tuple[int, int, list[int], list[int]]:
+    """(window height, window width, top offsets, left offsets) of the sliding windows over an
+    H x W image: square windows over the image padded to the window (`pad_small`), or windows
+    cut to a side shorter than the window."""
+    win_h, win_w = (window, window) if pad_small else (min(window, height), min(window, width))
+    tops = _window_starts(max(height, win_h), window=win_h, stride=stride)
+    lefts = _window_starts(max(width, win_w), window=win_w, stride=stride)
+    return win_h, win_w, tops, lefts
 
 
 def _window_starts(length: int, *, window: int, stride: int) -> list[int]:

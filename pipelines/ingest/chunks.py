@@ -6,9 +6,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from typing import Any
 
 import pyarrow as pa
@@ -179,19 +179,15 @@ def sample_row_bytes(
     sample = sorted(entries, key=lambda e: e.image_id)[:rows]
     if not sample:
         return None
-    blobs = _fetch(input_loc, [p for e in sample for p in (e.image, e.cam, e.gt)])
-    images = _find_images(input_loc, sample, blobs)
-    limits = RowLimits(max_pixels=config.max_pixels)
-    good = []
-    for entry in sample:
-        with contextlib.suppress(RowRejected):
-            good.append(_row(entry, images, blobs, config, space, limits))
-    if not good:
+    unit = {"entries": [asdict(e) for e in sample]}
+    names = dict(class_names=list(space.class_names), space_name=space.name)
+    part = ingest_part(unit, 0, len(sample), input_loc=input_loc, config=config, **names)
+    table = part["table"]
+    if table.num_rows == 0:
         return None
     buffer = io.BytesIO()
-    table = pa.Table.from_pylist(good, schema=SHARD_SCHEMA)
     pq.write_table(table, buffer, compression="zstd", row_group_size=config.rows_per_group)
-    return len(buffer.getvalue()) / len(good)
+    return len(buffer.getvalue()) / table.num_rows
 
 
 def chunk_record_rel(chunk: int) -> str:
